@@ -1,0 +1,1 @@
+"""imageledger.domain"""

@@ -1,0 +1,27 @@
+"""The errors imageledger raises: every one is an `ImageLedgerError`.
+
+Callers catch one base class; each subclass names a situation a user can act on, and its
+message says what and where (the reference, the path, the holders), never a secret.
+"""
+
+from __future__ import annotations
+
+from eventsourcing.persistence import InterfaceError, OperationalError
+
+
+class ImageLedgerError(Exception):
+    """Base of every error imageledger raises on purpose."""
+
+
+class LedgerError(ImageLedgerError):
+    """The ledger (the LMDB environment holding the event log and views) cannot be used."""
+
+
+class LedgerCorruptError(LedgerError, InterfaceError):
+    """The path holds something that is not a readable ledger (a file, a foreign or damaged
+    LMDB environment). Nothing is written to it."""
+
+
+class LedgerFullError(LedgerError, OperationalError):
+    """The ledger's map reached its configured maximum (or the disk is full); the append that
+    needed the space was rolled back whole, and what was committed before is intact."""

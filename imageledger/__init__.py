@@ -1,0 +1,1 @@
+"""imageledger: a local OCI image cache whose whole state is an event-sourced ledger."""

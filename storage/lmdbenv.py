@@ -1,0 +1,450 @@
+"""One shared LMDB environment per ledger path per process.
+
+py-lmdb refuses to open one path twice in a process, and LMDB wants one environment per
+process anyway, so every recorder and view that names the same path gets the same
+`LedgerEnv`. It owns what the raw environment leaves to its caller:
+
+- **group commit**: writers in this process queue their work; one of them (the leader) runs the
+  whole queue in one write transaction, each item in a nested transaction so one item's
+  `IntegrityError` rolls back only that item, and pays one fsync for all of them;
+- **map growth**: on `MapFullError` the map doubles (up to `max_map_size`) and the batch is
+  retried; a map grown by another process is adopted (`MapResizedError`). Resizing needs no
+  transaction open in the process, so every transaction holds a shared lock that a resize
+  takes exclusively;
+- **stale readers**: reader slots left by crashed processes are cleared at open and before the
+  map grows (they pin old pages and make the map grow for nothing);
+- **change notification**: listeners are woken at once by commits in this process and by a
+  poller that watches LMDB's last transaction id for other processes' commits.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final, Literal, TypeVar
+
+import lmdb
+import structlog
+
+from imageledger.domain.errors import LedgerCorruptError, LedgerFullError
+
+log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
+
+Durability = Literal["sync", "nometasync", "nosync"]
+DURABILITY_MODES: Final[tuple[str, ...]] = ("sync", "nometasync", "nosync")
+
+_MIB: Final = 1024 * 1024
+_GIB: Final = 1024 * _MIB
+
+# Written once into every ledger; its absence in a non-empty environment means the directory
+# holds someone else's LMDB data, which we refuse to touch.
+_META_DB: Final = b"imageledger.meta"
+_FORMAT_KEY: Final = b"format"
+FORMAT: Final = b"imageledger-ledger/1"
+
+
+@dataclass(frozen=True)
+class EnvConfig:
+    """How to open a ledger environment.
+
+    durability:
+      - ``sync`` (default): every commit is fsynced before it returns. A crash of the process
+        or the machine loses nothing that was acknowledged.
+      - ``nometasync``: data pages are fsynced, the meta page is not. A machine crash (power
+        loss, kernel panic) can undo the last acknowledged commit; a process crash loses nothing.
+      - ``nosync``: nothing is fsynced; the OS writes pages back when it likes. A process crash
+        (even SIGKILL) loses nothing, a machine crash can undo every commit since the last
+        `LedgerEnv.sync()`. The ledger stays consistent in all three modes.
+    """
+
+    map_size: int = 64 * _MIB
+    max_map_size: int = 1024 * _GIB
+    durability: Durability = "sync"
+    max_readers: int = 1024
+    max_dbs: int = 256
+    poll_interval: float = 0.05
+
+
+class _SharedExclusiveLock:
+    """Many transactions at once, or one map resize alone (LMDB's rule for set_mapsize)."""
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._shared = 0
+        self._exclusive = False
+        self._waiting_exclusive = 0
+
+    @contextmanager
+    def shared(self) -> Iterator[None]:
+        with self._cond:
+            while self._exclusive or self._waiting_exclusive:
+                self._cond.wait()
+            self._shared += 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._shared -= 1
+                if not self._shared:
+                    self._cond.notify_all()
+
+    @contextmanager
+    def exclusive(self) -> Iterator[None]:
+        with self._cond:
+            self._waiting_exclusive += 1
+            while self._exclusive or self._shared:
+                self._cond.wait()
+            self._waiting_exclusive -= 1
+            self._exclusive = True
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._exclusive = False
+                self._cond.notify_all()
+
+
+class _Pending:
+    __slots__ = ("done", "error", "fn", "result")
+
+    def __init__(self, fn: Callable[[lmdb.Transaction], Any]) -> None:
+        self.fn = fn
+        self.done = False
+        self.result: Any = None
+        self.error: BaseException | None = None
+
+
+class LedgerEnv:
+    """A ledger's LMDB environment, shared by everything in this process that opens its path."""
+
+    def __init__(self, path: Path, config: EnvConfig) -> None:
+        self.path = path
+        self.config = config
+        self._pid = os.getpid()
+        self._users = 0
+        self._lock = _SharedExclusiveLock()
+        self._dbs: dict[bytes, Any] = {}
+        self._dbs_lock = threading.Lock()
+        self._queue_lock = threading.Lock()
+        self._commit_lock = threading.Lock()
+        self._pending: list[_Pending] = []
+        self._listeners: set[threading.Event] = set()
+        self._listeners_lock = threading.Lock()
+        self._poller: threading.Thread | None = None
+        self._closed = False
+        self.env = self._open()
+
+    # ----------------------------------------------------------------- opening
+
+    def _open(self) -> lmdb.Environment:
+        path = self.path
+        if path.exists() and not path.is_dir():
+            msg = f"{path}: not a ledger: a ledger is a directory, this is a file"
+            raise LedgerCorruptError(msg)
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            msg = f"{path}: cannot create the ledger directory: {e.strerror}"
+            raise LedgerCorruptError(msg) from e
+        durability = self.config.durability
+        if durability not in DURABILITY_MODES:
+            msg = f"unknown ledger durability {durability!r}; use one of {DURABILITY_MODES}"
+            raise ValueError(msg)
+        try:
+            env = lmdb.open(
+                str(path),
+                map_size=self.config.map_size,
+                max_dbs=self.config.max_dbs,
+                max_readers=self.config.max_readers,
+                subdir=True,
+                sync=durability != "nosync",
+                metasync=durability == "sync",
+                lock=True,
+                readahead=False,
+                meminit=False,
+            )
+        except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as e:
+            msg = f"{path}: not a readable ledger (LMDB says: {e})"
+            raise LedgerCorruptError(msg) from e
+        except lmdb.Error as e:
+            msg = f"{path}: cannot open the ledger: {e}"
+            raise LedgerCorruptError(msg) from e
+        try:
+            cleared = env.reader_check()
+            if cleared:
+                log.info("ledger.stale_readers_cleared", path=str(path), count=cleared)
+            self._check_format(env)
+        except BaseException:
+            env.close()
+            raise
+        return env
+
+    def _check_format(self, env: lmdb.Environment) -> None:
+        with env.begin() as txn:
+            has_meta = txn.get(_META_DB) is not None
+        if has_meta:
+            meta = env.open_db(_META_DB, create=False)
+            with env.begin(db=meta) as txn:
+                found = txn.get(_FORMAT_KEY)
+            if found != FORMAT:
+                msg = f"{self.path}: ledger format {found!r} is not {FORMAT!r}"
+                raise LedgerCorruptError(msg)
+            return
+        if env.stat()["entries"]:
+            msg = f"{self.path}: holds an LMDB environment that is not an imageledger ledger"
+            raise LedgerCorruptError(msg)
+        meta = env.open_db(_META_DB, create=True)
+        with env.begin(db=meta, write=True) as txn:
+            txn.put(_FORMAT_KEY, FORMAT)
+
+    def db(self, name: str, *, create: bool = True) -> Any:
+        """The handle of named database `name` (created when missing and `create`).
+
+        Handles are process-wide in LMDB and opening one takes a write transaction, so this
+        must not run inside `write()`; recorders open theirs when they are constructed.
+        """
+        key = name.encode()
+        handle = self._dbs.get(key)
+        if handle is not None:
+            return handle
+        with self._dbs_lock:
+            handle = self._dbs.get(key)
+            if handle is None:
+                with self._lock.exclusive():
+                    try:
+                        handle = self.env.open_db(key, create=create)
+                    except lmdb.NotFoundError:
+                        msg = f"{self.path}: database {name!r} does not exist"
+                        raise LedgerCorruptError(msg) from None
+                    except lmdb.MapFullError:
+                        self._grow_locked()
+                        handle = self.env.open_db(key, create=create)
+                self._dbs[key] = handle
+        return handle
+
+    # ----------------------------------------------------------------- reading
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        """A read-only snapshot of the ledger as of now."""
+        while True:
+            with self._lock.shared():
+                try:
+                    txn = self.env.begin(buffers=False)
+                except lmdb.MapResizedError:
+                    pass
+                else:
+                    try:
+                        yield txn
+                    finally:
+                        txn.abort()
+                    return
+            self._adopt_map_size()
+
+    # ----------------------------------------------------------------- writing
+
+    def write(self, fn: Callable[[lmdb.Transaction], T]) -> T:
+        """Run `fn` in a write transaction and commit it durably (per the durability mode).
+
+        `fn` runs in a nested transaction inside a batch that other threads' writes share, so
+        it must touch nothing but the transaction it is given; if it raises, its changes alone
+        are rolled back and its exception is raised here once the batch has committed.
+        """
+        self._check_usable()
+        item = _Pending(fn)
+        with self._queue_lock:
+            self._pending.append(item)
+        with self._commit_lock:
+            if not item.done:
+                with self._queue_lock:
+                    batch, self._pending = self._pending, []
+                self._commit(batch)
+        if item.error is not None:
+            raise item.error
+        return item.result  # type: ignore[no-any-return]
+
+    def _commit(self, batch: list[_Pending]) -> None:
+        try:
+            while True:
+                grow = False
+                with self._lock.shared():
+                    try:
+                        self._commit_once(batch)
+                    except lmdb.MapFullError:
+                        grow = True
+                    except lmdb.MapResizedError:
+                        pass
+                    else:
+                        break
+                if grow:
+                    self._grow()
+                else:
+                    self._adopt_map_size()
+        except Exception as e:
+            # The whole batch was rolled back: every item fails with the batch's error.
+            for item in batch:
+                item.error = e
+        finally:
+            for item in batch:
+                item.done = True
+        self._notify()
+
+    def _commit_once(self, batch: list[_Pending]) -> None:
+        env = self.env
+        txn = env.begin(write=True)
+        try:
+            for item in batch:
+                item.error = None
+                child = env.begin(write=True, parent=txn)
+                try:
+                    item.result = item.fn(child)
+                except (lmdb.MapFullError, lmdb.MapResizedError):
+                    child.abort()
+                    raise
+                except Exception as e:
+                    child.abort()
+                    item.error = e
+                else:
+                    child.commit()
+            txn.commit()
+        except lmdb.Error as e:
+            txn.abort()
+            if isinstance(e, (lmdb.MapFullError, lmdb.MapResizedError)):
+                raise
+            if "No space left" in str(e):
+                msg = f"{self.path}: the disk is full; the append was rolled back: {e}"
+                raise LedgerFullError(msg) from e
+            raise
+        except BaseException:
+            txn.abort()
+            raise
+
+    def _grow(self) -> None:
+        with self._lock.exclusive():
+            self._grow_locked()
+
+    def _grow_locked(self) -> None:
+        self.env.reader_check()
+        current = self.env.info()["map_size"]
+        limit = self.config.max_map_size
+        if current >= limit:
+            msg = (
+                f"{self.path}: the ledger is full: its map reached the maximum of {limit} bytes "
+                "(raise LMDB_MAX_MAP_SIZE); the append was rolled back"
+            )
+            raise LedgerFullError(msg)
+        new = min(current * 2, limit)
+        try:
+            self.env.set_mapsize(new)
+        except lmdb.Error as e:
+            msg = f"{self.path}: cannot grow the ledger map to {new} bytes: {e}"
+            raise LedgerFullError(msg) from e
+        log.info("ledger.map_grown", path=str(self.path), old=current, new=new)
+
+    def _adopt_map_size(self) -> None:
+        with self._lock.exclusive():
+            self.env.set_mapsize(0)
+
+    def sync(self) -> None:
+        """Flush everything to disk (what `nosync` mode leaves to the OS)."""
+        with self._lock.shared():
+            self.env.sync(True)
+
+    # ----------------------------------------------------------------- change notification
+
+    def last_txnid(self) -> int:
+        with self._lock.shared():
+            return int(self.env.info()["last_txnid"])
+
+    def listen(self, event: threading.Event) -> None:
+        """Set `event` whenever any process commits to this ledger."""
+        with self._listeners_lock:
+            self._listeners.add(event)
+            if self._poller is None or not self._poller.is_alive():
+                self._poller = threading.Thread(
+                    target=self._poll, name=f"ledger-poller:{self.path}", daemon=True
+                )
+                self._poller.start()
+
+    def unlisten(self, event: threading.Event) -> None:
+        with self._listeners_lock:
+            self._listeners.discard(event)
+
+    def _notify(self) -> None:
+        with self._listeners_lock:
+            listeners = list(self._listeners)
+        for event in listeners:
+            event.set()
+
+    def _poll(self) -> None:
+        seen = self.last_txnid()
+        while True:
+            with self._listeners_lock:
+                if not self._listeners or self._closed:
+                    self._poller = None
+                    return
+            threading.Event().wait(self.config.poll_interval)
+            if self._closed:
+                continue
+            try:
+                now = self.last_txnid()
+            except lmdb.Error:
+                continue
+            if now != seen:
+                seen = now
+                self._notify()
+
+    # ----------------------------------------------------------------- lifetime
+
+    def _check_usable(self) -> None:
+        if self._closed:
+            msg = f"{self.path}: the ledger environment is closed"
+            raise LedgerCorruptError(msg)
+        if os.getpid() != self._pid:
+            msg = f"{self.path}: a ledger environment cannot be used across fork(); open it anew"
+            raise LedgerCorruptError(msg)
+
+    def close(self) -> None:
+        with self._listeners_lock:
+            self._closed = True
+            self._listeners.clear()
+        with self._lock.exclusive():
+            self.env.close()
+
+
+_registry: dict[tuple[int, Path], LedgerEnv] = {}
+_registry_lock = threading.Lock()
+
+
+def open_env(path: str | os.PathLike[str], config: EnvConfig | None = None) -> LedgerEnv:
+    """The process's `LedgerEnv` for `path`, opened on first use; pair with `release_env`.
+
+    A later caller's `config` is ignored while the environment is open: an environment has one
+    configuration per process (LMDB's own rule).
+    """
+    resolved = Path(path).expanduser().resolve()
+    key = (os.getpid(), resolved)
+    with _registry_lock:
+        shared = _registry.get(key)
+        if shared is None:
+            shared = LedgerEnv(resolved, config or EnvConfig())
+            _registry[key] = shared
+        shared._users += 1
+        return shared
+
+
+def release_env(shared: LedgerEnv) -> None:
+    """Drop one user of `shared`; the last one closes it."""
+    key = (shared._pid, shared.path)
+    with _registry_lock:
+        shared._users -= 1
+        if shared._users > 0 or os.getpid() != shared._pid:
+            return
+        _registry.pop(key, None)
+    shared.close()
