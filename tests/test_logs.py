@@ -1,0 +1,130 @@
+"""Structured logging: JSON lines off a TTY, the level from the environment, no secret ever."""
+
+from __future__ import annotations
+
+import io
+import json
+import subprocess
+import sys
+
+import pytest
+import structlog
+from hypothesis import given
+from hypothesis import strategies as st
+
+from imageledger.tools.logs import REDACTED, configure_logging, redact
+
+
+@pytest.fixture(autouse=True)
+def _reset_structlog() -> object:
+    yield
+    structlog.reset_defaults()
+
+
+def _lines(stream: io.StringIO) -> list[dict[str, object]]:
+    return [json.loads(line) for line in stream.getvalue().splitlines()]
+
+
+def test_json_lines_when_not_a_tty() -> None:
+    out = io.StringIO()
+    configure_logging(stream=out, level=20)
+    structlog.get_logger().info("pull.started", reference="docker.io/library/alpine:3")
+    (line,) = _lines(out)
+    assert line["event"] == "pull.started"
+    assert line["reference"] == "docker.io/library/alpine:3"
+    assert line["level"] == "info"
+    assert str(line["timestamp"]).endswith("Z")
+
+
+def test_level_from_environment(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("IMAGELEDGER_LOG_LEVEL", "error")
+    out = io.StringIO()
+    configure_logging(stream=out)
+    log = structlog.get_logger()
+    log.warning("not.shown")
+    log.error("shown")
+    assert [line["event"] for line in _lines(out)] == ["shown"]
+
+
+def test_secrets_under_secret_keys_are_replaced_at_any_depth() -> None:
+    out = io.StringIO()
+    configure_logging(stream=out, level=10)
+    structlog.get_logger().info(
+        "registry.auth",
+        password="hunter2",
+        registry={"host": "r.example", "token": "abc.def", "auth": {"user": "u"}},
+        headers=[{"Authorization": "Bearer abc.def.ghi"}],
+    )
+    text = out.getvalue()
+    assert "hunter2" not in text
+    assert "abc.def" not in text
+    (line,) = _lines(out)
+    assert line["password"] == REDACTED
+    assert line["registry"] == {"host": "r.example", "token": REDACTED, "auth": REDACTED}
+
+
+def test_credentials_inside_free_text_are_masked() -> None:
+    out = io.StringIO()
+    configure_logging(stream=out, level=10)
+    structlog.get_logger().warning(
+        "pull failed for https://alice:s3cr3t@registry.example:5000/v2/ "
+        "(sent Basic YWxpY2U6czNjcjN0)"
+    )
+    text = out.getvalue()
+    assert "s3cr3t" not in text
+    assert "YWxpY2U6czNjcjN0" not in text
+    assert "registry.example:5000/v2/" in text
+
+
+def test_readable_console_rendering_on_a_tty() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    configure_logging(stream=out, level=20)
+    structlog.get_logger().info("ledger.opened", path="/x")
+    text = out.getvalue()
+    assert "ledger.opened" in text
+    assert not text.lstrip().startswith("{")
+
+
+@given(
+    st.recursive(
+        st.text() | st.integers() | st.none(),
+        lambda children: (
+            st.lists(children, max_size=3)
+            | st.dictionaries(
+                st.sampled_from(["password", "token", "name", "x"]), children, max_size=3
+            )
+        ),
+        max_leaves=10,
+    )
+)
+def test_redact_never_leaves_a_value_under_a_secret_key(value: object) -> None:
+    def walk(v: object) -> None:
+        if isinstance(v, dict):
+            for k, child in v.items():
+                if k in ("password", "token"):
+                    assert child == REDACTED
+                else:
+                    walk(child)
+        elif isinstance(v, list):
+            for child in v:
+                walk(child)
+
+    walk(redact(value))
+
+
+def test_library_logs_nothing_to_stdout_from_the_cli_process() -> None:
+    # stdout is reserved for --json output: the configured logger writes to stderr.
+    code = (
+        "import structlog\n"
+        "from imageledger.tools.logs import configure_logging\n"
+        "configure_logging(level=10)\n"
+        "structlog.get_logger().info('x', token='t0ps3cret')\n"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout == ""
+    assert "t0ps3cret" not in done.stderr
+    assert json.loads(done.stderr)["token"] == REDACTED

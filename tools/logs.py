@@ -1,0 +1,90 @@
+"""Structured logging, configured once by whoever owns the process (the CLI, a test, an embedder).
+
+The library itself only calls `structlog.get_logger()`; it never configures logging behind an
+embedder's back. `configure_logging()` gives the command line what the project promises:
+
+- JSON lines on stderr when stderr is not a terminal (a program reads them), a readable console
+  rendering when it is; stdout stays free for `--json` output;
+- the level from ``IMAGELEDGER_LOG_LEVEL`` (debug, info, warning, error; default warning);
+- credentials never reach a line: values under secret-looking keys are replaced, and passwords
+  in URLs and ``Authorization``-style tokens inside any string are masked, at any depth.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import re
+import sys
+from collections.abc import Mapping, MutableMapping
+from typing import Any, Final, TextIO
+
+import structlog
+
+REDACTED: Final = "[redacted]"
+
+_SECRET_KEY: Final = re.compile(
+    r"pass(word|wd)?|secret|token|auth|credential|cookie|api[_-]?key|private[_-]?key",
+    re.IGNORECASE,
+)
+_URL_USERINFO: Final = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s:]+:[^/@\s]*@")
+_AUTH_SCHEME: Final = re.compile(r"\b(?P<scheme>Bearer|Basic)\s+[A-Za-z0-9._~+/=-]+", re.IGNORECASE)
+_LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
+
+
+def redact(value: Any) -> Any:
+    """`value` with every credential masked; containers are copied, never mutated."""
+    if isinstance(value, str):
+        value = _URL_USERINFO.sub(rf"\g<scheme>{REDACTED}@", value)
+        return _AUTH_SCHEME.sub(rf"\g<scheme> {REDACTED}", value)
+    if isinstance(value, Mapping):
+        return {
+            k: REDACTED if isinstance(k, str) and _SECRET_KEY.search(k) else redact(v)
+            for k, v in value.items()
+        }
+    if isinstance(value, list | tuple):
+        return type(value)(redact(v) for v in value)
+    return value
+
+
+def _redact_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    return redact(event_dict)  # type: ignore[no-any-return]
+
+
+def log_level() -> int:
+    """The level asked for by ``IMAGELEDGER_LOG_LEVEL`` (warning when unset or unknown)."""
+    name = os.environ.get("IMAGELEDGER_LOG_LEVEL", "warning").strip().lower()
+    return _LEVELS.get(name, logging.WARNING)
+
+
+def configure_logging(
+    *, level: int | None = None, stream: TextIO | None = None, json: bool | None = None
+) -> None:
+    """Configure structlog for this process; later calls replace the configuration.
+
+    `json` defaults to "stream is not a TTY", `stream` to stderr, `level` to `log_level()`.
+    """
+    out = stream if stream is not None else sys.stderr
+    as_json = not out.isatty() if json is None else json
+    renderer: Any = (
+        structlog.processors.JSONRenderer(sort_keys=True)
+        if as_json
+        else structlog.dev.ConsoleRenderer(colors=False)
+    )
+    structlog.configure(
+        processors=[
+            structlog.contextvars.merge_contextvars,
+            structlog.processors.add_log_level,
+            structlog.processors.TimeStamper(fmt="iso", utc=True),
+            structlog.processors.format_exc_info,
+            _redact_processor,
+            renderer,
+        ],
+        wrapper_class=structlog.make_filtering_bound_logger(
+            log_level() if level is None else level
+        ),
+        logger_factory=structlog.PrintLoggerFactory(file=out),
+        cache_logger_on_first_use=False,
+    )
