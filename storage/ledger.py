@@ -160,12 +160,11 @@ class LMDBAggregateRecorder(LMDBRecorder, AggregateRecorder):
         desc: bool = False,
         limit: int | None = None,
     ) -> Sequence[StoredEvent]:
+        db = self._db(self.db_name)
         with self.env.read() as txn:
             return [
                 StoredEvent(*_unpack(value))
-                for value in _scan_sequence(
-                    txn, self._db(self.db_name), originator_id, gt, lte, desc, limit
-                )
+                for value in _scan_sequence(txn, db, originator_id, gt, lte, desc, limit)
             ]
 
 
@@ -269,8 +268,9 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
         limit: int | None = None,
     ) -> Sequence[StoredEvent]:
         log_db = self._db("log")
+        index_db = self._db("log.index")
         with self.env.read() as txn:
-            ids = _scan_sequence(txn, self._db("log.index"), originator_id, gt, lte, desc, limit)
+            ids = _scan_sequence(txn, index_db, originator_id, gt, lte, desc, limit)
             return [StoredEvent(*_unpack(_get(txn, packed_id, log_db))) for packed_id in ids]
 
     def select_notifications(
@@ -288,8 +288,9 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
         found: list[Notification] = []
         if limit <= 0:
             return found
+        log_db = self._db("log")
         with self.env.read() as txn:
-            cursor: Any = txn.cursor(db=self._db("log"))
+            cursor: Any = txn.cursor(db=log_db)
             if not cursor.set_range(_U64.pack(first)):
                 return found
             for key, value in cursor:
@@ -305,8 +306,9 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
         return found
 
     def max_notification_id(self) -> int | None:
+        log_db = self._db("log")
         with self.env.read() as txn:
-            cursor = txn.cursor(db=self._db("log"))
+            cursor = txn.cursor(db=log_db)
             return _U64.unpack(cursor.key())[0] if cursor.last() else None
 
     def subscribe(
@@ -364,8 +366,9 @@ class LMDBTrackingRecorder(LMDBRecorder, TrackingRecorder):
         return record
 
     def max_tracking_id(self, application_name: str) -> int | None:
+        db = self._db("tracking")
         with self.env.read() as txn:
-            value = txn.get(application_name.encode(), db=self._db("tracking"))
+            value = txn.get(application_name.encode(), db=db)
         return None if value is None else int(_U64.unpack(value)[0])
 
     def wait(

@@ -207,7 +207,8 @@ class LedgerEnv:
         """The handle of named database `name` (created when missing and `create`).
 
         Handles are process-wide in LMDB and opening one takes a write transaction, so this
-        must not run inside `write()`; recorders open theirs when they are constructed.
+        must not run inside `write()` or `read()` (it takes the resize lock exclusively);
+        recorders resolve their handles before they open a transaction.
         """
         key = name.encode()
         handle = self._dbs.get(key)
