@@ -25,3 +25,7 @@ class LedgerCorruptError(LedgerError, InterfaceError):
 class LedgerFullError(LedgerError, OperationalError):
     """The ledger's map reached its configured maximum (or the disk is full); the append that
     needed the space was rolled back whole, and what was committed before is intact."""
+
+
+class InvalidReferenceError(ImageLedgerError, ValueError):
+    """A malformed image reference or digest; raised before anything is touched."""

@@ -1,0 +1,147 @@
+"""Image references: the distribution reference grammar and one canonical spelling.
+
+Every call accepts any spelling of a reference (``alpine``, ``library/alpine:latest``,
+``index.docker.io/library/alpine``, ``DOCKER.IO/library/alpine:latest``); handles and events
+carry the canonical one, ``registry/repository:tag`` or ``registry/repository@sha256:<hex>``,
+so that one image is one key in the ledger whatever the caller typed.
+
+Decisions beyond the grammar (a demanding user's expectations, as Docker behaves):
+- the registry is the first path component only when it looks like a host: it contains ``.``
+  or ``:``, or is ``localhost``; otherwise the name is on Docker Hub (``docker.io``), and a
+  one-component Docker Hub name gets ``library/``; ``index.docker.io`` is ``docker.io``;
+- host names are case-insensitive, so the registry is lower-cased; repositories must already be
+  lower case (an upper-case repository is refused, not folded: it names nothing on a registry);
+- ``name:tag@digest`` is pinned by the digest: the canonical form drops the tag (the digest
+  alone says which content is meant; a tag beside it is a comment that may since have moved);
+- a 64-hex-character name alone is refused: it reads as an image id, not a repository;
+- digests are ``sha256`` (64 hex) or ``sha512`` (128 hex), lower-case hex as the OCI image
+  spec requires; anything else is refused before it can become a path or a key.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Final
+
+from imageledger.domain.errors import InvalidReferenceError
+
+DEFAULT_REGISTRY: Final = "docker.io"
+DEFAULT_TAG: Final = "latest"
+_LEGACY_REGISTRIES: Final = frozenset({"index.docker.io"})
+_MAX_NAME: Final = 255
+
+_DOMAIN_COMPONENT: Final = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
+_HOST: Final = re.compile(
+    rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::(?P<port>[0-9]+))?"
+)
+_PATH_COMPONENT: Final = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
+_TAG: Final = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
+_DIGEST: Final = re.compile(r"(?P<algorithm>sha256|sha512):(?P<hex>[a-f0-9]+)")
+_DIGEST_LENGTHS: Final = {"sha256": 64, "sha512": 128}
+_IMAGE_ID: Final = re.compile(r"[a-f0-9]{64}")
+
+
+@dataclass(frozen=True, slots=True, order=True)
+class Reference:
+    """A parsed, canonical image reference. Exactly one of `tag` and `digest` is set."""
+
+    registry: str
+    repository: str
+    tag: str | None = None
+    digest: str | None = None
+
+    @classmethod
+    def parse(cls, text: str) -> Reference:
+        """Parse any spelling; raise `InvalidReferenceError` saying what is wrong."""
+        return parse_reference(text)
+
+    @property
+    def name(self) -> str:
+        """``registry/repository``: the repository on its registry, without tag or digest."""
+        return f"{self.registry}/{self.repository}"
+
+    def __str__(self) -> str:
+        if self.digest is not None:
+            return f"{self.name}@{self.digest}"
+        return f"{self.name}:{self.tag}"
+
+
+def validate_digest(digest: str) -> str:
+    """`digest` itself when it is a well-formed, supported content digest."""
+    match = _DIGEST.fullmatch(digest)
+    if match is None or len(match["hex"]) != _DIGEST_LENGTHS[match["algorithm"]]:
+        msg = f"invalid digest {digest!r}: expected sha256:<64 hex> or sha512:<128 hex>, lower case"
+        raise InvalidReferenceError(msg)
+    return digest
+
+
+def _split_registry(name: str) -> tuple[str, str]:
+    first, slash, rest = name.partition("/")
+    if slash and ("." in first or ":" in first or first == "localhost"):
+        return first, rest
+    return DEFAULT_REGISTRY, name
+
+
+def _check_registry(text: str, registry: str) -> str:
+    match = _HOST.fullmatch(registry)
+    if match is None:
+        msg = f"invalid reference {text!r}: {registry!r} is not a registry host[:port]"
+        raise InvalidReferenceError(msg)
+    port = match["port"]
+    if port is not None and not 0 < int(port) < 65536:
+        msg = f"invalid reference {text!r}: port {port} is out of range"
+        raise InvalidReferenceError(msg)
+    registry = registry.lower()
+    return DEFAULT_REGISTRY if registry in _LEGACY_REGISTRIES else registry
+
+
+def parse_reference(text: str) -> Reference:
+    """See the module docstring for the grammar and the canonical form."""
+    if not isinstance(text, str):
+        msg = f"invalid reference {text!r}: a reference is a string"
+        raise InvalidReferenceError(msg)
+    if not text or text != text.strip():
+        msg = f"invalid reference {text!r}: empty or surrounded by whitespace"
+        raise InvalidReferenceError(msg)
+    rest, at, digest = text.partition("@")
+    if at:
+        try:
+            validate_digest(digest)
+        except InvalidReferenceError as e:
+            msg = f"invalid reference {text!r}: {e}"
+            raise InvalidReferenceError(msg) from None
+    # A ':' after the last '/' starts the tag; one before it belongs to a registry port.
+    tag: str | None = None
+    colon = rest.rfind(":")
+    if colon > rest.rfind("/"):
+        rest, tag = rest[:colon], rest[colon + 1 :]
+        if not _TAG.fullmatch(tag):
+            msg = f"invalid reference {text!r}: invalid tag {tag!r}"
+            raise InvalidReferenceError(msg)
+    registry, repository = _split_registry(rest)
+    registry = _check_registry(text, registry)
+    if not repository:
+        msg = f"invalid reference {text!r}: no repository name"
+        raise InvalidReferenceError(msg)
+    if registry == DEFAULT_REGISTRY and "/" not in repository:
+        if _IMAGE_ID.fullmatch(repository):
+            msg = f"invalid reference {text!r}: a 64-hex name reads as an image id"
+            raise InvalidReferenceError(msg)
+        repository = f"library/{repository}"
+    for component in repository.split("/"):
+        if not _PATH_COMPONENT.fullmatch(component):
+            why = "must be lower case" if component.lower() != component else "is not valid"
+            msg = f"invalid reference {text!r}: repository component {component!r} {why}"
+            raise InvalidReferenceError(msg)
+    if len(registry) + 1 + len(repository) > _MAX_NAME:
+        msg = f"invalid reference {text!r}: name longer than {_MAX_NAME} characters"
+        raise InvalidReferenceError(msg)
+    if at:
+        return Reference(registry, repository, None, digest)
+    return Reference(registry, repository, tag or DEFAULT_TAG, None)
+
+
+def canonical(text: str) -> str:
+    """The canonical spelling of reference `text`."""
+    return str(parse_reference(text))
