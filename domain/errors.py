@@ -29,3 +29,11 @@ class LedgerFullError(LedgerError, OperationalError):
 
 class InvalidReferenceError(ImageLedgerError, ValueError):
     """A malformed image reference or digest; raised before anything is touched."""
+
+
+class DigestMismatchError(ImageLedgerError):
+    """Content did not hash to the digest it was announced with; nothing of it was kept."""
+
+
+class BlobTooLargeError(ImageLedgerError):
+    """Content exceeded the size it was announced with (or a hard limit); nothing was kept."""

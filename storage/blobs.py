@@ -1,0 +1,162 @@
+"""The content-addressed blob store: ``blobs/<algorithm>/<hex>`` under the cache home.
+
+This is containerd's "content store": it knows bytes and digests, nothing about images,
+references or what is live (the ledger's projections know that; the collector acts on it).
+
+A blob lands only verified and whole: it is streamed into ``tmp/``, hashed on the way, checked
+against its digest and announced size, fsynced, renamed into place and the directory fsynced.
+A crash leaves at worst a partial file in ``tmp/``, which is never counted as cached and which
+prune reclaims. Digests are validated before they become paths, so no digest can name a file
+outside the store.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import secrets
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import BinaryIO, Final
+
+import structlog
+
+from imageledger.domain.errors import BlobTooLargeError, DigestMismatchError
+from imageledger.domain.reference import validate_digest
+
+log = structlog.get_logger(__name__)
+
+PARTIAL_SUFFIX: Final = ".part"
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class BlobStore:
+    """Verified, durable, content-addressed files under `root` (the cache home)."""
+
+    def __init__(self, root: str | os.PathLike[str]) -> None:
+        self.root = Path(root)
+        self.blobs = self.root / "blobs"
+        self.tmp = self.root / "tmp"
+
+    def path(self, digest: str) -> Path:
+        """Where blob `digest` lives (whether or not it is there)."""
+        algorithm, _, hexdigest = validate_digest(digest).partition(":")
+        return self.blobs / algorithm / hexdigest
+
+    def has(self, digest: str) -> bool:
+        return self.path(digest).is_file()
+
+    def size(self, digest: str) -> int | None:
+        """The blob's size in bytes, or None when it is not stored."""
+        try:
+            return self.path(digest).stat().st_size
+        except FileNotFoundError:
+            return None
+
+    def open(self, digest: str) -> BinaryIO:
+        """The blob for reading; `FileNotFoundError` when it is not stored."""
+        return self.path(digest).open("rb")
+
+    def read(self, digest: str) -> bytes:
+        with self.open(digest) as f:
+            return f.read()
+
+    def write(
+        self,
+        digest: str,
+        chunks: Iterable[bytes],
+        *,
+        size: int | None = None,
+        max_size: int | None = None,
+    ) -> int:
+        """Store the content streamed by `chunks` as blob `digest`; return its size.
+
+        Raises `DigestMismatchError` when the content hashes otherwise or its length is not
+        `size`, and `BlobTooLargeError` as soon as it passes `size` or `max_size`; either way
+        nothing is kept. Storing a blob that is already there is harmless (same bytes).
+        """
+        final = self.path(digest)
+        algorithm = digest.partition(":")[0]
+        limit = size if size is not None else max_size
+        self.tmp.mkdir(parents=True, exist_ok=True)
+        partial = self.tmp / f"{final.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        hasher = hashlib.new(algorithm)
+        written = 0
+        try:
+            with partial.open("xb") as f:
+                for chunk in chunks:
+                    written += len(chunk)
+                    if limit is not None and written > limit:
+                        msg = f"blob {digest}: more than the announced {limit} bytes"
+                        raise BlobTooLargeError(msg)
+                    hasher.update(chunk)
+                    f.write(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+            if size is not None and written != size:
+                msg = f"blob {digest}: got {written} bytes, announced {size}"
+                raise DigestMismatchError(msg)
+            actual = f"{algorithm}:{hasher.hexdigest()}"
+            if actual != digest:
+                msg = f"blob {digest}: content hashes to {actual}"
+                raise DigestMismatchError(msg)
+            final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(partial, final)
+            _fsync_dir(final.parent)
+        except BaseException:
+            with contextlib.suppress(FileNotFoundError):
+                partial.unlink()
+            raise
+        return written
+
+    def write_bytes(self, data: bytes, digest: str | None = None) -> str:
+        """Store `data` (verified against `digest` when given); return its digest."""
+        digest = digest or f"sha256:{hashlib.sha256(data).hexdigest()}"
+        self.write(digest, [data], size=len(data))
+        return digest
+
+    def delete(self, digest: str) -> int:
+        """Unlink blob `digest`; return the bytes freed (0 when it was not there)."""
+        path = self.path(digest)
+        try:
+            size = path.stat().st_size
+            path.unlink()
+        except FileNotFoundError:
+            return 0
+        _fsync_dir(path.parent)
+        return size
+
+    def digests(self) -> Iterator[str]:
+        """Every blob on disk, sorted (the collector compares this with what the ledger holds)."""
+        if not self.blobs.is_dir():
+            return
+        for algorithm_dir in sorted(self.blobs.iterdir()):
+            for entry in sorted(algorithm_dir.iterdir()):
+                digest = f"{algorithm_dir.name}:{entry.name}"
+                try:
+                    validate_digest(digest)
+                except ValueError:
+                    continue
+                yield digest
+
+    def partials(self) -> Iterator[Path]:
+        """Files in ``tmp/``: partial downloads and work files, never part of the cache."""
+        if self.tmp.is_dir():
+            yield from sorted(self.tmp.iterdir())
+
+    def verify(self, digest: str) -> bool:
+        """Whether the stored blob still hashes to its digest (bit rot, tampering)."""
+        algorithm = digest.partition(":")[0]
+        hasher = hashlib.new(algorithm)
+        with self.open(digest) as f:
+            while chunk := f.read(1 << 20):
+                hasher.update(chunk)
+        return f"{algorithm}:{hasher.hexdigest()}" == digest
