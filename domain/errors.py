@@ -37,3 +37,24 @@ class DigestMismatchError(ImageLedgerError):
 
 class BlobTooLargeError(ImageLedgerError):
     """Content exceeded the size it was announced with (or a hard limit); nothing was kept."""
+
+
+class ImageNotFoundError(ImageLedgerError, LookupError):
+    """No cached image has that reference."""
+
+    def __init__(self, reference: str) -> None:
+        super().__init__(f"image not found: {reference}")
+        self.reference = reference
+
+
+class ImageInUseError(ImageLedgerError):
+    """Removing the reference would drop the last name of a manifest that holders lease."""
+
+    def __init__(self, reference: str, holders: tuple[str, ...]) -> None:
+        super().__init__(f"image {reference} is in use by {', '.join(holders)}")
+        self.reference = reference
+        self.holders = holders
+
+
+class ContentMissingError(ImageLedgerError):
+    """A blob an image needs is not in the store when its pull or load commits."""

@@ -16,6 +16,7 @@ import contextlib
 import hashlib
 import os
 import secrets
+import shutil
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 from typing import BinaryIO, Final
@@ -23,6 +24,7 @@ from typing import BinaryIO, Final
 import structlog
 
 from imageledger.domain.errors import BlobTooLargeError, DigestMismatchError
+from imageledger.domain.model import DeletedBlob
 from imageledger.domain.reference import validate_digest
 
 log = structlog.get_logger(__name__)
@@ -36,6 +38,16 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
+
+
+def _tree_size(path: Path) -> int:
+    """Bytes under `path` (a file, a symlink itself, or a directory tree); 0 if gone."""
+    try:
+        if path.is_symlink() or not path.is_dir():
+            return path.lstat().st_size
+        return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir())
+    except FileNotFoundError:
+        return 0
 
 
 class BlobStore:
@@ -76,18 +88,21 @@ class BlobStore:
         *,
         size: int | None = None,
         max_size: int | None = None,
+        work: Path | None = None,
     ) -> int:
         """Store the content streamed by `chunks` as blob `digest`; return its size.
 
         Raises `DigestMismatchError` when the content hashes otherwise or its length is not
         `size`, and `BlobTooLargeError` as soon as it passes `size` or `max_size`; either way
         nothing is kept. Storing a blob that is already there is harmless (same bytes).
+        Partial files go to `work` (an in-flight lease's directory) or ``tmp/``.
         """
         final = self.path(digest)
         algorithm = digest.partition(":")[0]
         limit = size if size is not None else max_size
-        self.tmp.mkdir(parents=True, exist_ok=True)
-        partial = self.tmp / f"{final.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        partial_dir = work if work is not None else self.tmp
+        partial_dir.mkdir(parents=True, exist_ok=True)
+        partial = partial_dir / f"{final.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
         hasher = hashlib.new(algorithm)
         written = 0
         try:
@@ -151,6 +166,63 @@ class BlobStore:
         """Files in ``tmp/``: partial downloads and work files, never part of the cache."""
         if self.tmp.is_dir():
             yield from sorted(self.tmp.iterdir())
+
+    def strays(self, alive: frozenset[str]) -> list[DeletedBlob]:
+        """Files under the home that the ledger cannot account for: work directories of dead
+        in-flight leases and loose partials in ``tmp/``, unmaterialized artifacts, and files in
+        ``blobs/`` that are not named by a digest. `alive` holds the live lease ids."""
+        found: list[DeletedBlob] = []
+        if self.tmp.is_dir():
+            for entry in sorted(self.tmp.iterdir()):
+                if entry.name == "leases" or entry.name in alive:
+                    continue
+                found.append(
+                    DeletedBlob(
+                        f"tmp/{entry.name}", "partial", _tree_size(entry), "stale partial download"
+                    )
+                )
+        artifacts = self.root / "artifacts"
+        if artifacts.is_dir():
+            for entry in sorted(artifacts.rglob("*")):
+                if entry.is_dir() and not entry.is_symlink():
+                    continue
+                kind = {".fsmeta": "fsmeta", ".vmdk": "vmdk"}.get(entry.suffix, "artifact")
+                relative = entry.relative_to(self.root).as_posix()
+                found.append(DeletedBlob(relative, kind, _tree_size(entry), "not in the ledger"))
+        if self.blobs.is_dir():
+            for entry in sorted(self.blobs.rglob("*")):
+                relative = entry.relative_to(self.blobs).as_posix()
+                if entry.is_dir() and not entry.is_symlink() and "/" not in relative:
+                    continue
+                try:
+                    validate_digest(relative.replace("/", ":", 1))
+                    if entry.is_file() and not entry.is_symlink():
+                        continue
+                except ValueError:
+                    pass
+                found.append(
+                    DeletedBlob(
+                        f"blobs/{relative}", "orphan", _tree_size(entry), "not a blob of the store"
+                    )
+                )
+        return found
+
+    def delete_path(self, relative: str) -> int:
+        """Delete a stray found by `strays` (only under tmp/, artifacts/ or blobs/)."""
+        path = self.root / relative
+        top = relative.split("/", 1)[0]
+        if top not in ("tmp", "artifacts", "blobs") or ".." in relative.split("/"):
+            msg = f"refusing to delete {relative!r}: not a stray path of the store"
+            raise ValueError(msg)
+        size = _tree_size(path)
+        try:
+            if path.is_dir() and not path.is_symlink():
+                shutil.rmtree(path)
+            else:
+                path.unlink()
+        except FileNotFoundError:
+            return 0
+        return size
 
     def verify(self, digest: str) -> bool:
         """Whether the stored blob still hashes to its digest (bit rot, tampering)."""

@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Iterator, Sequence
 from hashlib import blake2b
 from time import monotonic
 from typing import Any, Final, cast
@@ -210,6 +210,9 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
 
     def __init__(self, env: LedgerEnv, namespace: str = "", *, create: bool = True) -> None:
         super().__init__(env, namespace, create=create)
+        # Called with (transaction, new notifications) inside every append's transaction, so
+        # views maintained by them commit (or roll back) atomically with the events.
+        self.projectors: list[Callable[[lmdb.Transaction, list[Notification]], None]] = []
         if create:
             self.create_table()
 
@@ -231,6 +234,13 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
             ids = self._append(txn, log_db, index_db, rows)
             if extra is not None:
                 extra(txn)
+            if self.projectors and ids:
+                notifications = [
+                    Notification(s.originator_id, s.originator_version, s.topic, s.state, i)
+                    for s, i in zip(stored_events, ids, strict=True)
+                ]
+                for projector in self.projectors:
+                    projector(txn, notifications)
             return ids
 
         if not rows and extra is None:
@@ -315,6 +325,18 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
         self, gt: int | None = None, topics: Sequence[str] = ()
     ) -> Subscription[ApplicationRecorder]:
         return LMDBSubscription(recorder=self, gt=gt, topics=topics)
+
+
+def log_entries(
+    txn: lmdb.Transaction, recorder: LMDBApplicationRecorder, after: int
+) -> Iterator[Notification]:
+    """The log after notification `after`, read in an open (possibly write) transaction."""
+    cursor: Any = txn.cursor(db=recorder._db("log"))
+    if not cursor.set_range(_U64.pack(after + 1)):
+        return
+    for key, value in cursor:
+        oid, version, topic, state = _unpack(value)
+        yield Notification(oid, version, topic, state, _U64.unpack(key)[0])
 
 
 class LMDBSubscription(ListenNotifySubscription[LMDBApplicationRecorder]):

@@ -160,8 +160,9 @@ class LMDBEventCounters(mod.LMDBTrackingRecorder, es_proj.EventCountersView):
         self._incr(b"subsequent", tracking)
 
     def _get(self, name: bytes) -> int:
+        db = self._db("counters")
         with self.env.read() as txn:
-            value = txn.get(name, db=self._db("counters"))
+            value = txn.get(name, db=db)
         return 0 if value is None else int(value)
 
     def _incr(self, name: bytes, tracking: Tracking) -> None:

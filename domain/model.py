@@ -1,0 +1,260 @@
+"""Value types of the image cache: what an image is, as events record it and views show it.
+
+All are frozen and hashable, hold only str/int/None/tuples (no floats, no dicts, no sets), so
+that encoding them is canonical and a view rebuilt from the log is byte-identical (semantics 10).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+
+# Media types (OCI image spec and Docker's v2 schema 2).
+OCI_INDEX = "application/vnd.oci.image.index.v1+json"
+OCI_MANIFEST = "application/vnd.oci.image.manifest.v1+json"
+OCI_CONFIG = "application/vnd.oci.image.config.v1+json"
+DOCKER_LIST = "application/vnd.docker.distribution.manifest.list.v2+json"
+DOCKER_MANIFEST = "application/vnd.docker.distribution.manifest.v2+json"
+DOCKER_CONFIG = "application/vnd.docker.container.image.v1+json"
+MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
+INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
+
+
+@dataclass(frozen=True, slots=True)
+class Platform:
+    """The image's own platform (from its config, or the index entry that chose it)."""
+
+    os: str
+    architecture: str
+    variant: str | None = None
+
+    def __str__(self) -> str:
+        base = f"{self.os}/{self.architecture}"
+        return f"{base}/{self.variant}" if self.variant else base
+
+
+@dataclass(frozen=True, slots=True)
+class ImageConfig:
+    """The runtime configuration a sandbox needs from the image's config blob."""
+
+    digest: str
+    env: tuple[str, ...] = ()
+    cmd: tuple[str, ...] | None = None
+    entrypoint: tuple[str, ...] | None = None
+    working_dir: str | None = None
+    user: str | None = None
+    labels: tuple[tuple[str, str], ...] = ()  # sorted by key
+    stop_signal: str | None = None
+
+
+@dataclass(frozen=True, slots=True)
+class Layer:
+    """One layer, bottom (position 0) to top; `diff_id` is the digest of the uncompressed tar."""
+
+    blob_digest: str
+    media_type: str
+    compressed_size_bytes: int
+    diff_id: str | None
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImageContent:
+    """An image whose blobs (manifest, config, layers) are all verified in the blob store."""
+
+    manifest_digest: str
+    manifest_media_type: str
+    manifest_size: int
+    config: ImageConfig
+    config_size: int
+    platform: Platform
+    layers: tuple[Layer, ...]
+
+    @property
+    def blobs(self) -> tuple[tuple[str, int], ...]:
+        """(digest, size) of every blob the image occupies, manifest first, layers in order."""
+        return (
+            (self.manifest_digest, self.manifest_size),
+            (self.config.digest, self.config_size),
+            *((layer.blob_digest, layer.compressed_size_bytes) for layer in self.layers),
+        )
+
+    @property
+    def size_bytes(self) -> int:
+        """Semantics 5: what the image's distinct blobs occupy in the store."""
+        return sum(dict(self.blobs).values())
+
+    def kinded_blobs(self) -> tuple[tuple[str, str, int], ...]:
+        """(digest, kind, size) of each distinct blob: manifest, config, then layers."""
+        seen: dict[str, tuple[str, str, int]] = {}
+        seen[self.manifest_digest] = (self.manifest_digest, "manifest", self.manifest_size)
+        seen.setdefault(self.config.digest, (self.config.digest, "config", self.config_size))
+        for layer in self.layers:
+            seen.setdefault(
+                layer.blob_digest, (layer.blob_digest, "layer", layer.compressed_size_bytes)
+            )
+        return tuple(seen.values())
+
+
+@dataclass(frozen=True, slots=True)
+class LoadedImage:
+    """What a source delivers: the content plus the names the source gave it (raw spellings)."""
+
+    content: ImageContent
+    names: tuple[str, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class ImageHandle:
+    """The seed API's handle: a read-only view of one cached reference."""
+
+    reference: str
+    manifest_digest: str
+    architecture: str
+    os: str
+    layer_count: int
+    size_bytes: int
+    created_at: datetime | None
+    last_used_at: datetime | None
+    # The cache that answered (blocking or asyncio); not part of the value.
+    _owner: Any = field(default=None, compare=False, repr=False)
+
+    def inspect(self) -> Any:
+        """The image's details (awaitable when the handle came from the asyncio API)."""
+        return self._require_owner().inspect(self.reference)
+
+    def remove(self, force: bool = False) -> Any:
+        """Remove this reference (semantics 6-7; awaitable from the asyncio API)."""
+        return self._require_owner().remove(self.reference, force)
+
+    def _require_owner(self) -> Any:
+        if self._owner is None:
+            msg = "this handle was not obtained from a cache"
+            raise RuntimeError(msg)
+        return self._owner
+
+
+@dataclass(frozen=True, slots=True)
+class LayerDetail:
+    diff_id: str | None
+    blob_digest: str
+    media_type: str
+    compressed_size_bytes: int | None
+    erofs_size_bytes: int | None
+    position: int
+
+
+@dataclass(frozen=True, slots=True)
+class ImageDetail:
+    """`inspect()`: the handle plus config and layers (bottom to top)."""
+
+    handle: ImageHandle
+    config: ImageConfig
+    layers: tuple[LayerDetail, ...]
+
+
+@dataclass(frozen=True, slots=True)
+class Actor:
+    """Who and where an event came from, so the audit trail needs no schema change later.
+    No secret: a user name and ids, never a credential."""
+
+    user: str
+    uid: int
+    pid: int
+    host: str
+    version: str
+
+
+@dataclass(frozen=True, slots=True)
+class DeletedBlob:
+    """One blob (or materialized artifact) a remove or prune deleted, and why."""
+
+    digest: str
+    kind: str  # manifest | config | layer | artifact | orphan | partial
+    size: int
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PrunePolicy:
+    """What a prune may remove. The seed's default (all fields empty) removes every reference
+    whose manifest has no lease and no pull in flight, then everything unreferenced."""
+
+    dry_run: bool = False
+    unused_for_seconds: int | None = None  # keep references used within this many seconds
+    keep: tuple[str, ...] = ()  # references or fnmatch patterns never removed
+    max_bytes: int | None = None  # evict least recently used until the cache fits
+    only_dangling: bool = False  # remove only unreferenced content, no reference
+
+
+@dataclass(frozen=True, slots=True)
+class RemovedReference:
+    reference: str
+    manifest_digest: str
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class ImagePruneReport:
+    """The seed API's prune report, plus what was (or would be) removed and why."""
+
+    image_refs_removed: int
+    manifests_removed: int
+    layers_removed: int
+    fsmeta_removed: int
+    vmdk_removed: int
+    bytes_reclaimed: int
+    dry_run: bool = False
+    references: tuple[RemovedReference, ...] = ()
+    deleted: tuple[DeletedBlob, ...] = ()
+
+
+# ---- what the views hold (read through the domain's CacheState port) ----------------------
+
+
+@dataclass(frozen=True, slots=True)
+class ReferenceRecord:
+    """A cached reference as the views hold it; `created_position` orders ties in list()."""
+
+    reference: str
+    manifest_digest: str
+    created_at: datetime
+    last_used_at: datetime
+    created_position: int
+    architecture: str
+    os: str
+    layer_count: int
+    size_bytes: int
+
+    def handle(self) -> ImageHandle:
+        return ImageHandle(
+            reference=self.reference,
+            manifest_digest=self.manifest_digest,
+            architecture=self.architecture,
+            os=self.os,
+            layer_count=self.layer_count,
+            size_bytes=self.size_bytes,
+            created_at=self.created_at,
+            last_used_at=self.last_used_at,
+        )
+
+
+@dataclass(frozen=True, slots=True)
+class ManifestRecord:
+    """A manifest in the cache: its content, the references naming it and the leases on it."""
+
+    content: ImageContent
+    references: tuple[str, ...]  # sorted
+    holders: tuple[str, ...]  # sorted; holders of a lease on this manifest
+    last_used_at: datetime
+
+
+@dataclass(frozen=True, slots=True)
+class BlobRecord:
+    """A blob the ledger accounts for and the manifests that keep it live."""
+
+    digest: str
+    kind: str  # manifest | config | layer
+    size: int
+    users: tuple[str, ...]  # sorted manifest digests

@@ -1,0 +1,371 @@
+"""The application service: the image cache's commands and queries.
+
+Every command reads one consistent snapshot of the views, decides, and appends its events as
+the ledger's next version; if another thread or process appended first, it decides again on
+fresher views (optimistic concurrency, retried here, never surfaced). Commands that delete
+content hold the store lock from the decision until the files are unlinked, and commit before
+they unlink (semantics 11).
+"""
+
+from __future__ import annotations
+
+import builtins
+import random
+import time
+from collections.abc import Callable, Iterator
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from datetime import datetime
+from typing import Any, Protocol, TypeVar
+
+from eventsourcing.persistence import RecordConflictError
+
+from imageledger.domain.errors import (
+    ContentMissingError,
+    ImageInUseError,
+    ImageNotFoundError,
+    InvalidReferenceError,
+    LedgerError,
+)
+from imageledger.domain.events import ImageLedger
+from imageledger.domain.model import (
+    Actor,
+    DeletedBlob,
+    ImageContent,
+    ImageDetail,
+    ImageHandle,
+    ImagePruneReport,
+    LayerDetail,
+    PrunePolicy,
+)
+from imageledger.domain.policies import content_freed, plan_prune
+from imageledger.domain.ports import CacheState, InFlight, StoreLock
+from imageledger.domain.reference import canonical
+
+T = TypeVar("T")
+
+_MAX_ATTEMPTS = 200
+_HOLDER_MAX = 256
+
+
+class Snapshot(CacheState, Protocol):
+    @property
+    def modified(self) -> datetime | None: ...
+
+
+class Ledger(Protocol):
+    """Where the service reads state and appends events (storage + projections implement it)."""
+
+    def snapshot(self) -> AbstractContextManager[Snapshot]: ...
+
+    def append(self, ledger: ImageLedger) -> None:
+        """Save the ledger's pending events; `RecordConflictError` if the version is taken."""
+
+
+class Content(Protocol):
+    """The blob store as the service needs it."""
+
+    def size(self, digest: str) -> int | None: ...
+
+    def delete(self, digest: str) -> int: ...
+
+    def digests(self) -> Iterator[str]: ...
+
+    def strays(self, alive: frozenset[str]) -> list[DeletedBlob]: ...
+
+    def delete_path(self, relative: str) -> int: ...
+
+
+class Leases(InFlight, Protocol):
+    def live(self) -> tuple[frozenset[str], frozenset[str]]: ...
+
+
+@dataclass(frozen=True)
+class HistoryEntry:
+    """One event in the life of a reference."""
+
+    position: int
+    event: str
+    at: datetime
+    reference: str
+    manifest_digest: str
+    detail: str
+    user: str
+    host: str
+    pid: int
+
+
+class ImageCacheService:
+    """Commands and queries over one cache home."""
+
+    def __init__(
+        self,
+        *,
+        ledger: Ledger,
+        content: Content,
+        leases: Leases,
+        lock: StoreLock,
+        clock: Callable[[], datetime],
+        actor: Actor,
+        history: Callable[[str | None], list[HistoryEntry]],
+    ) -> None:
+        self.ledger = ledger
+        self.content = content
+        self.leases = leases
+        self.lock = lock
+        self.clock = clock
+        self.actor = actor
+        self._history = history
+
+    # ------------------------------------------------------------------ queries
+
+    def get(self, reference: str) -> ImageHandle:
+        ref = canonical(reference)
+        with self.ledger.snapshot() as state:
+            record = state.reference(ref)
+        if record is None:
+            raise ImageNotFoundError(ref)
+        return record.handle()
+
+    def list(self) -> builtins.list[ImageHandle]:
+        with self.ledger.snapshot() as state:
+            return [record.handle() for record in state.references()]
+
+    def inspect(self, reference: str) -> ImageDetail:
+        ref = canonical(reference)
+        with self.ledger.snapshot() as state:
+            record = state.reference(ref)
+            manifest = None if record is None else state.manifest(record.manifest_digest)
+        if record is None or manifest is None:
+            raise ImageNotFoundError(ref)
+        content = manifest.content
+        return ImageDetail(
+            handle=record.handle(),
+            config=content.config,
+            layers=tuple(
+                LayerDetail(
+                    diff_id=layer.diff_id,
+                    blob_digest=layer.blob_digest,
+                    media_type=layer.media_type,
+                    compressed_size_bytes=layer.compressed_size_bytes,
+                    erofs_size_bytes=None,  # not materialized yet
+                    position=layer.position,
+                )
+                for layer in content.layers
+            ),
+        )
+
+    def history(self, reference: str | None = None) -> builtins.list[HistoryEntry]:
+        return self._history(None if reference is None else canonical(reference))
+
+    # ------------------------------------------------------------------ commands
+
+    def _commit(self, decide: Callable[[Snapshot, ImageLedger, datetime], T]) -> T:
+        """Decide on a snapshot, append as the next version; on a conflict, decide again."""
+        for attempt in range(_MAX_ATTEMPTS):
+            now = self.clock()
+            with self.ledger.snapshot() as state:
+                modified = state.modified
+                ledger = (
+                    ImageLedger.at(state.version, modified)
+                    if state.version and modified is not None
+                    else ImageLedger.start(self.actor, now)
+                )
+                result = decide(state, ledger, now)
+            if len(ledger.pending_events) == 0:
+                return result
+            try:
+                self.ledger.append(ledger)
+            except RecordConflictError:
+                time.sleep(random.uniform(0, 0.0005 * min(attempt + 1, 20)))
+                continue
+            return result
+        msg = f"could not append after {_MAX_ATTEMPTS} attempts: the ledger is too contended"
+        raise LedgerError(msg)
+
+    def _record(self, ledger: ImageLedger, stamp: datetime, cls: Any, **fields: Any) -> None:
+        ledger.record(cls, actor=self.actor, stamp=stamp, **fields)
+
+    def add(
+        self, reference: str, content: ImageContent, source: str, *, cached: bool
+    ) -> ImageHandle:
+        """Commit a pull or load whose blobs are all in the store (the caller's in-flight
+        lease still protects them): `reference` now names `content`."""
+        ref = canonical(reference)
+        with self.lock():
+            for digest, _kind, size in content.kinded_blobs():
+                if self.content.size(digest) != size:
+                    msg = f"{ref}: blob {digest} is missing from the store or has the wrong size"
+                    raise ContentMissingError(msg)
+
+            def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> None:
+                self._record(
+                    ledger,
+                    now,
+                    ImageLedger.ImagePulled,
+                    reference=ref,
+                    source=source,
+                    content=content,
+                    cached=cached,
+                )
+
+            self._commit(decide)
+        return self.get(ref)
+
+    def record_failure(self, reference: str, source: str, error: str) -> None:
+        """A pull or load failed: the users must be able to trace it."""
+        try:
+            ref = canonical(reference)
+        except InvalidReferenceError:
+            return  # refused before anything was touched; nothing to trace in the ledger
+        self._commit(
+            lambda state, ledger, now: self._record(
+                ledger,
+                now,
+                ImageLedger.PullFailed,
+                reference=ref,
+                source=source,
+                error=error[:500],
+            )
+        )
+
+    def use(self, reference: str, holder: str) -> ImageHandle:
+        """`holder` takes a lease on the reference's manifest (and uses the reference)."""
+        ref = canonical(reference)
+        _check_holder(holder)
+
+        def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> None:
+            record = state.reference(ref)
+            if record is None:
+                raise ImageNotFoundError(ref)
+            self._record(
+                ledger,
+                now,
+                ImageLedger.ImageUsed,
+                reference=ref,
+                manifest_digest=record.manifest_digest,
+                holder=holder,
+            )
+
+        self._commit(decide)
+        return self.get(ref)
+
+    def release(self, holder: str) -> int:
+        """End every lease `holder` holds; returns how many (0: nothing held, nothing recorded)."""
+        _check_holder(holder)
+
+        def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> int:
+            leases = state.holder(holder)
+            if leases:
+                self._record(ledger, now, ImageLedger.HolderReleased, holder=holder, leases=leases)
+            return len(leases)
+
+        return self._commit(decide)
+
+    def remove(self, reference: str, *, force: bool = False) -> tuple[DeletedBlob, ...]:
+        """Semantics 6 and 7; returns what was deleted."""
+        ref = canonical(reference)
+        with self.lock():
+            protected = self.leases.protected()
+
+            def decide(
+                state: Snapshot, ledger: ImageLedger, now: datetime
+            ) -> tuple[DeletedBlob, ...] | ImageInUseError:
+                record = state.reference(ref)
+                if record is None:
+                    raise ImageNotFoundError(ref)
+                manifest = state.manifest(record.manifest_digest)
+                assert manifest is not None, f"views name a missing manifest for {ref}"
+                others = [r for r in manifest.references if r != ref]
+                if not others and manifest.holders and not force:
+                    self._record(
+                        ledger,
+                        now,
+                        ImageLedger.RemoveRefused,
+                        reference=ref,
+                        manifest_digest=record.manifest_digest,
+                        holders=manifest.holders,
+                    )
+                    return ImageInUseError(ref, manifest.holders)
+                deleted: tuple[DeletedBlob, ...] = ()
+                if not others and not manifest.holders and record.manifest_digest not in protected:
+                    deleted = tuple(content_freed(state, [manifest], protected, f"removed {ref}"))
+                self._record(
+                    ledger,
+                    now,
+                    ImageLedger.ImageRemoved,
+                    reference=ref,
+                    manifest_digest=record.manifest_digest,
+                    forced=force,
+                    deleted=deleted,
+                    bytes_reclaimed=sum(b.size for b in deleted),
+                )
+                return deleted
+
+            outcome = self._commit(decide)
+            if isinstance(outcome, ImageInUseError):
+                raise outcome
+            for blob in outcome:
+                self.content.delete(blob.digest)
+        return outcome
+
+    def prune(self, policy: PrunePolicy | None = None) -> ImagePruneReport:
+        """Semantics 8: see `plan_prune`; `bytes_reclaimed` counts bytes actually unlinked."""
+        policy = policy or PrunePolicy()
+        with self.lock():
+            protected, alive = self.leases.live()
+            on_disk = set(self.content.digests())
+            strays = self.content.strays(alive)
+
+            def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> Any:
+                known = {blob.digest for blob in state.blobs()}
+                orphans = [
+                    DeletedBlob(d, "orphan", self.content.size(d) or 0, "not in the ledger")
+                    for d in sorted(on_disk - known - protected)
+                ]
+                plan = plan_prune(state, policy, now, protected, [*orphans, *strays])
+                if not policy.dry_run:
+                    self._record(
+                        ledger,
+                        now,
+                        ImageLedger.ImagesPruned,
+                        policy=policy,
+                        now=now,
+                        references=plan.references,
+                        deleted=plan.deleted,
+                        bytes_reclaimed=plan.bytes,
+                    )
+                return plan
+
+            plan = self._commit(decide)
+            unlinked = plan.bytes
+            if not policy.dry_run:
+                unlinked = 0
+                for blob in plan.deleted:
+                    if blob.kind in ("manifest", "config", "layer", "orphan"):
+                        unlinked += self.content.delete(blob.digest)
+                    else:
+                        unlinked += self.content.delete_path(blob.digest)
+        kinds = [b.kind for b in plan.deleted]
+        return ImagePruneReport(
+            image_refs_removed=len(plan.references),
+            manifests_removed=kinds.count("manifest"),
+            layers_removed=kinds.count("layer"),
+            fsmeta_removed=kinds.count("fsmeta"),
+            vmdk_removed=kinds.count("vmdk"),
+            bytes_reclaimed=unlinked,
+            dry_run=policy.dry_run,
+            references=plan.references,
+            deleted=plan.deleted,
+        )
+
+
+def _check_holder(holder: str) -> None:
+    if (
+        not isinstance(holder, str)
+        or not holder
+        or len(holder) > _HOLDER_MAX
+        or not holder.isprintable()
+    ):
+        msg = f"invalid holder id {holder!r}: a printable string of 1-{_HOLDER_MAX} characters"
+        raise InvalidReferenceError(msg)

@@ -1,0 +1,485 @@
+"""The public image cache: the domain service wired to LMDB, the blob store and the sources.
+
+`ImageCache` is the blocking API; `Image` is the asyncio API with microsandbox's Python SDK
+names (``await Image.get(ref)``, ``list``, ``inspect``, ``remove``, ``prune``, ``load``,
+``save``, plus ``use`` and ``release``), over the cache at ``$IMAGELEDGER_HOME`` unless one is
+passed. Both have the same names and semantics (DESIGN.md semantics 1-11).
+
+Layout of a home (``~/.local/share/imageledger`` by default)::
+
+    ledger/               LMDB: the event log and the views
+    oci-layout, index.json   the home is an OCI image layout; index.json is a projection
+    blobs/sha256/<hex>    verified content
+    tmp/                  in-flight leases and partial files (never counted as cached)
+    store.lock            serialises deletes against pull commits across processes
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import contextlib
+import dataclasses
+import fcntl
+import hashlib
+import os
+from collections.abc import Callable, Iterator, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any, BinaryIO, Literal
+
+import structlog
+from eventsourcing.application import Application
+from eventsourcing.persistence import Transcoder
+from eventsourcing.utils import get_topic
+
+from imageledger.domain.errors import ImageLedgerError, InvalidReferenceError
+from imageledger.domain.events import TRANSCODINGS, ImageLedger, current_actor
+from imageledger.domain.model import (
+    ImageDetail,
+    ImageHandle,
+    ImagePruneReport,
+    LoadedImage,
+    PrunePolicy,
+)
+from imageledger.domain.reference import Reference, canonical
+from imageledger.domain.service import HistoryEntry, ImageCacheService
+from imageledger.projections.index import oci_index
+from imageledger.projections.runner import RebuildReport, folder, rebuild
+from imageledger.projections.views import TABLES, ViewState, from_micros
+from imageledger.storage import archives
+from imageledger.storage.blobs import BlobStore
+from imageledger.storage.leases import InFlightLease, InFlightLeases, StoreLock
+from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory
+from imageledger.storage.transcoder import MsgpackTranscoder
+from imageledger.storage.viewstore import LMDBViews
+
+log = structlog.get_logger(__name__)
+
+Clock = Callable[[], datetime]
+
+
+def default_home() -> Path:
+    """``$IMAGELEDGER_HOME``, else ``~/.local/share/imageledger``."""
+    home = os.environ.get("IMAGELEDGER_HOME")
+    return Path(home) if home else Path.home() / ".local" / "share" / "imageledger"
+
+
+def _utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+class _LedgerApp(Application[Any]):
+    """The eventsourcing application that stores the ledger's events (msgpack, canonical)."""
+
+    name = "imageledger"
+
+    def construct_transcoder(self) -> Transcoder:
+        transcoder = MsgpackTranscoder()
+        for transcoding in TRANSCODINGS:
+            transcoder.register(transcoding)
+        return transcoder
+
+
+class _LeasedStore:
+    """The blob store as a source sees it during one load: every digest it touches is claimed
+    by the load's in-flight lease first (see storage.leases for why the order matters)."""
+
+    def __init__(self, store: BlobStore, lease: InFlightLease, lock: StoreLock) -> None:
+        self._store = store
+        self._lease = lease
+        self._lock = lock
+        self.written: set[str] = set()
+        self.root = store.root
+        self.tmp = lease.work
+
+    def _claim(self, digest: str) -> None:
+        with self._lock():
+            self._lease.add(digest)
+
+    def has(self, digest: str) -> bool:
+        self._claim(digest)
+        return self._store.has(digest)
+
+    def write(self, digest: str, chunks: Any, **kwargs: Any) -> int:
+        self._claim(digest)
+        kwargs.setdefault("work", self._lease.work)
+        size = self._store.write(digest, chunks, **kwargs)
+        self.written.add(digest)
+        return size
+
+    def write_bytes(self, data: bytes, digest: str | None = None) -> str:
+        digest = digest or f"sha256:{hashlib.sha256(data).hexdigest()}"
+        self.write(digest, [data], size=len(data))
+        return digest
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
+
+
+class ImageCache:
+    """A local OCI image cache whose whole state is an event-sourced ledger (blocking API)."""
+
+    def __init__(
+        self,
+        home: str | os.PathLike[str] | None = None,
+        *,
+        clock: Clock | None = None,
+        durability: Literal["sync", "nometasync", "nosync"] | None = None,
+    ) -> None:
+        self.home = Path(home) if home is not None else default_home()
+        self.home.mkdir(parents=True, exist_ok=True)
+        env = {
+            "PERSISTENCE_MODULE": get_topic(LMDBFactory),
+            "LMDB_PATH": str(self.home / "ledger"),
+        }
+        if durability:
+            env["LMDB_DURABILITY"] = durability
+        self._app = _LedgerApp(env=env)
+        recorder = self._app.recorder
+        assert isinstance(recorder, LMDBApplicationRecorder)
+        self._recorder = recorder
+        self._views = LMDBViews(recorder.env, recorder, TABLES)
+        self._decode = self._app.mapper.to_domain_event
+        self._views.attach(folder(self._decode))
+        self.store = BlobStore(self.home)
+        self._lock = StoreLock(self.home)
+        self._leases = InFlightLeases(self.home)
+        self.write_index = True
+        self.service = ImageCacheService(
+            ledger=self,
+            content=self.store,
+            leases=self._leases,
+            lock=self._lock,
+            clock=clock or _utc_now,
+            actor=current_actor(),
+            history=self._history,
+        )
+        self._write_layout()
+
+    # -- the service's Ledger port -------------------------------------------------------
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[ViewState]:
+        with self._views.read() as view:
+            yield ViewState(view)
+
+    def append(self, ledger: ImageLedger) -> None:
+        self._app.save(ledger)
+        if self.write_index:
+            self._write_index()
+
+    # -- the OCI layout projection -----------------------------------------------------
+
+    def _write_layout(self) -> None:
+        layout = self.home / "oci-layout"
+        if not layout.exists():
+            _atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}')
+        self._write_index(only_if_stale=True)
+
+    def _write_index(self, *, only_if_stale: bool = False) -> None:
+        """Rewrite index.json from the views, unless it already shows this position or later.
+        Serialised across processes, so the last writer always writes the latest state."""
+        lock_path = self.home / "index.lock"
+        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            with self.snapshot() as state:
+                position = state.position
+                stamp = self.home / "index.position"
+                try:
+                    written = int(stamp.read_text())
+                except (FileNotFoundError, ValueError):
+                    written = -1
+                if written >= position and (self.home / "index.json").exists():
+                    return
+                data = oci_index(state)
+            _atomic_write(self.home / "index.json", data)
+            _atomic_write(stamp, str(position).encode())
+        finally:
+            os.close(fd)
+
+    # -- queries --------------------------------------------------------------------------
+
+    def _bind(self, handle: ImageHandle) -> ImageHandle:
+        return dataclasses.replace(handle, _owner=self)
+
+    def get(self, reference: str) -> ImageHandle:
+        """The cached image `reference` names; `ImageNotFoundError` when it is not cached."""
+        return self._bind(self.service.get(reference))
+
+    def list(self) -> builtins.list[ImageHandle]:
+        """Every cached reference, newest first (semantics 3)."""
+        return [self._bind(h) for h in self.service.list()]
+
+    def inspect(self, reference: str) -> ImageDetail:
+        detail = self.service.inspect(reference)
+        return dataclasses.replace(detail, handle=self._bind(detail.handle))
+
+    def history(self, reference: str | None = None) -> builtins.list[HistoryEntry]:
+        """Every event of `reference` (or of the whole ledger), oldest first."""
+        return self.service.history(reference)
+
+    def _history(self, reference: str | None) -> builtins.list[HistoryEntry]:
+        if reference is not None:
+            with self.snapshot() as state:
+                return [
+                    HistoryEntry(
+                        position=position,
+                        event=entry["e"],
+                        at=from_micros(entry["at"]),
+                        reference=reference,
+                        manifest_digest=entry["m"],
+                        detail=entry["d"],
+                        user=entry["who"][0],
+                        host=entry["who"][2],
+                        pid=entry["who"][3],
+                    )
+                    for position, entry in state.history(reference)
+                ]
+        entries = []
+        after = 0
+        while batch := self._recorder.select_notifications(after, 1000, inclusive_of_start=False):
+            for notification in batch:
+                event = self._decode(notification)
+                entries.append(_entry(notification.id, event))
+            after = batch[-1].id
+        return entries
+
+    # -- commands -----------------------------------------------------------------------
+
+    def use(self, reference: str, holder: str) -> ImageHandle:
+        """`holder` (a sandbox id, a snapshot id) now uses the image: it cannot be removed
+        without force, nor pruned, until `release(holder)`."""
+        return self._bind(self.service.use(reference, holder))
+
+    def release(self, holder: str) -> int:
+        """End every lease of `holder`; returns how many it held."""
+        return self.service.release(holder)
+
+    def remove(self, reference: str, force: bool = False) -> None:
+        """Semantics 6-7. `ImageInUseError` (naming the holders) when it would drop the last
+        reference to a leased manifest and `force` is false."""
+        self.service.remove(reference, force=force)
+
+    def prune(
+        self,
+        *,
+        dry_run: bool = False,
+        unused_for: float | None = None,
+        keep: Sequence[str] = (),
+        max_bytes: int | None = None,
+    ) -> ImagePruneReport:
+        """Semantics 8. `unused_for` in seconds; `keep` references or fnmatch patterns."""
+        policy = PrunePolicy(
+            dry_run=dry_run,
+            unused_for_seconds=None if unused_for is None else int(unused_for),
+            keep=tuple(keep),
+            max_bytes=max_bytes,
+        )
+        return self.service.prune(policy)
+
+    def load(
+        self, source: str | os.PathLike[str] | BinaryIO, *, tag: str | None = None
+    ) -> builtins.list[ImageHandle]:
+        """Load images from an OCI layout (directory or tar) or a `docker save` tarball.
+
+        Names come from the archive (`RepoTags`, `org.opencontainers.image.ref.name`); `tag`
+        names the image instead (the archive must then hold one image). A bare tag in an OCI
+        layout (``latest``) needs `tag` to say which repository it belongs to."""
+        tag_ref = canonical(tag) if tag is not None else None
+        where = str(source) if isinstance(source, str | os.PathLike) else "stdin"
+        kind = _source_kind(source)
+        with self._leases.lease() as lease:
+            leased = _LeasedStore(self.store, lease, self._lock)
+            try:
+                loaded = archives.load(
+                    Path(source) if isinstance(source, str | os.PathLike) else source,
+                    leased,
+                )
+                named = _names(loaded, tag_ref)
+            except ImageLedgerError as e:
+                self.service.record_failure(tag or "", f"{kind}:{where}", str(e))
+                raise
+            handles = []
+            for reference, image in named:
+                cached = not any(d in leased.written for d, _ in image.content.blobs)
+                handles.append(
+                    self.service.add(reference, image.content, f"{kind}:{where}", cached=cached)
+                )
+        return [self._bind(h) for h in handles]
+
+    def save(
+        self,
+        references: Sequence[str],
+        destination: str | os.PathLike[str] | BinaryIO,
+        *,
+        format: Literal["docker", "oci"] = "docker",
+    ) -> None:
+        """Write the images to a docker-archive or an OCI archive (tar)."""
+        images = []
+        for reference in references:
+            handle = self.get(reference)
+            images.append((handle.reference, handle.manifest_digest))
+        dest = Path(destination) if isinstance(destination, str | os.PathLike) else destination
+        archives.save(images, self.store, dest, format=format)
+
+    def rebuild(
+        self, *, verify: bool = False, progress: Callable[[int, int], None] | None = None
+    ) -> RebuildReport:
+        """Replay the whole log into fresh views (or, with `verify`, into scratch space) and
+        compare them with the live ones (semantics 10: they must be identical)."""
+        report = rebuild(self._views, self._decode, verify_only=verify, progress=progress)
+        if not verify:
+            self._write_index()
+        return report
+
+    def df(self) -> dict[str, Any]:
+        """Bytes by kind, and what a default prune would reclaim."""
+        with self.snapshot() as state:
+            by_kind: dict[str, int] = {}
+            for blob in state.blobs():
+                by_kind[blob.kind] = by_kind.get(blob.kind, 0) + blob.size
+            references = sum(1 for _ in state.references())
+        dry = self.prune(dry_run=True)
+        return {
+            "references": references,
+            "bytes": by_kind,
+            "total_bytes": sum(by_kind.values()),
+            "reclaimable_bytes": dry.bytes_reclaimed,
+        }
+
+    def close(self) -> None:
+        self._app.close()
+
+    def __enter__(self) -> ImageCache:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    with tmp.open("wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _source_kind(source: object) -> str:
+    if not isinstance(source, str | os.PathLike):
+        return "archive"
+    path = Path(source)
+    return "oci-layout" if path.is_dir() else "archive"
+
+
+def _names(loaded: list[LoadedImage], tag: str | None) -> list[tuple[str, LoadedImage]]:
+    """Which reference each loaded image gets (see `ImageCache.load`)."""
+    if tag is not None:
+        if len(loaded) != 1:
+            msg = f"--tag names one image, the archive holds {len(loaded)}"
+            raise InvalidReferenceError(msg)
+        return [(tag, loaded[0])]
+    named: list[tuple[str, LoadedImage]] = []
+    for image in loaded:
+        refs = []
+        for name in image.names:
+            try:
+                refs.append(str(Reference.parse(name)))
+            except InvalidReferenceError:
+                continue
+        if not refs:
+            msg = (
+                f"image {image.content.manifest_digest} in the archive has no usable name "
+                f"({', '.join(image.names) or 'none'}); name it with --tag"
+            )
+            raise InvalidReferenceError(msg)
+        named.extend((ref, image) for ref in sorted(set(refs)))
+    return named
+
+
+def _entry(position: int, event: Any) -> HistoryEntry:
+    actor = event.actor
+    reference = getattr(event, "reference", "") or getattr(event, "holder", "")
+    return HistoryEntry(
+        position=position,
+        event=type(event).__name__,
+        at=event.timestamp,
+        reference=reference,
+        manifest_digest=getattr(event, "manifest_digest", "")
+        or getattr(getattr(event, "content", None), "manifest_digest", ""),
+        detail="",
+        user=actor.user,
+        host=actor.host,
+        pid=actor.pid,
+    )
+
+
+class Image:
+    """The asyncio API with microsandbox's SDK names, over the default cache or `cache`."""
+
+    _default: ImageCache | None = None
+
+    @classmethod
+    def _cache(cls, cache: ImageCache | None) -> ImageCache:
+        if cache is not None:
+            return cache
+        if cls._default is None:
+            cls._default = ImageCache()
+        return cls._default
+
+    @classmethod
+    async def get(cls, reference: str, *, cache: ImageCache | None = None) -> ImageHandle:
+        return await asyncio.to_thread(cls._cache(cache).get, reference)
+
+    @classmethod
+    async def list(cls, *, cache: ImageCache | None = None) -> builtins.list[ImageHandle]:
+        return await asyncio.to_thread(cls._cache(cache).list)
+
+    @classmethod
+    async def inspect(cls, reference: str, *, cache: ImageCache | None = None) -> ImageDetail:
+        return await asyncio.to_thread(cls._cache(cache).inspect, reference)
+
+    @classmethod
+    async def remove(
+        cls, reference: str, force: bool = False, *, cache: ImageCache | None = None
+    ) -> None:
+        await asyncio.to_thread(cls._cache(cache).remove, reference, force)
+
+    @classmethod
+    async def prune(cls, *, cache: ImageCache | None = None, **options: Any) -> ImagePruneReport:
+        return await asyncio.to_thread(lambda: cls._cache(cache).prune(**options))
+
+    @classmethod
+    async def load(
+        cls, source: Any, *, tag: str | None = None, cache: ImageCache | None = None
+    ) -> builtins.list[ImageHandle]:
+        return await asyncio.to_thread(lambda: cls._cache(cache).load(source, tag=tag))
+
+    @classmethod
+    async def save(
+        cls,
+        references: Sequence[str],
+        destination: Any,
+        *,
+        format: Literal["docker", "oci"] = "docker",
+        cache: ImageCache | None = None,
+    ) -> None:
+        await asyncio.to_thread(
+            lambda: cls._cache(cache).save(references, destination, format=format)
+        )
+
+    @classmethod
+    async def use(
+        cls, reference: str, holder: str, *, cache: ImageCache | None = None
+    ) -> ImageHandle:
+        return await asyncio.to_thread(cls._cache(cache).use, reference, holder)
+
+    @classmethod
+    async def release(cls, holder: str, *, cache: ImageCache | None = None) -> int:
+        return await asyncio.to_thread(cls._cache(cache).release, holder)
+
+
+__all__ = ["Image", "ImageCache", "default_home"]

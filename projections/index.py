@@ -1,0 +1,49 @@
+"""The OCI image layout's ``index.json`` as a projection of the views.
+
+The cache home is itself an OCI image layout: every cached reference is one manifest entry,
+named by its canonical reference in ``org.opencontainers.image.ref.name`` (so
+``skopeo inspect oci:$HOME:docker.io/library/alpine:3.19`` finds it). Sorted by reference and
+serialised canonically, so the same views always give the same bytes.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from imageledger.domain.model import OCI_INDEX
+from imageledger.projections.views import ViewState
+
+REF_NAME = "org.opencontainers.image.ref.name"
+POSITION = "io.imageledger.position"
+
+
+def oci_index(state: ViewState) -> bytes:
+    entries: list[dict[str, Any]] = []
+    for record in sorted(state.references(), key=lambda r: r.reference):
+        manifest = state.manifest(record.manifest_digest)
+        if manifest is None:
+            continue
+        content = manifest.content
+        platform: dict[str, str] = {
+            "architecture": content.platform.architecture,
+            "os": content.platform.os,
+        }
+        if content.platform.variant:
+            platform["variant"] = content.platform.variant
+        entries.append(
+            {
+                "mediaType": content.manifest_media_type,
+                "digest": content.manifest_digest,
+                "size": content.manifest_size,
+                "platform": platform,
+                "annotations": {REF_NAME: record.reference},
+            }
+        )
+    index = {
+        "schemaVersion": 2,
+        "mediaType": OCI_INDEX,
+        "manifests": entries,
+        "annotations": {POSITION: str(state.position)},
+    }
+    return json.dumps(index, sort_keys=True, separators=(",", ":")).encode()

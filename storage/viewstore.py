@@ -1,0 +1,193 @@
+"""The views' tables in the ledger's LMDB environment (the `ViewTxn` port on LMDB).
+
+Two namespaces of tables, ``views.a.*`` and ``views.b.*``; ``views.active`` says which one is
+live. The live one is folded in the same write transaction as the events that change it (see
+`attach`), so views and log always agree and a reader in any process sees a write as soon as
+it returns. A rebuild fills the spare namespace in batches while appends go on, catches up and
+flips the pointer in one final transaction: readers never see a half-built view.
+
+Values are plain data packed canonically (msgpack with map keys sorted at every depth), so equal
+views are equal bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Final, cast
+
+import lmdb
+import msgpack
+from eventsourcing.persistence import Notification
+
+from imageledger.storage.ledger import LMDBApplicationRecorder, log_entries
+from imageledger.storage.lmdbenv import LedgerEnv
+
+NAMESPACES: Final = ("a", "b")
+_ACTIVE: Final = b"views.active"
+
+
+def pack(value: Any) -> bytes:
+    """Canonical msgpack: the same plain value always gives the same bytes."""
+    return cast(bytes, msgpack.packb(_sorted(value), use_bin_type=True))
+
+
+def _sorted(value: Any) -> Any:
+    if isinstance(value, dict):
+        return {k: _sorted(value[k]) for k in sorted(value)}
+    if isinstance(value, list | tuple):
+        return [_sorted(v) for v in value]
+    if isinstance(value, float):
+        msg = "views hold no floats (semantics 10)"
+        raise TypeError(msg)
+    return value
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+
+
+class LMDBViewTxn:
+    """One transaction over one namespace's tables."""
+
+    def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
+        self.txn = txn
+        self.dbs = dbs
+
+    def get(self, table: str, key: bytes) -> Any:
+        data = self.txn.get(key, db=self.dbs[table])
+        return None if data is None else unpack(cast(bytes, data))
+
+    def put(self, table: str, key: bytes, value: Any) -> None:
+        self.txn.put(key, pack(value), db=self.dbs[table])
+
+    def delete(self, table: str, key: bytes) -> None:
+        self.txn.delete(key, db=self.dbs[table])
+
+    def scan(
+        self, table: str, *, prefix: bytes = b"", reverse: bool = False
+    ) -> Iterator[tuple[bytes, Any]]:
+        cursor: Any = self.txn.cursor(db=self.dbs[table])
+        if reverse:
+            if prefix:
+                upper = _successor(prefix)
+                found = cursor.set_range(upper) if upper else False
+                positioned = cursor.prev() if found else cursor.last()
+            else:
+                positioned = cursor.last()
+            while positioned:
+                key = cursor.key()
+                if not key.startswith(prefix):
+                    return
+                yield key, unpack(cursor.value())
+                positioned = cursor.prev()
+        else:
+            positioned = cursor.set_range(prefix)
+            while positioned:
+                key = cursor.key()
+                if not key.startswith(prefix):
+                    return
+                yield key, unpack(cursor.value())
+                positioned = cursor.next()
+
+
+def _successor(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key starting with `prefix` (None if none)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
+
+
+class LMDBViews:
+    """The view tables of one ledger; `tables` names them (the projection's TABLES)."""
+
+    def __init__(
+        self, env: LedgerEnv, recorder: LMDBApplicationRecorder, tables: Sequence[str]
+    ) -> None:
+        self.env = env
+        self.recorder = recorder
+        self.tables = tuple(tables)
+        self._meta = env.db("views.meta")
+        self._dbs = {
+            ns: {table: env.db(f"views.{ns}.{table}") for table in self.tables} for ns in NAMESPACES
+        }
+
+    def active(self, txn: lmdb.Transaction) -> str:
+        value = txn.get(_ACTIVE, db=self._meta)
+        return "a" if value is None else cast(bytes, value).decode()
+
+    def spare(self) -> str:
+        with self.env.read() as txn:
+            return "b" if self.active(txn) == "a" else "a"
+
+    def in_txn(self, txn: lmdb.Transaction, namespace: str | None = None) -> LMDBViewTxn:
+        return LMDBViewTxn(txn, self._dbs[namespace or self.active(txn)])
+
+    @contextmanager
+    def read(self) -> Iterator[LMDBViewTxn]:
+        """A consistent snapshot of the live views."""
+        with self.env.read() as txn:
+            yield self.in_txn(txn)
+
+    def write(self, namespace: str, fn: Callable[[LMDBViewTxn], None]) -> None:
+        self.env.write(lambda txn: fn(self.in_txn(txn, namespace)))
+
+    def clear(self, namespace: str) -> None:
+        def drop(txn: lmdb.Transaction) -> None:
+            for db in self._dbs[namespace].values():
+                txn.drop(db, delete=False)
+
+        self.env.write(drop)
+
+    def head(self) -> int:
+        return self.recorder.max_notification_id() or 0
+
+    def read_log(self, after: int, limit: int) -> Sequence[Notification]:
+        return self.recorder.select_notifications(after, limit, inclusive_of_start=False)
+
+    def finish(
+        self,
+        namespace: str,
+        after: int,
+        fold: Callable[[LMDBViewTxn, list[Notification]], None],
+        *,
+        activate: bool,
+    ) -> dict[str, tuple[str, str]]:
+        """In one transaction: fold the log entries after `after` into `namespace`, compare its
+        digests with the live views', and (if `activate`) make it the live namespace and clear
+        the old one. Returns {table: (live digest, rebuilt digest)}."""
+
+        def finish(txn: lmdb.Transaction) -> dict[str, tuple[str, str]]:
+            view = self.in_txn(txn, namespace)
+            fold(view, list(log_entries(txn, self.recorder, after)))
+            live = self.active(txn)
+            compared = {
+                table: (
+                    self._digest(txn, self._dbs[live][table]),
+                    self._digest(txn, self._dbs[namespace][table]),
+                )
+                for table in self.tables
+            }
+            if activate and namespace != live:
+                txn.put(_ACTIVE, namespace.encode(), db=self._meta)
+                for db in self._dbs[live].values():
+                    txn.drop(db, delete=False)
+            return compared
+
+        return self.env.write(finish)
+
+    @staticmethod
+    def _digest(txn: lmdb.Transaction, db: Any) -> str:
+        hasher = hashlib.sha256()
+        for key, value in txn.cursor(db=db):
+            hasher.update(len(key).to_bytes(4, "big") + key)
+            hasher.update(len(value).to_bytes(4, "big") + value)
+        return hasher.hexdigest()
+
+    def attach(self, fold: Callable[[LMDBViewTxn, list[Notification]], None]) -> None:
+        """Fold every append to the log into the live views in the append's transaction."""
+        self.recorder.projectors.append(
+            lambda txn, notifications: fold(self.in_txn(txn), notifications)
+        )
