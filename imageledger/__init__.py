@@ -3,18 +3,51 @@
 The public surface is what this module exports; everything else is private to the package.
 """
 
+from imageledger.cache import Image, ImageCache, default_home
 from imageledger.domain.errors import (
+    ContentMissingError,
+    DigestMismatchError,
+    ImageInUseError,
     ImageLedgerError,
+    ImageNotFoundError,
+    InvalidReferenceError,
     LedgerCorruptError,
     LedgerError,
     LedgerFullError,
 )
+from imageledger.domain.model import (
+    ImageConfig,
+    ImageDetail,
+    ImageHandle,
+    ImagePruneReport,
+    LayerDetail,
+    Platform,
+)
+from imageledger.domain.reference import Reference, canonical
+from imageledger.domain.service import HistoryEntry
 from imageledger.tools.logs import configure_logging
 
 __all__ = [
+    "ContentMissingError",
+    "DigestMismatchError",
+    "HistoryEntry",
+    "Image",
+    "ImageCache",
+    "ImageConfig",
+    "ImageDetail",
+    "ImageHandle",
+    "ImageInUseError",
     "ImageLedgerError",
+    "ImageNotFoundError",
+    "ImagePruneReport",
+    "InvalidReferenceError",
+    "LayerDetail",
     "LedgerCorruptError",
     "LedgerError",
     "LedgerFullError",
+    "Platform",
+    "Reference",
+    "canonical",
     "configure_logging",
+    "default_home",
 ]
