@@ -10,7 +10,7 @@ from collections.abc import Iterator
 from contextlib import AbstractContextManager
 from typing import Any, Protocol
 
-from imageledger.domain.model import BlobRecord, ManifestRecord, ReferenceRecord
+from imageledger.domain.model import BlobRecord, ImageHandle, ManifestRecord, ReferenceRecord
 
 
 class ViewTxn(Protocol):
@@ -42,6 +42,9 @@ class CacheState(Protocol):
 
     def references(self) -> Iterator[ReferenceRecord]:
         """Newest first by created_at, ties by ledger position, newest first."""
+
+    def handles(self) -> Iterator[ImageHandle]:
+        """`references()` as handles (the list() fast path)."""
 
     def manifest(self, digest: str) -> ManifestRecord | None: ...
 

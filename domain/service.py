@@ -129,7 +129,7 @@ class ImageCacheService:
 
     def list(self) -> builtins.list[ImageHandle]:
         with self.ledger.snapshot() as state:
-            return [record.handle() for record in state.references()]
+            return builtins.list(state.handles())
 
     def inspect(self, reference: str) -> ImageDetail:
         ref = canonical(reference)

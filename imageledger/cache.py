@@ -146,6 +146,7 @@ class ImageCache:
         self._lock = StoreLock(self.home)
         self._leases = InFlightLeases(self.home)
         self.write_index = True
+        self._list_memo: tuple[int, builtins.list[ImageHandle]] | None = None
         self.service = ImageCacheService(
             ledger=self,
             content=self.store,
@@ -202,15 +203,31 @@ class ImageCache:
     # -- queries --------------------------------------------------------------------------
 
     def _bind(self, handle: ImageHandle) -> ImageHandle:
-        return dataclasses.replace(handle, _owner=self)
+        # The handle was made for this call and is not shared yet: setting its owner in place
+        # is safe, and four times cheaper than dataclasses.replace on the list() path.
+        object.__setattr__(handle, "_owner", self)
+        return handle
 
     def get(self, reference: str) -> ImageHandle:
         """The cached image `reference` names; `ImageNotFoundError` when it is not cached."""
         return self._bind(self.service.get(reference))
 
     def list(self) -> builtins.list[ImageHandle]:
-        """Every cached reference, newest first (semantics 3)."""
-        return [self._bind(h) for h in self.service.list()]
+        """Every cached reference, newest first (semantics 3).
+
+        Memoised per process while the ledger position is unchanged (handles are immutable),
+        so a runtime listing on every sandbox start pays one read of the position when nothing
+        changed; any commit, in any process, moves the position and invalidates it."""
+        with self.snapshot() as state:
+            position = state.position
+        memo = self._list_memo
+        if memo is not None and memo[0] == position:
+            return builtins.list(memo[1])
+        handles = [self._bind(h) for h in self.service.list()]
+        with self.snapshot() as state:
+            if state.position == position:
+                self._list_memo = (position, handles)
+        return builtins.list(handles)
 
     def inspect(self, reference: str) -> ImageDetail:
         detail = self.service.inspect(reference)
@@ -386,6 +403,8 @@ def _names(loaded: list[LoadedImage], tag: str | None) -> list[tuple[str, Loaded
     for image in loaded:
         refs = []
         for name in image.names:
+            if "/" not in name and ":" not in name:
+                continue  # a bare tag (an OCI layout's ref.name): which repository? --tag says
             try:
                 refs.append(str(Reference.parse(name)))
             except InvalidReferenceError:

@@ -15,7 +15,7 @@ from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
 
 from imageledger.domain.ports import ViewTxn
-from imageledger.projections.views import apply
+from imageledger.projections.views import apply, mark
 
 log = structlog.get_logger(__name__)
 
@@ -46,8 +46,12 @@ def folder(decode: Decode) -> Fold:
     """The fold of a batch of log entries, in log order."""
 
     def fold(view: ViewTxn, notifications: Sequence[Notification]) -> None:
+        event = None
         for notification in notifications:
-            apply(view, decode(notification), notification.id)
+            event = decode(notification)
+            apply(view, event, notification.id)
+        if event is not None:
+            mark(view, event, notifications[-1].id)
 
     return fold
 

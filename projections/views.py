@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import struct
 from collections.abc import Iterator
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from imageledger.domain.events import ImageLedger
@@ -30,6 +30,7 @@ from imageledger.domain.model import (
     DeletedBlob,
     ImageConfig,
     ImageContent,
+    ImageHandle,
     Layer,
     ManifestRecord,
     Platform,
@@ -49,7 +50,7 @@ def micros(at: datetime) -> int:
 
 
 def from_micros(us: int) -> datetime:
-    return datetime.fromtimestamp(us // 1_000_000, UTC).replace(microsecond=us % 1_000_000)
+    return _EPOCH + timedelta(microseconds=us)
 
 
 def _key(text: str) -> bytes:
@@ -123,14 +124,17 @@ def content_from_plain(plain: dict[str, Any]) -> ImageContent:
 
 
 def apply(view: ViewTxn, event: Any, position: int) -> None:
-    """Fold one ledger event, at log `position`, into the views."""
-    at = micros(event.timestamp)
+    """Fold one ledger event, at log `position`, into the views (see `mark` for meta)."""
     handler = _HANDLERS.get(type(event))
     if handler is not None:
-        handler(view, event, position, at)
+        handler(view, event, position, micros(event.timestamp))
+
+
+def mark(view: ViewTxn, event: Any, position: int) -> None:
+    """Record that the views include the log up to `position` (the last event of a batch)."""
     view.put("meta", b"position", position)
     view.put("meta", b"version", event.originator_version)
-    view.put("meta", b"modified", at)
+    view.put("meta", b"modified", micros(event.timestamp))
 
 
 def _history(
@@ -168,7 +172,6 @@ def _pulled(view: ViewTxn, event: ImageLedger.ImagePulled, position: int, at: in
     ref = view.get("refs", _key(reference))
     if ref is None:
         ref = {"m": digest, "c": at, "u": at, "p": position}
-        view.put("refs.order", _U64.pack(at) + _U64.pack(position), reference)
     elif ref["m"] != digest:
         _untag(view, reference, ref["m"])
         ref["m"] = digest
@@ -177,9 +180,19 @@ def _pulled(view: ViewTxn, event: ImageLedger.ImagePulled, position: int, at: in
     ref["o"] = content.platform.os
     ref["n"] = len(content.layers)
     ref["s"] = content.size_bytes
-    view.put("refs", _key(reference), ref)
+    _put_ref(view, reference, ref)
     detail = f"from {event.source}" + (" (all cached)" if event.cached else "")
     _history(view, reference, position, at, event, digest, detail)
+
+
+def _put_ref(view: ViewTxn, reference: str, ref: dict[str, Any]) -> None:
+    """A reference's record, and its row in creation order (all list() needs, in one scan)."""
+    view.put("refs", _key(reference), ref)
+    view.put(
+        "refs.order",
+        _U64.pack(ref["c"]) + _U64.pack(ref["p"]),
+        [reference, ref["m"], ref["c"], ref["u"], ref["a"], ref["o"], ref["n"], ref["s"]],
+    )
 
 
 def _untag(view: ViewTxn, reference: str, digest: str) -> None:
@@ -231,7 +244,7 @@ def _used(view: ViewTxn, event: ImageLedger.ImageUsed, position: int, at: int) -
     ref = view.get("refs", _key(event.reference))
     if ref is not None:
         ref["u"] = at
-        view.put("refs", _key(event.reference), ref)
+        _put_ref(view, event.reference, ref)
     _history(
         view, event.reference, position, at, event, event.manifest_digest, f"by {event.holder}"
     )
@@ -342,10 +355,34 @@ class ViewState:
         )
 
     def references(self) -> Iterator[ReferenceRecord]:
-        for _, reference in self.view.scan("refs.order", reverse=True):
-            record = self.reference(reference)
-            if record is not None:
-                yield record
+        for _, row in self.view.scan("refs.order", reverse=True):
+            reference, manifest, created, used, arch, os_, layers, size = row
+            yield ReferenceRecord(
+                reference=reference,
+                manifest_digest=manifest,
+                created_at=from_micros(created),
+                last_used_at=from_micros(used),
+                created_position=_U64.unpack(_[8:])[0],
+                architecture=arch,
+                os=os_,
+                layer_count=layers,
+                size_bytes=size,
+            )
+
+    def handles(self) -> Iterator[ImageHandle]:
+        """list(): every handle, newest first, straight from one scan."""
+        for _, row in self.view.scan("refs.order", reverse=True):
+            reference, manifest, created, used, arch, os_, layers, size = row
+            yield ImageHandle(
+                reference,
+                manifest,
+                arch,
+                os_,
+                layers,
+                size,
+                from_micros(created),
+                from_micros(used),
+            )
 
     def manifest(self, digest: str) -> ManifestRecord | None:
         manifest = self.view.get("manifests", _key(digest))

@@ -168,7 +168,7 @@ class LMDBAggregateRecorder(LMDBRecorder, AggregateRecorder):
             ]
 
 
-def _scan_sequence(  # noqa: PLR0917
+def _scan_sequence(
     txn: lmdb.Transaction,
     db: Any,
     originator_id: UUID | str,

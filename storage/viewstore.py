@@ -29,19 +29,10 @@ _ACTIVE: Final = b"views.active"
 
 
 def pack(value: Any) -> bytes:
-    """Canonical msgpack: the same plain value always gives the same bytes."""
-    return cast(bytes, msgpack.packb(_sorted(value), use_bin_type=True))
-
-
-def _sorted(value: Any) -> Any:
-    if isinstance(value, dict):
-        return {k: _sorted(value[k]) for k in sorted(value)}
-    if isinstance(value, list | tuple):
-        return [_sorted(v) for v in value]
-    if isinstance(value, float):
-        msg = "views hold no floats (semantics 10)"
-        raise TypeError(msg)
-    return value
+    """msgpack of a plain value. Canonical because the folds build every record with a fixed
+    key order (literals, never from a set) and lists they sort; rebuild --verify and the
+    model test check that live and rebuilt views are the same bytes."""
+    return cast(bytes, msgpack.packb(value, use_bin_type=True))
 
 
 def unpack(data: bytes) -> Any:
@@ -49,25 +40,44 @@ def unpack(data: bytes) -> Any:
 
 
 class LMDBViewTxn:
-    """One transaction over one namespace's tables."""
+    """One transaction over one namespace's tables.
+
+    Writes are buffered (decoded) until `flush()`, so a batch of events that touches the same
+    record many times (a manifest pulled under many names) decodes and encodes it once."""
 
     def __init__(self, txn: lmdb.Transaction, dbs: dict[str, Any]) -> None:
         self.txn = txn
         self.dbs = dbs
+        self._dirty: dict[tuple[str, bytes], Any] = {}
+        self._deleted = object()
 
     def get(self, table: str, key: bytes) -> Any:
+        buffered = self._dirty.get((table, key), None)
+        if buffered is not None:
+            return None if buffered is self._deleted else buffered
         data = self.txn.get(key, db=self.dbs[table])
         return None if data is None else unpack(cast(bytes, data))
 
     def put(self, table: str, key: bytes, value: Any) -> None:
-        self.txn.put(key, pack(value), db=self.dbs[table])
+        self._dirty[table, key] = value
 
     def delete(self, table: str, key: bytes) -> None:
-        self.txn.delete(key, db=self.dbs[table])
+        self._dirty[table, key] = self._deleted
+
+    def flush(self) -> None:
+        """Write the buffered changes into the transaction (before any scan, and at the end)."""
+        for (table, key), value in self._dirty.items():
+            if value is self._deleted:
+                self.txn.delete(key, db=self.dbs[table])
+            else:
+                self.txn.put(key, pack(value), db=self.dbs[table])
+        self._dirty.clear()
 
     def scan(
         self, table: str, *, prefix: bytes = b"", reverse: bool = False
     ) -> Iterator[tuple[bytes, Any]]:
+        if self._dirty:
+            self.flush()
         cursor: Any = self.txn.cursor(db=self.dbs[table])
         if reverse:
             if prefix:
@@ -132,7 +142,12 @@ class LMDBViews:
             yield self.in_txn(txn)
 
     def write(self, namespace: str, fn: Callable[[LMDBViewTxn], None]) -> None:
-        self.env.write(lambda txn: fn(self.in_txn(txn, namespace)))
+        def write(txn: lmdb.Transaction) -> None:
+            view = self.in_txn(txn, namespace)
+            fn(view)
+            view.flush()
+
+        self.env.write(write)
 
     def clear(self, namespace: str) -> None:
         def drop(txn: lmdb.Transaction) -> None:
@@ -162,6 +177,7 @@ class LMDBViews:
         def finish(txn: lmdb.Transaction) -> dict[str, tuple[str, str]]:
             view = self.in_txn(txn, namespace)
             fold(view, list(log_entries(txn, self.recorder, after)))
+            view.flush()
             live = self.active(txn)
             compared = {
                 table: (
@@ -188,6 +204,10 @@ class LMDBViews:
 
     def attach(self, fold: Callable[[LMDBViewTxn, list[Notification]], None]) -> None:
         """Fold every append to the log into the live views in the append's transaction."""
-        self.recorder.projectors.append(
-            lambda txn, notifications: fold(self.in_txn(txn), notifications)
-        )
+
+        def project(txn: lmdb.Transaction, notifications: list[Notification]) -> None:
+            view = self.in_txn(txn)
+            fold(view, notifications)
+            view.flush()
+
+        self.recorder.projectors.append(project)

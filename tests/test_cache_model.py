@@ -206,10 +206,10 @@ class CacheMachine(RuleBasedStateMachine):
             assert handle.created_at == ref.created
             assert handle.last_used_at == ref.used
             assert handle.architecture == "arm64" and handle.os == "linux"
-        for ref in REFS:
-            if ref not in model.refs:
+        for name in REFS:
+            if name not in model.refs:
                 with pytest.raises(ImageNotFoundError):
-                    self.cache.get(ref)
+                    self.cache.get(name)
 
     @invariant()
     def disk_holds_exactly_the_live_content(self) -> None:

@@ -1,160 +1,449 @@
-"""The `imageledger` command line.
+"""The `imageledger` command line: the contract other programs script against.
 
-Exit codes (the contract scripts rely on): 0 success, 1 other failure, 2 invalid usage or
-input, 3 not found, 4 in use. Errors are one line on stderr; `--json` output is only ever on
-stdout, and logs go to stderr.
+``imageledger [--home DIR] COMMAND``; ``$IMAGELEDGER_HOME`` is the default home.
+
+Exit codes: 0 success, 1 other failure, 2 invalid usage or input (a malformed reference, a
+hostile archive), 3 not found, 4 in use. Errors are one line on stderr; `--json` output is only
+ever on stdout; logs go to stderr (JSON lines when stderr is not a terminal).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import os
-import shutil
+import re
 import sys
-import tempfile
-import threading
-import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict
+from datetime import datetime
 from pathlib import Path
-from typing import Any
-from uuid import UUID
+from typing import Any, NoReturn
 
-from eventsourcing.application import Application
-from eventsourcing.domain import Aggregate, event
-
-from imageledger.domain.errors import ImageLedgerError
+from imageledger.cache import ImageCache, default_home
+from imageledger.domain.errors import (
+    DigestMismatchError,
+    ImageInUseError,
+    ImageLedgerError,
+    ImageNotFoundError,
+    InvalidReferenceError,
+)
+from imageledger.domain.model import ImageDetail, ImageHandle, ImagePruneReport
+from imageledger.storage.archives import ArchiveError
+from imageledger.storage.oci import ManifestError
 from imageledger.tools.logs import configure_logging
+from imageledger.tools.progress import Progress
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
 EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_IN_USE = 4
+
+_DURATION = re.compile(r"(?P<n>\d+)(?P<unit>[smhdw]?)")
+_UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
 
 
-def default_home() -> Path:
-    """``$IMAGELEDGER_HOME``, else ``~/.local/share/imageledger``."""
-    home = os.environ.get("IMAGELEDGER_HOME")
-    return Path(home) if home else Path.home() / ".local" / "share" / "imageledger"
+class UsageError(Exception):
+    """Bad command-line input (exit 2)."""
 
 
-class _Counter(Aggregate):
-    """The demo's aggregate: one per writer thread, one event per append."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.count = 0
-
-    @event("Incremented")
-    def increment(self, by: int) -> None:
-        self.count += by
+def rfc3339(at: datetime | None) -> str | None:
+    """UTC RFC 3339 with a Z, or None."""
+    return None if at is None else at.isoformat().replace("+00:00", "Z")
 
 
-class _DemoLedger(Application[UUID]):
-    name = "demo"
+def duration(text: str) -> int:
+    """``90``, ``90s``, ``30m``, ``12h``, ``7d``, ``2w`` (and sums like ``1h30m``) in seconds."""
+    total, pos = 0, 0
+    for match in _DURATION.finditer(text):
+        if match.start() != pos:
+            break
+        total += int(match["n"]) * _UNITS[match["unit"]]
+        pos = match.end()
+    if pos != len(text) or not text:
+        msg = f"invalid duration {text!r}: use e.g. 90s, 30m, 12h, 7d"
+        raise argparse.ArgumentTypeError(msg)
+    return total
 
 
-def _demo(args: argparse.Namespace) -> int:
-    """Append from several threads, follow the log live, reopen and check it is gapless."""
-    workdir = Path(tempfile.mkdtemp(prefix="imageledger-demo-")) if args.home is None else None
-    ledger = (workdir or Path(args.home)) / "ledger"
-    env = {"PERSISTENCE_MODULE": "imageledger.storage.ledger", "LMDB_PATH": str(ledger)}
-    try:
-        app = _DemoLedger(env=env)
-        start = app.recorder.max_notification_id() or 0
-        seen: list[int] = []
-        total = args.threads * args.appends
-        followed = threading.Event()
-
-        def follow() -> None:
-            with app.recorder.subscribe(gt=start) as subscription:
-                for notification in subscription:
-                    seen.append(notification.id)
-                    if len(seen) == total + args.threads:
-                        followed.set()
-                        return
-
-        follower = threading.Thread(target=follow, daemon=True)
-        follower.start()
-
-        def write(n: int) -> None:
-            counter = _Counter(f"writer-{n}")
-            for i in range(args.appends):
-                counter.increment(i)
-                app.save(counter)
-
-        began = time.perf_counter()
-        writers = [threading.Thread(target=write, args=(n,)) for n in range(args.threads)]
-        for w in writers:
-            w.start()
-        for w in writers:
-            w.join()
-        elapsed = time.perf_counter() - began
-        followed.wait(timeout=30)
-        app.close()
-
-        reopened = _DemoLedger(env=env)
-        last = reopened.recorder.max_notification_id() or 0
-        ids = [n.id for n in reopened.recorder.select_notifications(start + 1, limit=last)]
-        reopened.close()
-        report: dict[str, Any] = {
-            "ledger": str(ledger),
-            "writer_threads": args.threads,
-            "events_appended": total + args.threads,
-            "seconds": round(elapsed, 3),
-            "durable_appends_per_second": round((total + args.threads) / elapsed),
-            "followed_live": len(seen),
-            "gapless_after_reopen": ids == list(range(start + 1, last + 1)),
-            "last_notification_id": last,
-        }
-        if args.json:
-            print(json.dumps(report, sort_keys=True))
-        else:
-            for key, value in report.items():
-                print(f"{key:28} {value}")
-        ok = report["gapless_after_reopen"] and report["followed_live"] == total + args.threads
-        return EXIT_OK if ok else EXIT_FAILURE
-    finally:
-        if workdir is not None and not args.keep:
-            shutil.rmtree(workdir, ignore_errors=True)
+def handle_json(handle: ImageHandle) -> dict[str, Any]:
+    return {
+        "reference": handle.reference,
+        "manifest_digest": handle.manifest_digest,
+        "architecture": handle.architecture,
+        "os": handle.os,
+        "layer_count": handle.layer_count,
+        "size_bytes": handle.size_bytes,
+        "created_at": rfc3339(handle.created_at),
+        "last_used_at": rfc3339(handle.last_used_at),
+    }
 
 
-def _bench_ledger(args: argparse.Namespace) -> int:
-    from imageledger.tools import bench_ledger
+def detail_json(detail: ImageDetail) -> dict[str, Any]:
+    config = detail.config
+    return {
+        **handle_json(detail.handle),
+        "config": {
+            "digest": config.digest,
+            "env": list(config.env),
+            "cmd": None if config.cmd is None else list(config.cmd),
+            "entrypoint": None if config.entrypoint is None else list(config.entrypoint),
+            "working_dir": config.working_dir,
+            "user": config.user,
+            "labels": dict(config.labels),
+            "stop_signal": config.stop_signal,
+        },
+        "layers": [asdict(layer) for layer in detail.layers],
+    }
 
-    return bench_ledger.main(args.rest)
+
+def report_json(report: ImagePruneReport) -> dict[str, Any]:
+    return {
+        "image_refs_removed": report.image_refs_removed,
+        "manifests_removed": report.manifests_removed,
+        "layers_removed": report.layers_removed,
+        "fsmeta_removed": report.fsmeta_removed,
+        "vmdk_removed": report.vmdk_removed,
+        "bytes_reclaimed": report.bytes_reclaimed,
+        "dry_run": report.dry_run,
+        "removed": [
+            {"kind": "reference", "name": r.reference, "reason": r.reason}
+            for r in report.references
+        ]
+        + [
+            {"kind": b.kind, "name": b.digest, "size_bytes": b.size, "reason": b.reason}
+            for b in report.deleted
+        ],
+    }
+
+
+def _print_json(value: Any) -> None:
+    print(json.dumps(value, indent=2, sort_keys=False))
+
+
+def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
+    cells = [list(map(str, header))] + [[("" if v is None else str(v)) for v in r] for r in rows]
+    widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
+    for row in cells:
+        print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
+
+
+def _short(digest: str) -> str:
+    return digest.split(":", 1)[-1][:12]
+
+
+# ----------------------------------------------------------------------- commands
+
+
+def cmd_images(cache: ImageCache, args: argparse.Namespace) -> int:
+    handles = cache.list()
+    if args.json:
+        _print_json([handle_json(h) for h in handles])
+        return EXIT_OK
+    _table(
+        [
+            (
+                h.reference,
+                _short(h.manifest_digest),
+                f"{h.os}/{h.architecture}",
+                h.layer_count,
+                h.size_bytes,
+                rfc3339(h.created_at),
+                rfc3339(h.last_used_at),
+            )
+            for h in handles
+        ],
+        ("REFERENCE", "MANIFEST", "PLATFORM", "LAYERS", "SIZE", "CREATED", "LAST USED"),
+    )
+    return EXIT_OK
+
+
+def cmd_inspect(cache: ImageCache, args: argparse.Namespace) -> int:
+    detail = cache.inspect(args.reference)
+    if args.json:
+        _print_json(detail_json(detail))
+    else:
+        print(json.dumps(detail_json(detail), indent=2))
+    return EXIT_OK
+
+
+def cmd_load(cache: ImageCache, args: argparse.Namespace) -> int:
+    source: Any = sys.stdin.buffer if args.path == "-" else Path(args.path)
+    handles = cache.load(source, tag=args.tag)
+    if args.json:
+        _print_json([handle_json(h) for h in handles])
+    else:
+        for h in handles:
+            print(f"Loaded {h.reference} ({_short(h.manifest_digest)})")
+    return EXIT_OK
+
+
+def cmd_save(cache: ImageCache, args: argparse.Namespace) -> int:
+    destination: Any = sys.stdout.buffer if args.output == "-" else Path(args.output)
+    cache.save(args.references, destination, format=args.format)
+    return EXIT_OK
+
+
+def cmd_use(cache: ImageCache, args: argparse.Namespace) -> int:
+    handle = cache.use(args.reference, args.holder)
+    if args.json:
+        _print_json(handle_json(handle))
+    else:
+        print(f"{args.holder} uses {handle.reference}")
+    return EXIT_OK
+
+
+def cmd_release(cache: ImageCache, args: argparse.Namespace) -> int:
+    count = cache.release(args.holder)
+    if args.json:
+        _print_json({"holder": args.holder, "leases_released": count})
+    else:
+        print(f"{args.holder}: released {count} lease(s)")
+    return EXIT_OK
+
+
+def cmd_rm(cache: ImageCache, args: argparse.Namespace) -> int:
+    for reference in args.references:
+        cache.remove(reference, force=args.force)
+        if not args.json:
+            print(f"Removed {reference}")
+    if args.json:
+        _print_json({"removed": list(args.references)})
+    return EXIT_OK
+
+
+def cmd_prune(cache: ImageCache, args: argparse.Namespace) -> int:
+    report = cache.prune(
+        dry_run=args.dry_run, unused_for=args.unused_for, keep=args.keep, max_bytes=args.max_bytes
+    )
+    if args.json:
+        _print_json(report_json(report))
+        return EXIT_OK
+    verb = "Would remove" if report.dry_run else "Removed"
+    for r in report.references:
+        print(f"{verb} {r.reference} ({r.reason})")
+    for b in report.deleted:
+        print(f"{verb} {b.kind} {b.digest} ({b.size} bytes, {b.reason})")
+    print(
+        f"{report.image_refs_removed} references, {report.manifests_removed} manifests, "
+        f"{report.layers_removed} layers; {report.bytes_reclaimed} bytes "
+        + ("reclaimable" if report.dry_run else "reclaimed")
+    )
+    return EXIT_OK
+
+
+def cmd_history(cache: ImageCache, args: argparse.Namespace) -> int:
+    entries = cache.history(args.reference)
+    if args.json:
+        _print_json(
+            [
+                {
+                    "position": e.position,
+                    "event": e.event,
+                    "at": rfc3339(e.at),
+                    "reference": e.reference or None,
+                    "manifest_digest": e.manifest_digest or None,
+                    "detail": e.detail or None,
+                    "user": e.user,
+                    "host": e.host,
+                    "pid": e.pid,
+                }
+                for e in entries
+            ]
+        )
+        return EXIT_OK
+    _table(
+        [
+            (
+                e.position,
+                rfc3339(e.at),
+                e.event,
+                e.reference,
+                _short(e.manifest_digest),
+                e.detail,
+                f"{e.user}@{e.host}",
+            )
+            for e in entries
+        ],
+        ("POS", "AT", "EVENT", "REFERENCE", "MANIFEST", "DETAIL", "BY"),
+    )
+    return EXIT_OK
+
+
+def cmd_rebuild(cache: ImageCache, args: argparse.Namespace) -> int:
+    with Progress("rebuild", unit="events") as progress:
+        report = cache.rebuild(verify=args.verify, progress=progress.update)
+    result = {
+        "events": report.events,
+        "verified": args.verify,
+        "identical": report.identical,
+        "tables": {
+            t: {"live": live, "rebuilt": rebuilt} for t, (live, rebuilt) in report.tables.items()
+        },
+    }
+    if args.json:
+        _print_json(result)
+    else:
+        what = "verified" if args.verify else "rebuilt"
+        state = "identical to" if report.identical else "DIFFERENT from"
+        print(f"{what} {report.events} events; rebuilt views are {state} the live views")
+    return EXIT_OK if report.identical else EXIT_FAILURE
+
+
+def cmd_df(cache: ImageCache, args: argparse.Namespace) -> int:
+    usage = cache.df()
+    if args.json:
+        _print_json(usage)
+    else:
+        for kind, size in sorted(usage["bytes"].items()):
+            print(f"{kind:10} {size}")
+        print(f"{'total':10} {usage['total_bytes']}")
+        print(f"{'reclaimable':10} {usage['reclaimable_bytes']}")
+    return EXIT_OK
+
+
+def cmd_demo(cache: ImageCache | None, args: argparse.Namespace) -> int:
+    from imageledger.tools.demo import run_demo
+
+    return run_demo(args.home, keep=args.keep)
+
+
+def cmd_bench(cache: ImageCache | None, args: argparse.Namespace) -> int:
+    from imageledger.tools import bench_cache, bench_ledger
+
+    benches = {"ledger": bench_ledger.main, "cache": bench_cache.main}
+    if not args.rest or args.rest[0] not in benches:
+        msg = f"bench: choose one of {', '.join(benches)}"
+        raise UsageError(msg)
+    return benches[args.rest[0]](args.rest[1:])
+
+
+# ----------------------------------------------------------------------- the parser
+
+
+class _Parser(argparse.ArgumentParser):
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="imageledger", description=__doc__.splitlines()[0])
-    parser.add_argument("--home", default=None, help="cache home (default $IMAGELEDGER_HOME)")
-    commands = parser.add_subparsers(dest="command", required=True)
+    parser = _Parser(prog="imageledger", description=__doc__.splitlines()[0])
+    parser.add_argument(
+        "--home",
+        default=None,
+        help="cache home (default $IMAGELEDGER_HOME or ~/.local/share/imageledger)",
+    )
+    commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
-    demo = commands.add_parser("demo", help="append to a ledger from many threads, follow it")
-    demo.add_argument("--threads", type=int, default=8)
-    demo.add_argument("--appends", type=int, default=250, help="appends per thread")
-    demo.add_argument("--keep", action="store_true", help="keep the temporary ledger")
-    demo.add_argument("--json", action="store_true")
-    demo.set_defaults(run=_demo)
+    def add(name: str, run: Callable[..., int], help_: str, *, json_flag: bool = True) -> Any:
+        sub = commands.add_parser(name, help=help_)
+        if json_flag:
+            sub.add_argument("--json", action="store_true", help="machine-readable output")
+        sub.set_defaults(run=run)
+        return sub
 
-    bench = commands.add_parser("bench-ledger", help="durable append benchmark vs SQLite")
+    add("images", cmd_images, "list cached images, newest first")
+    add("inspect", cmd_inspect, "show an image's config and layers").add_argument("reference")
+    load = add("load", cmd_load, "load images from an OCI layout or a docker-archive")
+    load.add_argument("path", help="OCI layout directory or tar, docker-archive tar, - for stdin")
+    load.add_argument("--tag", help="name the (single) image in the archive")
+    save = add("save", cmd_save, "save images to an archive", json_flag=False)
+    save.add_argument("references", nargs="+")
+    save.add_argument("-o", "--output", required=True, help="archive path, - for stdout")
+    save.add_argument("--format", choices=("docker", "oci"), default="docker")
+    use = add("use", cmd_use, "lease an image for a holder (a sandbox, a snapshot)")
+    use.add_argument("reference")
+    use.add_argument("--holder", required=True)
+    add("release", cmd_release, "end every lease of a holder").add_argument("holder")
+    rm = add("rm", cmd_rm, "remove references (and content nothing else needs)")
+    rm.add_argument("references", nargs="+")
+    rm.add_argument("--force", action="store_true", help="remove even while in use")
+    prune = add("prune", cmd_prune, "remove unused images and unreferenced content")
+    prune.add_argument("--dry-run", action="store_true")
+    prune.add_argument(
+        "--unused-for",
+        type=duration,
+        metavar="DURATION",
+        help="keep images used within DURATION (90s, 30m, 12h, 7d)",
+    )
+    prune.add_argument(
+        "--keep",
+        action="append",
+        default=[],
+        metavar="PATTERN",
+        help="never remove references matching (repeatable, fnmatch)",
+    )
+    prune.add_argument(
+        "--max-bytes",
+        type=int,
+        metavar="N",
+        help="evict least recently used images until the cache fits in N bytes",
+    )
+    history = add("history", cmd_history, "the ledger's events (of one reference)")
+    history.add_argument("reference", nargs="?")
+    rebuild = add("rebuild", cmd_rebuild, "replay the log into fresh views")
+    rebuild.add_argument(
+        "--verify",
+        action="store_true",
+        help="rebuild into scratch space and compare, change nothing",
+    )
+    add("df", cmd_df, "disk usage by kind and what prune would reclaim")
+    demo = add(
+        "demo", cmd_demo, "build a small image and walk it through the cache", json_flag=False
+    )
+    demo.add_argument("--keep", action="store_true", help="keep the demo home")
+    demo.set_defaults(needs_cache=False)
+    bench = add("bench", cmd_bench, "benchmarks (see docs/benchmarks.md)", json_flag=False)
     bench.add_argument("rest", nargs=argparse.REMAINDER)
-    bench.set_defaults(run=_bench_ledger)
+    bench.set_defaults(needs_cache=False)
     return parser
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
-    parser = build_parser()
     try:
-        args = parser.parse_args(argv)
-    except SystemExit as e:
-        return int(e.code or 0) and EXIT_USAGE
+        args = build_parser().parse_args(argv)
+    except UsageError as e:
+        print(f"imageledger: {e}", file=sys.stderr)
+        return EXIT_USAGE
     try:
-        return int(args.run(args))
+        return _run(args)
+    except UsageError as e:
+        print(f"imageledger: {e}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+def _run(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one exit code per error kind
+    try:
+        if not getattr(args, "needs_cache", True):
+            return int(args.run(None, args))
+        with ImageCache(args.home or default_home()) as cache:
+            return int(args.run(cache, args))
+    except ImageNotFoundError as e:
+        print(f"imageledger: {e}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    except ImageInUseError as e:
+        print(f"imageledger: {e}", file=sys.stderr)
+        return EXIT_IN_USE
+    except (InvalidReferenceError, ValueError) as e:
+        print(f"imageledger: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except ImageLedgerError as e:
         print(f"imageledger: {e}", file=sys.stderr)
+        return _input_error_code(e)
+    except BrokenPipeError:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
+    except OSError as e:
+        print(f"imageledger: {e}", file=sys.stderr)
+        return EXIT_FAILURE
+
+
+def _input_error_code(error: ImageLedgerError) -> int:
+    """Bad input (a hostile archive or manifest, a digest that does not match) is exit 2."""
+    input_errors = (DigestMismatchError, ArchiveError, ManifestError)
+    return EXIT_USAGE if isinstance(error, input_errors) else EXIT_FAILURE
 
 
 if __name__ == "__main__":

@@ -1,0 +1,275 @@
+"""Benchmark of the image cache's read path and of rebuild.
+
+- `get` and `list` latency (p50/p99) with N cached references (default 10,000), in process,
+  on a warm cache (what a sandbox runtime does on every sandbox start);
+- rebuild speed (events/s) of a ledger of M mixed events (default 1,000,000: pulls of many
+  references over shared manifests, uses, releases, removes, prunes).
+
+Goals (issue 3): get p99 < 50 us; list of 10,000 < 20 ms; rebuild >= 100,000 events/s.
+Run: ``imageledger bench cache [--refs N] [--events M] [--json]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import shutil
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from imageledger.cache import ImageCache
+from imageledger.domain.events import ImageLedger, current_actor
+from imageledger.domain.model import (
+    OCI_MANIFEST,
+    ImageConfig,
+    ImageContent,
+    Layer,
+    Platform,
+    PrunePolicy,
+    RemovedReference,
+)
+
+LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
+
+
+def _digest(kind: str, n: int) -> str:
+    return "sha256:" + f"{kind}{n:x}".encode().hex().ljust(64, "0")[:64]
+
+
+def _content(n: int) -> ImageContent:
+    layers = tuple(
+        Layer(_digest("l", (n * 3 + i) % 5000), LAYER, 1_000_000 + i, _digest("d", n * 3 + i), i)
+        for i in range(3)
+    )
+    return ImageContent(
+        manifest_digest=_digest("m", n),
+        manifest_media_type=OCI_MANIFEST,
+        manifest_size=1200,
+        config=ImageConfig(_digest("c", n), env=("PATH=/bin", f"N={n}"), cmd=("/bin/sh",)),
+        config_size=2000,
+        platform=Platform("linux", "amd64"),
+        layers=layers,
+    )
+
+
+def _append_events(cache: ImageCache, count: int, refs: int, batch: int = 1000) -> int:
+    """Append `count` mixed events straight through the ledger (no blobs: the benchmark is
+    about the log and the views, not the store)."""
+    actor = current_actor()
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    written = 0
+    manifests = max(refs // 10, 1)
+    while written < count:
+        with cache.snapshot() as state:
+            version, modified = state.version, state.modified
+        ledger = (
+            ImageLedger.at(version, modified)
+            if version and modified
+            else ImageLedger.start(actor, start)
+        )
+        for _ in range(min(batch, count - written)):
+            i = written
+            at = start + timedelta(milliseconds=i)
+            kind = i % 20
+            ref = f"bench.local/repo{i % refs}:v{(i // refs) % 3}"
+            if kind < 14:
+                ledger.record(
+                    ImageLedger.ImagePulled,
+                    actor=actor,
+                    stamp=at,
+                    reference=ref,
+                    source="bench",
+                    content=_content(i % manifests),
+                    cached=False,
+                )
+            elif kind < 17:
+                ledger.record(
+                    ImageLedger.ImageUsed,
+                    actor=actor,
+                    stamp=at,
+                    reference=ref,
+                    manifest_digest=_content(i % manifests).manifest_digest,
+                    holder=f"h{i % 50}",
+                )
+            elif kind < 19:
+                ledger.record(
+                    ImageLedger.HolderReleased,
+                    actor=actor,
+                    stamp=at,
+                    holder=f"h{i % 50}",
+                    leases=(),
+                )
+            elif i % 40 == 19:
+                ledger.record(
+                    ImageLedger.ImagesPruned,
+                    actor=actor,
+                    stamp=at,
+                    policy=PrunePolicy(),
+                    now=at,
+                    references=(RemovedReference(ref, "", "bench"),),
+                    deleted=(),
+                    bytes_reclaimed=0,
+                )
+            else:
+                ledger.record(
+                    ImageLedger.ImageRemoved,
+                    actor=actor,
+                    stamp=at,
+                    reference=ref,
+                    manifest_digest="",
+                    forced=False,
+                    deleted=(),
+                    bytes_reclaimed=0,
+                )
+            written += 1
+        cache.append(ledger)
+    return written
+
+
+def _percentile(samples: list[float], q: float) -> float:
+    ordered = sorted(samples)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
+
+
+def bench_reads(home: Path, refs: int, rounds: int) -> dict[str, Any]:
+    cache = ImageCache(home, durability="nosync")
+    cache.write_index = False
+    try:
+        _append_events_pulls(cache, refs)
+        names = [h.reference for h in cache.list()]
+        assert len(names) == refs, (len(names), refs)
+        get_samples = []
+        for i in range(rounds):
+            name = names[(i * 7919) % refs]
+            t0 = time.perf_counter()
+            cache.get(name)
+            get_samples.append(time.perf_counter() - t0)
+        list_samples, cold_samples = [], []
+        for _ in range(max(rounds // 1000, 20)):
+            t0 = time.perf_counter()
+            cache.list()
+            list_samples.append(time.perf_counter() - t0)
+            cache._list_memo = None  # the first list() after any commit pays the full scan
+            t0 = time.perf_counter()
+            cache.list()
+            cold_samples.append(time.perf_counter() - t0)
+    finally:
+        cache.close()
+    return {
+        "refs": refs,
+        "get_p50_us": round(_percentile(get_samples, 0.5) * 1e6, 1),
+        "get_p99_us": round(_percentile(get_samples, 0.99) * 1e6, 1),
+        "list_p50_ms": round(_percentile(list_samples, 0.5) * 1e3, 2),
+        "list_p99_ms": round(_percentile(list_samples, 0.99) * 1e3, 2),
+        "list_cold_p50_ms": round(_percentile(cold_samples, 0.5) * 1e3, 2),
+        "list_cold_p99_ms": round(_percentile(cold_samples, 0.99) * 1e3, 2),
+    }
+
+
+def _append_events_pulls(cache: ImageCache, refs: int) -> None:
+    actor = current_actor()
+    start = datetime(2026, 1, 1, tzinfo=UTC)
+    done = 0
+    while done < refs:
+        with cache.snapshot() as state:
+            version, modified = state.version, state.modified
+        ledger = (
+            ImageLedger.at(version, modified)
+            if version and modified
+            else ImageLedger.start(actor, start)
+        )
+        for i in range(done, min(done + 1000, refs)):
+            ledger.record(
+                ImageLedger.ImagePulled,
+                actor=actor,
+                stamp=start + timedelta(seconds=i),
+                reference=f"bench.local/repo{i}:v1",
+                source="bench",
+                content=_content(i % max(refs // 10, 1)),
+                cached=False,
+            )
+        done = min(done + 1000, refs)
+        cache.append(ledger)
+
+
+def bench_rebuild(home: Path, events: int, refs: int) -> dict[str, Any]:
+    cache = ImageCache(home, durability="nosync")
+    cache.write_index = False
+    try:
+        t0 = time.perf_counter()
+        _append_events(cache, events, refs)
+        append_s = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        report = cache.rebuild()
+        rebuild_s = time.perf_counter() - t0
+        verified = cache.rebuild(verify=True).identical
+    finally:
+        cache.close()
+    return {
+        "events": report.events,
+        "append_events_per_s": round(events / append_s),
+        "rebuild_seconds": round(rebuild_s, 2),
+        "rebuild_events_per_s": round(report.events / rebuild_s),
+        "rebuilt_identical": report.identical and verified,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="imageledger bench cache", description=__doc__)
+    parser.add_argument("--refs", type=int, default=10_000)
+    parser.add_argument("--events", type=int, default=1_000_000)
+    parser.add_argument("--rounds", type=int, default=100_000, help="get() calls measured")
+    parser.add_argument("--dir", type=Path, default=None)
+    parser.add_argument("--json", action="store_true")
+    args = parser.parse_args(argv)
+    base = Path(tempfile.mkdtemp(prefix="imageledger-bench-", dir=args.dir))
+    try:
+        reads = bench_reads(base / "reads", args.refs, args.rounds)
+        rebuild = bench_rebuild(base / "rebuild", args.events, args.refs)
+    finally:
+        shutil.rmtree(base, ignore_errors=True)
+    result: dict[str, Any] = {
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+        "reads": reads,
+        "rebuild": rebuild,
+        "goals": {
+            "get_p99_under_50us": reads["get_p99_us"] < 50,
+            "list_10k_under_20ms": reads["list_p99_ms"] < 20,
+            "list_10k_after_commit_under_20ms": reads["list_cold_p99_ms"] < 20,
+            "rebuild_at_least_100k_events_per_s": rebuild["rebuild_events_per_s"] >= 100_000,
+        },
+    }
+    if args.json:
+        print(json.dumps(result, indent=2))
+    else:
+        print(f"python {result['python']} on {result['machine']}")
+        print(
+            f"get   p50 {reads['get_p50_us']} us   p99 {reads['get_p99_us']} us   "
+            f"({reads['refs']} refs; goal p99 < 50 us)"
+        )
+        print(
+            f"list  p50 {reads['list_p50_ms']} ms   p99 {reads['list_p99_ms']} ms   (goal < 20 ms)"
+        )
+        print(
+            f"list after a commit (full scan) p50 {reads['list_cold_p50_ms']} ms   "
+            f"p99 {reads['list_cold_p99_ms']} ms"
+        )
+        print(
+            f"rebuild {rebuild['events']} events in {rebuild['rebuild_seconds']} s = "
+            f"{rebuild['rebuild_events_per_s']} events/s (goal >= 100000); "
+            f"identical={rebuild['rebuilt_identical']}"
+        )
+        print(f"append (for setup) {rebuild['append_events_per_s']} events/s")
+        for goal, met in result["goals"].items():
+            print(f"  {goal}: {'met' if met else 'NOT met'}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
