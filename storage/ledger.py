@@ -467,9 +467,7 @@ class LMDBFactory(InfrastructureFactory[LMDBTrackingRecorder]):
             map_size=self._int(self.LMDB_MAP_SIZE, defaults.map_size),
             max_map_size=self._int(self.LMDB_MAX_MAP_SIZE, defaults.max_map_size),
             durability=cast(Durability, durability),
-            poll_interval=float(
-                self.env.get(self.LMDB_POLL_INTERVAL, "") or defaults.poll_interval
-            ),
+            poll_interval=self._seconds(self.LMDB_POLL_INTERVAL, defaults.poll_interval),
         )
         self.ledger = open_env(path, config)
         self._closed = False
@@ -481,10 +479,26 @@ class LMDBFactory(InfrastructureFactory[LMDBTrackingRecorder]):
         if not value:
             return default
         try:
-            return int(value)
+            number = int(value)
         except ValueError:
-            msg = f"{key}={value!r}: expected a number of bytes"
-            raise OSError(msg) from None
+            number = -1
+        if number <= 0:
+            msg = f"{key}={value!r}: expected a positive number of bytes"
+            raise OSError(msg)
+        return number
+
+    def _seconds(self, key: str, default: float) -> float:
+        value = (self.env.get(key) or "").strip()
+        if not value:
+            return default
+        try:
+            seconds = float(value)
+        except ValueError:
+            seconds = -1.0
+        if not 0 < seconds < 3600:
+            msg = f"{key}={value!r}: expected a number of seconds between 0 and 3600"
+            raise OSError(msg)
+        return seconds
 
     def _create(self) -> bool:
         return bool(strtobool(self.env.get(self.CREATE_TABLE, "yes") or "yes"))

@@ -186,10 +186,24 @@ class LedgerEnv:
         return env
 
     def _check_format(self, env: lmdb.Environment) -> None:
+        # A truncated data.mdb can have valid meta pages: reading a page past the end of the
+        # file through the map would kill the process with SIGBUS, so check the size first.
+        data = self.path / "data.mdb"
+        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
+        if data.stat().st_size < needed:
+            msg = (
+                f"{self.path}: data.mdb is truncated ({data.stat().st_size} bytes, the ledger "
+                f"needs {needed}); restore it from a copy"
+            )
+            raise LedgerCorruptError(msg)
         with env.begin() as txn:
             has_meta = txn.get(_META_DB) is not None
         if has_meta:
-            meta = env.open_db(_META_DB, create=False)
+            try:
+                meta = env.open_db(_META_DB, create=False)
+            except lmdb.Error as e:
+                msg = f"{self.path}: holds an LMDB environment that is not a ledger ({e})"
+                raise LedgerCorruptError(msg) from e
             with env.begin(db=meta) as txn:
                 found = txn.get(_FORMAT_KEY)
             if found != FORMAT:
@@ -218,13 +232,18 @@ class LedgerEnv:
             handle = self._dbs.get(key)
             if handle is None:
                 with self._lock.exclusive():
-                    try:
-                        handle = self.env.open_db(key, create=create)
-                    except lmdb.NotFoundError:
-                        msg = f"{self.path}: database {name!r} does not exist"
-                        raise LedgerCorruptError(msg) from None
-                    except lmdb.MapFullError:
-                        self._grow_locked()
+                    for _attempt in range(3):
+                        try:
+                            handle = self.env.open_db(key, create=create)
+                            break
+                        except lmdb.NotFoundError:
+                            msg = f"{self.path}: database {name!r} does not exist"
+                            raise LedgerCorruptError(msg) from None
+                        except lmdb.MapFullError:
+                            self._grow_locked()
+                        except lmdb.MapResizedError:
+                            self.env.set_mapsize(0)  # another process grew it: adopt
+                    else:
                         handle = self.env.open_db(key, create=create)
                 self._dbs[key] = handle
         return handle

@@ -1,4 +1,6 @@
-"""Child-process entry points for the multi-process, crash and bad-input ledger tests.
+"""Child-process entry points for the multi-process, crash and bad-input ledger tests, and
+the parent-side helpers that drive them (`Child`, `check_after_kill`, `log_rows`; the test
+modules import this module at run time, so mypy sees them as `Any` there).
 
 Run as ``python -c "import _ledger_child, sys; sys.exit(_ledger_child.main(sys.argv[1:]))" CMD
 ARGS...`` with this folder on ``PYTHONPATH`` (so the aggregate topics are

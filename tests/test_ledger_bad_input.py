@@ -156,15 +156,6 @@ def test_random_bytes_data_file_is_refused_and_left_alone(tmp_path: Path, size: 
     assert (ledger / "data.mdb").read_bytes() == content
 
 
-_SIGBUS_REASON = (
-    "storage/lmdbenv.py LedgerEnv._open/_check_format: the meta pages of a truncated data.mdb "
-    "are valid, so lmdb.open succeeds, and the first read (txn.get(_META_DB) in "
-    "_check_format) touches a page beyond the end of the file through the mmap: the process "
-    "dies of SIGBUS instead of raising LedgerCorruptError. Fix: after lmdb.open, refuse a "
-    "data.mdb shorter than (env.info()['last_pgno'] + 1) * env.stat()['psize']"
-)
-
-
 @pytest.mark.parametrize(
     "keep",
     [
@@ -172,12 +163,10 @@ _SIGBUS_REASON = (
         pytest.param(
             lambda size: 8192,
             id="meta-pages-only",
-            marks=pytest.mark.xfail(strict=True, reason=_SIGBUS_REASON),
         ),
         pytest.param(
             lambda size: size // 2,
             id="half",
-            marks=pytest.mark.xfail(strict=True, reason=_SIGBUS_REASON),
         ),
     ],
 )
@@ -259,16 +248,6 @@ def _main_db(path: Path) -> dict[bytes, bytes]:
         pytest.param(
             _key_named_like_meta,
             id="key-named-like-the-meta-db",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "storage/lmdbenv.py LedgerEnv._check_format: a foreign environment whose "
-                    "main database has a plain key b'imageledger.meta' passes the "
-                    "txn.get(_META_DB) test, then env.open_db(_META_DB, create=False) raises "
-                    "a raw lmdb.IncompatibleError (not LedgerCorruptError). Fix: catch "
-                    "lmdb.Error around that open_db and raise LedgerCorruptError"
-                ),
-            ),
         ),
     ],
 )
@@ -429,29 +408,10 @@ def test_threads_appending_into_a_full_map_fail_cleanly(ledger_path: Path, lc: M
         pytest.param(
             "LMDB_POLL_INTERVAL",
             "soon",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "storage/ledger.py LMDBFactory.__init__: poll_interval=float(...) is not "
-                    "checked, so a bad LMDB_POLL_INTERVAL raises a bare ValueError that does "
-                    "not name the key. Fix: parse it like _int() does and raise OSError "
-                    "naming the key (also reject values <= 0: a negative one makes the poller "
-                    "spin)"
-                ),
-            ),
         ),
         pytest.param(
             "LMDB_MAP_SIZE",
             "-1",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "storage/ledger.py LMDBFactory._int: a negative size passes int(), so the "
-                    "ledger directory is created and lmdb.open raises a bare OverflowError "
-                    "('Integer argument must be >= 0') that does not name the key. Fix: "
-                    "reject values < 0 (or <= 0) in _int with the same OSError"
-                ),
-            ),
         ),
     ],
 )

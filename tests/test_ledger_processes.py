@@ -216,15 +216,6 @@ def test_open_clears_reader_slots_of_killed_processes(ledger_path: Path, spawn: 
         "append",
         pytest.param(
             "new-recorder",
-            marks=pytest.mark.xfail(
-                strict=True,
-                reason=(
-                    "storage/lmdbenv.py LedgerEnv.db(): env.open_db() begins a transaction, "
-                    "which raises lmdb.MapResizedError when another process grew the map; "
-                    "db() handles only NotFoundError and MapFullError, so a recorder created "
-                    "after the growth fails with a raw lmdb error instead of adopting the map"
-                ),
-            ),
         ),
     ],
 )
