@@ -85,10 +85,13 @@ class _LeasedStore:
     """The blob store as a source sees it during one load: every digest it touches is claimed
     by the load's in-flight lease first (see storage.leases for why the order matters)."""
 
-    def __init__(self, store: BlobStore, lease: InFlightLease, lock: StoreLock) -> None:
+    def __init__(
+        self, store: BlobStore, lease: InFlightLease, lock: StoreLock, leases: InFlightLeases
+    ) -> None:
         self._store = store
         self._lease = lease
         self._lock = lock
+        self._leases = leases
         self.written: set[str] = set()
         self.root = store.root
         self.tmp = lease.work
@@ -107,6 +110,14 @@ class _LeasedStore:
         size = self._store.write(digest, chunks, **kwargs)
         self.written.add(digest)
         return size
+
+    def delete(self, digest: str) -> int:
+        """A failed or partial load cleans up what it wrote, unless another live pull or load
+        relies on the same blob (it would then fail at commit with its content missing)."""
+        with self._lock():
+            if digest in self._leases.live(exclude=self._lease.id)[0]:
+                return 0
+            return self._store.delete(digest)
 
     def write_bytes(self, data: bytes, digest: str | None = None) -> str:
         digest = digest or f"sha256:{hashlib.sha256(data).hexdigest()}"
@@ -308,7 +319,7 @@ class ImageCache:
         where = str(source) if isinstance(source, str | os.PathLike) else "stdin"
         kind = _source_kind(source)
         with self._leases.lease() as lease:
-            leased = _LeasedStore(self.store, lease, self._lock)
+            leased = _LeasedStore(self.store, lease, self._lock, self._leases)
             try:
                 loaded = archives.load(
                     Path(source) if isinstance(source, str | os.PathLike) else source,

@@ -34,22 +34,32 @@ log = structlog.get_logger(__name__)
 
 
 class StoreLock:
-    """The store-wide lock (exclusive across processes and threads)."""
+    """The store-wide lock: exclusive across processes and threads, re-entrant in a thread
+    (only the outermost hold takes the flock; a second fd would block on the first)."""
 
     def __init__(self, home: Path) -> None:
         self.path = home / "store.lock"
-        self._local = threading.RLock()  # re-entrant within a thread, exclusive across them
+        self._local = threading.RLock()
+        self._depth = threading.local()
 
     @contextlib.contextmanager
     def __call__(self) -> Iterator[None]:
         with self._local:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            depth = getattr(self._depth, "n", 0)
+            self._depth.n = depth + 1
             try:
-                fcntl.flock(fd, fcntl.LOCK_EX)
-                yield
+                if depth:
+                    yield
+                    return
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                try:
+                    fcntl.flock(fd, fcntl.LOCK_EX)
+                    yield
+                finally:
+                    os.close(fd)  # closing releases the flock
             finally:
-                os.close(fd)  # closing releases the flock
+                self._depth.n = depth
 
 
 class InFlightLease:
@@ -108,13 +118,16 @@ class InFlightLeases:
     def lease(self) -> InFlightLease:
         return InFlightLease(self.home)
 
-    def live(self) -> tuple[frozenset[str], frozenset[str]]:
-        """(digests held, lease ids alive); stale leases of dead owners are removed."""
+    def live(self, *, exclude: str | None = None) -> tuple[frozenset[str], frozenset[str]]:
+        """(digests held, lease ids alive), leaving out lease `exclude`; stale leases of dead
+        owners are removed."""
         digests: set[str] = set()
         alive: set[str] = set()
         if not self.dir.is_dir():
             return frozenset(), frozenset()
         for path in sorted(self.dir.glob("*.lease")):
+            if path.stem == exclude:
+                continue
             try:
                 fd = os.open(path, os.O_RDONLY)
             except FileNotFoundError:
