@@ -19,7 +19,7 @@ class LedgerError(ImageLedgerError):
 
 class LedgerCorruptError(LedgerError, InterfaceError):
     """The path holds something that is not a readable ledger (a file, a foreign or damaged
-    LMDB environment). Nothing is written to it."""
+    LMDB environment). Its data is not touched (LMDB may create an empty lock file beside it)."""
 
 
 class LedgerFullError(LedgerError, OperationalError):

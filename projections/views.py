@@ -19,6 +19,7 @@ Tables (keys are bytes; values plain data):
 from __future__ import annotations
 
 import struct
+from bisect import bisect_left
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -58,16 +59,15 @@ def _key(text: str) -> bytes:
 
 
 def _insert(items: list[Any], item: Any) -> list[Any]:
-    return sorted({*map(_freeze, items), _freeze(item)})
+    """`items` (sorted, unique) with `item` in its place."""
+    i = bisect_left(items, item)
+    if i == len(items) or items[i] != item:
+        items.insert(i, item)
+    return items
 
 
 def _without(items: list[Any], item: Any) -> list[Any]:
-    frozen = _freeze(item)
-    return [i for i in items if _freeze(i) != frozen]
-
-
-def _freeze(item: Any) -> Any:
-    return tuple(item) if isinstance(item, list) else item
+    return [i for i in items if i != item]
 
 
 # ---------------------------------------------------------------- content <-> plain values
@@ -170,16 +170,17 @@ def _pulled(view: ViewTxn, event: ImageLedger.ImagePulled, position: int, at: in
     view.put("manifests", _key(digest), manifest)
 
     ref = view.get("refs", _key(reference))
-    if ref is None:
-        ref = {"m": digest, "c": at, "u": at, "p": position}
-    elif ref["m"] != digest:
-        _untag(view, reference, ref["m"])
-        ref["m"] = digest
+    if ref is None or ref["m"] != digest:
+        if ref is None:
+            ref = {"m": digest, "c": at, "u": at, "p": position}
+        else:
+            _untag(view, reference, ref["m"])
+            ref["m"] = digest
+        ref["a"] = content.platform.architecture
+        ref["o"] = content.platform.os
+        ref["n"] = len(content.layers)
+        ref["s"] = content.size_bytes
     ref["u"] = at
-    ref["a"] = content.platform.architecture
-    ref["o"] = content.platform.os
-    ref["n"] = len(content.layers)
-    ref["s"] = content.size_bytes
     _put_ref(view, reference, ref)
     detail = f"from {event.source}" + (" (all cached)" if event.cached else "")
     _history(view, reference, position, at, event, digest, detail)

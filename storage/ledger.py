@@ -469,6 +469,12 @@ class LMDBFactory(InfrastructureFactory[LMDBTrackingRecorder]):
             durability=cast(Durability, durability),
             poll_interval=self._seconds(self.LMDB_POLL_INTERVAL, defaults.poll_interval),
         )
+        if config.max_map_size < config.map_size:
+            msg = (
+                f"{self.LMDB_MAX_MAP_SIZE}={config.max_map_size} is below "
+                f"{self.LMDB_MAP_SIZE}={config.map_size}"
+            )
+            raise OSError(msg)
         self.ledger = open_env(path, config)
         self._closed = False
         name = self.env.name.lower()

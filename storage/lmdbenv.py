@@ -386,6 +386,9 @@ class LedgerEnv:
         """Set `event` whenever any process commits to this ledger."""
         with self._listeners_lock:
             self._listeners.add(event)
+            # A commit between the caller's last read and this registration would otherwise
+            # wait for the next commit: wake the listener once so it reads again now.
+            event.set()
             if self._poller is None or not self._poller.is_alive():
                 self._poller = threading.Thread(
                     target=self._poll, name=f"ledger-poller:{self.path}", daemon=True
