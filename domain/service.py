@@ -215,7 +215,7 @@ class ImageCacheService:
     def record_failure(self, reference: str, source: str, error: str) -> None:
         """A pull or load failed: the users must be able to trace it."""
         try:
-            ref = canonical(reference)
+            ref = canonical(reference) if reference else ""
         except InvalidReferenceError:
             return  # refused before anything was touched; nothing to trace in the ledger
         self._commit(

@@ -433,6 +433,15 @@ def _names(loaded: list[LoadedImage], tag: str | None) -> list[tuple[str, Loaded
 def _entry(position: int, event: Any) -> HistoryEntry:
     actor = event.actor
     reference = getattr(event, "reference", "") or getattr(event, "holder", "")
+    detail = ""
+    if isinstance(event, ImageLedger.PullFailed):
+        detail = f"from {event.source}: {event.error}"
+    elif isinstance(event, ImageLedger.ImagePulled):
+        detail = f"from {event.source}"
+    elif isinstance(event, ImageLedger.ImagesPruned):
+        detail = f"{len(event.references)} references, {event.bytes_reclaimed} bytes"
+    elif isinstance(event, ImageLedger.ImageRemoved):
+        detail = f"{len(event.deleted)} blobs, {event.bytes_reclaimed} bytes"
     return HistoryEntry(
         position=position,
         event=type(event).__name__,
@@ -440,7 +449,7 @@ def _entry(position: int, event: Any) -> HistoryEntry:
         reference=reference,
         manifest_digest=getattr(event, "manifest_digest", "")
         or getattr(getattr(event, "content", None), "manifest_digest", ""),
-        detail="",
+        detail=detail,
         user=actor.user,
         host=actor.host,
         pid=actor.pid,

@@ -278,6 +278,8 @@ def _refused(view: ViewTxn, event: ImageLedger.RemoveRefused, position: int, at:
 
 
 def _failed(view: ViewTxn, event: ImageLedger.PullFailed, position: int, at: int) -> None:
+    if not event.reference:
+        return  # an unnamed archive: the failure is in the log (whole-ledger history) only
     _history(view, event.reference, position, at, event, "", f"from {event.source}: {event.error}")
 
 
