@@ -143,6 +143,15 @@ class ImageLedger(Aggregate):
         assert isinstance(ledger, cls)
         return ledger
 
+    @classmethod
+    def next_after(
+        cls, version: int, modified: datetime | None, actor: Actor, now: datetime
+    ) -> ImageLedger:
+        """The ledger ready for its next event: at `version`, or started if it has none."""
+        if version and modified is not None:
+            return cls.at(version, modified)
+        return cls.start(actor, now)
+
     def record(
         self, event_class: type[Event], *, actor: Actor, stamp: datetime, **fields: Any
     ) -> None:

@@ -165,12 +165,7 @@ class ImageCacheService:
         for attempt in range(_MAX_ATTEMPTS):
             now = self.clock()
             with self.ledger.snapshot() as state:
-                modified = state.modified
-                ledger = (
-                    ImageLedger.at(state.version, modified)
-                    if state.version and modified is not None
-                    else ImageLedger.start(self.actor, now)
-                )
+                ledger = ImageLedger.next_after(state.version, state.modified, self.actor, now)
                 result = decide(state, ledger, now)
             if len(ledger.pending_events) == 0:
                 return result

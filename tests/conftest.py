@@ -1,14 +1,42 @@
-"""Shared fixtures: every test gets its own ledger directory under pytest's tmp_path."""
+"""Shared fixtures: a ledger directory per test, and child processes for crash tests."""
 
 from __future__ import annotations
 
+import importlib
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from types import ModuleType
+from typing import Any
 
 import pytest
 
 PERSISTENCE_MODULE = "imageledger.storage.ledger"
+CHILD_TIMEOUT = 60.0  # for waiting only: nothing asserts how long anything took
 
 
 @pytest.fixture
 def ledger_path(tmp_path: Path) -> Path:
     return tmp_path / "ledger"
+
+
+@pytest.fixture
+def lc(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
+    """`tests/_ledger_child.py` (child entry points and the parent-side helpers), importable
+    here so its aggregate topics resolve."""
+    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
+    return importlib.import_module("_ledger_child")
+
+
+@pytest.fixture
+def spawn(lc: ModuleType) -> Iterator[Callable[..., Any]]:
+    """Start a child (`lc.Child`); every child still running at teardown is killed."""
+    children: list[Any] = []
+
+    def start(ledger: Path, *args: str, **settings: str) -> Any:
+        child = lc.Child(ledger, *args, timeout=CHILD_TIMEOUT, **settings)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.close()

@@ -8,7 +8,6 @@ make LMDB touch memory beyond the end of the file) runs in a child process.
 
 from __future__ import annotations
 
-import importlib
 import random
 import threading
 from collections.abc import Callable, Iterator
@@ -54,28 +53,6 @@ class Note(Aggregate):
 
 class LedgerApp(Application[UUID]):
     name = APP_NAME
-
-
-@pytest.fixture
-def lc(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """`tests/_ledger_child.py` (child entry points and the parent-side helpers)."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
-    return importlib.import_module("_ledger_child")
-
-
-@pytest.fixture
-def spawn(lc: ModuleType) -> Iterator[Spawn]:
-    """Start a child (`lc.Child`); every child still running at teardown is killed."""
-    children: list[Any] = []
-
-    def start(ledger: Path, *args: str, **settings: str) -> Any:
-        child = lc.Child(ledger, *args, timeout=TIMEOUT, **settings)
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        child.close()
 
 
 def _env(ledger: Path, **settings: str) -> dict[str, str]:

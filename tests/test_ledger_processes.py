@@ -7,7 +7,6 @@ Every child is a fresh interpreter (`subprocess` with `sys.executable`) running 
 
 from __future__ import annotations
 
-import importlib
 import json
 import threading
 from collections.abc import Callable, Iterator
@@ -29,28 +28,6 @@ APP_NAME = "ledgertest"  # the children's application: the ledger namespace they
 PERSISTENCE_MODULE = "imageledger.storage.ledger"
 
 Spawn = Callable[..., Any]
-
-
-@pytest.fixture
-def lc(monkeypatch: pytest.MonkeyPatch) -> ModuleType:
-    """`tests/_ledger_child.py`, importable here so its aggregate topics resolve."""
-    monkeypatch.syspath_prepend(str(Path(__file__).resolve().parent))
-    return importlib.import_module("_ledger_child")
-
-
-@pytest.fixture
-def spawn(lc: ModuleType) -> Iterator[Spawn]:
-    """Start a child (`lc.Child`); every child still running at teardown is killed."""
-    children: list[Any] = []
-
-    def start(ledger: Path, *args: str, **settings: str) -> Any:
-        child = lc.Child(ledger, *args, timeout=TIMEOUT, **settings)
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        child.close()
 
 
 @contextmanager

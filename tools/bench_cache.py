@@ -66,12 +66,7 @@ def _append_events(cache: ImageCache, count: int, refs: int, batch: int = 1000) 
     manifests = max(refs // 10, 1)
     while written < count:
         with cache.snapshot() as state:
-            version, modified = state.version, state.modified
-        ledger = (
-            ImageLedger.at(version, modified)
-            if version and modified
-            else ImageLedger.start(actor, start)
-        )
+            ledger = ImageLedger.next_after(state.version, state.modified, actor, start)
         for _ in range(min(batch, count - written)):
             i = written
             at = start + timedelta(milliseconds=i)
@@ -177,12 +172,7 @@ def _append_events_pulls(cache: ImageCache, refs: int) -> None:
     done = 0
     while done < refs:
         with cache.snapshot() as state:
-            version, modified = state.version, state.modified
-        ledger = (
-            ImageLedger.at(version, modified)
-            if version and modified
-            else ImageLedger.start(actor, start)
-        )
+            ledger = ImageLedger.next_after(state.version, state.modified, actor, start)
         for i in range(done, min(done + 1000, refs)):
             ledger.record(
                 ImageLedger.ImagePulled,
