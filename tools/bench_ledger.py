@@ -1,6 +1,6 @@
 """Durable appends per second through an eventsourcing `Application`: the LMDB ledger vs SQLite.
 
-Run as ``python -m imageledger.tools.bench_ledger`` (or ``imageledger bench-ledger``). One run
+Run as ``python -m imageledger.tools.bench_ledger`` (or ``imageledger bench ledger``). One run
 measures, on files in one directory (``--dir``; default a fresh temporary directory that is not
 memory-backed):
 
@@ -12,9 +12,9 @@ memory-backed):
 - raw py-lmdb puts, one per durable write transaction (``sync=True, metasync=True``), one thread:
   the ceiling of one LMDB commit after another on this disk;
 
-each with 1 and 8 writer threads (``--threads``). An append is one ``app.save()`` of a new
-aggregate with one ``Created`` event (``--workload create``) or, with ``--workload mix``,
-alternately that and one subsequent event on the aggregate just created. Every configuration
+the first two each with 1 and 8 writer threads (``--threads``). An append is one ``app.save()``
+of a new aggregate with one ``Created`` event (``--workload create``) or, with ``--workload
+mix``, alternately that and one subsequent event on the aggregate just created. Every configuration
 runs ``--rounds`` times for ``--seconds`` each, rounds interleaved across configurations so that
 background noise spreads over all of them; the median is reported. For the LMDB rows the number
 of write transactions (LMDB's ``last_txnid``) is read before and after, which gives the appends
@@ -341,16 +341,16 @@ class _BatchRecorder:
 
     def __init__(self, ledger: LedgerEnv) -> None:
         self.ledger = ledger
-        self.inner: Callable[[list[Any]], None] = ledger._commit
+        self.inner: Callable[[list[Any]], bool] = ledger._commit
         self.recording = False
         self.sizes: list[int] = []
         self.busy = 0.0
         vars(ledger)["_commit"] = self
 
-    def __call__(self, batch: list[Any]) -> None:
+    def __call__(self, batch: list[Any]) -> bool:
         began = time.perf_counter()
         try:
-            self.inner(batch)
+            return self.inner(batch)
         finally:
             if self.recording:
                 self.sizes.append(len(batch))
@@ -493,6 +493,31 @@ def _version(dist: str) -> str:
         return "unknown"
 
 
+def _fdatasync_probe(target: Path, seconds: float = 0.5) -> dict[str, float]:
+    """What one 4 KiB write + fdatasync costs in `target` (the floor under every durable commit:
+    LMDB pays two flushes per commit, SQLite in WAL mode one)."""
+    path = target / "fdatasync-probe"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    samples: list[float] = []
+    try:
+        page = b"\0" * 4096
+        deadline = time.perf_counter() + seconds
+        while time.perf_counter() < deadline or len(samples) < 10:
+            began = time.perf_counter()
+            os.pwrite(fd, page, 4096 * (len(samples) % 256))
+            os.fdatasync(fd)
+            samples.append(time.perf_counter() - began)
+    finally:
+        os.close(fd)
+        path.unlink(missing_ok=True)
+    samples.sort()
+    return {
+        "median_us": round(statistics.median(samples) * 1e6, 1),
+        "p90_us": round(samples[int(0.9 * (len(samples) - 1))] * 1e6, 1),
+        "samples": len(samples),
+    }
+
+
 def _facts(target: Path, sqlite_pragmas: tuple[str, int]) -> dict[str, Any]:
     journal_mode, synchronous = sqlite_pragmas
     return {
@@ -508,6 +533,7 @@ def _facts(target: Path, sqlite_pragmas: tuple[str, int]) -> dict[str, Any]:
         "load_average_at_start": _load_average(),
         "target_dir": str(target),
         "filesystem": _filesystem(target),
+        "fdatasync_4k": _fdatasync_probe(target),
     }
 
 
@@ -537,6 +563,11 @@ def _print_text(
         f"target dir     {facts['target_dir']} on {fs['type']} ({fs['device']} at "
         f"{fs['mount_point']}, {fs['options']})"
     )
+    sync = facts["fdatasync_4k"]
+    print(
+        f"fdatasync      4 KiB pwrite + fdatasync there: median {sync['median_us']:.0f} us, "
+        f"p90 {sync['p90_us']:.0f} us ({sync['samples']} samples)"
+    )
     print(
         f"workload       {args.workload}; {args.seconds:g} s x {args.rounds} rounds per row "
         f"(interleaved), {args.warmup} untimed warm-up appends per thread; median reported"
@@ -560,7 +591,7 @@ def _print_text(
             busy = [m.leader_seconds / m.seconds for m in row.rounds if m.leader_seconds]
             print(
                 f"group commits  {row.backend.label}, {row.threads} threads: {s['commits']} "
-                f"commits, batch mean {s['mean']} median {s['median']} p90 {s['p90']} max "
+                f"commits, batch mean {s['mean']:.2f} median {s['median']:g} p90 {s['p90']} max "
                 f"{s['max']}; leader busy {statistics.fmean(busy):.0%} of the wall time"
             )
     ratio = summary["ratio"]
