@@ -308,9 +308,13 @@ class ImageCacheService:
         """Semantics 8: see `plan_prune`; `bytes_reclaimed` counts bytes actually unlinked."""
         policy = policy or PrunePolicy()
         with self.lock():
-            protected, alive = self.leases.live()
+            # Listing the disk before reading the leases: a work directory created after the
+            # listing is not in it, and one listed belongs to a lease already there to read.
             on_disk = set(self.content.digests())
-            strays = self.content.strays(alive)
+            candidates = self.content.strays(frozenset())
+            protected, alive = self.leases.live()
+            live_dirs = {f"tmp/{lease}" for lease in alive}
+            strays = [s for s in candidates if s.digest not in live_dirs]
 
             def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> Any:
                 known = {blob.digest for blob in state.blobs()}

@@ -86,8 +86,14 @@ class _LeasedStore:
     by the load's in-flight lease first (see storage.leases for why the order matters)."""
 
     def __init__(
-        self, store: BlobStore, lease: InFlightLease, lock: StoreLock, leases: InFlightLeases
+        self,
+        store: BlobStore,
+        lease: InFlightLease,
+        lock: StoreLock,
+        leases: InFlightLeases,
+        known: Callable[[str], bool],
     ) -> None:
+        self._known = known  # does the ledger account for this blob (a committed image uses it)?
         self._store = store
         self._lease = lease
         self._lock = lock
@@ -115,7 +121,7 @@ class _LeasedStore:
         """A failed or partial load cleans up what it wrote, unless another live pull or load
         relies on the same blob (it would then fail at commit with its content missing)."""
         with self._lock():
-            if digest in self._leases.live(exclude=self._lease.id)[0]:
+            if digest in self._leases.live(exclude=self._lease.id)[0] or self._known(digest):
                 return 0
             return self._store.delete(digest)
 
@@ -155,7 +161,7 @@ class ImageCache:
         self._views.attach(folder(self._decode))
         self.store = BlobStore(self.home)
         self._lock = StoreLock(self.home)
-        self._leases = InFlightLeases(self.home)
+        self._leases = InFlightLeases(self.home, self._lock)
         self.write_index = True
         self._list_memo: tuple[int, builtins.list[ImageHandle]] | None = None
         self.service = ImageCacheService(
@@ -181,21 +187,29 @@ class ImageCache:
         if self.write_index:
             self._write_index()
 
+    def _knows_blob(self, digest: str) -> bool:
+        with self.snapshot() as state:
+            return state.blob(digest) is not None
+
     # -- the OCI layout projection -----------------------------------------------------
 
     def _write_layout(self) -> None:
         layout = self.home / "oci-layout"
         if not layout.exists():
             _atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}')
-        self._write_index(only_if_stale=True)
+        self._write_index()
 
-    def _write_index(self, *, only_if_stale: bool = False) -> None:
+    def _write_index(self) -> None:
         """Rewrite index.json from the views, unless it already shows this position or later.
         Serialised across processes, so the last writer always writes the latest state."""
         lock_path = self.home / "index.lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
+            # Every index write holds this lock, so a temporary file left now is a crashed
+            # writer's: sweep it.
+            for stale in self.home.glob(".index.*.tmp"):
+                stale.unlink(missing_ok=True)
             with self.snapshot() as state:
                 position = state.position
                 stamp = self.home / "index.position"
@@ -319,7 +333,7 @@ class ImageCache:
         where = str(source) if isinstance(source, str | os.PathLike) else "stdin"
         kind = _source_kind(source)
         with self._leases.lease() as lease:
-            leased = _LeasedStore(self.store, lease, self._lock, self._leases)
+            leased = _LeasedStore(self.store, lease, self._lock, self._leases, self._knows_blob)
             try:
                 loaded = archives.load(
                     Path(source) if isinstance(source, str | os.PathLike) else source,
@@ -388,7 +402,7 @@ class ImageCache:
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp = path.with_name(f".index.{path.name}.{os.getpid()}.tmp")
     with tmp.open("wb") as f:
         f.write(data)
         f.flush()

@@ -213,7 +213,9 @@ def _drop_reference(view: ViewTxn, reference: str) -> None:
 
 
 def _drop_content(view: ViewTxn, deleted: tuple[DeletedBlob, ...]) -> None:
-    """Forget deleted manifests (and with them their claim on blobs), then deleted blobs."""
+    """Forget deleted manifests, and with them their claim on blobs: a blob no manifest uses
+    any more leaves the views (deleted with them, or kept on disk for an in-flight pull that
+    protected it: then it is an orphan to the ledger until that pull commits it again)."""
     for blob in deleted:
         if blob.kind != "manifest":
             continue
@@ -226,7 +228,10 @@ def _drop_content(view: ViewTxn, deleted: tuple[DeletedBlob, ...]) -> None:
             if record is None:
                 continue
             record["users"] = _without(record["users"], blob.digest)
-            view.put("blobs", _key(digest), record)
+            if record["users"]:
+                view.put("blobs", _key(digest), record)
+            else:
+                view.delete("blobs", _key(digest))
     for blob in deleted:
         record = view.get("blobs", _key(blob.digest))
         if record is not None and not record["users"]:

@@ -65,7 +65,8 @@ class StoreLock:
 class InFlightLease:
     """One pull's or load's claim on the digests it needs until its event commits."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, lock: StoreLock) -> None:
+        self._lock = lock
         self.id = secrets.token_hex(8)
         self.dir = home / "tmp" / "leases"
         self.path = self.dir / f"{self.id}.lease"
@@ -75,14 +76,17 @@ class InFlightLease:
 
     def __enter__(self) -> Self:
         self.dir.mkdir(parents=True, exist_ok=True)
-        self.work.mkdir(parents=True, exist_ok=True)
-        # Locked under a name the collector ignores, then renamed: a lease is never visible
-        # unlocked (the collector would take it for a dead owner's).
-        fresh = self.dir / f"{self.id}.new"
-        fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-        fcntl.flock(fd, fcntl.LOCK_EX)
-        os.replace(fresh, self.path)
+        # Created under the store lock, which every collector holds while it reads leases: a
+        # collector never sees this lease half made (a ``.new`` file not locked yet).
+        with self._lock():
+            fresh = self.dir / f"{self.id}.new"
+            fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            os.replace(fresh, self.path)
         self._fd = fd
+        # The work directory comes after the lease, so a collector that lists tmp/ before it
+        # reads the leases never sees a live work directory without its lease.
+        self.work.mkdir(parents=True, exist_ok=True)
         return self
 
     def add(self, digest: str) -> None:
@@ -111,20 +115,25 @@ class InFlightLease:
 class InFlightLeases:
     """The collector's view of every live lease under a home (the domain's `InFlight` port)."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, lock: StoreLock) -> None:
         self.home = home
+        self.lock = lock
         self.dir = home / "tmp" / "leases"
 
     def lease(self) -> InFlightLease:
-        return InFlightLease(self.home)
+        return InFlightLease(self.home, self.lock)
 
     def live(self, *, exclude: str | None = None) -> tuple[frozenset[str], frozenset[str]]:
         """(digests held, lease ids alive), leaving out lease `exclude`; stale leases of dead
-        owners are removed."""
+        owners are removed. Call it holding the store lock."""
         digests: set[str] = set()
         alive: set[str] = set()
         if not self.dir.is_dir():
             return frozenset(), frozenset()
+        for fresh in self.dir.glob("*.new"):
+            # Leases are made under the store lock, which the caller holds: a .new file now is
+            # one whose owner died while making it.
+            fresh.unlink(missing_ok=True)
         for path in sorted(self.dir.glob("*.lease")):
             if path.stem == exclude:
                 continue
