@@ -8,14 +8,16 @@ next prune, never a ledger that names missing content).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from imageledger.domain.errors import InvalidReferenceError
 from imageledger.domain.model import (
     DeletedBlob,
+    LoadedImage,
     ManifestRecord,
+    Platform,
     PrunePolicy,
     ReferenceRecord,
     RemovedReference,
@@ -133,3 +135,16 @@ def plan_prune(
 
 def _stray_key(blob: DeletedBlob) -> tuple[str, str]:
     return blob.kind, blob.digest
+
+
+def choose_platform(images: Sequence[LoadedImage], wanted: Platform) -> LoadedImage:
+    """The image whose platform best matches `wanted`: same os, architecture and variant;
+    else same os and architecture; else the first listed (an archive's own order)."""
+    for image in images:
+        if image.content.platform == wanted:
+            return image
+    for image in images:
+        platform = image.content.platform
+        if (platform.os, platform.architecture) == (wanted.os, wanted.architecture):
+            return image
+    return images[0]

@@ -22,6 +22,7 @@ from eventsourcing.persistence import RecordConflictError
 
 from imageledger.domain.errors import (
     ContentMissingError,
+    DigestMismatchError,
     ImageInUseError,
     ImageNotFoundError,
     InvalidReferenceError,
@@ -40,7 +41,7 @@ from imageledger.domain.model import (
 )
 from imageledger.domain.policies import content_freed, plan_prune
 from imageledger.domain.ports import CacheState, InFlight, StoreLock
-from imageledger.domain.reference import canonical
+from imageledger.domain.reference import Reference, canonical
 
 T = TypeVar("T")
 
@@ -187,6 +188,10 @@ class ImageCacheService:
         """Commit a pull or load whose blobs are all in the store (the caller's in-flight
         lease still protects them): `reference` now names `content`."""
         ref = canonical(reference)
+        pinned = Reference.parse(ref).digest
+        if pinned is not None and pinned != content.manifest_digest:
+            msg = f"{ref} names manifest {pinned}, the content is {content.manifest_digest}"
+            raise DigestMismatchError(msg)
         with self.lock():
             for digest, _kind, size in content.kinded_blobs():
                 if self.content.size(digest) != size:
@@ -307,6 +312,11 @@ class ImageCacheService:
     def prune(self, policy: PrunePolicy | None = None) -> ImagePruneReport:
         """Semantics 8: see `plan_prune`; `bytes_reclaimed` counts bytes actually unlinked."""
         policy = policy or PrunePolicy()
+        for name in ("unused_for_seconds", "max_bytes"):
+            value = getattr(policy, name)
+            if value is not None and value < 0:
+                msg = f"prune: {name} must not be negative, got {value}"
+                raise ValueError(msg)
         with self.lock():
             # Listing the disk before reading the leases: a work directory created after the
             # listing is not in it, and one listed belongs to a lease already there to read.

@@ -40,8 +40,10 @@ from imageledger.domain.model import (
     ImageHandle,
     ImagePruneReport,
     LoadedImage,
+    Platform,
     PrunePolicy,
 )
+from imageledger.domain.policies import choose_platform
 from imageledger.domain.reference import Reference, canonical
 from imageledger.domain.service import HistoryEntry, ImageCacheService
 from imageledger.projections.index import oci_index
@@ -51,8 +53,10 @@ from imageledger.storage import archives
 from imageledger.storage.blobs import BlobStore
 from imageledger.storage.leases import InFlightLease, InFlightLeases, StoreLock
 from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory
+from imageledger.storage.oci import host_platform, parse_platform
 from imageledger.storage.transcoder import MsgpackTranscoder
 from imageledger.storage.viewstore import LMDBViews
+from imageledger.tools.logs import configure_logging
 
 log = structlog.get_logger(__name__)
 
@@ -144,6 +148,11 @@ class ImageCache:
         clock: Clock | None = None,
         durability: Literal["sync", "nometasync", "nosync"] | None = None,
     ) -> None:
+        if not structlog.is_configured():
+            # structlog's unconfigured default prints every level to stdout, into an
+            # embedder's output: fall back to ours (stderr, warning and up unless
+            # IMAGELEDGER_LOG_LEVEL says otherwise). An embedder's own configuration wins.
+            configure_logging()
         self.home = Path(home) if home is not None else default_home()
         self.home.mkdir(parents=True, exist_ok=True)
         env = {
@@ -173,7 +182,7 @@ class ImageCache:
             actor=current_actor(),
             history=self._history,
         )
-        self._write_layout()
+        self._write_index()
 
     # -- the service's Ledger port -------------------------------------------------------
 
@@ -193,15 +202,10 @@ class ImageCache:
 
     # -- the OCI layout projection -----------------------------------------------------
 
-    def _write_layout(self) -> None:
-        layout = self.home / "oci-layout"
-        if not layout.exists():
-            _atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}')
-        self._write_index()
-
     def _write_index(self) -> None:
-        """Rewrite index.json from the views, unless it already shows this position or later.
-        Serialised across processes, so the last writer always writes the latest state."""
+        """Rewrite index.json from the views, unless it already shows this position or later
+        (and write oci-layout if missing). Serialised across processes by index.lock, so the
+        last writer always writes the latest state and temp files found under it are stale."""
         lock_path = self.home / "index.lock"
         fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -210,6 +214,9 @@ class ImageCache:
             # writer's: sweep it.
             for stale in self.home.glob(".index.*.tmp"):
                 stale.unlink(missing_ok=True)
+            layout = self.home / "oci-layout"
+            if not layout.exists():
+                _atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}')
             with self.snapshot() as state:
                 position = state.position
                 stamp = self.home / "index.position"
@@ -322,14 +329,21 @@ class ImageCache:
         return self.service.prune(policy)
 
     def load(
-        self, source: str | os.PathLike[str] | BinaryIO, *, tag: str | None = None
+        self,
+        source: str | os.PathLike[str] | BinaryIO,
+        *,
+        tag: str | None = None,
+        platform: str | None = None,
     ) -> builtins.list[ImageHandle]:
         """Load images from an OCI layout (directory or tar) or a `docker save` tarball.
 
         Names come from the archive (`RepoTags`, `org.opencontainers.image.ref.name`); `tag`
         names the image instead (the archive must then hold one image). A bare tag in an OCI
-        layout (``latest``) needs `tag` to say which repository it belongs to."""
+        layout (``latest``) needs `tag` to say which repository it belongs to. Where the archive
+        holds several platforms of one image, `platform` (``os/arch[/variant]``, default this
+        host's linux platform) picks one, else the first listed; the others are not kept."""
         tag_ref = canonical(tag) if tag is not None else None
+        wanted = parse_platform(platform) if platform else host_platform()
         where = str(source) if isinstance(source, str | os.PathLike) else "stdin"
         kind = _source_kind(source)
         with self._leases.lease() as lease:
@@ -339,10 +353,17 @@ class ImageCache:
                     Path(source) if isinstance(source, str | os.PathLike) else source,
                     leased,
                 )
-                named = _names(loaded, tag_ref)
+                named = _names(loaded, tag_ref, wanted)
             except ImageLedgerError as e:
                 self.service.record_failure(tag or "", f"{kind}:{where}", str(e))
                 raise
+            # The platforms not chosen leave nothing behind.
+            keep = {d for _, image in named for d, _ in image.content.blobs}
+            for image in loaded:
+                for digest, _ in image.content.blobs:
+                    if digest not in keep and digest in leased.written:
+                        leased.delete(digest)
+                        keep.add(digest)
             handles = []
             for reference, image in named:
                 cached = not any(d in leased.written for d, _ in image.content.blobs)
@@ -417,31 +438,43 @@ def _source_kind(source: object) -> str:
     return "oci-layout" if path.is_dir() else "archive"
 
 
-def _names(loaded: list[LoadedImage], tag: str | None) -> list[tuple[str, LoadedImage]]:
-    """Which reference each loaded image gets (see `ImageCache.load`)."""
-    if tag is not None:
-        if len(loaded) != 1:
-            msg = f"--tag names one image, the archive holds {len(loaded)}"
-            raise InvalidReferenceError(msg)
-        return [(tag, loaded[0])]
-    named: list[tuple[str, LoadedImage]] = []
+def _names(
+    loaded: list[LoadedImage], tag: str | None, platform: Platform
+) -> list[tuple[str, LoadedImage]]:
+    """Which reference each loaded image gets (see `ImageCache.load`): one image per
+    reference; where an archive holds several platforms under one name, the one `platform`
+    matches, else the first the archive lists."""
+    named: dict[str, list[LoadedImage]] = {}
     for image in loaded:
-        refs = []
-        for name in image.names:
-            if "/" not in name and ":" not in name:
-                continue  # a bare tag (an OCI layout's ref.name): which repository? --tag says
-            try:
-                refs.append(str(Reference.parse(name)))
-            except InvalidReferenceError:
-                continue
-        if not refs:
-            msg = (
-                f"image {image.content.manifest_digest} in the archive has no usable name "
-                f"({', '.join(image.names) or 'none'}); name it with --tag"
-            )
+        refs = [tag] if tag is not None else _image_refs(image)
+        for ref in refs:
+            named.setdefault(ref, []).append(image)
+    chosen: list[tuple[str, LoadedImage]] = []
+    for ref, images in sorted(named.items()):
+        platforms = [i.content.platform for i in images]
+        if len(set(platforms)) != len(platforms):
+            msg = f"the archive holds {len(images)} images for {ref}; load them one at a time"
             raise InvalidReferenceError(msg)
-        named.extend((ref, image) for ref in sorted(set(refs)))
-    return named
+        chosen.append((ref, choose_platform(images, platform)))
+    return chosen
+
+
+def _image_refs(image: LoadedImage) -> list[str]:
+    refs = []
+    for name in image.names:
+        if "/" not in name and ":" not in name:
+            continue  # a bare tag (an OCI layout's ref.name): which repository? --tag says
+        try:
+            refs.append(str(Reference.parse(name)))
+        except InvalidReferenceError:
+            continue
+    if not refs:
+        msg = (
+            f"image {image.content.manifest_digest} in the archive has no usable name "
+            f"({', '.join(image.names) or 'none'}); name it with --tag"
+        )
+        raise InvalidReferenceError(msg)
+    return sorted(set(refs))
 
 
 def _entry(position: int, event: Any) -> HistoryEntry:
@@ -470,8 +503,28 @@ def _entry(position: int, event: Any) -> HistoryEntry:
     )
 
 
+class _AsyncOwner:
+    """What a handle from the asyncio API calls back: coroutines over the blocking cache."""
+
+    def __init__(self, cache: ImageCache) -> None:
+        self.cache = cache
+
+    async def inspect(self, reference: str) -> ImageDetail:
+        detail = await asyncio.to_thread(self.cache.inspect, reference)
+        return dataclasses.replace(detail, handle=_async(detail.handle, self.cache))
+
+    async def remove(self, reference: str, force: bool = False) -> None:
+        await asyncio.to_thread(self.cache.remove, reference, force)
+
+
+def _async(handle: ImageHandle, cache: ImageCache) -> ImageHandle:
+    # A copy: the blocking cache may share its handles (list() memo) with blocking callers.
+    return dataclasses.replace(handle, _owner=_AsyncOwner(cache))
+
+
 class Image:
-    """The asyncio API with microsandbox's SDK names, over the default cache or `cache`."""
+    """The asyncio API with microsandbox's SDK names, over the default cache or `cache`.
+    Handles it returns have awaitable `inspect()` and `remove()`."""
 
     _default: ImageCache | None = None
 
@@ -485,15 +538,17 @@ class Image:
 
     @classmethod
     async def get(cls, reference: str, *, cache: ImageCache | None = None) -> ImageHandle:
-        return await asyncio.to_thread(cls._cache(cache).get, reference)
+        c = cls._cache(cache)
+        return _async(await asyncio.to_thread(c.get, reference), c)
 
     @classmethod
     async def list(cls, *, cache: ImageCache | None = None) -> builtins.list[ImageHandle]:
-        return await asyncio.to_thread(cls._cache(cache).list)
+        c = cls._cache(cache)
+        return [_async(h, c) for h in await asyncio.to_thread(c.list)]
 
     @classmethod
     async def inspect(cls, reference: str, *, cache: ImageCache | None = None) -> ImageDetail:
-        return await asyncio.to_thread(cls._cache(cache).inspect, reference)
+        return await _AsyncOwner(cls._cache(cache)).inspect(reference)
 
     @classmethod
     async def remove(
@@ -509,7 +564,8 @@ class Image:
     async def load(
         cls, source: Any, *, tag: str | None = None, cache: ImageCache | None = None
     ) -> builtins.list[ImageHandle]:
-        return await asyncio.to_thread(lambda: cls._cache(cache).load(source, tag=tag))
+        c = cls._cache(cache)
+        return [_async(h, c) for h in await asyncio.to_thread(lambda: c.load(source, tag=tag))]
 
     @classmethod
     async def save(
@@ -528,7 +584,8 @@ class Image:
     async def use(
         cls, reference: str, holder: str, *, cache: ImageCache | None = None
     ) -> ImageHandle:
-        return await asyncio.to_thread(cls._cache(cache).use, reference, holder)
+        c = cls._cache(cache)
+        return _async(await asyncio.to_thread(c.use, reference, holder), c)
 
     @classmethod
     async def release(cls, holder: str, *, cache: ImageCache | None = None) -> int:

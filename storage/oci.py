@@ -13,6 +13,7 @@ always hashes to the same digest.
 from __future__ import annotations
 
 import json
+import platform as _host
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -508,3 +509,34 @@ __all__ = [
     "parse_manifest",
     "read_small_blob",
 ]
+
+
+_MACHINES = {
+    "x86_64": ("amd64", None),
+    "amd64": ("amd64", None),
+    "aarch64": ("arm64", "v8"),
+    "arm64": ("arm64", "v8"),
+    "armv7l": ("arm", "v7"),
+    "armv6l": ("arm", "v6"),
+    "i686": ("386", None),
+    "i386": ("386", None),
+    "ppc64le": ("ppc64le", None),
+    "s390x": ("s390x", None),
+    "riscv64": ("riscv64", None),
+}
+
+
+def host_platform() -> Platform:
+    """This host's platform as OCI spells it, for linux images (the default a runtime wants)."""
+    machine = _host.machine().lower()
+    architecture, variant = _MACHINES.get(machine, (machine, None))
+    return Platform("linux", architecture, variant)
+
+
+def parse_platform(text: str) -> Platform:
+    """``os/arch[/variant]``, e.g. ``linux/arm64/v8``."""
+    parts = text.split("/")
+    if len(parts) not in (2, 3) or not all(parts):
+        msg = f"invalid platform {text!r}: expected os/arch[/variant], e.g. linux/arm64"
+        raise ValueError(msg)
+    return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else None)

@@ -66,6 +66,18 @@ def duration(text: str) -> int:
     return total
 
 
+def non_negative(text: str) -> int:
+    """A count of bytes: a non-negative integer."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = -1
+    if value < 0:
+        msg = f"invalid byte count {text!r}: a non-negative integer"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def handle_json(handle: ImageHandle) -> dict[str, Any]:
     return {
         "reference": handle.reference,
@@ -169,7 +181,7 @@ def cmd_inspect(cache: ImageCache, args: argparse.Namespace) -> int:
 
 def cmd_load(cache: ImageCache, args: argparse.Namespace) -> int:
     source: Any = sys.stdin.buffer if args.path == "-" else Path(args.path)
-    handles = cache.load(source, tag=args.tag)
+    handles = cache.load(source, tag=args.tag, platform=args.platform)
     if args.json:
         _print_json([handle_json(h) for h in handles])
     else:
@@ -203,12 +215,20 @@ def cmd_release(cache: ImageCache, args: argparse.Namespace) -> int:
 
 
 def cmd_rm(cache: ImageCache, args: argparse.Namespace) -> int:
-    for reference in args.references:
-        cache.remove(reference, force=args.force)
-        if not args.json:
-            print(f"Removed {reference}")
+    removed: list[str] = []
+    try:
+        for reference in args.references:
+            cache.remove(reference, force=args.force)
+            removed.append(reference)
+            if not args.json:
+                print(f"Removed {reference}")
+    except ImageLedgerError:
+        # A later one failed (exit 3 or 4): still say, as JSON, which ones were removed.
+        if args.json and removed:
+            _print_json({"removed": removed})
+        raise
     if args.json:
-        _print_json({"removed": list(args.references)})
+        _print_json({"removed": removed})
     return EXIT_OK
 
 
@@ -347,6 +367,9 @@ def build_parser() -> argparse.ArgumentParser:
     load = add("load", cmd_load, "load images from an OCI layout or a docker-archive")
     load.add_argument("path", help="OCI layout directory or tar, docker-archive tar, - for stdin")
     load.add_argument("--tag", help="name the (single) image in the archive")
+    load.add_argument(
+        "--platform", help="os/arch[/variant] to keep of a multi-platform archive (default: host)"
+    )
     save = add("save", cmd_save, "save images to an archive", json_flag=False)
     save.add_argument("references", nargs="+")
     save.add_argument("-o", "--output", required=True, help="archive path, - for stdout")
@@ -375,7 +398,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     prune.add_argument(
         "--max-bytes",
-        type=int,
+        type=non_negative,
         metavar="N",
         help="evict least recently used images until the cache fits in N bytes",
     )
