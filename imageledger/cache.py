@@ -50,7 +50,7 @@ from imageledger.projections.index import oci_index
 from imageledger.projections.runner import RebuildReport, folder, rebuild
 from imageledger.projections.views import TABLES, ViewState, from_micros
 from imageledger.storage import archives
-from imageledger.storage.blobs import BlobStore
+from imageledger.storage.blobs import BlobStore, BlobWriter
 from imageledger.storage.leases import InFlightLease, InFlightLeases, StoreLock
 from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory
 from imageledger.storage.oci import host_platform, parse_platform
@@ -120,6 +120,12 @@ class _LeasedStore:
         size = self._store.write(digest, chunks, **kwargs)
         self.written.add(digest)
         return size
+
+    def writer(self, digest: str, **kwargs: Any) -> BlobWriter:
+        self._claim(digest)
+        kwargs.setdefault("work", self._lease.work)
+        self.written.add(digest)
+        return self._store.writer(digest, **kwargs)
 
     def delete(self, digest: str) -> int:
         """A failed or partial load cleans up what it wrote, unless another live pull or load

@@ -81,6 +81,19 @@ class BlobStore:
         with self.open(digest) as f:
             return f.read()
 
+    def writer(
+        self,
+        digest: str,
+        *,
+        size: int | None = None,
+        max_size: int | None = None,
+        work: Path | None = None,
+    ) -> BlobWriter:
+        """A resumable writer for blob `digest`: feed it chunks (after an interrupted download,
+        resume from `writer.offset`), then `commit()` or `abort()`. Partial files go to `work`
+        (an in-flight lease's directory) or ``tmp/``."""
+        return BlobWriter(self, digest, size=size, max_size=max_size, work=work)
+
     def write(
         self,
         digest: str,
@@ -95,42 +108,11 @@ class BlobStore:
         Raises `DigestMismatchError` when the content hashes otherwise or its length is not
         `size`, and `BlobTooLargeError` as soon as it passes `size` or `max_size`; either way
         nothing is kept. Storing a blob that is already there is harmless (same bytes).
-        Partial files go to `work` (an in-flight lease's directory) or ``tmp/``.
         """
-        final = self.path(digest)
-        algorithm = digest.partition(":")[0]
-        limit = size if size is not None else max_size
-        partial_dir = work if work is not None else self.tmp
-        partial_dir.mkdir(parents=True, exist_ok=True)
-        partial = partial_dir / f"{final.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
-        hasher = hashlib.new(algorithm)
-        written = 0
-        try:
-            with partial.open("xb") as f:
-                for chunk in chunks:
-                    written += len(chunk)
-                    if limit is not None and written > limit:
-                        msg = f"blob {digest}: more than the announced {limit} bytes"
-                        raise BlobTooLargeError(msg)
-                    hasher.update(chunk)
-                    f.write(chunk)
-                f.flush()
-                os.fsync(f.fileno())
-            if size is not None and written != size:
-                msg = f"blob {digest}: got {written} bytes, announced {size}"
-                raise DigestMismatchError(msg)
-            actual = f"{algorithm}:{hasher.hexdigest()}"
-            if actual != digest:
-                msg = f"blob {digest}: content hashes to {actual}"
-                raise DigestMismatchError(msg)
-            final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(partial, final)
-            _fsync_dir(final.parent)
-        except BaseException:
-            with contextlib.suppress(FileNotFoundError):
-                partial.unlink()
-            raise
-        return written
+        with self.writer(digest, size=size, max_size=max_size, work=work) as writer:
+            for chunk in chunks:
+                writer.write(chunk)
+            return writer.commit()
 
     def write_bytes(self, data: bytes, digest: str | None = None) -> str:
         """Store `data` (verified against `digest` when given); return its digest."""
@@ -232,3 +214,79 @@ class BlobStore:
             while chunk := f.read(1 << 20):
                 hasher.update(chunk)
         return f"{algorithm}:{hasher.hexdigest()}" == digest
+
+
+class BlobWriter:
+    """One blob on its way into the store: hashed as it is written, verified and moved into
+    place by `commit()`; `abort()` (or leaving the `with` block without committing) deletes
+    the partial file. Not shared between threads."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        digest: str,
+        *,
+        size: int | None,
+        max_size: int | None,
+        work: Path | None,
+    ) -> None:
+        self.digest = digest
+        self.final = store.path(digest)
+        self.size = size
+        self.limit = size if size is not None else max_size
+        partial_dir = work if work is not None else store.tmp
+        partial_dir.mkdir(parents=True, exist_ok=True)
+        self.partial = partial_dir / f"{self.final.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        self._hasher = hashlib.new(digest.partition(":")[0])
+        self._file: BinaryIO | None = self.partial.open("xb")
+        self.offset = 0
+
+    def write(self, chunk: bytes) -> None:
+        if self._file is None:
+            msg = f"blob {self.digest}: the writer is closed"
+            raise ValueError(msg)
+        self.offset += len(chunk)
+        if self.limit is not None and self.offset > self.limit:
+            msg = f"blob {self.digest}: more than the announced {self.limit} bytes"
+            raise BlobTooLargeError(msg)
+        self._hasher.update(chunk)
+        self._file.write(chunk)
+
+    def commit(self) -> int:
+        """Verify size and digest, fsync, move into place, fsync the directory; the size."""
+        if self._file is None:
+            msg = f"blob {self.digest}: the writer is closed"
+            raise ValueError(msg)
+        try:
+            self._file.flush()
+            os.fsync(self._file.fileno())
+            self._file.close()
+            self._file = None
+            if self.size is not None and self.offset != self.size:
+                msg = f"blob {self.digest}: got {self.offset} bytes, announced {self.size}"
+                raise DigestMismatchError(msg)
+            actual = f"{self.digest.partition(':')[0]}:{self._hasher.hexdigest()}"
+            if actual != self.digest:
+                msg = f"blob {self.digest}: content hashes to {actual}"
+                raise DigestMismatchError(msg)
+            self.final.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(self.partial, self.final)
+            _fsync_dir(self.final.parent)
+        except BaseException:
+            self.abort()
+            raise
+        return self.offset
+
+    def abort(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None
+        with contextlib.suppress(FileNotFoundError):
+            self.partial.unlink()
+
+    def __enter__(self) -> BlobWriter:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._file is not None or self.partial.exists():
+            self.abort()
