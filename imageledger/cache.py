@@ -54,6 +54,12 @@ from imageledger.storage.blobs import BlobStore, BlobWriter
 from imageledger.storage.leases import InFlightLease, InFlightLeases, StoreLock
 from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory
 from imageledger.storage.oci import host_platform, parse_platform
+from imageledger.storage.registry import (
+    PullProgress,
+    RegistryClient,
+    RegistryOptions,
+    options_from_environment,
+)
 from imageledger.storage.transcoder import MsgpackTranscoder
 from imageledger.storage.viewstore import LMDBViews
 from imageledger.tools.logs import configure_logging
@@ -113,6 +119,10 @@ class _LeasedStore:
     def has(self, digest: str) -> bool:
         self._claim(digest)
         return self._store.has(digest)
+
+    def size(self, digest: str) -> int | None:
+        self._claim(digest)
+        return self._store.size(digest)
 
     def write(self, digest: str, chunks: Any, **kwargs: Any) -> int:
         self._claim(digest)
@@ -333,6 +343,36 @@ class ImageCache:
             max_bytes=max_bytes,
         )
         return self.service.prune(policy)
+
+    def pull(
+        self,
+        reference: str,
+        *,
+        platform: str | None = None,
+        options: RegistryOptions | None = None,
+        progress: Callable[[PullProgress], None] | None = None,
+    ) -> ImageHandle:
+        """Pull `reference` from its registry (an index resolves to `platform`, ``os/arch
+        [/variant]``, default this host's linux platform); the image's own platform is what
+        the handle reports. Options default to `options_from_environment()` (insecure
+        registries, CA bundle, credentials from the environment and Docker's config.json).
+
+        Blobs already in the store are not downloaded; what the pull writes is protected from
+        a concurrent prune or remove by an in-flight lease until its event commits."""
+        ref = Reference.parse(reference)
+        wanted = parse_platform(platform) if platform else host_platform()
+        source = f"registry:{ref.name}"
+        with self._leases.lease() as lease:
+            leased = _LeasedStore(self.store, lease, self._lock, self._leases, self._knows_blob)
+            try:
+                with RegistryClient(options or options_from_environment()) as client:
+                    content = client.pull(ref, leased, platform=wanted, progress=progress)
+            except ImageLedgerError as e:
+                self.service.record_failure(str(ref), source, str(e))
+                raise
+            cached = not any(d in leased.written for d, _ in content.blobs)
+            handle = self.service.add(str(ref), content, source, cached=cached)
+        return self._bind(handle)
 
     def load(
         self,
@@ -565,6 +605,21 @@ class Image:
     @classmethod
     async def prune(cls, *, cache: ImageCache | None = None, **options: Any) -> ImagePruneReport:
         return await asyncio.to_thread(lambda: cls._cache(cache).prune(**options))
+
+    @classmethod
+    async def pull(
+        cls,
+        reference: str,
+        *,
+        platform: str | None = None,
+        options: RegistryOptions | None = None,
+        cache: ImageCache | None = None,
+    ) -> ImageHandle:
+        c = cls._cache(cache)
+        handle = await asyncio.to_thread(
+            lambda: c.pull(reference, platform=platform, options=options)
+        )
+        return _async(handle, c)
 
     @classmethod
     async def load(

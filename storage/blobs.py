@@ -156,7 +156,7 @@ class BlobStore:
         found: list[DeletedBlob] = []
         if self.tmp.is_dir():
             for entry in sorted(self.tmp.iterdir()):
-                if entry.name == "leases" or entry.name in alive:
+                if entry.name in ("leases", "locks") or entry.name in alive:
                     continue
                 found.append(
                     DeletedBlob(

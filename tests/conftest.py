@@ -40,3 +40,6 @@ def spawn(lc: ModuleType) -> Iterator[Callable[..., Any]]:
     yield start
     for child in children:
         child.close()
+
+
+pytest_plugins = ["registry"]

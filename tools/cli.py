@@ -30,6 +30,7 @@ from imageledger.domain.errors import (
 from imageledger.domain.model import ImageDetail, ImageHandle, ImagePruneReport
 from imageledger.storage.archives import ArchiveError
 from imageledger.storage.oci import ManifestError
+from imageledger.storage.registry import PullProgress, options_from_environment
 from imageledger.tools.logs import configure_logging
 from imageledger.tools.progress import Progress
 
@@ -187,6 +188,38 @@ def cmd_load(cache: ImageCache, args: argparse.Namespace) -> int:
     else:
         for h in handles:
             print(f"Loaded {h.reference} ({_short(h.manifest_digest)})")
+    return EXIT_OK
+
+
+def cmd_pull(cache: ImageCache, args: argparse.Namespace) -> int:
+    options = options_from_environment(
+        insecure=args.insecure_registry, ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None
+    )
+    with Progress(f"pull {args.reference}", unit="bytes") as bar:
+        sizes: dict[str, int] = {}
+        done: dict[str, int] = {}
+
+        def progress(event: PullProgress) -> None:
+            if event.digest is None:
+                return
+            if event.total is not None:
+                sizes[event.digest] = event.total
+            if event.event == "blob-bytes":
+                done[event.digest] = event.done
+            elif event.event in ("blob-done", "blob-cached"):
+                done[event.digest] = sizes.get(event.digest, event.done)
+            bar.update(sum(done.values()), max(sum(sizes.values()), 1))
+
+        handle = cache.pull(
+            args.reference, platform=args.platform, options=options, progress=progress
+        )
+    if args.json:
+        _print_json(handle_json(handle))
+    else:
+        print(
+            f"Pulled {handle.reference} ({_short(handle.manifest_digest)}, "
+            f"{handle.os}/{handle.architecture}, {handle.size_bytes} bytes)"
+        )
     return EXIT_OK
 
 
@@ -370,6 +403,18 @@ def build_parser() -> argparse.ArgumentParser:
     load.add_argument(
         "--platform", help="os/arch[/variant] to keep of a multi-platform archive (default: host)"
     )
+    pull = add("pull", cmd_pull, "pull an image from an OCI distribution registry")
+    pull.add_argument("reference")
+    pull.add_argument("--platform", help="os/arch[/variant] of an index to pull (default: host)")
+    pull.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="speak plain HTTP to this registry (repeatable; also "
+        "IMAGELEDGER_INSECURE_REGISTRIES=host:port,...)",
+    )
+    pull.add_argument("--ca-bundle", metavar="PEM", help="extra CA certificates to trust")
     save = add("save", cmd_save, "save images to an archive", json_flag=False)
     save.add_argument("references", nargs="+")
     save.add_argument("-o", "--output", required=True, help="archive path, - for stdout")

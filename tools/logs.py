@@ -73,6 +73,10 @@ def configure_logging(
         if as_json
         else structlog.dev.ConsoleRenderer(colors=False)
     )
+    # httpx logs every request (full URLs, signed redirect query strings included) at INFO
+    # through the standard library: keep that to warnings.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
+    logging.getLogger("httpcore").setLevel(logging.WARNING)
     structlog.configure(
         processors=[
             structlog.contextvars.merge_contextvars,

@@ -1,0 +1,1277 @@
+"""The OCI distribution client: pull an image from a registry into the blob store.
+
+`RegistryClient.pull(reference, store, platform=...)` speaks the OCI distribution API v2 over
+HTTP/1.1 (httpx, one connection pool per client) and leaves the image's manifest, config and
+layers verified in the store; it returns the image's `ImageContent`. It touches nothing else:
+recording the pull (the ledger event, the in-flight lease) is the caller's business.
+
+Decisions (each pinned by ``tests/test_registry_client.py``):
+
+- **Transport**: HTTPS, certificates verified against the system's trust store plus
+  `RegistryOptions.ca_bundle` when given. A host listed in `RegistryOptions.insecure`
+  (``host[:port]`` exactly as the reference spells it) is spoken to over plain HTTP; there is
+  no "HTTPS without verification" mode: a registry with a self-signed certificate is reached by
+  giving its CA as `ca_bundle`. ``docker.io`` is served by ``registry-1.docker.io``.
+- **Auth**: every request goes out anonymously first. A 401's ``WWW-Authenticate`` challenge
+  decides what follows: ``Basic`` sends the credentials we have for the registry host (from
+  `RegistryOptions.credentials`); ``Bearer`` fetches a token from the challenge's realm
+  (``service``, ``scope=repository:<repo>:pull``, Basic credentials when we have some,
+  ``token`` or ``access_token`` in the answer) and caches it per (host, scope) until its
+  ``expires_in`` (default 60 s) passes; later requests send it up front, and a 401 despite a
+  token fetches a fresh one once. A 401 after that, or a 403, is a `RegistryAuthError`.
+  Credentials are sent over plain HTTP only to a host in the insecure list. Nothing here logs a
+  credential, a token or a URL's query string.
+- **Manifests**: ``Accept`` lists the four media types (OCI index and manifest, Docker manifest
+  list and v2 schema 2), since distribution 2.8 answers 404 for OCI content or downgrades Docker
+  content to schema 1 otherwise. The ``Content-Type`` must be one of them (schema 1 is refused
+  by name); the body is read up to `MAX_MANIFEST_SIZE` whatever ``Content-Length`` says; its
+  digest is computed here and must equal the pinned digest and ``Docker-Content-Digest``. An
+  index resolves to the entry for the requested platform (os/architecture/variant, else
+  os/architecture with a compatible variant), attestations skipped, nested indexes followed;
+  the chosen manifest is fetched by digest and checked against its descriptor.
+- **Blobs**: the config, then the layers (at most `max_concurrent_layers` at once), each
+  streamed through the store's `BlobWriter`, which hashes while writing and lands nothing
+  that does not verify. A blob already stored with the descriptor's size is not fetched. A
+  broken or short transfer resumes with ``Range: bytes=<offset>-`` (a 200 answer restarts the
+  blob). Connection errors, 429 and 5xx are retried with exponential backoff, honouring
+  ``Retry-After``. Redirects (registries send blob GETs to object storage) are followed; the
+  ``Authorization`` header is never sent to another host. Each blob's check-then-download
+  happens under an exclusive ``flock`` on ``<root>/tmp/locks/<hex>.lock``, so concurrent pulls
+  of one blob (threads or processes) download it once: the waiter then finds it stored.
+- **Progress**: `PullProgress` events go to the optional callback, one call at a time (never
+  concurrently, though from the pool's threads).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import contextlib
+import email.utils
+import fcntl
+import hashlib
+import json
+import os
+import random
+import re
+import ssl
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from types import TracebackType
+from typing import Any, Final, Protocol, Self
+from urllib.parse import urlsplit
+
+import httpx
+import structlog
+
+from imageledger.domain.errors import DigestMismatchError, ImageLedgerError, ImageNotFoundError
+from imageledger.domain.model import (
+    DOCKER_LIST,
+    DOCKER_MANIFEST,
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_INDEX,
+    OCI_MANIFEST,
+    ImageContent,
+    Platform,
+)
+from imageledger.domain.reference import DEFAULT_REGISTRY, Reference, validate_digest
+from imageledger.storage.oci import (
+    CONFIG_TYPES,
+    MAX_MANIFEST_SIZE,
+    BlobAccess,
+    Descriptor,
+    IndexEntry,
+    ManifestError,
+    describe_image,
+    parse_index,
+    parse_manifest,
+)
+
+log = structlog.get_logger(__name__)
+
+MANIFEST_ACCEPT: Final = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
+SCHEMA1_TYPES: Final = (
+    "application/vnd.docker.distribution.manifest.v1+json",
+    "application/vnd.docker.distribution.manifest.v1+prettyjws",
+)
+PROGRESS_STEP: Final = 1 << 20
+"""Bytes between two "blob-bytes" progress events of one blob. (Blobs are written in the
+chunks the connection delivers, 64 KiB: re-chunking into bigger writes only adds a copy.)"""
+DOCKER_HUB_API: Final = "registry-1.docker.io"
+DEFAULT_TOKEN_LIFETIME: Final = 60
+MAX_INDEX_DEPTH: Final = 4
+MAX_ERROR_BODY: Final = 64 * 1024
+MAX_TOKEN_RESPONSE: Final = 1024 * 1024
+MAX_RETRY_AFTER: Final = 60.0
+MAX_BACKOFF: Final = 10.0
+USER_AGENT: Final = "imageledger/0.1"
+
+ENV_INSECURE: Final = "IMAGELEDGER_INSECURE_REGISTRIES"
+ENV_CA_BUNDLE: Final = "IMAGELEDGER_CA_BUNDLE"
+ENV_USER: Final = "IMAGELEDGER_REGISTRY_USER"
+ENV_PASSWORD: Final = "IMAGELEDGER_REGISTRY_PASSWORD"
+ENV_HOST: Final = "IMAGELEDGER_REGISTRY_HOST"
+_DOCKER_HUB_ALIASES: Final = frozenset(
+    {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
+)
+
+
+# ---- errors ----------------------------------------------------------------------------------
+
+
+class RegistryError(ImageLedgerError):
+    """The registry could not be used: unreachable or failing after the retries, garbage or
+    unsupported answers (schema 1, oversized manifests), a missing blob."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry refused us (401 or 403) after we tried the credentials we have."""
+
+
+class RegistryManifestError(RegistryError, ManifestError):
+    """The registry served a manifest, index or config that is malformed or unusable."""
+
+
+class NotInRegistryError(RegistryError, ImageNotFoundError):
+    """The registry has no such image (404 for the manifest, or no manifest for the platform);
+    the message names the reference."""
+
+    def __init__(self, reference: str, detail: str = "") -> None:
+        ImageNotFoundError.__init__(self, reference)
+        self.detail = detail
+        message = f"image not found in the registry: {reference}"
+        self.args = (f"{message} ({detail})" if detail else message,)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reference, self.detail))
+
+
+class _Cancelled(Exception):
+    """A layer download stopped because another one of the same pull failed."""
+
+
+# ---- options ---------------------------------------------------------------------------------
+
+
+Credentials = Callable[[str], tuple[str, str] | None]
+
+
+def _normalize_host(host: str) -> str:
+    host = host.strip().lower()
+    return DEFAULT_REGISTRY if host in _DOCKER_HUB_ALIASES else host
+
+
+@dataclass(frozen=True)
+class RegistryOptions:
+    """How a `RegistryClient` reaches registries.
+
+    `insecure`: ``host[:port]`` names spoken to over plain HTTP. `ca_bundle`: a PEM file of CAs
+    trusted in addition to the system's. `credentials`: registry host (as references spell it,
+    ``docker.io`` for Docker Hub) -> (user, password), or None for anonymous. `backoff`: the
+    first retry's delay in seconds (doubling each time, at most 10 s).
+    """
+
+    insecure: frozenset[str] = frozenset()
+    ca_bundle: Path | None = None
+    credentials: Credentials | None = field(default=None, repr=False)
+    max_concurrent_layers: int = 4
+    retries: int = 5
+    timeout: float = 30.0
+    backoff: float = 0.25
+
+    def __post_init__(self) -> None:
+        if isinstance(self.insecure, str):
+            msg = "insecure must be a set of host[:port] names, not a string"
+            raise TypeError(msg)
+        object.__setattr__(self, "insecure", frozenset(_normalize_host(h) for h in self.insecure))
+        if self.max_concurrent_layers < 1:
+            msg = f"max_concurrent_layers must be at least 1, got {self.max_concurrent_layers}"
+            raise ValueError(msg)
+        if self.retries < 0:
+            msg = f"retries must not be negative, got {self.retries}"
+            raise ValueError(msg)
+        if self.timeout <= 0 or self.backoff < 0:
+            msg = "timeout must be positive and backoff not negative"
+            raise ValueError(msg)
+
+
+def _docker_config_path(environ: Mapping[str, str]) -> Path | None:
+    directory = environ.get("DOCKER_CONFIG")
+    if directory:
+        return Path(directory) / "config.json"
+    home = environ.get("HOME")
+    if home:
+        return Path(home) / ".docker" / "config.json"
+    return None
+
+
+def _auth_key_host(key: str) -> str:
+    """The registry host a Docker ``config.json`` auths key names (``https://index.docker.io
+    /v1/``, ``registry.example:5000``, ``http://host/``...)."""
+    text = key.strip()
+    if "://" in text:
+        text = text.split("://", 1)[1]
+    return _normalize_host(text.split("/", 1)[0])
+
+
+def docker_config_credentials(path: Path) -> dict[str, tuple[str, str]]:
+    """The ``auths`` of a Docker ``config.json``: host -> (user, password). Entries with an
+    ``auth`` (base64 ``user:password``) or ``username``/``password`` fields are read; identity
+    tokens and credential helpers (``credsStore``, ``credHelpers``) are not supported. A missing
+    file is no credentials; an unreadable one is logged (without its content) and ignored."""
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        log.warning("registry.docker_config.unreadable", path=str(path), error=e.strerror)
+        return {}
+    try:
+        config = json.loads(raw)
+    except ValueError:
+        log.warning("registry.docker_config.invalid", path=str(path))
+        return {}
+    auths = config.get("auths") if isinstance(config, dict) else None
+    if isinstance(config, dict) and (config.get("credsStore") or config.get("credHelpers")):
+        log.debug("registry.docker_config.helpers_unsupported", path=str(path))
+    found: dict[str, tuple[str, str]] = {}
+    if not isinstance(auths, dict):
+        return found
+    for key, entry in sorted(auths.items()):
+        if not isinstance(key, str) or not isinstance(entry, dict):
+            continue
+        user: object = entry.get("username")
+        password: object = entry.get("password")
+        encoded = entry.get("auth")
+        if isinstance(encoded, str) and encoded:
+            try:
+                decoded = base64.b64decode(encoded, validate=True).decode("utf-8")
+            except (binascii.Error, UnicodeDecodeError):
+                log.warning("registry.docker_config.bad_auth", path=str(path), key=key)
+                continue
+            user, sep, password = decoded.partition(":")
+            if not sep:
+                continue
+        if isinstance(user, str) and user and isinstance(password, str):
+            found.setdefault(_auth_key_host(key), (user, password))
+    return found
+
+
+class _CredentialChain:
+    """Credentials from the call, then the environment, then Docker's config.json."""
+
+    def __init__(
+        self,
+        explicit: Credentials | None,
+        env_user: tuple[str, str] | None,
+        env_host: str | None,
+        docker: Mapping[str, tuple[str, str]],
+    ) -> None:
+        self._explicit = explicit
+        self._env = env_user
+        self._env_host = env_host
+        self._docker = dict(docker)
+
+    def __call__(self, host: str) -> tuple[str, str] | None:
+        host = _normalize_host(host)
+        if self._explicit is not None:
+            found = self._explicit(host)
+            if found is not None:
+                return found
+        if self._env is not None and (self._env_host is None or self._env_host == host):
+            return self._env
+        return self._docker.get(host)
+
+    def __repr__(self) -> str:
+        return "<registry credentials>"
+
+
+def options_from_environment(
+    environ: Mapping[str, str] | None = None,
+    *,
+    insecure: Iterable[str] = (),
+    ca_bundle: Path | None = None,
+    credentials: Credentials | None = None,
+    max_concurrent_layers: int = 4,
+    retries: int = 5,
+    timeout: float = 30.0,
+) -> RegistryOptions:
+    """`RegistryOptions` from the call's arguments, the environment and Docker's config.
+
+    - ``IMAGELEDGER_INSECURE_REGISTRIES=host[:port],...`` adds to `insecure`;
+    - ``IMAGELEDGER_CA_BUNDLE=path`` is the CA bundle unless `ca_bundle` is given;
+    - credentials: `credentials` (the call's) first; then ``IMAGELEDGER_REGISTRY_USER`` and
+      ``IMAGELEDGER_REGISTRY_PASSWORD``, for the registry named by ``IMAGELEDGER_REGISTRY_HOST``
+      (``host[:port]``; every registry when unset); then the ``auths`` of Docker's
+      ``config.json`` (``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``).
+    """
+    env = os.environ if environ is None else environ
+    hosts = set(insecure)
+    hosts.update(h for h in env.get(ENV_INSECURE, "").split(",") if h.strip())
+    bundle = ca_bundle
+    if bundle is None and env.get(ENV_CA_BUNDLE):
+        bundle = Path(env[ENV_CA_BUNDLE])
+    user, password = env.get(ENV_USER), env.get(ENV_PASSWORD)
+    env_credentials = (user, password) if user and password is not None else None
+    env_host = _normalize_host(env[ENV_HOST]) if env.get(ENV_HOST) else None
+    config_path = _docker_config_path(env)
+    docker = docker_config_credentials(config_path) if config_path is not None else {}
+    return RegistryOptions(
+        insecure=frozenset(hosts),
+        ca_bundle=bundle,
+        credentials=_CredentialChain(credentials, env_credentials, env_host, docker),
+        max_concurrent_layers=max_concurrent_layers,
+        retries=retries,
+        timeout=timeout,
+    )
+
+
+# ---- progress --------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PullProgress:
+    """One progress event: ``manifest`` (the chosen manifest was fetched), ``blob-start``,
+    ``blob-bytes`` (`done` of `total` bytes of that blob), ``blob-done``, ``blob-cached``
+    (already in the store, not fetched)."""
+
+    event: str
+    digest: str | None
+    done: int
+    total: int | None
+
+
+class _Emitter:
+    def __init__(self, callback: Callable[[PullProgress], None] | None) -> None:
+        self._callback = callback
+        self._lock = threading.Lock()
+
+    def __call__(self, event: str, digest: str | None, done: int, total: int | None) -> None:
+        if self._callback is not None:
+            with self._lock:
+                self._callback(PullProgress(event, digest, done, total))
+
+
+# ---- the store as the client sees it ---------------------------------------------------------
+
+
+class BlobWriting(Protocol):
+    """What the client uses of a `storage.blobs.BlobWriter`."""
+
+    @property
+    def offset(self) -> int: ...
+
+    def write(self, chunk: bytes) -> None: ...
+
+    def commit(self) -> int: ...
+
+    def abort(self) -> None: ...
+
+
+class PullStore(BlobAccess, Protocol):
+    """A `BlobStore`, or a wrapper around one (a lease-claiming one, say): `has` is asked
+    before anything else of each digest, and `root` holds ``tmp/locks``."""
+
+    @property
+    def root(self) -> Path: ...
+
+    def writer(self, digest: str, *, size: int | None = None) -> BlobWriting: ...
+
+    def write_bytes(self, data: bytes, digest: str | None = None) -> str: ...
+
+
+@contextlib.contextmanager
+def _blob_lock(store: PullStore, digest: str) -> Iterator[None]:
+    """Hold an exclusive flock on ``<root>/tmp/locks/<hex>.lock`` (per open file, so threads
+    of one process exclude each other too). If the file is unlinked between open and lock (a
+    sweep of tmp/), the lock is taken again on the new file."""
+    directory = Path(store.root) / "tmp" / "locks"
+    path = directory / f"{digest.partition(':')[2]}.lock"
+    while True:
+        directory.mkdir(parents=True, exist_ok=True)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            mine = os.fstat(fd)
+            try:
+                current = os.stat(path)
+            except FileNotFoundError:
+                continue
+            if (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+                continue
+            yield
+            return
+        finally:
+            os.close(fd)
+
+
+# ---- HTTP helpers ----------------------------------------------------------------------------
+
+
+_TOKEN: Final = r"[!#$%&'*+.^_`|~0-9A-Za-z-]+"
+_CHALLENGE_SCHEME: Final = re.compile(rf"[\s,]*({_TOKEN})(?:[ \t]+|$)")
+_CHALLENGE_PARAM: Final = re.compile(
+    rf'[ \t]*({_TOKEN})[ \t]*=[ \t]*(?:"((?:[^"\\]|\\.)*)"|({_TOKEN}))[ \t]*,?'
+)
+
+
+def parse_challenges(values: Iterable[str]) -> list[tuple[str, dict[str, str]]]:
+    """``WWW-Authenticate`` header values -> [(scheme lower-cased, {param: value})]."""
+    challenges: list[tuple[str, dict[str, str]]] = []
+    for value in values:
+        pos = 0
+        while pos < len(value):
+            scheme = _CHALLENGE_SCHEME.match(value, pos)
+            if scheme is None:
+                break
+            pos = scheme.end()
+            params: dict[str, str] = {}
+            while (param := _CHALLENGE_PARAM.match(value, pos)) is not None:
+                quoted, plain = param[2], param[3]
+                text = re.sub(r"\\(.)", r"\1", quoted) if quoted is not None else plain
+                params[param[1].lower()] = text
+                pos = param.end()
+            challenges.append((scheme[1].lower(), params))
+    return challenges
+
+
+def _retry_after(response: httpx.Response) -> float | None:
+    value = response.headers.get("Retry-After")
+    if not value:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return min(float(value), MAX_RETRY_AFTER)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    return min(max((when - datetime.now(UTC)).total_seconds(), 0.0), MAX_RETRY_AFTER)
+
+
+def _read_bounded(
+    response: httpx.Response,
+    limit: int,
+    what: str,
+    error: type[RegistryError] = RegistryManifestError,
+) -> bytes:
+    """The (streamed) response body, refused past `limit` bytes whatever Content-Length says."""
+    declared = response.headers.get("Content-Length")
+    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
+        msg = f"{what}: the registry announces {int(declared)} bytes, more than the {limit} limit"
+        raise error(msg)
+    body = bytearray()
+    for chunk in response.iter_bytes():
+        body += chunk
+        if len(body) > limit:
+            msg = f"{what}: the registry sent more than the {limit} byte limit"
+            raise error(msg)
+    return bytes(body)
+
+
+def _tls_failure(error: BaseException) -> ssl.SSLError | None:
+    """The TLS error behind a connection error (a certificate that does not verify, a plain
+    HTTP server on the other end): retrying would not help."""
+    seen: set[int] = set()
+    current: BaseException | None = error
+    while current is not None and id(current) not in seen:
+        if isinstance(current, ssl.SSLError):
+            return current
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return None
+
+
+def _error_detail(response: httpx.Response) -> str:
+    """``STATUS [CODE: message]`` from a registry error answer (its JSON ``errors``)."""
+    detail = f"HTTP {response.status_code}"
+    try:
+        body = _read_bounded(response, MAX_ERROR_BODY, "error")
+        errors = json.loads(body).get("errors")
+        parts = [
+            f"{e.get('code', '?')}: {e.get('message', '')}".strip()
+            for e in errors
+            if isinstance(e, dict)
+        ]
+        if parts:
+            detail += f" ({'; '.join(parts)[:500]})"
+    except (httpx.HTTPError, RegistryError, ValueError, AttributeError, TypeError):
+        pass
+    return detail
+
+
+def _drain(response: httpx.Response) -> None:
+    """Read a small unwanted body so the connection can be reused, then close."""
+    try:
+        size = 0
+        for chunk in response.iter_bytes():
+            size += len(chunk)
+            if size > MAX_ERROR_BODY:
+                break
+    except httpx.HTTPError:
+        pass
+    finally:
+        response.close()
+
+
+def _media_type(response: httpx.Response) -> str:
+    return str(response.headers.get("Content-Type", "")).split(";", 1)[0].strip().lower()
+
+
+def _digest_of(data: bytes, algorithm: str) -> str:
+    return f"{algorithm}:{hashlib.new(algorithm, data).hexdigest()}"
+
+
+def _safe_url(url: httpx.URL | str) -> str:
+    """A URL fit for a log line: no user info, no query (signed storage URLs carry secrets)."""
+    parts = urlsplit(str(url))
+    host = parts.hostname or ""
+    if parts.port is not None:
+        host = f"{host}:{parts.port}"
+    return f"{parts.scheme}://{host}{parts.path}"
+
+
+# ---- the client ------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Target:
+    """One repository on one registry, as a pull addresses it."""
+
+    reference: Reference
+    host: str  # host[:port] as the reference spells it: the key of credentials and insecure
+    base: str  # scheme://api-host[:port]
+    insecure: bool
+
+    @property
+    def repository(self) -> str:
+        return self.reference.repository
+
+    @property
+    def scope(self) -> str:
+        return f"repository:{self.reference.repository}:pull"
+
+
+@dataclass
+class _Token:
+    value: str
+    expires: float  # time.monotonic()
+
+
+class _Auth:
+    """What each registry host wants (Basic, or Bearer from a realm) and the tokens we hold."""
+
+    def __init__(self, client: RegistryClient) -> None:
+        self._client = client
+        self._lock = threading.Lock()
+        self._basic: set[str] = set()
+        self._realms: dict[str, dict[str, str]] = {}
+        self._tokens: dict[tuple[str, str], _Token] = {}
+        self._fetching: dict[tuple[str, str], threading.Lock] = {}
+
+    def _credentials(self, host: str) -> tuple[str, str] | None:
+        lookup = self._client.options.credentials
+        return lookup(host) if lookup is not None else None
+
+    @staticmethod
+    def _basic_header(credentials: tuple[str, str]) -> str:
+        user, password = credentials
+        return "Basic " + base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+
+    def header(self, target: _Target) -> str | None:
+        """The Authorization header to send up front (None: anonymous)."""
+        with self._lock:
+            basic = target.host in self._basic
+            bearer = target.host in self._realms
+        if basic:
+            credentials = self._credentials(target.host)
+            return self._basic_header(credentials) if credentials is not None else None
+        if bearer:
+            return f"Bearer {self._token(target)}"
+        return None
+
+    def unauthorized(self, target: _Target, response: httpx.Response, sent: str | None) -> None:
+        """React to a 401 answer to a request that carried `sent`: learn the challenge and get
+        what the retry needs, or raise `RegistryAuthError`."""
+        challenges = parse_challenges(response.headers.get_list("WWW-Authenticate"))
+        schemes = {scheme: params for scheme, params in reversed(challenges)}
+        where = f"{target.host} ({target.reference})"
+        if "bearer" in schemes and schemes["bearer"].get("realm"):
+            with self._lock:
+                self._realms[target.host] = schemes["bearer"]
+            refused = sent.removeprefix("Bearer ") if sent and sent.startswith("Bearer ") else None
+            self._token(target, refused=refused)
+            return
+        if "basic" in schemes:
+            credentials = self._credentials(target.host)
+            if credentials is None:
+                msg = f"{where}: the registry requires authentication and we have no credentials"
+                raise RegistryAuthError(msg)
+            if sent is not None and sent.startswith("Basic "):
+                msg = f"{where}: the registry rejected the credentials for {target.host}"
+                raise RegistryAuthError(msg)
+            with self._lock:
+                self._basic.add(target.host)
+            return
+        if challenges:
+            names = ", ".join(sorted({scheme for scheme, _ in challenges}))
+            msg = f"{where}: unsupported authentication scheme(s): {names}"
+        else:
+            msg = f"{where}: unauthorized (401) and no usable WWW-Authenticate challenge"
+        raise RegistryAuthError(msg)
+
+    def _token(self, target: _Target, *, refused: str | None = None) -> str:
+        """A token for `target`'s scope: the cached one unless it expired or is `refused` (the
+        registry just answered 401 to it); otherwise a fresh one, fetched by one thread while
+        the others wait for it."""
+        key = (target.host, target.scope)
+        with self._lock:
+            fetch_lock = self._fetching.setdefault(key, threading.Lock())
+        with fetch_lock:
+            with self._lock:
+                cached = self._tokens.get(key)
+            if cached is not None and cached.expires > time.monotonic() and cached.value != refused:
+                return cached.value
+            token = self._fetch_token(target)
+            with self._lock:
+                self._tokens[key] = token
+            return token.value
+
+    def _fetch_token(self, target: _Target) -> _Token:
+        with self._lock:
+            challenge = dict(self._realms[target.host])
+        realm = challenge["realm"]
+        parts = urlsplit(realm)
+        if parts.scheme not in ("http", "https") or not parts.hostname:
+            msg = f"{target.host}: the token realm {_safe_url(realm)!r} is not an http(s) URL"
+            raise RegistryAuthError(msg)
+        realm_host = parts.netloc.rsplit("@", 1)[-1].lower()
+        headers: dict[str, str] = {}
+        credentials = self._credentials(target.host)
+        if credentials is not None:
+            plain_ok = target.insecure or realm_host in self._client.options.insecure
+            if parts.scheme == "http" and not plain_ok:
+                msg = (
+                    f"{target.host}: refusing to send credentials to the token realm"
+                    f" {_safe_url(realm)} over plain HTTP"
+                )
+                raise RegistryAuthError(msg)
+            headers["Authorization"] = self._basic_header(credentials)
+        params = {"scope": target.scope}
+        if challenge.get("service"):
+            params["service"] = challenge["service"]
+        url = httpx.URL(realm).copy_merge_params(params)
+        started = time.monotonic()
+        response = self._client._send(None, "GET", url, headers=headers, what="token")
+        try:
+            if response.status_code in (401, 403):
+                detail = _error_detail(response)
+                whose = "the credentials" if credentials else "anonymous access"
+                msg = (
+                    f"{target.host} ({target.reference}): the token server refused {whose}:"
+                    f" {detail}"
+                )
+                raise RegistryAuthError(msg)
+            if response.status_code != 200:
+                msg = f"{target.host}: the token server answered {_error_detail(response)}"
+                raise RegistryError(msg)
+            body = _read_bounded(response, MAX_TOKEN_RESPONSE, "token", RegistryError)
+        except httpx.HTTPError as e:
+            msg = f"{target.host}: reading the token failed: {type(e).__name__}"
+            raise RegistryError(msg) from None
+        finally:
+            response.close()
+        try:
+            answer = json.loads(body)
+        except ValueError:
+            answer = None
+        value = None
+        if isinstance(answer, dict):
+            value = answer.get("token") or answer.get("access_token")
+        if not isinstance(value, str) or not value:
+            msg = f"{target.host}: the token server's answer holds no token"
+            raise RegistryAuthError(msg)
+        lifetime = answer.get("expires_in") if isinstance(answer, dict) else None
+        if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or lifetime <= 0:
+            lifetime = DEFAULT_TOKEN_LIFETIME
+        log.debug(
+            "registry.token.fetched",
+            host=target.host,
+            scope=target.scope,
+            lifetime_seconds=lifetime,
+            with_credentials=credentials is not None,
+        )
+        return _Token(value, started + float(lifetime))
+
+
+class RegistryClient:
+    """Pulls images from OCI distribution registries (thread-safe; one connection pool)."""
+
+    def __init__(self, options: RegistryOptions | None = None) -> None:
+        self.options = options if options is not None else RegistryOptions()
+        context = ssl.create_default_context()
+        if self.options.ca_bundle is not None:
+            context.load_verify_locations(cafile=str(self.options.ca_bundle))
+        connections = 2 * self.options.max_concurrent_layers + 4
+        self._http = httpx.Client(
+            verify=context,
+            timeout=httpx.Timeout(self.options.timeout),
+            limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
+            follow_redirects=True,
+            max_redirects=10,
+            headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
+        )
+        self._auth = _Auth(self)
+
+    def close(self) -> None:
+        self._http.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    # -- requests ------------------------------------------------------------------------------
+
+    def _target(self, reference: Reference) -> _Target:
+        host = _normalize_host(reference.registry)
+        api = DOCKER_HUB_API if host == DEFAULT_REGISTRY else host
+        insecure = host in self.options.insecure
+        return _Target(reference, host, f"{'http' if insecure else 'https'}://{api}", insecure)
+
+    def _delay(self, attempt: int) -> float:
+        base = self.options.backoff * (2**attempt)
+        return float(min(base, MAX_BACKOFF) * (1 + random.random() / 4))
+
+    def _send(
+        self,
+        target: _Target | None,
+        method: str,
+        url: httpx.URL | str,
+        *,
+        headers: Mapping[str, str],
+        what: str,
+    ) -> httpx.Response:
+        """Send a request (streamed: the caller reads and closes the response), handling auth
+        challenges (when `target` is given), and retrying connection errors, 429 and 5xx.
+        Any other status is returned to the caller."""
+        attempt = 0
+        auth_retried = False
+        host = target.host if target is not None else httpx.URL(url).netloc.decode()
+        while True:
+            request_headers = dict(headers)
+            sent = self._auth.header(target) if target is not None else None
+            if sent is not None:
+                request_headers["Authorization"] = sent
+            request = self._http.build_request(method, url, headers=request_headers)
+            try:
+                response = self._http.send(request, stream=True)
+            except httpx.TransportError as e:
+                tls = _tls_failure(e)
+                if tls is not None:
+                    reason = getattr(tls, "verify_message", None) or getattr(tls, "reason", None)
+                    msg = f"{what}: TLS with {host} failed: {reason or tls}"
+                    raise RegistryError(msg) from None
+                if attempt >= self.options.retries:
+                    msg = f"{what}: cannot talk to {host}: {type(e).__name__}: {e}"
+                    raise RegistryError(msg) from None
+                delay = self._delay(attempt)
+                log.debug(
+                    "registry.retry",
+                    what=what,
+                    url=_safe_url(url),
+                    error=type(e).__name__,
+                    attempt=attempt + 1,
+                    delay_seconds=round(delay, 3),
+                )
+                time.sleep(delay)
+                attempt += 1
+                continue
+            status = response.status_code
+            log.debug(
+                "registry.response", method=method, url=_safe_url(response.url), status=status
+            )
+            if status == 401 and target is not None:
+                if auth_retried:
+                    detail = _error_detail(response)
+                    response.close()
+                    raise RegistryAuthError(self._refusal(target, sent, what, detail))
+                try:
+                    self._auth.unauthorized(target, response, sent)
+                finally:
+                    _drain(response)
+                auth_retried = True
+                continue
+            if status == 403 and target is not None:
+                detail = _error_detail(response)
+                response.close()
+                msg = f"{target.host} ({target.reference}): access denied for {what}: {detail}"
+                raise RegistryAuthError(msg)
+            if status == 429 or status >= 500:
+                if attempt >= self.options.retries:
+                    detail = _error_detail(response)
+                    response.close()
+                    msg = f"{what}: {host} answered {detail} (after {self.options.retries} retries)"
+                    raise RegistryError(msg)
+                after = _retry_after(response)
+                _drain(response)
+                delay = after if after is not None else self._delay(attempt)
+                log.debug(
+                    "registry.retry",
+                    what=what,
+                    url=_safe_url(url),
+                    status=status,
+                    attempt=attempt + 1,
+                    delay_seconds=round(delay, 3),
+                )
+                time.sleep(delay)
+                attempt += 1
+                continue
+            return response
+
+    def _refusal(self, target: _Target, sent: str | None, what: str, detail: str) -> str:
+        where = f"{target.host} ({target.reference})"
+        if sent is not None and sent.startswith("Basic "):
+            return f"{where}: the registry rejected the credentials for {what}: {detail}"
+        if self._auth._credentials(target.host) is None:
+            return (
+                f"{where}: unauthorized for {what} after authenticating anonymously"
+                f" (no credentials for {target.host}): {detail}"
+            )
+        return f"{where}: unauthorized for {what} even with a fresh token: {detail}"
+
+    def _get_small(
+        self, target: _Target, url: str, headers: Mapping[str, str], what: str, limit: int
+    ) -> tuple[httpx.Response, bytes]:
+        """GET a small body (a manifest), retrying a transfer broken midway. A 200 comes back
+        closed, with its body; any other status with an empty body and the response still open
+        (the caller reads its error detail and closes it)."""
+        attempt = 0
+        while True:
+            response = self._send(target, "GET", url, headers=headers, what=what)
+            try:
+                if response.status_code != 200:
+                    return response, b""
+                return response, _read_bounded(response, limit, what)
+            except httpx.TransportError as e:
+                if attempt >= self.options.retries:
+                    msg = f"{what}: the transfer from {target.host} broke: {type(e).__name__}"
+                    raise RegistryError(msg) from None
+            finally:
+                if response.status_code == 200:
+                    response.close()
+            time.sleep(self._delay(attempt))
+            attempt += 1
+
+    # -- manifests -----------------------------------------------------------------------------
+
+    def _fetch_manifest(
+        self, target: _Target, ref: str, expected: Descriptor | None
+    ) -> tuple[bytes, str, str]:
+        """(body, media type, digest) of manifest `ref` (a tag or digest), verified: against the
+        reference's digest, ``Docker-Content-Digest`` and `expected` (an index entry)."""
+        separator = "@" if ref.startswith(("sha256:", "sha512:")) else ":"
+        what = f"manifest {target.reference.name}{separator}{ref}"
+        url = f"{target.base}/v2/{target.repository}/manifests/{ref}"
+        response, body = self._get_small(
+            target, url, {"Accept": MANIFEST_ACCEPT}, what, MAX_MANIFEST_SIZE
+        )
+        try:
+            status = response.status_code
+            if status == 404:
+                detail = _error_detail(response)
+                if expected is None:
+                    raise NotInRegistryError(str(target.reference), detail)
+                msg = f"{what} (listed by the index of {target.reference}) is missing: {detail}"
+                raise RegistryError(msg)
+            if status != 200:
+                msg = f"{what}: {target.host} answered {_error_detail(response)}"
+                raise RegistryError(msg)
+        finally:
+            response.close()
+        media_type = _media_type(response)
+        if media_type in SCHEMA1_TYPES:
+            msg = (
+                f"{what}: the registry serves a Docker schema 1 manifest: schema 1 is not supported"
+            )
+            raise RegistryManifestError(msg)
+        if media_type not in MANIFEST_TYPES + INDEX_TYPES:
+            msg = (
+                f"{what}: the registry answered with Content-Type {media_type or 'none'!r},"
+                " not a manifest or index media type"
+            )
+            raise RegistryManifestError(msg)
+        digest = _digest_of(body, "sha256")
+        pinned = expected.digest if expected is not None else target.reference.digest
+        if pinned is not None:
+            actual = _digest_of(body, pinned.partition(":")[0])
+            if actual != pinned:
+                msg = f"{what}: the registry sent content hashing to {actual}, not {pinned}"
+                raise DigestMismatchError(msg)
+            digest = pinned
+        announced = response.headers.get("Docker-Content-Digest")
+        if announced is not None:
+            try:
+                validate_digest(announced.strip())
+            except ImageLedgerError:
+                msg = f"{what}: the registry sent a malformed Docker-Content-Digest"
+                raise RegistryError(msg) from None
+            actual = _digest_of(body, announced.strip().partition(":")[0])
+            if actual != announced.strip():
+                msg = (
+                    f"{what}: the content hashes to {actual} but the registry announced"
+                    f" {announced.strip()}"
+                )
+                raise DigestMismatchError(msg)
+        if expected is not None:
+            if len(body) != expected.size:
+                msg = f"{what}: {len(body)} bytes, its index entry says {expected.size}"
+                raise DigestMismatchError(msg)
+            if expected.media_type != media_type:
+                msg = (
+                    f"{what}: served as {media_type!r} but its index entry says"
+                    f" {expected.media_type!r}"
+                )
+                raise RegistryManifestError(msg)
+        return body, media_type, digest
+
+    def _resolve(
+        self, target: _Target, platform: Platform, emit: _Emitter
+    ) -> tuple[bytes, str, str, Platform | None]:
+        """Follow the reference (through indexes) to one image manifest for `platform`:
+        (body, media type, digest, the platform of the index entry that chose it)."""
+        ref = target.reference.digest or target.reference.tag or "latest"
+        body, media_type, digest = self._fetch_manifest(target, ref, None)
+        chosen: Platform | None = None
+        depth = 0
+        while media_type in INDEX_TYPES:
+            depth += 1
+            if depth > MAX_INDEX_DEPTH:
+                msg = f"{target.reference}: indexes nested more than {MAX_INDEX_DEPTH} deep"
+                raise RegistryManifestError(msg)
+            try:
+                entries = parse_index(body, media_type, digest=digest)
+            except ManifestError as e:
+                raise RegistryManifestError(str(e)) from None
+            entry = choose_platform(entries, platform)
+            if entry is None:
+                available = sorted(
+                    {str(e.platform) for e in entries if e.platform and not e.attestation}
+                )
+                detail = f"no manifest for {platform}; the index offers {', '.join(available)}"
+                raise NotInRegistryError(str(target.reference), detail)
+            chosen = entry.platform
+            expected = Descriptor(entry.media_type, entry.digest, entry.size)
+            body, media_type, digest = self._fetch_manifest(target, entry.digest, expected)
+        emit("manifest", digest, len(body), len(body))
+        log.debug(
+            "registry.manifest",
+            reference=str(target.reference),
+            digest=digest,
+            media_type=media_type,
+            platform=str(chosen) if chosen else None,
+        )
+        return body, media_type, digest, chosen
+
+    # -- blobs ---------------------------------------------------------------------------------
+
+    def _fetch_blob(
+        self,
+        target: _Target,
+        store: PullStore,
+        descriptor: Descriptor,
+        emit: _Emitter,
+        cancel: threading.Event,
+    ) -> None:
+        digest, size = descriptor.digest, descriptor.size
+        with _blob_lock(store, digest):
+            if cancel.is_set():
+                raise _Cancelled
+            if store.has(digest) and store.size(digest) == size:
+                emit("blob-cached", digest, size, size)
+                log.debug("registry.blob.cached", digest=digest, size=size)
+                return
+            emit("blob-start", digest, 0, size)
+            self._download(target, store, descriptor, emit, cancel)
+            emit("blob-done", digest, size, size)
+
+    def _download(
+        self,
+        target: _Target,
+        store: PullStore,
+        descriptor: Descriptor,
+        emit: _Emitter,
+        cancel: threading.Event,
+    ) -> None:
+        digest, size = descriptor.digest, descriptor.size
+        what = f"blob {digest}"
+        url = f"{target.base}/v2/{target.repository}/blobs/{digest}"
+        writer = store.writer(digest, size=size)
+        try:
+            attempt = 0
+            furthest = 0
+            while True:
+                headers: dict[str, str] = {}
+                if writer.offset:
+                    headers["Range"] = f"bytes={writer.offset}-"
+                response = self._send(target, "GET", url, headers=headers, what=what)
+                broken: str
+                try:
+                    status = response.status_code
+                    if status == 206:
+                        start = _range_start(response.headers.get("Content-Range"))
+                        if start != writer.offset:
+                            log.debug("registry.blob.bad_range", digest=digest, start=start)
+                            writer.abort()
+                            writer = store.writer(digest, size=size)
+                            _drain(response)
+                            continue
+                        log.debug("registry.blob.resumed", digest=digest, offset=writer.offset)
+                    elif status == 200:
+                        if writer.offset:
+                            log.debug("registry.blob.restarted", digest=digest)
+                            writer.abort()
+                            writer = store.writer(digest, size=size)
+                    elif status == 416 and writer.offset:
+                        writer.abort()
+                        writer = store.writer(digest, size=size)
+                        _drain(response)
+                        continue
+                    elif status == 404:
+                        msg = (
+                            f"{what} of {target.reference} is not in the registry:"
+                            f" {_error_detail(response)}"
+                        )
+                        raise RegistryError(msg)
+                    else:
+                        msg = f"{what}: {target.host} answered {_error_detail(response)}"
+                        raise RegistryError(msg)
+                    reported = writer.offset
+                    for chunk in response.iter_bytes():
+                        writer.write(chunk)
+                        if writer.offset - reported >= PROGRESS_STEP or writer.offset == size:
+                            reported = writer.offset
+                            emit("blob-bytes", digest, reported, size)
+                        if cancel.is_set():
+                            raise _Cancelled
+                    if writer.offset >= size:
+                        break
+                    broken = "ended early"
+                except httpx.TransportError as e:
+                    broken = type(e).__name__
+                finally:
+                    response.close()
+                if writer.offset > furthest:
+                    furthest = writer.offset
+                    attempt = 0  # progress: the retry budget is per stall, not per blob
+                if attempt >= self.options.retries:
+                    msg = (
+                        f"{what}: the transfer from {target.host} broke ({broken}) at byte"
+                        f" {writer.offset} of {size}, after {self.options.retries} retries"
+                    )
+                    raise RegistryError(msg)
+                delay = self._delay(attempt) if attempt else 0.0
+                log.debug(
+                    "registry.blob.interrupted",
+                    digest=digest,
+                    offset=writer.offset,
+                    size=size,
+                    reason=broken,
+                    delay_seconds=round(delay, 3),
+                )
+                time.sleep(delay)
+                attempt += 1
+            writer.commit()
+        except BaseException:
+            writer.abort()
+            raise
+
+    def _fetch_layers(
+        self,
+        target: _Target,
+        store: PullStore,
+        layers: list[Descriptor],
+        emit: _Emitter,
+    ) -> None:
+        cancel = threading.Event()
+        workers = min(self.options.max_concurrent_layers, len(layers))
+        if workers == 0:
+            return
+        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imageledger-pull")
+        futures: list[Future[None]] = []
+        try:
+            futures = [
+                pool.submit(self._fetch_blob, target, store, layer, emit, cancel)
+                for layer in layers
+            ]
+            wait(futures, return_when=FIRST_EXCEPTION)
+        finally:
+            cancel.set()  # all done, or one failed (or we were interrupted): stop the others
+            pool.shutdown(wait=True, cancel_futures=True)
+        errors = [
+            e
+            for f in futures
+            if not f.cancelled() and (e := f.exception()) is not None
+            if not isinstance(e, _Cancelled)
+        ]
+        if errors:
+            raise errors[0]
+
+    # -- pull ----------------------------------------------------------------------------------
+
+    def pull(
+        self,
+        reference: Reference,
+        store: PullStore,
+        *,
+        platform: Platform,
+        progress: Callable[[PullProgress], None] | None = None,
+    ) -> ImageContent:
+        """Fetch `reference` (an index resolves to `platform`) into `store`; its content."""
+        target = self._target(reference)
+        emit = _Emitter(progress)
+        started = time.monotonic()
+        log.debug(
+            "registry.pull.start",
+            reference=str(reference),
+            url=target.base,
+            platform=str(platform),
+        )
+        body, media_type, digest, chosen = self._resolve(target, platform, emit)
+        try:
+            manifest = parse_manifest(body, media_type, digest=digest)
+        except ManifestError as e:
+            raise RegistryManifestError(str(e)) from None
+        if manifest.config.media_type not in CONFIG_TYPES:
+            msg = (
+                f"manifest {digest} of {reference}: config media type"
+                f" {manifest.config.media_type!r} is not an image config: not a container image"
+            )
+            raise RegistryManifestError(msg)
+        if manifest.config.size > MAX_MANIFEST_SIZE:
+            msg = (
+                f"manifest {digest} of {reference}: config of {manifest.config.size} bytes is"
+                f" larger than the {MAX_MANIFEST_SIZE} byte limit"
+            )
+            raise RegistryManifestError(msg)
+        cancel = threading.Event()
+        self._fetch_blob(target, store, manifest.config, emit, cancel)
+        unique: dict[str, Descriptor] = {}
+        for layer in manifest.layers:
+            unique.setdefault(layer.digest, layer)
+        self._fetch_layers(target, store, list(unique.values()), emit)
+        with _blob_lock(store, digest):
+            if not (store.has(digest) and store.size(digest) == len(body)):
+                store.write_bytes(body, digest)
+        try:
+            content = describe_image(
+                store, digest, platform_hint=chosen or platform, media_type=media_type
+            )
+        except ManifestError as e:
+            raise RegistryManifestError(f"{reference}: {e}") from None
+        log.debug(
+            "registry.pull.done",
+            reference=str(reference),
+            digest=digest,
+            layers=len(manifest.layers),
+            seconds=round(time.monotonic() - started, 3),
+        )
+        return content
+
+
+def _range_start(content_range: str | None) -> int | None:
+    """The first byte of a ``Content-Range: bytes <start>-<end>/<total>`` header."""
+    if not content_range:
+        return None
+    match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", content_range)
+    return int(match[1]) if match else None
+
+
+# ---- platforms -------------------------------------------------------------------------------
+
+
+def _variant(platform: Platform) -> str | None:
+    if platform.architecture == "arm64" and platform.variant in (None, "v8"):
+        return "v8"
+    return platform.variant
+
+
+def _variant_number(variant: str | None) -> int | None:
+    if variant and variant[0] == "v" and variant[1:].isdigit():
+        return int(variant[1:])
+    return None
+
+
+def choose_platform(  # noqa: PLR0911
+    entries: Iterable[IndexEntry], platform: Platform
+) -> IndexEntry | None:
+    """The index entry for `platform`, attestations skipped: the exact os/architecture/variant
+    (arm64's variant defaults to v8); else, when no variant is asked for, the first entry of the
+    os/architecture; else one of the os/architecture without a variant; else the highest
+    ``vN`` variant not above the one asked for (an arm/v6 image runs on arm/v7)."""
+    candidates = [
+        e
+        for e in entries
+        if not e.attestation
+        and e.platform is not None
+        and e.platform.os == platform.os
+        and e.platform.architecture == platform.architecture
+    ]
+    wanted = _variant(platform)
+    for entry in candidates:
+        assert entry.platform is not None
+        if _variant(entry.platform) == wanted:
+            return entry
+    if not candidates:
+        return None
+    if platform.variant is None:
+        return candidates[0]
+    for entry in candidates:
+        assert entry.platform is not None
+        if entry.platform.variant is None:
+            return entry
+    number = _variant_number(wanted)
+    if number is None:
+        return None
+    compatible = [
+        (n, i)
+        for i, e in enumerate(candidates)
+        if e.platform is not None
+        and (n := _variant_number(e.platform.variant)) is not None
+        and n <= number
+    ]
+    if not compatible:
+        return None
+    return candidates[max(compatible, key=lambda pair: (pair[0], -pair[1]))[1]]
+
+
+__all__ = [
+    "MANIFEST_ACCEPT",
+    "BlobWriting",
+    "NotInRegistryError",
+    "PullProgress",
+    "PullStore",
+    "RegistryAuthError",
+    "RegistryClient",
+    "RegistryError",
+    "RegistryManifestError",
+    "RegistryOptions",
+    "choose_platform",
+    "docker_config_credentials",
+    "options_from_environment",
+    "parse_challenges",
+]

@@ -1,0 +1,228 @@
+"""Pulls through the image cache from a real registry (Debian's docker-registry 2.8): the
+handle, the ledger events, cached re-pulls, and a prune running while a pull is in flight (in
+another process) never deleting what the pull needs; a crashed pull's partial files are
+reclaimed by the next prune."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import pytest
+
+from imageledger import DigestMismatchError, ImageCache, ImageNotFoundError
+from imageledger.storage.registry import RegistryOptions
+from imageledger.tools.imagebuild import ImageSpec, build_image, build_oci_layout
+
+if TYPE_CHECKING:
+    from tests.registry import FlakyRegistry, Registry, push
+else:
+    from registry import FlakyRegistry, Registry, push
+
+TIMEOUT = 60.0
+
+
+def _options(registry: Registry) -> RegistryOptions:
+    return RegistryOptions(insecure=frozenset({registry.host}), backoff=0.01)
+
+
+def _push_image(registry: Registry, tmp_path: Path, name: str) -> str:
+    image = build_image(
+        ImageSpec(
+            layers=({"big": os.urandom(4 << 20)}, {"etc/app": name.encode()}),
+            compression="gzip",
+            architecture="arm64",
+            variant="v8",
+            names=("1",),
+        )
+    )
+    layout = build_oci_layout(tmp_path / f"layout-{name.replace('/', '-')}", [image])
+    push(registry, f"oci:{layout.path}:1", f"{name}:1")
+    return registry.reference(f"{name}:1")
+
+
+def test_pull_gives_the_image_its_own_platform_and_a_cached_repull_downloads_nothing(
+    flaky_registry: FlakyRegistry, tmp_path: Path
+) -> None:
+    registry = flaky_registry.registry
+    reference = _push_image(registry, tmp_path, "team/app")
+    with ImageCache(tmp_path / "home") as cache:
+        handle = cache.pull(reference, options=_options(registry))
+        assert handle.reference == reference
+        assert (handle.os, handle.architecture) == ("linux", "arm64")  # not this host's
+        detail = handle.inspect()
+        for layer in detail.layers:
+            assert cache.store.verify(layer.blob_digest)
+        blob_gets = flaky_registry.count("/v2/team/app/blobs/", "GET")
+        again = cache.pull(reference, options=_options(registry))
+        assert flaky_registry.count("/v2/team/app/blobs/", "GET") == blob_gets
+        assert again.created_at == handle.created_at
+        assert again.last_used_at is not None and handle.last_used_at is not None
+        assert again.last_used_at >= handle.last_used_at
+        events = [e.event for e in cache.history(reference)]
+        assert events == ["ImagePulled", "ImagePulled"]
+        assert "(all cached)" in cache.history(reference)[1].detail
+
+
+def test_a_missing_image_is_not_found_and_recorded(registry: Registry, tmp_path: Path) -> None:
+    with ImageCache(tmp_path / "home") as cache:
+        with pytest.raises(ImageNotFoundError, match="nothere"):
+            cache.pull(registry.reference("nothere:1"), options=_options(registry))
+        [failure] = cache.history(registry.reference("nothere:1"))
+        assert failure.event == "PullFailed"
+        assert cache.list() == []
+
+
+def test_a_tampered_blob_is_refused_and_nothing_lands(
+    flaky_registry: FlakyRegistry, tmp_path: Path
+) -> None:
+    registry = flaky_registry.registry
+    reference = _push_image(registry, tmp_path, "team/tampered")
+    with ImageCache(tmp_path / "probe") as probe:
+        layers = probe.pull(reference, options=_options(registry)).inspect().layers
+    big = max(layers, key=lambda layer: layer.compressed_size_bytes or 0)
+    flaky_registry.corrupt_blob(big.blob_digest, offset=1000)
+    with ImageCache(tmp_path / "home") as cache:
+        with pytest.raises(DigestMismatchError):
+            cache.pull(reference, options=_options(registry))
+        assert not cache.store.has(big.blob_digest)
+        assert cache.list() == []
+        assert [e.event for e in cache.history(reference)] == ["PullFailed"]
+
+
+def _prune_in_child(home: Path) -> dict[str, object]:
+    code = (
+        "import json, sys\n"
+        "from imageledger import ImageCache\n"
+        "with ImageCache(sys.argv[1]) as c:\n"
+        "    r = c.prune()\n"
+        "print(json.dumps({'refs': r.image_refs_removed}))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(home)],
+        capture_output=True,
+        text=True,
+        timeout=TIMEOUT,
+        check=True,
+    )
+    result: dict[str, object] = json.loads(done.stdout)
+    return result
+
+
+def test_prune_in_another_process_while_a_pull_is_in_flight_deletes_nothing_it_needs(
+    flaky_registry: FlakyRegistry, tmp_path: Path
+) -> None:
+    """The microsandbox bug this project exists to fix: a prune deleting a just-pulled image."""
+    registry = flaky_registry.registry
+    reference = _push_image(registry, tmp_path, "team/inflight")
+    with ImageCache(tmp_path / "probe") as probe:
+        layers = probe.pull(reference, options=_options(registry)).inspect().layers
+    big = max(layers, key=lambda layer: layer.compressed_size_bytes or 0)
+    home = tmp_path / "home"
+    stall = flaky_registry.stall_blob(big.blob_digest, after=1 << 20)
+    outcome: list[BaseException | None] = []
+
+    def pull() -> None:
+        try:
+            with ImageCache(home) as cache:
+                cache.pull(reference, options=_options(registry))
+        except BaseException as e:
+            outcome.append(e)
+        else:
+            outcome.append(None)
+
+    puller = threading.Thread(target=pull)
+    puller.start()
+    stall.wait_reached(TIMEOUT)  # config and the small layer are in; the big one is half way
+    pruned = _prune_in_child(home)
+    stall.release()
+    puller.join(TIMEOUT)
+    assert outcome == [None], outcome
+    assert pruned["refs"] == 0
+    with ImageCache(home) as cache:
+        handle = cache.get(reference)
+        for layer in handle.inspect().layers:
+            assert cache.store.verify(layer.blob_digest)
+        assert cache.rebuild(verify=True).identical
+
+
+def test_a_crashed_pull_leaves_partials_the_next_prune_reclaims(
+    flaky_registry: FlakyRegistry, tmp_path: Path
+) -> None:
+    registry = flaky_registry.registry
+    reference = _push_image(registry, tmp_path, "team/crash")
+    with ImageCache(tmp_path / "probe") as probe:
+        layers = probe.pull(reference, options=_options(registry)).inspect().layers
+    big = max(layers, key=lambda layer: layer.compressed_size_bytes or 0)
+    home = tmp_path / "home"
+    stall = flaky_registry.stall_blob(big.blob_digest, after=1 << 20)
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "imageledger.tools.cli",
+            "--home",
+            str(home),
+            "pull",
+            reference,
+            "--insecure-registry",
+            registry.host,
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        stall.wait_reached(TIMEOUT)
+        child.send_signal(signal.SIGKILL)
+        child.wait(TIMEOUT)
+    finally:
+        stall.release()
+        if child.poll() is None:
+            child.kill()
+    tmp = home / "tmp"
+    assert any(p.name.endswith(".part") for p in tmp.rglob("*")), "no partial download to reclaim"
+    with ImageCache(home) as cache:
+        assert cache.list() == []
+        report = cache.prune()
+        assert report.bytes_reclaimed > 0
+        assert list(cache.store.digests()) == []
+        assert not any(p.is_file() for p in tmp.rglob("*") if p.parent.name != "locks")
+        handle = cache.pull(reference, options=_options(registry))
+        for layer in handle.inspect().layers:
+            assert cache.store.verify(layer.blob_digest)
+
+
+def test_cli_pull_json_and_exit_codes(registry: Registry, tmp_path: Path) -> None:
+    reference = _push_image(registry, tmp_path, "cli/app")
+    home = tmp_path / "home"
+    base = [sys.executable, "-m", "imageledger.tools.cli", "--home", str(home)]
+    env = {**os.environ, "IMAGELEDGER_INSECURE_REGISTRIES": registry.host}
+    done = subprocess.run(
+        [*base, "pull", reference, "--json"],
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+    handle = json.loads(done.stdout)
+    assert handle["reference"] == reference and handle["architecture"] == "arm64"
+    missing = subprocess.run(
+        [*base, "pull", registry.reference("cli/none:1"), "--json"],
+        capture_output=True,
+        env=env,
+        timeout=TIMEOUT,
+        check=False,
+    )
+    assert missing.returncode == 3 and missing.stdout == b""
+    assert len(missing.stderr.decode().strip().splitlines()) == 1
+    bad = subprocess.run(
+        [*base, "pull", "Bad/Ref"], capture_output=True, timeout=TIMEOUT, check=False
+    )
+    assert bad.returncode == 2
