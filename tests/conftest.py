@@ -42,4 +42,22 @@ def spawn(lc: ModuleType) -> Iterator[Callable[..., Any]]:
         child.close()
 
 
+@pytest.fixture
+def cache_spawn(tmp_path: Path) -> Iterator[Callable[..., Any]]:
+    """Start an image-cache child (`tests/_cache_child_ops.Child`: a cache operation with
+    named pause points); every child still running at teardown is killed."""
+    children: list[Any] = []
+    cc = importlib.import_module("_cache_child_ops")
+
+    def start(command: str, home: Path, *args: str) -> Any:
+        log = tmp_path / f"child-{len(children)}.log"
+        child = cc.Child(command, home, *args, log=log, timeout=CHILD_TIMEOUT)
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.close()
+
+
 pytest_plugins = ["registry"]

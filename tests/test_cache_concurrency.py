@@ -21,7 +21,7 @@ import tarfile
 import threading
 import time
 from collections import defaultdict
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -103,22 +103,6 @@ def images(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Built]:
 Spawn = Callable[..., Any]
 
 
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    """Start a child (`cc.Child`); every child still running at teardown is killed."""
-    children: list[Any] = []
-
-    def start(command: str, home: Path, *args: str) -> Any:
-        log = tmp_path / f"child-{len(children)}.log"
-        child = cc.Child(command, home, *args, log=log, timeout=TIMEOUT)
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        child.close()
-
-
 def start_together(children: list[Any]) -> None:
     """Every child has its cache open before any of them starts its loop."""
     for child in children:
@@ -190,7 +174,7 @@ def loaded_positions(cache: ImageCache, reference: str) -> int:
 
 
 def test_loads_in_three_processes_while_another_prunes_in_a_tight_loop(
-    tmp_path: Path, images: dict[str, Built], spawn: Spawn
+    tmp_path: Path, images: dict[str, Built], cache_spawn: Spawn
 ) -> None:
     """Three processes each load their own image (all three share a 2 MiB layer) ten times,
     checking it complete right after every load and removing it between loads, while a
@@ -205,7 +189,7 @@ def test_loads_in_three_processes_while_another_prunes_in_a_tight_loop(
     ImageCache(home).close()
     names = [f"p{i}" for i in range(LOADERS)]
     loaders = [
-        spawn(
+        cache_spawn(
             "load-remove-loop",
             home,
             "--archive",
@@ -217,9 +201,11 @@ def test_loads_in_three_processes_while_another_prunes_in_a_tight_loop(
         )
         for name in names
     ]
-    pruner = spawn("prune-loop", home, "--keep", "docker.io/test/p*", "--seconds", "40")
+    pruner = cache_spawn("prune-loop", home, "--keep", "docker.io/test/p*", "--seconds", "40")
     start_together([*loaders, pruner])
-    garbage = spawn("load", home, "--archive", str(images["garbage"].archive), "--count", "15")
+    garbage = cache_spawn(
+        "load", home, "--archive", str(images["garbage"].archive), "--count", "15"
+    )
     results = [loader.expect("done") for loader in loaders]
     garbage.expect("done")
     assert garbage.wait() == 0
@@ -245,7 +231,7 @@ def test_loads_in_three_processes_while_another_prunes_in_a_tight_loop(
 
 
 def test_a_failed_load_keeps_a_layer_another_load_committed(
-    tmp_path: Path, images: dict[str, Built], spawn: Spawn
+    tmp_path: Path, images: dict[str, Built], cache_spawn: Spawn
 ) -> None:
     """A load (child, archive q1 fed through a pipe) writes every blob, including the layer
     it shares with q2, and waits for the rest of the archive; meanwhile q2 is loaded (it
@@ -258,7 +244,7 @@ def test_a_failed_load_keeps_a_layer_another_load_committed(
     assert q2.image.layers[0].digest == shared
     with tarfile.open(q1.archive) as tar:
         cut = tar.getmember("index.json").offset
-    child = spawn("load-stream", home)
+    child = cache_spawn("load-stream", home)
     child.expect("ready")
     child.feed(q1.archive.read_bytes()[:cut])
     path = home / "blobs" / "sha256" / shared.partition(":")[2]
@@ -278,7 +264,7 @@ def test_a_failed_load_keeps_a_layer_another_load_committed(
 
 
 def test_prune_spares_the_work_dir_of_a_load_that_starts_during_it(
-    tmp_path: Path, images: dict[str, Built], spawn: Spawn
+    tmp_path: Path, images: dict[str, Built], cache_spawn: Spawn
 ) -> None:
     """A prune (child) has read the live leases and is listing the store when a docker-archive
     load starts in this process. The load's in-flight lease is made under the store lock, so
@@ -287,7 +273,7 @@ def test_prune_spares_the_work_dir_of_a_load_that_starts_during_it(
     home = tmp_path / "home"
     ImageCache(home).close()
     archive = images["docker"].archive.with_name("docker-legacy.tar")
-    pruner = spawn("prune", home, "--pause", "listed")
+    pruner = cache_spawn("prune", home, "--pause", "listed")
     pruner.expect("paused")
     outcome: list[BaseException | None] = []
 
@@ -317,7 +303,7 @@ def test_prune_spares_the_work_dir_of_a_load_that_starts_during_it(
 
 
 def test_use_in_one_process_races_remove_in_another(
-    tmp_path: Path, images: dict[str, Built], spawn: Spawn
+    tmp_path: Path, images: dict[str, Built], cache_spawn: Spawn
 ) -> None:
     """Process A uses and releases the image under fresh holder ids, again and again; process
     B removes it (not forced) again and again and reloads it whenever the remove worked.
@@ -328,10 +314,10 @@ def test_use_in_one_process_races_remove_in_another(
     used = images["used"]
     with ImageCache(home) as cache:
         cache.load(used.archive)
-    user = spawn(
+    user = cache_spawn(
         "use-loop", home, "--reference", used.reference, "--holder", "sandbox", "--seconds", "2.5"
     )
-    remover = spawn(
+    remover = cache_spawn(
         "remove-reload-loop",
         home,
         "--reference",
@@ -368,7 +354,7 @@ def test_use_in_one_process_races_remove_in_another(
 
 
 def test_threads_query_use_and_release_while_another_loads_and_removes(
-    tmp_path: Path, images: dict[str, Built], spawn: Spawn
+    tmp_path: Path, images: dict[str, Built], cache_spawn: Spawn
 ) -> None:
     """In one process, three threads do random get / list / inspect / use / release while a
     fourth loads and removes (forced or not) two images and a fifth uses a third image and
@@ -381,7 +367,7 @@ def test_threads_query_use_and_release_while_another_loads_and_removes(
     cache = ImageCache(home)
     for built in (stable, m1, m2):
         cache.load(built.archive)
-    reader = spawn("get-server", home)
+    reader = cache_spawn("get-server", home)
     reader.expect("ready")
 
     deadline = time.monotonic() + 2.5
@@ -490,7 +476,7 @@ def test_threads_query_use_and_release_while_another_loads_and_removes(
 
 
 def test_force_remove_races_prune_and_release(
-    tmp_path: Path, images: dict[str, Built], spawn: Spawn
+    tmp_path: Path, images: dict[str, Built], cache_spawn: Spawn
 ) -> None:
     """One process loads the image when missing, uses it and force-removes it, in a loop;
     another releases the holder in a loop; a third prunes in a tight loop. For 2.5 s no
@@ -501,9 +487,11 @@ def test_force_remove_races_prune_and_release(
     forced = images["forced"]
     ImageCache(home).close()
     args = ("--reference", forced.reference, "--holder", "sandbox-f")
-    remover = spawn("force-loop", home, *args, "--archive", str(forced.archive), "--seconds", "2.5")
-    releaser = spawn("release-loop", home, *args, "--seconds", "2.5", "--seed", "3")
-    pruner = spawn("prune-loop", home, "--seconds", "40")
+    remover = cache_spawn(
+        "force-loop", home, *args, "--archive", str(forced.archive), "--seconds", "2.5"
+    )
+    releaser = cache_spawn("release-loop", home, *args, "--seconds", "2.5", "--seed", "3")
+    pruner = cache_spawn("prune-loop", home, "--seconds", "40")
     start_together([remover, releaser, pruner])
     removed, released = remover.expect("done"), releaser.expect("done")
     pruner.send("stop")

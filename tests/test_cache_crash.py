@@ -24,7 +24,7 @@ import random
 import tarfile
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -125,22 +125,6 @@ def home(tmp_path: Path, images: Images) -> Path:
 Spawn = Callable[..., Any]
 
 
-@pytest.fixture
-def spawn(tmp_path: Path) -> Iterator[Spawn]:
-    """Start a child (`cc.Child`); every child still running at teardown is killed."""
-    children: list[Any] = []
-
-    def start(command: str, home: Path, *args: str) -> Any:
-        log = tmp_path / f"child-{len(children)}.log"
-        child = cc.Child(command, home, *args, log=log, timeout=TIMEOUT)
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        child.close()
-
-
 def member_span(archive: Path, digest: str) -> tuple[int, int]:
     """Where blob `digest`'s bytes are in the (uncompressed) archive: (start, end)."""
     with tarfile.open(archive) as tar:
@@ -179,7 +163,7 @@ def recover_and_check(home: Path, images: Images, *, expect_app: bool | None = N
 # ------------------------------------------------------------------ loads
 
 
-def test_kill_while_blobs_are_written(home: Path, images: Images, spawn: Spawn) -> None:
+def test_kill_while_blobs_are_written(home: Path, images: Images, cache_spawn: Spawn) -> None:
     """A load reading the archive from a pipe is killed while it is writing a layer blob (the
     parent fed it up to a random point inside that layer and saw the partial file), after a
     small random delay. Six kills, at different layers and depths: the dead load's partial
@@ -192,7 +176,7 @@ def test_kill_while_blobs_are_written(home: Path, images: Images, spawn: Spawn) 
         digest = own[attempt % 2]
         start, end = member_span(images.app_tar, digest)
         cut = start + int((end - start) * rng.uniform(0.1, 0.9))
-        child = spawn("load-stream", home)
+        child = cache_spawn("load-stream", home)
         child.expect("ready")
         child.feed(data[:cut])
         wait_for("a partial blob", lambda: bool(cc.partial_files(home)))
@@ -206,7 +190,7 @@ def test_kill_while_blobs_are_written(home: Path, images: Images, spawn: Spawn) 
 
 
 def test_crashed_loader_lease_does_not_block_prune(
-    home: Path, images: Images, spawn: Spawn
+    home: Path, images: Images, cache_spawn: Spawn
 ) -> None:
     """While a load is alive (blocked mid-layer) its lease protects what it wrote: a prune
     deletes neither its finished blob nor its partial file. Once it is SIGKILLed, its lease
@@ -217,7 +201,7 @@ def test_crashed_loader_lease_does_not_block_prune(
         images.app.layers[1:], key=lambda layer: member_span(images.app_tar, layer.digest)
     )
     start, end = member_span(images.app_tar, second.digest)
-    child = spawn("load-stream", home)
+    child = cache_spawn("load-stream", home)
     child.expect("ready")
     child.feed(data[: (start + end) // 2])
     wait_for("a partial blob", lambda: bool(cc.partial_files(home)))
@@ -252,7 +236,7 @@ def test_crashed_loader_lease_does_not_block_prune(
     recover_and_check(home, images, expect_app=False)
 
 
-def test_kill_around_the_commit(home: Path, images: Images, spawn: Spawn) -> None:
+def test_kill_around_the_commit(home: Path, images: Images, cache_spawn: Spawn) -> None:
     """A load (from a file) is killed with every blob written but its event not committed,
     then with its event committed but its lease and work dir not yet cleaned up (both at
     pause points inside the real code path), then 8 times at random 0-4 ms after it enters
@@ -261,12 +245,12 @@ def test_kill_around_the_commit(home: Path, images: Images, spawn: Spawn) -> Non
     rng = random.Random(2)
     archive = str(images.app_tar)
 
-    child = spawn("load", home, "--archive", archive, "--pause", "before-add")
+    child = cache_spawn("load", home, "--archive", archive, "--pause", "before-add")
     child.expect("paused")
     child.kill()
     recover_and_check(home, images, expect_app=False)
 
-    child = spawn("load", home, "--archive", archive, "--pause", "after-add")
+    child = cache_spawn("load", home, "--archive", archive, "--pause", "after-add")
     child.expect("paused")
     child.kill()
     assert [p.suffix for p in cc.lease_files(home)] == [".lease"]
@@ -274,7 +258,7 @@ def test_kill_around_the_commit(home: Path, images: Images, spawn: Spawn) -> Non
 
     landed = []
     for _ in range(8):
-        child = spawn("load", home, "--archive", archive)
+        child = cache_spawn("load", home, "--archive", archive)
         child.expect("add")
         time.sleep(rng.uniform(0, 0.004))
         child.kill()
@@ -289,7 +273,7 @@ def test_kill_around_the_commit(home: Path, images: Images, spawn: Spawn) -> Non
         cache.remove(APP_REF)
     duration = time.monotonic() - started
     for _ in range(4):
-        child = spawn("load", home, "--archive", archive)
+        child = cache_spawn("load", home, "--archive", archive)
         child.expect("load-start")
         time.sleep(rng.uniform(0, duration))
         child.kill()
@@ -298,7 +282,7 @@ def test_kill_around_the_commit(home: Path, images: Images, spawn: Spawn) -> Non
     print("random kills landed:", landed)
 
 
-def test_kill_loading_a_docker_archive(home: Path, images: Images, spawn: Spawn) -> None:
+def test_kill_loading_a_docker_archive(home: Path, images: Images, cache_spawn: Spawn) -> None:
     """The legacy ``docker save`` path spools layer files under the lease's work dir before it
     stores them: kills at random moments of that load (5 times) leave spools and blobs that
     the next prune reclaims."""
@@ -310,7 +294,7 @@ def test_kill_loading_a_docker_archive(home: Path, images: Images, spawn: Spawn)
     duration = time.monotonic() - started
     landed = []
     for _ in range(5):
-        child = spawn("load", home, "--archive", str(images.app_docker))
+        child = cache_spawn("load", home, "--archive", str(images.app_docker))
         child.expect("load-start")
         time.sleep(rng.uniform(0, duration))
         child.kill()
@@ -319,10 +303,10 @@ def test_kill_loading_a_docker_archive(home: Path, images: Images, spawn: Spawn)
     print("random kills landed:", landed)
 
 
-def test_kill_while_the_lease_is_created(home: Path, images: Images, spawn: Spawn) -> None:
+def test_kill_while_the_lease_is_created(home: Path, images: Images, cache_spawn: Spawn) -> None:
     """A load killed while its in-flight lease is being created (locked under its temporary
     name, not yet renamed): the next prune must leave no lease file of any kind."""
-    child = spawn("load", home, "--archive", str(images.app_tar), "--pause", "lease-rename")
+    child = cache_spawn("load", home, "--archive", str(images.app_tar), "--pause", "lease-rename")
     child.expect("paused")
     child.kill()
     cc.assert_consistent(home)
@@ -331,10 +315,10 @@ def test_kill_while_the_lease_is_created(home: Path, images: Images, spawn: Spaw
     assert not leftovers, f"lease files left after prune: {leftovers}"
 
 
-def test_kill_while_index_json_is_written(home: Path, images: Images, spawn: Spawn) -> None:
+def test_kill_while_index_json_is_written(home: Path, images: Images, cache_spawn: Spawn) -> None:
     """A load killed after its commit, while index.json is being rewritten (written to its
     temporary file, not renamed): the next open and prune must leave no temporary behind."""
-    child = spawn("load", home, "--archive", str(images.app_tar), "--pause", "index-rename")
+    child = cache_spawn("load", home, "--archive", str(images.app_tar), "--pause", "index-rename")
     child.expect("paused")
     child.kill()
     assert APP_REF in cc.assert_consistent(home), "the load committed before the index"
@@ -344,7 +328,7 @@ def test_kill_while_index_json_is_written(home: Path, images: Images, spawn: Spa
 
 
 def test_layer_protected_by_a_load_that_then_crashes_is_reclaimed(
-    tmp_path: Path, images: Images, spawn: Spawn
+    tmp_path: Path, images: Images, cache_spawn: Spawn
 ) -> None:
     """``test/base`` is removed while a load of ``test/app`` (sharing its bottom layer) is in
     flight and has claimed that layer, so the remove keeps it; then the load is killed.
@@ -356,7 +340,7 @@ def test_layer_protected_by_a_load_that_then_crashes_is_reclaimed(
     data = images.app_tar.read_bytes()
     with tarfile.open(images.app_tar) as tar:
         cut = tar.getmember("index.json").offset  # every blob, but not the index
-    child = spawn("load-stream", home)
+    child = cache_spawn("load-stream", home)
     child.expect("ready")
     child.feed(data[:cut])
     lease = home / "tmp" / "leases"
@@ -378,7 +362,7 @@ def test_layer_protected_by_a_load_that_then_crashes_is_reclaimed(
 # ------------------------------------------------------------------ removes
 
 
-def test_kill_during_remove(home: Path, images: Images, spawn: Spawn) -> None:
+def test_kill_during_remove(home: Path, images: Images, cache_spawn: Spawn) -> None:
     """``remove(test/app)`` killed right after its event commits (nothing unlinked yet), after
     its first and second unlink, and 6 times at random 0-10 ms after it starts. The removed
     image's blobs left on disk are orphans the next prune reclaims; the shared layer of
@@ -396,7 +380,7 @@ def test_kill_during_remove(home: Path, images: Images, spawn: Spawn) -> None:
         args = ["--reference", APP_REF]
         if point is not None:
             args += ["--pause", point, "--pause-at", str(n)]
-        child = spawn("remove", home, *args)
+        child = cache_spawn("remove", home, *args)
         if point is not None:
             child.expect("paused")
         else:
@@ -425,7 +409,7 @@ def plant_orphans(home: Path, rng: random.Random, count: int) -> None:
         (directory / hashlib.sha256(data).hexdigest()).write_bytes(data)
 
 
-def test_kill_during_prune(home: Path, images: Images, spawn: Spawn) -> None:
+def test_kill_during_prune(home: Path, images: Images, cache_spawn: Spawn) -> None:
     """A prune with ~450 files to unlink (an unreferenced 150-layer image and 300 orphan
     blobs) is killed while it lists the store (store lock held, nothing decided), right after
     its event commits, after a random number of unlinks, and 4 times at random moments:
@@ -452,7 +436,7 @@ def test_kill_during_prune(home: Path, images: Images, spawn: Spawn) -> None:
         plant_orphans(home, rng, 300)
         before = len(cc.blob_files(home))
         args = [] if point is None else ["--pause", point, "--pause-at", str(n)]
-        child = spawn("prune", home, *args)
+        child = cache_spawn("prune", home, *args)
         if point is not None:
             child.expect("paused")
         else:
