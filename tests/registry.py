@@ -2,7 +2,8 @@
 
 Each fixture starts its own Debian ``docker-registry`` (distribution 2.8) process on
 127.0.0.1 port 0 with filesystem storage in a temporary directory, waits for its
-``listening on 127.0.0.1:PORT`` log line, and stops it with SIGTERM at teardown:
+``listening on 127.0.0.1:PORT`` log line, and stops it with SIGTERM at teardown (the process
+handling is `imageledger.tools.localregistry`'s; TLS and auth go in as config overrides):
 
 - ``registry``: plain HTTP, anonymous;
 - ``registry_basic``: htpasswd (bcrypt) Basic auth, credentials in ``Registry.username/password``;
@@ -33,7 +34,6 @@ import os
 import re
 import secrets
 import shutil
-import signal
 import socket
 import subprocess
 import sys
@@ -57,11 +57,15 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.hazmat.primitives.asymmetric.utils import decode_dss_signature
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-REGISTRY_BINARY = os.environ.get("IMAGELEDGER_TEST_REGISTRY", "docker-registry")
-"""The distribution registry executable (``docker-registry serve CONFIG``)."""
+from imageledger.tools import localregistry
+from imageledger.tools.localregistry import LocalRegistry
+
+REGISTRY_BINARY = localregistry.registry_binary()
+"""The distribution registry executable (``docker-registry serve CONFIG``;
+``$IMAGELEDGER_TEST_REGISTRY``)."""
 SKOPEO = os.environ.get("IMAGELEDGER_TEST_SKOPEO", "skopeo")
-START_TIMEOUT = 30.0
-STOP_TIMEOUT = 15.0
+START_TIMEOUT = localregistry.START_TIMEOUT
+STOP_TIMEOUT = localregistry.STOP_TIMEOUT
 SKOPEO_TIMEOUT = 120.0
 
 TOKEN_SERVICE = "imageledger-test-registry"
@@ -73,8 +77,6 @@ skew: a token is accepted until ``exp + 60``."""
 BASIC_USERNAME = "tester"
 BASIC_PASSWORD = "pa:ss w0rd!"
 """A password with a colon and a space, so a client that splits or quotes it wrongly fails."""
-
-_LISTENING = re.compile(r"listening on 127\.0\.0\.1:(\d+)")
 
 
 @dataclass(frozen=True)
@@ -291,22 +293,26 @@ def _write_htpasswd(path: Path, username: str, password: str) -> None:
 
 @dataclass
 class RegistryProcess:
-    """A running ``docker-registry`` process and what it was started with."""
+    """A running ``docker-registry`` process (a `LocalRegistry`) and the client's view of it."""
 
     registry: Registry
-    process: subprocess.Popen[bytes]
-    directory: Path
-    config: Path
+    local: LocalRegistry
+
+    @property
+    def process(self) -> subprocess.Popen[bytes]:
+        return self.local.process
+
+    @property
+    def directory(self) -> Path:
+        return self.local.directory
+
+    @property
+    def config(self) -> Path:
+        return self.local.config
 
     def stop(self) -> None:
         """SIGTERM, then wait for the exit (SIGKILL if it does not come)."""
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-            try:
-                self.process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(STOP_TIMEOUT)
+        self.local.stop()
 
 
 def start_registry(
@@ -316,7 +322,8 @@ def start_registry(
     basic: tuple[str, str] | None = None,
     token: TokenServer | None = None,
 ) -> RegistryProcess:
-    """Start a registry with its storage, config and log under `directory`.
+    """Start a registry (`imageledger.tools.localregistry.start`) with its storage, config and
+    log under `directory`.
 
     `tls`: serve HTTPS with a certificate for 127.0.0.1 issued by that CA. `basic`: htpasswd
     auth for that ``(username, password)``. `token`: Bearer token auth with that token server
@@ -326,35 +333,23 @@ def start_registry(
     if basic is not None and token is not None:
         raise ValueError("a registry has one auth method")
     directory.mkdir(parents=True, exist_ok=True)
-    storage = directory / "storage"
-    storage.mkdir(exist_ok=True)
-    http: dict[str, Any] = {"addr": "127.0.0.1:0", "secret": secrets.token_hex(16)}
-    config: dict[str, Any] = {
-        "version": "0.1",
-        "log": {"level": "info", "formatter": "text", "accesslog": {"disabled": False}},
-        "storage": {
-            "filesystem": {"rootdirectory": str(storage)},
-            "delete": {"enabled": True},
-            "maintenance": {"uploadpurging": {"enabled": False}},
-        },
-        "http": http,
-    }
+    overrides: dict[str, Any] = {}
     ca_cert: Path | None = None
     if tls is not None:
         cert_path, key_path = tls.write_server_pair(directory)
-        http["tls"] = {"certificate": str(cert_path), "key": str(key_path)}
+        overrides["http"] = {"tls": {"certificate": str(cert_path), "key": str(key_path)}}
         ca_cert = tls.write(directory / "ca.pem")
     username = password = None
     if basic is not None:
         username, password = basic
         htpasswd = directory / "htpasswd"
         _write_htpasswd(htpasswd, username, password)
-        config["auth"] = {"htpasswd": {"realm": "imageledger-test", "path": str(htpasswd)}}
+        overrides["auth"] = {"htpasswd": {"realm": "imageledger-test", "path": str(htpasswd)}}
     if token is not None:
         username, password = token.username, token.password
         bundle = directory / "token-ca.pem"
         bundle.write_bytes(token.root_bundle)
-        config["auth"] = {
+        overrides["auth"] = {
             "token": {
                 "realm": token.realm,
                 "service": token.service,
@@ -362,46 +357,19 @@ def start_registry(
                 "rootcertbundle": str(bundle),
             }
         }
-    # JSON is YAML: distribution's config loader reads it as is.
-    config_path = directory / "config.yml"
-    config_path.write_text(json.dumps(config, indent=2))
-    log = directory / "registry.log"
-    # REGISTRY_* variables override the config file: keep the caller's out.
-    env = {k: v for k, v in os.environ.items() if not k.startswith("REGISTRY_")}
-    with log.open("wb") as sink:
-        process = subprocess.Popen(
-            [REGISTRY_BINARY, "serve", str(config_path)],
-            stdin=subprocess.DEVNULL,
-            stdout=sink,
-            stderr=subprocess.STDOUT,
-            env=env,
-        )
-    deadline = time.monotonic() + START_TIMEOUT
-    port: int | None = None
-    while port is None:
-        match = _LISTENING.search(log.read_text(errors="replace"))
-        if match:
-            port = int(match.group(1))
-            break
-        if process.poll() is not None or time.monotonic() > deadline:
-            if process.poll() is None:
-                process.kill()
-                process.wait()
-            raise RegistryError(
-                f"{REGISTRY_BINARY} did not start (exit {process.returncode}):\n"
-                + log.read_text(errors="replace")
-            )
-        time.sleep(0.02)
-    scheme = "https" if tls is not None else "http"
+    try:
+        local = localregistry.start(directory, overrides, binary=REGISTRY_BINARY)
+    except localregistry.LocalRegistryError as e:
+        raise RegistryError(str(e)) from e
     registry = Registry(
-        host=f"127.0.0.1:{port}",
-        url=f"{scheme}://127.0.0.1:{port}",
+        host=local.host,
+        url=local.url,
         ca_cert=ca_cert,
         username=username,
         password=password,
-        log=log,
+        log=local.log,
     )
-    return RegistryProcess(registry, process, directory, config_path)
+    return RegistryProcess(registry, local)
 
 
 @contextlib.contextmanager

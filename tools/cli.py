@@ -362,9 +362,9 @@ def cmd_demo(cache: ImageCache | None, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(cache: ImageCache | None, args: argparse.Namespace) -> int:
-    from imageledger.tools import bench_cache, bench_ledger
+    from imageledger.tools import bench_cache, bench_ledger, bench_pull
 
-    benches = {"ledger": bench_ledger.main, "cache": bench_cache.main}
+    benches = {"ledger": bench_ledger.main, "cache": bench_cache.main, "pull": bench_pull.main}
     if not args.rest or args.rest[0] not in benches:
         msg = f"bench: choose one of {', '.join(benches)}"
         raise UsageError(msg)
