@@ -15,9 +15,6 @@ datetimes), registered with the transcoder by `TRANSCODINGS`, so their encoding 
 from __future__ import annotations
 
 import dataclasses
-import getpass
-import os
-import socket
 from datetime import datetime
 from typing import Any, Final
 from uuid import NAMESPACE_URL, UUID, uuid5
@@ -38,18 +35,6 @@ from imageledger.domain.model import (
 )
 
 LEDGER_ID: Final = uuid5(NAMESPACE_URL, "imageledger:ledger")
-VERSION: Final = "0.1.0"
-
-
-def current_actor() -> Actor:
-    """Who and where this process runs (no secret: names and ids only)."""
-    try:
-        user = getpass.getuser()
-    except (KeyError, OSError):
-        user = ""
-    return Actor(
-        user=user, uid=os.getuid(), pid=os.getpid(), host=socket.gethostname(), version=VERSION
-    )
 
 
 class ImageLedger(Aggregate):

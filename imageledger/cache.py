@@ -21,8 +21,10 @@ import builtins
 import contextlib
 import dataclasses
 import fcntl
+import getpass
 import hashlib
 import os
+import socket
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -34,8 +36,9 @@ from eventsourcing.persistence import Transcoder
 from eventsourcing.utils import get_topic
 
 from imageledger.domain.errors import ImageLedgerError, InvalidReferenceError
-from imageledger.domain.events import TRANSCODINGS, ImageLedger, current_actor
+from imageledger.domain.events import TRANSCODINGS, ImageLedger
 from imageledger.domain.model import (
+    Actor,
     ImageDetail,
     ImageHandle,
     ImagePruneReport,
@@ -73,6 +76,21 @@ def default_home() -> Path:
     """``$IMAGELEDGER_HOME``, else ``~/.local/share/imageledger``."""
     home = os.environ.get("IMAGELEDGER_HOME")
     return Path(home) if home else Path.home() / ".local" / "share" / "imageledger"
+
+
+VERSION = "0.1.0"
+
+
+def current_actor() -> Actor:
+    """Who and where this process runs, for every event it appends (names and ids, no
+    secret). A host fact, so it is read here, where the domain is wired to the machine."""
+    try:
+        user = getpass.getuser()
+    except (KeyError, OSError):
+        user = ""
+    return Actor(
+        user=user, uid=os.getuid(), pid=os.getpid(), host=socket.gethostname(), version=VERSION
+    )
 
 
 def _utc_now() -> datetime:

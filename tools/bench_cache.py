@@ -22,8 +22,8 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from imageledger.cache import ImageCache
-from imageledger.domain.events import ImageLedger, current_actor
+from imageledger.cache import ImageCache, current_actor
+from imageledger.domain.events import ImageLedger
 from imageledger.domain.model import (
     OCI_MANIFEST,
     ImageConfig,
