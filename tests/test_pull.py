@@ -47,6 +47,14 @@ def _push_image(registry: Registry, tmp_path: Path, name: str) -> str:
     return registry.reference(f"{name}:1")
 
 
+def _big_layer(registry: Registry, reference: str, tmp_path: Path) -> str:
+    """The digest of the image's biggest layer, learnt by pulling it into a scratch home."""
+    with ImageCache(tmp_path / "probe") as probe:
+        layers = probe.pull(reference, options=_options(registry)).inspect().layers
+    biggest = max(layers, key=lambda layer: layer.compressed_size_bytes or 0)
+    return str(biggest.blob_digest)
+
+
 def test_pull_gives_the_image_its_own_platform_and_a_cached_repull_downloads_nothing(
     flaky_registry: FlakyRegistry, tmp_path: Path
 ) -> None:
@@ -84,14 +92,12 @@ def test_a_tampered_blob_is_refused_and_nothing_lands(
 ) -> None:
     registry = flaky_registry.registry
     reference = _push_image(registry, tmp_path, "team/tampered")
-    with ImageCache(tmp_path / "probe") as probe:
-        layers = probe.pull(reference, options=_options(registry)).inspect().layers
-    big = max(layers, key=lambda layer: layer.compressed_size_bytes or 0)
-    flaky_registry.corrupt_blob(big.blob_digest, offset=1000)
+    big = _big_layer(registry, reference, tmp_path)
+    flaky_registry.corrupt_blob(big, offset=1000)
     with ImageCache(tmp_path / "home") as cache:
         with pytest.raises(DigestMismatchError):
             cache.pull(reference, options=_options(registry))
-        assert not cache.store.has(big.blob_digest)
+        assert not cache.store.has(big)
         assert cache.list() == []
         assert [e.event for e in cache.history(reference)] == ["PullFailed"]
 
@@ -121,11 +127,9 @@ def test_prune_in_another_process_while_a_pull_is_in_flight_deletes_nothing_it_n
     """The microsandbox bug this project exists to fix: a prune deleting a just-pulled image."""
     registry = flaky_registry.registry
     reference = _push_image(registry, tmp_path, "team/inflight")
-    with ImageCache(tmp_path / "probe") as probe:
-        layers = probe.pull(reference, options=_options(registry)).inspect().layers
-    big = max(layers, key=lambda layer: layer.compressed_size_bytes or 0)
+    big = _big_layer(registry, reference, tmp_path)
     home = tmp_path / "home"
-    stall = flaky_registry.stall_blob(big.blob_digest, after=1 << 20)
+    stall = flaky_registry.stall_blob(big, after=1 << 20)
     outcome: list[BaseException | None] = []
 
     def pull() -> None:
@@ -157,11 +161,9 @@ def test_a_crashed_pull_leaves_partials_the_next_prune_reclaims(
 ) -> None:
     registry = flaky_registry.registry
     reference = _push_image(registry, tmp_path, "team/crash")
-    with ImageCache(tmp_path / "probe") as probe:
-        layers = probe.pull(reference, options=_options(registry)).inspect().layers
-    big = max(layers, key=lambda layer: layer.compressed_size_bytes or 0)
+    big = _big_layer(registry, reference, tmp_path)
     home = tmp_path / "home"
-    stall = flaky_registry.stall_blob(big.blob_digest, after=1 << 20)
+    stall = flaky_registry.stall_blob(big, after=1 << 20)
     child = subprocess.Popen(
         [
             sys.executable,
