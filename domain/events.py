@@ -145,7 +145,12 @@ class ImageLedger(Aggregate):
 
 
 class _DataclassAsDict(Transcoding):
-    """Encodes one frozen value type as a dict of its fields (nested values recurse)."""
+    """Encodes one frozen value type as a dict of its fields (nested values recurse).
+
+    `immutable`: the model's value types are frozen and hold only str/int/None/tuples, so the
+    transcoder may hand back one decoded value for every occurrence of the same bytes."""
+
+    immutable = True
 
     def __init__(self, cls: type[Any]) -> None:
         self.type = cls

@@ -45,6 +45,13 @@ code  type                payload
 10    aware time          as 9, then ``>q`` UTC offset in microseconds
 ====  ==================  ==========================================================
 
+Values of immutable registered types are decoded once per distinct payload: a transcoding whose
+``immutable`` attribute is true promises that its decoded values are never mutated (frozen,
+holding only immutable values), so the transcoder keeps the value decoded from each payload
+(a bounded memo) and hands the same object back for the same bytes. Ledgers repeat such values
+constantly (the same image pulled again, every event of one process carrying the same actor),
+and replaying a log is then mostly dictionary hits instead of rebuilding nested objects.
+
 Aware datetimes and times come back with a fixed-offset `datetime.timezone`: the offset is kept
 exactly (down to microseconds) but a zone's name and rules, and ``fold``, are not; the value
 compares equal and has the same ``utcoffset()``.
@@ -111,6 +118,8 @@ _tuple_new: Final = tuple.__new__
 # Dicts with up to this many keys remember their key order (events and view rows do).
 _KEY_ORDER_MAX_KEYS: Final = 64
 _KEY_ORDER_CACHE_SIZE: Final = 4096
+# Decoded values of immutable registered types kept for reuse, by payload bytes.
+_DECODED_CACHE_SIZE: Final = 4096
 _Converter: TypeAlias = Callable[[Any], Any]
 
 
@@ -181,6 +190,7 @@ class MsgpackTranscoder(Transcoder):
             EXT_TIME_TZ: self._decode_time_tz,
         }
         self._timezones: dict[int, timezone] = {}
+        self._decoded: dict[bytes, Any] = {}
         self._key_orders: dict[tuple[int, ...], tuple[tuple[str, ...], tuple[str, ...]]] = {}
 
     def register(self, transcoding: Transcoding) -> None:
@@ -189,6 +199,7 @@ class MsgpackTranscoder(Transcoder):
         self.names[transcoding.name] = transcoding
         self._native = _NATIVE - self.types.keys()
         self._converters[transcoding.type] = self._registered_converter(transcoding)
+        self._decoded.clear()  # a payload may now name a different transcoding
         self._key_orders.clear()  # registering str itself turns the str-key orders off
 
     def encode(self, obj: Any) -> bytes:
@@ -426,6 +437,9 @@ class MsgpackTranscoder(Transcoder):
         return decoder(payload)
 
     def _decode_registered(self, payload: bytes) -> Any:
+        value = self._decoded.get(payload)
+        if value is not None:
+            return value
         entry = self.decode(payload)
         if type(entry) is not list or len(entry) != 2:
             msg = f"Malformed registered-type payload: {entry!r}"
@@ -435,7 +449,12 @@ class MsgpackTranscoder(Transcoder):
             transcoding = self.names[name]
         except (KeyError, TypeError):
             raise _not_decodable(name) from None
-        return transcoding.decode(data)
+        value = transcoding.decode(data)
+        if getattr(transcoding, "immutable", False) and value is not None:
+            if len(self._decoded) >= _DECODED_CACHE_SIZE:
+                self._decoded.clear()  # as for key orders: let the values that recur back in
+            self._decoded[payload] = value
+        return value
 
     def _decode_tuple(self, payload: bytes) -> tuple[Any, ...]:
         return tuple(self.decode(payload))

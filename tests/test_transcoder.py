@@ -3,6 +3,7 @@ an eventsourcing application storing its events and snapshots through it in the 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
 import random
@@ -647,6 +648,76 @@ def test_registered_transcodings_win_over_builtin_types(transcoder: MsgpackTrans
     round_trip(transcoder, [uuid, when, Decimal("1.5")])
     # The built-in extension types still decode: data written before registering stays valid.
     assert_same([uuid, when, Decimal("1.5")], transcoder.decode(builtin))
+
+
+@dataclasses.dataclass(frozen=True)
+class Frozen:
+    name: str
+    parts: tuple[int, ...]
+
+
+class FrozenAsList(Transcoding):
+    type = Frozen
+    name = "frozen"
+    immutable = True
+
+    def __init__(self) -> None:
+        self.decoded = 0
+
+    def encode(self, obj: Frozen) -> list[Any]:
+        return [obj.name, obj.parts]
+
+    def decode(self, data: list[Any]) -> Frozen:
+        self.decoded += 1
+        return Frozen(data[0], data[1])
+
+
+def test_immutable_values_are_decoded_once_per_payload(transcoder: MsgpackTranscoder) -> None:
+    frozen = FrozenAsList()
+    transcoder.register(frozen)
+    value = Frozen("a", (1, 2))
+    first = transcoder.decode(transcoder.encode({"x": value, "y": [value]}))
+    again = transcoder.decode(transcoder.encode((value, Frozen("b", (3,)))))
+    assert first == {"x": value, "y": [value]}
+    assert again == (value, Frozen("b", (3,)))
+    # One decoded object serves every occurrence of the same bytes, in any enclosing value.
+    assert first["x"] is first["y"][0] is again[0]
+    assert frozen.decoded == 2  # "a" once, "b" once
+
+
+def test_mutable_values_are_never_shared(registered: MsgpackTranscoder) -> None:
+    # CustomType1 is mutable (its transcoding does not say immutable): each decode is fresh,
+    # so mutating one decoded value cannot leak into the next decode of the same bytes.
+    data = registered.encode(CustomType1(UUID(int=1)))
+    first = registered.decode(data)
+    first.value = UUID(int=2)
+    second = registered.decode(data)
+    assert second is not first
+    assert second.value == UUID(int=1)
+
+
+def test_decoded_memo_is_bounded_and_stays_correct(transcoder: MsgpackTranscoder) -> None:
+    frozen = FrozenAsList()
+    transcoder.register(frozen)
+    count = tmod._DECODED_CACHE_SIZE + 100
+    values = [Frozen(f"v{i}", (i,)) for i in range(count)]
+    encoded = [transcoder.encode(v) for v in values]
+    for _ in range(2):
+        assert [transcoder.decode(data) for data in encoded] == values
+    assert len(transcoder._decoded) <= tmod._DECODED_CACHE_SIZE
+
+
+def test_registering_again_forgets_decoded_values(transcoder: MsgpackTranscoder) -> None:
+    transcoder.register(FrozenAsList())
+    data = transcoder.encode(Frozen("a", (1,)))
+    transcoder.decode(data)
+
+    class Renamed(FrozenAsList):
+        def decode(self, data: list[Any]) -> Frozen:
+            return Frozen(data[0].upper(), data[1])
+
+    transcoder.register(Renamed())
+    assert transcoder.decode(data) == Frozen("A", (1,))
 
 
 def test_registering_str_itself_is_respected(transcoder: MsgpackTranscoder) -> None:
