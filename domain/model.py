@@ -105,9 +105,12 @@ class LoadedImage:
     names: tuple[str, ...]
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True)
 class ImageHandle:
-    """The seed API's handle: a read-only view of one cached reference."""
+    """The seed API's handle: a read-only view of one cached reference.
+
+    Not slotted, unlike the other values: list() builds thousands at a time by handing each a
+    ready field map as its `__dict__` (see `ViewState.handles`)."""
 
     reference: str
     manifest_digest: str

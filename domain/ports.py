@@ -13,9 +13,9 @@ from typing import Any, Protocol
 from imageledger.domain.model import BlobRecord, ImageHandle, ManifestRecord, ReferenceRecord
 
 
-class ViewTxn(Protocol):
-    """One transaction over the views: plain values (dict, list, str, int, bytes, None) in,
-    the same values out; storage encodes them canonically."""
+class ViewRecords(Protocol):
+    """What the folds read and write: plain values (dict, list, str, int, bytes, None, aware
+    datetimes, which come back in UTC) by table and key."""
 
     def get(self, table: str, key: bytes) -> Any: ...
 
@@ -23,9 +23,22 @@ class ViewTxn(Protocol):
 
     def delete(self, table: str, key: bytes) -> None: ...
 
+
+class ViewTxn(ViewRecords, Protocol):
+    """One transaction over the stored views, which storage encodes canonically."""
+
     def scan(
         self, table: str, *, prefix: bytes = b"", reverse: bool = False
     ) -> Iterator[tuple[bytes, Any]]: ...
+
+    def scan_encoded(
+        self, table: str, *, prefix: bytes = b"", reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        """`scan` without decoding: equal bytes are equal values (canonical encoding), so a
+        reader can keep what it built from a row and skip rows it has seen."""
+
+    def decode(self, value: bytes) -> Any:
+        """One value from `scan_encoded`, as `scan` would give it."""
 
 
 class CacheState(Protocol):
@@ -43,8 +56,10 @@ class CacheState(Protocol):
     def references(self) -> Iterator[ReferenceRecord]:
         """Newest first by created_at, ties by ledger position, newest first."""
 
-    def handles(self) -> Iterator[ImageHandle]:
-        """`references()` as handles (the list() fast path)."""
+    def handles(self, memo: dict[bytes, ImageHandle] | None = None) -> Iterator[ImageHandle]:
+        """`references()` as handles (the list() fast path). `memo` maps encoded rows to the
+        handles made from them: rows found there are not decoded again, and once the scan
+        is done it holds exactly this scan's rows."""
 
     def manifest(self, digest: str) -> ManifestRecord | None: ...
 

@@ -128,9 +128,10 @@ class ImageCacheService:
             raise ImageNotFoundError(ref)
         return record.handle()
 
-    def list(self) -> builtins.list[ImageHandle]:
+    def list(self, memo: dict[bytes, ImageHandle] | None = None) -> builtins.list[ImageHandle]:
+        """Newest first; `memo` as for `CacheState.handles`."""
         with self.ledger.snapshot() as state:
-            return builtins.list(state.handles())
+            return builtins.list(state.handles(memo))
 
     def inspect(self, reference: str) -> ImageDetail:
         ref = canonical(reference)

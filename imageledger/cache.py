@@ -51,6 +51,7 @@ from imageledger.domain.reference import Reference, canonical
 from imageledger.domain.service import HistoryEntry, ImageCacheService
 from imageledger.projections.index import oci_index
 from imageledger.projections.runner import RebuildReport, folder, rebuild
+from imageledger.projections.views import FORMAT as VIEWS_FORMAT
 from imageledger.projections.views import TABLES, ViewState, from_micros
 from imageledger.storage import archives
 from imageledger.storage.blobs import BlobStore, BlobWriter
@@ -205,8 +206,11 @@ class ImageCache:
         self.store = BlobStore(self.home)
         self._lock = StoreLock(self.home)
         self._leases = InFlightLeases(self.home, self._lock)
+        # Two rebuilds would fill the same spare namespace at once: one at a time per home.
+        self._rebuild_lock = StoreLock(self.home, "rebuild.lock")
         self.write_index = True
         self._list_memo: tuple[int, builtins.list[ImageHandle]] | None = None
+        self._handle_memo: dict[bytes, ImageHandle] = {}  # see ViewState.handles
         self.service = ImageCacheService(
             ledger=self,
             content=self.store,
@@ -216,6 +220,7 @@ class ImageCache:
             actor=current_actor(),
             history=self._history,
         )
+        self._upgrade_views()
         self._write_index()
 
     # -- the service's Ledger port -------------------------------------------------------
@@ -289,7 +294,10 @@ class ImageCache:
         memo = self._list_memo
         if memo is not None and memo[0] == position:
             return builtins.list(memo[1])
-        handles = [self._bind(h) for h in self.service.list()]
+        handles = self.service.list(self._handle_memo)
+        bind = object.__setattr__  # as in _bind, without a call per handle
+        for handle in handles:
+            bind(handle, "_owner", self)
         with self.snapshot() as state:
             if state.position == position:
                 self._list_memo = (position, handles)
@@ -456,10 +464,26 @@ class ImageCache:
     ) -> RebuildReport:
         """Replay the whole log into fresh views (or, with `verify`, into scratch space) and
         compare them with the live ones (semantics 10: they must be identical)."""
-        report = rebuild(self._views, self._decode, verify_only=verify, progress=progress)
+        with self._rebuild_lock():
+            report = rebuild(self._views, self._decode, verify_only=verify, progress=progress)
         if not verify:
             self._write_index()
         return report
+
+    def _upgrade_views(self) -> None:
+        """Views written in another layout (`views.FORMAT`, by another imageledger version) are
+        rebuilt from the log before anything reads them: the log is the state, views are
+        only a cache of it."""
+        with self.snapshot() as state:
+            found = state.format
+        if found == VIEWS_FORMAT or not self._views.head():
+            return
+        with self._rebuild_lock():
+            with self.snapshot() as state:
+                found = state.format
+            if found != VIEWS_FORMAT:
+                log.warning("views.format_changed", found=found, wanted=VIEWS_FORMAT)
+                rebuild(self._views, self._decode)
 
     def df(self) -> dict[str, Any]:
         """Bytes by kind, and what a default prune would reclaim."""

@@ -1,19 +1,26 @@
 """The views: pure folds from ledger events to tables, and the reader over those tables.
 
 `apply(view, event, position)` is the whole projection: it reads and writes only through the
-`ViewTxn` port, uses only the event and its position, and writes only plain values with sorted
-lists, so the tables after N events are the same bytes whether they were maintained one commit
-at a time or rebuilt from the log (semantics 10). No clock, no host fact, no set or dict order.
+`ViewRecords` port, uses only the event and its position, and writes only plain values with
+sorted lists, so the tables after N events are the same bytes whether they were maintained one
+commit at a time or rebuilt from the log (semantics 10). No clock, no host fact, no set or dict
+order.
 
 Tables (keys are bytes; values plain data):
 - ``refs``: reference -> {m: manifest, c: created_at us, u: last_used_at us, p: created position}
-- ``refs.order``: created_at us (8 bytes) + created position (8 bytes) -> reference (list())
+- ``refs.order``: created_at us (8 bytes) + created position (8 bytes) -> the reference's
+  handle: `ImageHandle`'s fields in order (`HANDLE_FIELDS`), its two times as UTC datetimes,
+  so that list() makes each row a handle in one step (see `handles`)
 - ``manifests``: digest -> {content, refs: [...], holders: [...], u: last used us}
 - ``blobs``: digest -> {kind, size, users: [manifest digests]} (content reference counts)
 - ``holders``: holder -> [[reference, manifest], ...]
 - ``history``: reference + NUL + position (8 bytes) -> {e, at, m, d, who}
 - ``prunes``: position (8 bytes) -> the prune report
-- ``meta``: b"position", b"version", b"modified" -> int
+- ``meta``: b"position", b"version", b"modified", b"format" -> int
+
+`FORMAT` numbers the layout above; views written by another layout are rebuilt from the log on
+open. `APPEND_ONLY` names the tables whose rows are written once per event and never read by
+the folds: a rebuild streams them out instead of holding them.
 """
 
 from __future__ import annotations
@@ -21,6 +28,7 @@ from __future__ import annotations
 import struct
 from bisect import bisect_left
 from collections.abc import Iterator
+from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
@@ -37,9 +45,12 @@ from imageledger.domain.model import (
     Platform,
     ReferenceRecord,
 )
-from imageledger.domain.ports import ViewTxn
+from imageledger.domain.ports import ViewRecords, ViewTxn
 
 TABLES: Final = ("refs", "refs.order", "manifests", "blobs", "holders", "history", "prunes", "meta")
+APPEND_ONLY: Final = ("history", "prunes")
+HANDLE_FIELDS: Final = tuple(f.name for f in fields(ImageHandle) if not f.name.startswith("_"))
+FORMAT: Final = 2
 _U64: Final = struct.Struct(">Q")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -52,10 +63,6 @@ def micros(at: datetime) -> int:
 
 def from_micros(us: int) -> datetime:
     return _EPOCH + timedelta(microseconds=us)
-
-
-def _key(text: str) -> bytes:
-    return text.encode()
 
 
 def _insert(items: list[Any], item: Any) -> list[Any]:
@@ -123,27 +130,34 @@ def content_from_plain(plain: dict[str, Any]) -> ImageContent:
 # ---------------------------------------------------------------- the folds
 
 
-def apply(view: ViewTxn, event: Any, position: int) -> None:
+def apply(view: ViewRecords, event: Any, position: int) -> None:
     """Fold one ledger event, at log `position`, into the views (see `mark` for meta)."""
     handler = _HANDLERS.get(type(event))
     if handler is not None:
         handler(view, event, position, micros(event.timestamp))
 
 
-def mark(view: ViewTxn, event: Any, position: int) -> None:
+def mark(view: ViewRecords, event: Any, position: int) -> None:
     """Record that the views include the log up to `position` (the last event of a batch)."""
     view.put("meta", b"position", position)
     view.put("meta", b"version", event.originator_version)
     view.put("meta", b"modified", micros(event.timestamp))
+    view.put("meta", b"format", FORMAT)
 
 
 def _history(
-    view: ViewTxn, reference: str, position: int, at: int, event: Any, manifest: str, detail: str
+    view: ViewRecords,
+    reference: str,
+    position: int,
+    at: int,
+    event: Any,
+    manifest: str,
+    detail: str,
 ) -> None:
     actor: Actor = event.actor
     view.put(
         "history",
-        _key(reference) + b"\0" + _U64.pack(position),
+        reference.encode() + b"\0" + _U64.pack(position),
         {
             "e": type(event).__name__,
             "at": at,
@@ -154,22 +168,22 @@ def _history(
     )
 
 
-def _pulled(view: ViewTxn, event: ImageLedger.ImagePulled, position: int, at: int) -> None:
+def _pulled(view: ViewRecords, event: ImageLedger.ImagePulled, position: int, at: int) -> None:
     content = event.content
     digest = content.manifest_digest
     reference = event.reference
-    manifest = view.get("manifests", _key(digest))
+    manifest = view.get("manifests", digest.encode())
     if manifest is None:
         manifest = {"content": content_to_plain(content), "refs": [], "holders": [], "u": at}
         for blob, kind, size in content.kinded_blobs():
-            record = view.get("blobs", _key(blob)) or {"kind": kind, "size": size, "users": []}
+            record = view.get("blobs", blob.encode()) or {"kind": kind, "size": size, "users": []}
             record["users"] = _insert(record["users"], digest)
-            view.put("blobs", _key(blob), record)
+            view.put("blobs", blob.encode(), record)
     manifest["refs"] = _insert(manifest["refs"], reference)
     manifest["u"] = at
-    view.put("manifests", _key(digest), manifest)
+    view.put("manifests", digest.encode(), manifest)
 
-    ref = view.get("refs", _key(reference))
+    ref = view.get("refs", reference.encode())
     if ref is None or ref["m"] != digest:
         if ref is None:
             ref = {"m": digest, "c": at, "u": at, "p": position}
@@ -181,92 +195,103 @@ def _pulled(view: ViewTxn, event: ImageLedger.ImagePulled, position: int, at: in
         ref["n"] = len(content.layers)
         ref["s"] = content.size_bytes
     ref["u"] = at
-    _put_ref(view, reference, ref)
+    _put_ref(view, reference, ref, event.timestamp)
     detail = f"from {event.source}" + (" (all cached)" if event.cached else "")
     _history(view, reference, position, at, event, digest, detail)
 
 
-def _put_ref(view: ViewTxn, reference: str, ref: dict[str, Any]) -> None:
-    """A reference's record, and its row in creation order (all list() needs, in one scan)."""
-    view.put("refs", _key(reference), ref)
+def _put_ref(view: ViewRecords, reference: str, ref: dict[str, Any], used: datetime) -> None:
+    """A reference's record, and its row in creation order (all list() needs, in one scan).
+    `used` is the event's own timestamp (ref["u"] in microseconds): no datetime is rebuilt
+    from an integer unless the reference is older than this event."""
+    view.put("refs", reference.encode(), ref)
     view.put(
         "refs.order",
         _U64.pack(ref["c"]) + _U64.pack(ref["p"]),
-        [reference, ref["m"], ref["c"], ref["u"], ref["a"], ref["o"], ref["n"], ref["s"]],
+        [
+            reference,
+            ref["m"],
+            ref["a"],
+            ref["o"],
+            ref["n"],
+            ref["s"],
+            used if ref["c"] == ref["u"] else from_micros(ref["c"]),
+            used,
+        ],
     )
 
 
-def _untag(view: ViewTxn, reference: str, digest: str) -> None:
-    manifest = view.get("manifests", _key(digest))
+def _untag(view: ViewRecords, reference: str, digest: str) -> None:
+    manifest = view.get("manifests", digest.encode())
     if manifest is not None:
         manifest["refs"] = _without(manifest["refs"], reference)
-        view.put("manifests", _key(digest), manifest)
+        view.put("manifests", digest.encode(), manifest)
 
 
-def _drop_reference(view: ViewTxn, reference: str) -> None:
-    ref = view.get("refs", _key(reference))
+def _drop_reference(view: ViewRecords, reference: str) -> None:
+    ref = view.get("refs", reference.encode())
     if ref is None:
         return
-    view.delete("refs", _key(reference))
+    view.delete("refs", reference.encode())
     view.delete("refs.order", _U64.pack(ref["c"]) + _U64.pack(ref["p"]))
     _untag(view, reference, ref["m"])
 
 
-def _drop_content(view: ViewTxn, deleted: tuple[DeletedBlob, ...]) -> None:
+def _drop_content(view: ViewRecords, deleted: tuple[DeletedBlob, ...]) -> None:
     """Forget deleted manifests, and with them their claim on blobs: a blob no manifest uses
     any more leaves the views (deleted with them, or kept on disk for an in-flight pull that
     protected it: then it is an orphan to the ledger until that pull commits it again)."""
     for blob in deleted:
         if blob.kind != "manifest":
             continue
-        manifest = view.get("manifests", _key(blob.digest))
+        manifest = view.get("manifests", blob.digest.encode())
         if manifest is None:
             continue
-        view.delete("manifests", _key(blob.digest))
+        view.delete("manifests", blob.digest.encode())
         for digest, _kind, _size in content_from_plain(manifest["content"]).kinded_blobs():
-            record = view.get("blobs", _key(digest))
+            record = view.get("blobs", digest.encode())
             if record is None:
                 continue
             record["users"] = _without(record["users"], blob.digest)
             if record["users"]:
-                view.put("blobs", _key(digest), record)
+                view.put("blobs", digest.encode(), record)
             else:
-                view.delete("blobs", _key(digest))
+                view.delete("blobs", digest.encode())
     for blob in deleted:
-        record = view.get("blobs", _key(blob.digest))
+        record = view.get("blobs", blob.digest.encode())
         if record is not None and not record["users"]:
-            view.delete("blobs", _key(blob.digest))
+            view.delete("blobs", blob.digest.encode())
 
 
-def _used(view: ViewTxn, event: ImageLedger.ImageUsed, position: int, at: int) -> None:
+def _used(view: ViewRecords, event: ImageLedger.ImageUsed, position: int, at: int) -> None:
     lease = [event.reference, event.manifest_digest]
-    leases = view.get("holders", _key(event.holder)) or []
-    view.put("holders", _key(event.holder), _insert(leases, lease))
-    manifest = view.get("manifests", _key(event.manifest_digest))
+    leases = view.get("holders", event.holder.encode()) or []
+    view.put("holders", event.holder.encode(), _insert(leases, lease))
+    manifest = view.get("manifests", event.manifest_digest.encode())
     if manifest is not None:
         manifest["holders"] = _insert(manifest["holders"], event.holder)
         manifest["u"] = at
-        view.put("manifests", _key(event.manifest_digest), manifest)
-    ref = view.get("refs", _key(event.reference))
+        view.put("manifests", event.manifest_digest.encode(), manifest)
+    ref = view.get("refs", event.reference.encode())
     if ref is not None:
         ref["u"] = at
-        _put_ref(view, event.reference, ref)
+        _put_ref(view, event.reference, ref, event.timestamp)
     _history(
         view, event.reference, position, at, event, event.manifest_digest, f"by {event.holder}"
     )
 
 
-def _released(view: ViewTxn, event: ImageLedger.HolderReleased, position: int, at: int) -> None:
-    view.delete("holders", _key(event.holder))
+def _released(view: ViewRecords, event: ImageLedger.HolderReleased, position: int, at: int) -> None:
+    view.delete("holders", event.holder.encode())
     for reference, digest in event.leases:
-        manifest = view.get("manifests", _key(digest))
+        manifest = view.get("manifests", digest.encode())
         if manifest is not None:
             manifest["holders"] = _without(manifest["holders"], event.holder)
-            view.put("manifests", _key(digest), manifest)
+            view.put("manifests", digest.encode(), manifest)
         _history(view, reference, position, at, event, digest, f"by {event.holder}")
 
 
-def _removed(view: ViewTxn, event: ImageLedger.ImageRemoved, position: int, at: int) -> None:
+def _removed(view: ViewRecords, event: ImageLedger.ImageRemoved, position: int, at: int) -> None:
     _drop_reference(view, event.reference)
     _drop_content(view, event.deleted)
     detail = ("forced, " if event.forced else "") + (
@@ -277,18 +302,18 @@ def _removed(view: ViewTxn, event: ImageLedger.ImageRemoved, position: int, at: 
     _history(view, event.reference, position, at, event, event.manifest_digest, detail)
 
 
-def _refused(view: ViewTxn, event: ImageLedger.RemoveRefused, position: int, at: int) -> None:
+def _refused(view: ViewRecords, event: ImageLedger.RemoveRefused, position: int, at: int) -> None:
     detail = "in use by " + ", ".join(event.holders)
     _history(view, event.reference, position, at, event, event.manifest_digest, detail)
 
 
-def _failed(view: ViewTxn, event: ImageLedger.PullFailed, position: int, at: int) -> None:
+def _failed(view: ViewRecords, event: ImageLedger.PullFailed, position: int, at: int) -> None:
     if not event.reference:
         return  # an unnamed archive: the failure is in the log (whole-ledger history) only
     _history(view, event.reference, position, at, event, "", f"from {event.source}: {event.error}")
 
 
-def _pruned(view: ViewTxn, event: ImageLedger.ImagesPruned, position: int, at: int) -> None:
+def _pruned(view: ViewRecords, event: ImageLedger.ImagesPruned, position: int, at: int) -> None:
     for removed in event.references:
         _drop_reference(view, removed.reference)
         _history(
@@ -342,12 +367,18 @@ class ViewState:
         return int(self.view.get("meta", b"version") or 0)
 
     @property
+    def format(self) -> int | None:
+        """The `FORMAT` the views were written in (None before the first event)."""
+        found = self.view.get("meta", b"format")
+        return None if found is None else int(found)
+
+    @property
     def modified(self) -> datetime | None:
         us = self.view.get("meta", b"modified")
         return None if us is None else from_micros(us)
 
     def reference(self, reference: str) -> ReferenceRecord | None:
-        ref = self.view.get("refs", _key(reference))
+        ref = self.view.get("refs", reference.encode())
         if ref is None:
             return None
         return ReferenceRecord(
@@ -363,37 +394,40 @@ class ViewState:
         )
 
     def references(self) -> Iterator[ReferenceRecord]:
-        for _, row in self.view.scan("refs.order", reverse=True):
-            reference, manifest, created, used, arch, os_, layers, size = row
+        for key, row in self.view.scan("refs.order", reverse=True):
             yield ReferenceRecord(
-                reference=reference,
-                manifest_digest=manifest,
-                created_at=from_micros(created),
-                last_used_at=from_micros(used),
-                created_position=_U64.unpack(_[8:])[0],
-                architecture=arch,
-                os=os_,
-                layer_count=layers,
-                size_bytes=size,
+                created_position=_U64.unpack(key[8:])[0],
+                **dict(zip(HANDLE_FIELDS, row, strict=True)),
             )
 
-    def handles(self) -> Iterator[ImageHandle]:
-        """list(): every handle, newest first, straight from one scan."""
-        for _, row in self.view.scan("refs.order", reverse=True):
-            reference, manifest, created, used, arch, os_, layers, size = row
-            yield ImageHandle(
-                reference,
-                manifest,
-                arch,
-                os_,
-                layers,
-                size,
-                from_micros(created),
-                from_micros(used),
-            )
+    def handles(self, memo: dict[bytes, ImageHandle] | None = None) -> Iterator[ImageHandle]:
+        """list(): every handle, newest first, straight from one scan.
+
+        Each row holds the handle's fields in order (its datetimes decoded by the C unpacker),
+        so a handle gets them as its `__dict__` in one step, the way eventsourcing rebuilds its
+        events, instead of the frozen dataclass's field-by-field `__init__`. With a `memo` (the
+        encoded rows of the previous scan and their handles), a row whose bytes are unchanged
+        is not even decoded: a commit changes one or two rows, so list() after a commit costs
+        the scan plus a dictionary hit per reference. Handles are immutable, so sharing them
+        between lists is safe; the memo may be shared between threads, as every entry it
+        holds is right for its key whoever wrote it."""
+        previous: dict[bytes, ImageHandle] = {}
+        if memo is not None:
+            previous = memo.copy()
+            memo.clear()
+        new, set_dict, names, decode = object.__new__, object.__setattr__, HANDLE_FIELDS, None
+        for _, data in self.view.scan_encoded("refs.order", reverse=True):
+            handle = previous.get(data)
+            if handle is None:
+                decode = decode or self.view.decode
+                handle = new(ImageHandle)
+                set_dict(handle, "__dict__", dict(zip(names, decode(data), strict=True)))
+            if memo is not None:
+                memo[data] = handle
+            yield handle
 
     def manifest(self, digest: str) -> ManifestRecord | None:
-        manifest = self.view.get("manifests", _key(digest))
+        manifest = self.view.get("manifests", digest.encode())
         return None if manifest is None else _manifest_record(manifest)
 
     def manifests(self) -> Iterator[ManifestRecord]:
@@ -401,7 +435,7 @@ class ViewState:
             yield _manifest_record(manifest)
 
     def blob(self, digest: str) -> BlobRecord | None:
-        record = self.view.get("blobs", _key(digest))
+        record = self.view.get("blobs", digest.encode())
         return None if record is None else _blob_record(digest, record)
 
     def blobs(self) -> Iterator[BlobRecord]:
@@ -409,14 +443,14 @@ class ViewState:
             yield _blob_record(key.decode(), record)
 
     def holder(self, holder: str) -> tuple[tuple[str, str], ...]:
-        return tuple((r, m) for r, m in self.view.get("holders", _key(holder)) or [])
+        return tuple((r, m) for r, m in self.view.get("holders", holder.encode()) or [])
 
     def holders(self) -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
         for key, leases in self.view.scan("holders"):
             yield key.decode(), tuple((r, m) for r, m in leases)
 
     def history(self, reference: str) -> Iterator[tuple[int, dict[str, Any]]]:
-        for key, entry in self.view.scan("history", prefix=_key(reference) + b"\0"):
+        for key, entry in self.view.scan("history", prefix=reference.encode() + b"\0"):
             yield _U64.unpack(key[-8:])[0], entry
 
     def prunes(self) -> Iterator[tuple[int, dict[str, Any]]]:

@@ -37,8 +37,8 @@ class StoreLock:
     """The store-wide lock: exclusive across processes and threads, re-entrant in a thread
     (only the outermost hold takes the flock; a second fd would block on the first)."""
 
-    def __init__(self, home: Path) -> None:
-        self.path = home / "store.lock"
+    def __init__(self, home: Path, name: str = "store.lock") -> None:
+        self.path = home / name
         self._local = threading.RLock()
         self._depth = threading.local()
 

@@ -119,7 +119,7 @@ _tuple_new: Final = tuple.__new__
 _KEY_ORDER_MAX_KEYS: Final = 64
 _KEY_ORDER_CACHE_SIZE: Final = 4096
 # Decoded values of immutable registered types kept for reuse, by payload bytes.
-_DECODED_CACHE_SIZE: Final = 4096
+_DECODED_CACHE_SIZE: Final = 16384
 _Converter: TypeAlias = Callable[[Any], Any]
 
 

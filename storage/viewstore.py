@@ -15,6 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
+from itertools import islice
 from typing import Any, Final, cast
 
 import lmdb
@@ -28,15 +29,25 @@ NAMESPACES: Final = ("a", "b")
 _ACTIVE: Final = b"views.active"
 
 
-def pack(value: Any) -> bytes:
-    """msgpack of a plain value. Canonical because the folds build every record with a fixed
+def packer() -> Callable[[Any], bytes]:
+    """A packer for one run of writes (a flush, a bulk load): msgpack's module-level `packb`
+    builds a Packer per value, and a Packer is not thread-safe, so each run gets its own.
+
+    msgpack of a plain value. Canonical because the folds build every record with a fixed
     key order (literals, never from a set) and lists they sort; rebuild --verify and the
-    model test check that live and rebuilt views are the same bytes."""
-    return cast(bytes, msgpack.packb(value, use_bin_type=True))
+    model test check that live and rebuilt views are the same bytes. Aware datetimes become
+    MessagePack timestamps (one encoding per instant), which the C unpacker turns back into
+    UTC datetimes by itself."""
+    return cast(Callable[[Any], bytes], msgpack.Packer(use_bin_type=True, datetime=True).pack)
+
+
+def pack(value: Any) -> bytes:
+    """One value, as `packer()` encodes it."""
+    return packer()(value)
 
 
 def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False)
+    return msgpack.unpackb(data, raw=False, strict_map_key=False, timestamp=3)
 
 
 _UNPACK = unpack
@@ -69,16 +80,25 @@ class LMDBViewTxn:
 
     def flush(self) -> None:
         """Write the buffered changes into the transaction (before any scan, and at the end)."""
+        encode = packer()
         for (table, key), value in self._dirty.items():
             if value is self._deleted:
                 self.txn.delete(key, db=self.dbs[table])
             else:
-                self.txn.put(key, pack(value), db=self.dbs[table])
+                self.txn.put(key, encode(value), db=self.dbs[table])
         self._dirty.clear()
 
     def scan(
         self, table: str, *, prefix: bytes = b"", reverse: bool = False
     ) -> Iterator[tuple[bytes, Any]]:
+        # py-lmdb's C iterators and one bound unpacker: list() of 10,000 references is one scan.
+        decode = _UNPACK
+        for key, value in self.scan_encoded(table, prefix=prefix, reverse=reverse):
+            yield key, decode(value)
+
+    def scan_encoded(
+        self, table: str, *, prefix: bytes = b"", reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
         if self._dirty:
             self.flush()
         cursor: Any = self.txn.cursor(db=self.dbs[table])
@@ -92,16 +112,17 @@ class LMDBViewTxn:
             rows = cursor.iterprev() if positioned else iter(())
         else:
             rows = cursor.iternext() if cursor.set_range(prefix) else iter(())
-        # py-lmdb's C iterators and one bound unpacker: list() of 10,000 references is one scan.
-        decode = _UNPACK
         if not prefix:
-            for key, value in rows:
-                yield key, decode(value)
+            yield from rows
             return
         for key, value in rows:
             if not key.startswith(prefix):
                 return
-            yield key, decode(value)
+            yield key, value
+
+    @staticmethod
+    def decode(value: bytes) -> Any:
+        return unpack(value)
 
 
 def _successor(prefix: bytes) -> bytes | None:
@@ -151,6 +172,24 @@ class LMDBViews:
 
         self.env.write(write)
 
+    def load(self, namespace: str, tables: dict[str, dict[bytes, Any]]) -> None:
+        """Write rows in bulk: encoded and sorted per table, then handed to LMDB's C loop in
+        one call per table (appended outright when the table is empty, as it is when a
+        rebuild writes its records)."""
+
+        def load(txn: lmdb.Transaction) -> None:
+            encode = packer()
+            for table, rows in tables.items():
+                if not rows:
+                    continue
+                db = self._dbs[namespace][table]
+                items = sorted([(key, encode(value)) for key, value in rows.items()])
+                empty = txn.stat(db)["entries"] == 0
+                cursor: Any = txn.cursor(db=db)
+                cursor.putmulti(items, dupdata=False, overwrite=True, append=empty)
+
+        self.env.write(load)
+
     def clear(self, namespace: str) -> None:
         def drop(txn: lmdb.Transaction) -> None:
             for db in self._dbs[namespace].values():
@@ -198,10 +237,13 @@ class LMDBViews:
 
     @staticmethod
     def _digest(txn: lmdb.Transaction, db: Any) -> str:
+        """SHA-256 over the table's rows in key order. Rows are hashed in slices, each packed
+        as one msgpack array of [key, value] pairs (the C packer frames every key and value
+        with its length, so the bytes hashed say exactly which rows there were)."""
         hasher = hashlib.sha256()
-        for key, value in txn.cursor(db=db):
-            hasher.update(len(key).to_bytes(4, "big") + key)
-            hasher.update(len(value).to_bytes(4, "big") + value)
+        rows: Any = txn.cursor(db=db).iternext()
+        while chunk := list(islice(rows, 4096)):
+            hasher.update(msgpack.packb(chunk, use_bin_type=True))
         return hasher.hexdigest()
 
     def attach(self, fold: Callable[[LMDBViewTxn, list[Notification]], None]) -> None:

@@ -42,6 +42,7 @@ from imageledger import (
     ImagePruneReport,
     InvalidReferenceError,
 )
+from imageledger.storage.viewstore import pack
 from imageledger.tools.imagebuild import (
     BuiltImage,
     ImageSpec,
@@ -954,6 +955,55 @@ def test_rebuild_and_verify_agree_after_a_busy_sequence(
     assert [cache.inspect(h.reference) for h in listed] == details
     assert cache.history() == history
     assert (home / "index.json").read_bytes() == index
+
+
+def test_views_of_another_format_are_rebuilt_on_open(
+    cache: ImageCache, clock: Clock, home: Path, tmp_path: Path
+) -> None:
+    for i, name in enumerate(("a:1", "b:1", "c:1")):
+        clock.at(i)
+        cache.load(docker_archive(tmp_path, spec(name)))
+    cache.use("b:1", "sb-1")
+    listed, details = cache.list(), cache.inspect("b:1")
+    # What an older imageledger left: another format number, and rows this one cannot read.
+    views = cache._views
+
+    def older(txn: Any) -> None:
+        namespace = views.active(txn)
+        txn.put(b"format", pack(1), db=views._dbs[namespace]["meta"])
+        txn.drop(views._dbs[namespace]["refs.order"], delete=False)
+        txn.put(b"\0" * 16, b"\x93\x01\x02\x03", db=views._dbs[namespace]["refs.order"])
+
+    views.env.write(older)
+    cache.close()
+    with ImageCache(home, clock=clock, durability="nosync") as reopened:
+        assert reopened.list() == listed
+        assert reopened.inspect("b:1") == details
+        assert reopened.rebuild(verify=True).identical
+        with reopened.snapshot() as state:
+            assert state.format == 2
+
+
+def test_list_after_commits_shares_only_unchanged_handles(
+    cache: ImageCache, clock: Clock, tmp_path: Path
+) -> None:
+    for i, name in enumerate(("a:1", "b:1", "c:1")):
+        clock.at(i)
+        cache.load(docker_archive(tmp_path, spec(name)))
+    before = {h.reference: h for h in cache.list()}
+    clock.at(50)
+    cache.use("b:1", "sb-1")  # one row changes
+    after = {h.reference: h for h in cache.list()}
+    assert after["docker.io/library/b:1"].last_used_at == clock.now
+    assert before["docker.io/library/b:1"].last_used_at == BASE + timedelta(seconds=1)
+    for name in ("docker.io/library/a:1", "docker.io/library/c:1"):
+        assert after[name] is before[name]  # unchanged rows are not decoded again
+    assert all(h.inspect().handle == h for h in after.values())  # each bound to the cache
+    cache.remove("a:1")
+    assert [h.reference for h in cache.list()] == [
+        "docker.io/library/c:1",
+        "docker.io/library/b:1",
+    ]
 
 
 def test_another_instance_reads_its_writes_immediately(

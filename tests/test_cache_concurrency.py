@@ -17,6 +17,8 @@ and prune at once. Every loop is bounded in count and time. What must hold:
 from __future__ import annotations
 
 import random
+import subprocess
+import sys
 import tarfile
 import threading
 import time
@@ -30,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from imageledger import ImageCache, ImageInUseError, ImageNotFoundError
+from imageledger.tools.bench_cache import append_mixed_events
 from imageledger.tools.imagebuild import (
     BuiltImage,
     ImageSpec,
@@ -513,3 +516,31 @@ def test_force_remove_races_prune_and_release(
     with ImageCache(home) as cache:
         cache.load(forced.archive)
         cc.assert_complete(cache, forced.reference)
+
+
+def test_processes_rebuilding_at_once_leave_identical_views(tmp_path: Path) -> None:
+    """Two `imageledger rebuild`s at once (two operators, or two processes opening views of
+    an older format) share one spare namespace: unserialised, one would clear it under the
+    other and activate views missing the start of the log."""
+    home = tmp_path / "home"
+    with ImageCache(home, durability="nosync") as cache:
+        cache.write_index = False
+        append_mixed_events(cache, 20_000, 2_000)
+        listed, history = cache.list(), cache.history()
+    script = (
+        "import sys\nfrom imageledger import ImageCache\n"
+        "with ImageCache(sys.argv[1]) as cache:\n"
+        "    for _ in range(3):\n"
+        "        assert cache.rebuild().identical\n"
+    )
+    children = [
+        subprocess.Popen([sys.executable, "-c", script, str(home)], stderr=subprocess.PIPE)
+        for _ in range(2)
+    ]
+    for child in children:
+        _, err = child.communicate(timeout=300)
+        assert child.returncode == 0, err.decode()
+    with ImageCache(home) as cache:
+        assert cache.rebuild(verify=True).identical
+        assert cache.list() == listed
+        assert cache.history() == history

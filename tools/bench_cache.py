@@ -1,7 +1,8 @@
 """Benchmark of the image cache's read path and of rebuild.
 
-- `get` and `list` latency (p50/p99) with N cached references (default 10,000), in process,
-  on a warm cache (what a sandbox runtime does on every sandbox start);
+- `get` and `list` latency (p50/p99) with N cached references (default 10,000), in process
+  (what a sandbox runtime does on every sandbox start): list() with nothing changed, list()
+  right after a real commit (a `use`), and the first list() of a process (nothing remembered);
 - rebuild speed (events/s) of a ledger of M mixed events (default 1,000,000: pulls of many
   references over shared manifests, uses, releases, removes, prunes).
 
@@ -57,7 +58,7 @@ def _content(n: int) -> ImageContent:
     )
 
 
-def _append_events(cache: ImageCache, count: int, refs: int, batch: int = 1000) -> int:
+def append_mixed_events(cache: ImageCache, count: int, refs: int, batch: int = 1000) -> int:
     """Append `count` mixed events straight through the ledger (no blobs: the benchmark is
     about the log and the views, not the store)."""
     actor = current_actor()
@@ -144,15 +145,23 @@ def bench_reads(home: Path, refs: int, rounds: int) -> dict[str, Any]:
             t0 = time.perf_counter()
             cache.get(name)
             get_samples.append(time.perf_counter() - t0)
-        list_samples, cold_samples = [], []
-        for _ in range(max(rounds // 1000, 20)):
+        list_samples, after_commit, first_samples = [], [], []
+        for i in range(max(rounds // 1000, 20)):
             t0 = time.perf_counter()
             cache.list()
             list_samples.append(time.perf_counter() - t0)
-            cache._list_memo = None  # the first list() after any commit pays the full scan
+            # A real commit (a sandbox starts on one image): the position moves and one row
+            # changes, so the next list() reads every row again.
+            cache.use(names[(i * 7919) % refs], holder=f"bench-{i}")
             t0 = time.perf_counter()
             cache.list()
-            cold_samples.append(time.perf_counter() - t0)
+            after_commit.append(time.perf_counter() - t0)
+            # The first list() of a process: nothing remembered at all.
+            cache._list_memo = None
+            cache._handle_memo.clear()
+            t0 = time.perf_counter()
+            cache.list()
+            first_samples.append(time.perf_counter() - t0)
     finally:
         cache.close()
     return {
@@ -161,8 +170,10 @@ def bench_reads(home: Path, refs: int, rounds: int) -> dict[str, Any]:
         "get_p99_us": round(_percentile(get_samples, 0.99) * 1e6, 1),
         "list_p50_ms": round(_percentile(list_samples, 0.5) * 1e3, 2),
         "list_p99_ms": round(_percentile(list_samples, 0.99) * 1e3, 2),
-        "list_cold_p50_ms": round(_percentile(cold_samples, 0.5) * 1e3, 2),
-        "list_cold_p99_ms": round(_percentile(cold_samples, 0.99) * 1e3, 2),
+        "list_after_commit_p50_ms": round(_percentile(after_commit, 0.5) * 1e3, 2),
+        "list_after_commit_p99_ms": round(_percentile(after_commit, 0.99) * 1e3, 2),
+        "list_first_p50_ms": round(_percentile(first_samples, 0.5) * 1e3, 2),
+        "list_first_p99_ms": round(_percentile(first_samples, 0.99) * 1e3, 2),
     }
 
 
@@ -192,7 +203,7 @@ def bench_rebuild(home: Path, events: int, refs: int) -> dict[str, Any]:
     cache.write_index = False
     try:
         t0 = time.perf_counter()
-        _append_events(cache, events, refs)
+        append_mixed_events(cache, events, refs)
         append_s = time.perf_counter() - t0
         t0 = time.perf_counter()
         report = cache.rebuild()
@@ -231,7 +242,8 @@ def main(argv: list[str] | None = None) -> int:
         "goals": {
             "get_p99_under_50us": reads["get_p99_us"] < 50,
             "list_10k_under_20ms": reads["list_p99_ms"] < 20,
-            "list_10k_after_commit_under_20ms": reads["list_cold_p99_ms"] < 20,
+            "list_10k_after_commit_under_20ms": reads["list_after_commit_p99_ms"] < 20,
+            "list_10k_first_in_process_under_20ms": reads["list_first_p99_ms"] < 20,
             "rebuild_at_least_100k_events_per_s": rebuild["rebuild_events_per_s"] >= 100_000,
         },
     }
@@ -247,8 +259,12 @@ def main(argv: list[str] | None = None) -> int:
             f"list  p50 {reads['list_p50_ms']} ms   p99 {reads['list_p99_ms']} ms   (goal < 20 ms)"
         )
         print(
-            f"list after a commit (full scan) p50 {reads['list_cold_p50_ms']} ms   "
-            f"p99 {reads['list_cold_p99_ms']} ms"
+            f"list after a commit p50 {reads['list_after_commit_p50_ms']} ms   "
+            f"p99 {reads['list_after_commit_p99_ms']} ms"
+        )
+        print(
+            f"first list of a process p50 {reads['list_first_p50_ms']} ms   "
+            f"p99 {reads['list_first_p99_ms']} ms"
         )
         print(
             f"rebuild {rebuild['events']} events in {rebuild['rebuild_seconds']} s = "
