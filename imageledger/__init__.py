@@ -25,6 +25,14 @@ from imageledger.domain.model import (
 )
 from imageledger.domain.reference import Reference, canonical
 from imageledger.domain.service import HistoryEntry
+from imageledger.projections.runner import RebuildReport
+from imageledger.storage.registry import (
+    NotInRegistryError,
+    PullProgress,
+    RegistryAuthError,
+    RegistryError,
+    RegistryOptions,
+)
 from imageledger.tools.logs import configure_logging
 
 __all__ = [
@@ -45,8 +53,14 @@ __all__ = [
     "LedgerCorruptError",
     "LedgerError",
     "LedgerFullError",
+    "NotInRegistryError",
     "Platform",
+    "PullProgress",
+    "RebuildReport",
     "Reference",
+    "RegistryAuthError",
+    "RegistryError",
+    "RegistryOptions",
     "canonical",
     "configure_logging",
     "default_home",

@@ -39,6 +39,7 @@ from imageledger.domain.errors import ImageLedgerError, InvalidReferenceError
 from imageledger.domain.events import TRANSCODINGS, ImageLedger
 from imageledger.domain.model import (
     Actor,
+    ImageContent,
     ImageDetail,
     ImageHandle,
     ImagePruneReport,
@@ -384,12 +385,19 @@ class ImageCache:
         registries, CA bundle, credentials from the environment and Docker's config.json).
 
         Blobs already in the store are not downloaded; what the pull writes is protected from
-        a concurrent prune or remove by an in-flight lease until its event commits."""
+        a concurrent prune or remove by an in-flight lease until its event commits. A pull by
+        digest of a manifest the cache holds (under any name) does not contact the registry
+        at all: the digest pins the bytes, and they are here, verified. A sandbox can start
+        offline from a pinned reference; the pull is recorded like any all-cached pull."""
         ref = Reference.parse(reference)
         wanted = parse_platform(platform) if platform else host_platform()
         source = f"registry:{ref.name}"
         with self._leases.lease() as lease:
             leased = _LeasedStore(self.store, lease, self._lock, self._leases, self._knows_blob)
+            held = self._held_manifest(ref.digest, leased)
+            if held is not None:
+                log.info("pull.offline", reference=str(ref))
+                return self._bind(self.service.add(str(ref), held, source, cached=True))
             try:
                 with RegistryClient(options or options_from_environment()) as client:
                     content = client.pull(ref, leased, platform=wanted, progress=progress)
@@ -399,6 +407,20 @@ class ImageCache:
             cached = not any(d in leased.written for d, _ in content.blobs)
             handle = self.service.add(str(ref), content, source, cached=cached)
         return self._bind(handle)
+
+    def _held_manifest(self, digest: str | None, leased: _LeasedStore) -> ImageContent | None:
+        """The content of manifest `digest` if the cache holds it whole; each blob is claimed
+        by the pull's lease as it is checked, so a prune or remove from now on spares it."""
+        if digest is None:
+            return None
+        with self.snapshot() as state:
+            record = state.manifest(digest)
+        if record is None:
+            return None
+        for blob, _kind, size in record.content.kinded_blobs():
+            if leased.size(blob) != size:
+                return None  # removed meanwhile: fetch it again
+        return record.content
 
     def load(
         self,

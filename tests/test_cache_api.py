@@ -41,6 +41,7 @@ from imageledger import (
     ImageNotFoundError,
     ImagePruneReport,
     InvalidReferenceError,
+    RegistryOptions,
 )
 from imageledger.storage.viewstore import pack
 from imageledger.tools.imagebuild import (
@@ -390,6 +391,31 @@ def test_a_digest_reference_names_its_own_manifest(
     assert handle.reference == f"docker.io/library/pinned@{built.manifest_digest}"
     assert cache.get(f"index.docker.io/library/{pinned}") == handle
     assert cache.inspect(pinned).handle.manifest_digest == built.manifest_digest
+
+
+def test_a_pull_by_a_cached_digest_needs_no_registry(
+    cache: ImageCache, clock: Clock, home: Path, tmp_path: Path
+) -> None:
+    [loaded] = cache.load(docker_archive(tmp_path, spec("x:1")))
+    files = digests_on_disk(home)
+    # Nothing listens on port 9: any contact with the "registry" would fail the pull.
+    clock.at(60)
+    pinned = cache.pull(f"127.0.0.1:9/mirror/x@{loaded.manifest_digest}")
+    assert pinned.reference == f"127.0.0.1:9/mirror/x@{loaded.manifest_digest}"
+    assert pinned.manifest_digest == loaded.manifest_digest
+    assert (pinned.architecture, pinned.size_bytes) == (loaded.architecture, loaded.size_bytes)
+    assert pinned.created_at == pinned.last_used_at == clock.now
+    assert digests_on_disk(home) == files
+    [entry] = cache.history(pinned.reference)
+    assert (entry.event, entry.detail) == (
+        "ImagePulled",
+        "from registry:127.0.0.1:9/mirror/x (all cached)",
+    )
+    # A digest the cache does not hold still goes to the registry (and fails here, recorded).
+    missing = "sha256:" + "0" * 64
+    with pytest.raises(ImageLedgerError):
+        cache.pull(f"127.0.0.1:9/mirror/x@{missing}", options=RegistryOptions(retries=0))
+    assert events(cache, f"127.0.0.1:9/mirror/x@{missing}") == ["PullFailed"]
 
 
 def test_a_digest_reference_cannot_name_other_content(
