@@ -261,3 +261,19 @@ class BlobRecord:
     kind: str  # manifest | config | layer
     size: int
     users: tuple[str, ...]  # sorted manifest digests
+
+
+@dataclass(frozen=True, slots=True)
+class HistoryEntry:
+    """One event in the life of a reference (or, for the whole ledger, one event). The ledger
+    is the record: entries are made from the events at query time (`projections.views`)."""
+
+    position: int
+    event: str
+    at: datetime
+    reference: str
+    manifest_digest: str
+    detail: str
+    user: str
+    host: str
+    pid: int

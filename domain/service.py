@@ -14,7 +14,6 @@ import random
 import time
 from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
 
@@ -32,6 +31,7 @@ from imageledger.domain.events import ImageLedger
 from imageledger.domain.model import (
     Actor,
     DeletedBlob,
+    HistoryEntry,
     ImageContent,
     ImageDetail,
     ImageHandle,
@@ -79,21 +79,6 @@ class Content(Protocol):
 
 class Leases(InFlight, Protocol):
     def live(self) -> tuple[frozenset[str], frozenset[str]]: ...
-
-
-@dataclass(frozen=True)
-class HistoryEntry:
-    """One event in the life of a reference."""
-
-    position: int
-    event: str
-    at: datetime
-    reference: str
-    manifest_digest: str
-    detail: str
-    user: str
-    host: str
-    pid: int
 
 
 class ImageCacheService:

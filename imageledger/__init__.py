@@ -16,6 +16,7 @@ from imageledger.domain.errors import (
     LedgerFullError,
 )
 from imageledger.domain.model import (
+    HistoryEntry,
     ImageConfig,
     ImageDetail,
     ImageHandle,
@@ -24,7 +25,6 @@ from imageledger.domain.model import (
     Platform,
 )
 from imageledger.domain.reference import Reference, canonical
-from imageledger.domain.service import HistoryEntry
 from imageledger.projections.runner import RebuildReport
 from imageledger.storage.registry import (
     NotInRegistryError,

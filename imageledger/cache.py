@@ -39,6 +39,7 @@ from imageledger.domain.errors import ImageLedgerError, InvalidReferenceError
 from imageledger.domain.events import TRANSCODINGS, ImageLedger
 from imageledger.domain.model import (
     Actor,
+    HistoryEntry,
     ImageContent,
     ImageDetail,
     ImageHandle,
@@ -49,11 +50,16 @@ from imageledger.domain.model import (
 )
 from imageledger.domain.policies import choose_platform
 from imageledger.domain.reference import Reference, canonical
-from imageledger.domain.service import HistoryEntry, ImageCacheService
+from imageledger.domain.service import ImageCacheService
 from imageledger.projections.index import oci_index
 from imageledger.projections.runner import RebuildReport, folder, rebuild
 from imageledger.projections.views import FORMAT as VIEWS_FORMAT
-from imageledger.projections.views import TABLES, ViewState, from_micros
+from imageledger.projections.views import (
+    TABLES,
+    ViewState,
+    ledger_entry,
+    reference_entries,
+)
 from imageledger.storage import archives
 from imageledger.storage.blobs import BlobStore, BlobWriter
 from imageledger.storage.leases import InFlightLease, InFlightLeases, StoreLock
@@ -313,28 +319,22 @@ class ImageCache:
         return self.service.history(reference)
 
     def _history(self, reference: str | None) -> builtins.list[HistoryEntry]:
+        """Entries made from the events themselves: the views only index which events
+        concern a reference; the index and the log are read in one snapshot."""
         if reference is not None:
-            with self.snapshot() as state:
-                return [
-                    HistoryEntry(
-                        position=position,
-                        event=entry["e"],
-                        at=from_micros(entry["at"]),
-                        reference=reference,
-                        manifest_digest=entry["m"],
-                        detail=entry["d"],
-                        user=entry["who"][0],
-                        host=entry["who"][2],
-                        pid=entry["who"][3],
-                    )
-                    for position, entry in state.history(reference)
-                ]
-        entries = []
+            with self._views.read() as view:
+                logged = self._views.log_at(view, ViewState(view).history(reference))
+            return [
+                entry
+                for notification in logged
+                for entry in reference_entries(
+                    notification.id, self._decode(notification), reference
+                )
+            ]
+        entries: builtins.list[HistoryEntry] = []
         after = 0
         while batch := self._recorder.select_notifications(after, 1000, inclusive_of_start=False):
-            for notification in batch:
-                event = self._decode(notification)
-                entries.append(_entry(notification.id, event))
+            entries.extend(ledger_entry(n.id, self._decode(n)) for n in batch)
             after = batch[-1].id
         return entries
 
@@ -585,32 +585,6 @@ def _image_refs(image: LoadedImage) -> list[str]:
         )
         raise InvalidReferenceError(msg)
     return sorted(set(refs))
-
-
-def _entry(position: int, event: Any) -> HistoryEntry:
-    actor = event.actor
-    reference = getattr(event, "reference", "") or getattr(event, "holder", "")
-    detail = ""
-    if isinstance(event, ImageLedger.PullFailed):
-        detail = f"from {event.source}: {event.error}"
-    elif isinstance(event, ImageLedger.ImagePulled):
-        detail = f"from {event.source}"
-    elif isinstance(event, ImageLedger.ImagesPruned):
-        detail = f"{len(event.references)} references, {event.bytes_reclaimed} bytes"
-    elif isinstance(event, ImageLedger.ImageRemoved):
-        detail = f"{len(event.deleted)} blobs, {event.bytes_reclaimed} bytes"
-    return HistoryEntry(
-        position=position,
-        event=type(event).__name__,
-        at=event.timestamp,
-        reference=reference,
-        manifest_digest=getattr(event, "manifest_digest", "")
-        or getattr(getattr(event, "content", None), "manifest_digest", ""),
-        detail=detail,
-        user=actor.user,
-        host=actor.host,
-        pid=actor.pid,
-    )
 
 
 class _AsyncOwner:

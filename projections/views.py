@@ -14,7 +14,9 @@ Tables (keys are bytes; values plain data):
 - ``manifests``: digest -> {content, refs: [...], holders: [...], u: last used us}
 - ``blobs``: digest -> {kind, size, users: [manifest digests]} (content reference counts)
 - ``holders``: holder -> [[reference, manifest], ...]
-- ``history``: reference + NUL + position (8 bytes) -> {e, at, m, d, who}
+- ``history``: reference + NUL + position (8 bytes) -> true: which events concern a reference;
+  the entries are made from those events in the log when asked for (`reference_entries`), so
+  the log stays the one record of who did what
 - ``prunes``: position (8 bytes) -> the prune report
 - ``meta``: b"position", b"version", b"modified", b"format" -> int
 
@@ -25,9 +27,10 @@ the folds: a rebuild streams them out instead of holding them.
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 from bisect import bisect_left
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
@@ -37,6 +40,7 @@ from imageledger.domain.model import (
     Actor,
     BlobRecord,
     DeletedBlob,
+    HistoryEntry,
     ImageConfig,
     ImageContent,
     ImageHandle,
@@ -135,6 +139,9 @@ def apply(view: ViewRecords, event: Any, position: int) -> None:
     handler = _HANDLERS.get(type(event))
     if handler is not None:
         handler(view, event, position, micros(event.timestamp))
+        suffix = b"\0" + _U64.pack(position)
+        for reference, _manifest in mentions(event):
+            view.put("history", reference.encode() + suffix, True)
 
 
 def mark(view: ViewRecords, event: Any, position: int) -> None:
@@ -143,29 +150,6 @@ def mark(view: ViewRecords, event: Any, position: int) -> None:
     view.put("meta", b"version", event.originator_version)
     view.put("meta", b"modified", micros(event.timestamp))
     view.put("meta", b"format", FORMAT)
-
-
-def _history(
-    view: ViewRecords,
-    reference: str,
-    position: int,
-    at: int,
-    event: Any,
-    manifest: str,
-    detail: str,
-) -> None:
-    actor: Actor = event.actor
-    view.put(
-        "history",
-        reference.encode() + b"\0" + _U64.pack(position),
-        {
-            "e": type(event).__name__,
-            "at": at,
-            "m": manifest,
-            "d": detail,
-            "who": [actor.user, actor.uid, actor.host, actor.pid, actor.version],
-        },
-    )
 
 
 def _pulled(view: ViewRecords, event: ImageLedger.ImagePulled, position: int, at: int) -> None:
@@ -196,8 +180,6 @@ def _pulled(view: ViewRecords, event: ImageLedger.ImagePulled, position: int, at
         ref["s"] = content.size_bytes
     ref["u"] = at
     _put_ref(view, reference, ref, event.timestamp)
-    detail = f"from {event.source}" + (" (all cached)" if event.cached else "")
-    _history(view, reference, position, at, event, digest, detail)
 
 
 def _put_ref(view: ViewRecords, reference: str, ref: dict[str, Any], used: datetime) -> None:
@@ -276,51 +258,31 @@ def _used(view: ViewRecords, event: ImageLedger.ImageUsed, position: int, at: in
     if ref is not None:
         ref["u"] = at
         _put_ref(view, event.reference, ref, event.timestamp)
-    _history(
-        view, event.reference, position, at, event, event.manifest_digest, f"by {event.holder}"
-    )
 
 
 def _released(view: ViewRecords, event: ImageLedger.HolderReleased, position: int, at: int) -> None:
     view.delete("holders", event.holder.encode())
-    for reference, digest in event.leases:
+    for _reference, digest in event.leases:
         manifest = view.get("manifests", digest.encode())
         if manifest is not None:
             manifest["holders"] = _without(manifest["holders"], event.holder)
             view.put("manifests", digest.encode(), manifest)
-        _history(view, reference, position, at, event, digest, f"by {event.holder}")
 
 
 def _removed(view: ViewRecords, event: ImageLedger.ImageRemoved, position: int, at: int) -> None:
     _drop_reference(view, event.reference)
     _drop_content(view, event.deleted)
-    detail = ("forced, " if event.forced else "") + (
-        f"deleted {len(event.deleted)} blobs, {event.bytes_reclaimed} bytes"
-        if event.deleted
-        else "untagged"
-    )
-    _history(view, event.reference, position, at, event, event.manifest_digest, detail)
-
-
-def _refused(view: ViewRecords, event: ImageLedger.RemoveRefused, position: int, at: int) -> None:
-    detail = "in use by " + ", ".join(event.holders)
-    _history(view, event.reference, position, at, event, event.manifest_digest, detail)
-
-
-def _failed(view: ViewRecords, event: ImageLedger.PullFailed, position: int, at: int) -> None:
-    if not event.reference:
-        return  # an unnamed archive: the failure is in the log (whole-ledger history) only
-    _history(view, event.reference, position, at, event, "", f"from {event.source}: {event.error}")
 
 
 def _pruned(view: ViewRecords, event: ImageLedger.ImagesPruned, position: int, at: int) -> None:
     for removed in event.references:
         _drop_reference(view, removed.reference)
-        _history(
-            view, removed.reference, position, at, event, removed.manifest_digest, removed.reason
-        )
     _drop_content(view, event.deleted)
     view.put("prunes", _U64.pack(position), prune_report_plain(event))
+
+
+def _recorded(view: ViewRecords, event: Any, position: int, at: int) -> None:
+    """Events that change no view but the history index (refusals, failures)."""
 
 
 def prune_report_plain(event: ImageLedger.ImagesPruned) -> dict[str, Any]:
@@ -343,10 +305,90 @@ _HANDLERS: Final[dict[type[Any], Any]] = {
     ImageLedger.ImageUsed: _used,
     ImageLedger.HolderReleased: _released,
     ImageLedger.ImageRemoved: _removed,
-    ImageLedger.RemoveRefused: _refused,
-    ImageLedger.PullFailed: _failed,
+    ImageLedger.RemoveRefused: _recorded,
+    ImageLedger.PullFailed: _recorded,
     ImageLedger.ImagesPruned: _pruned,
 }
+
+
+# ---------------------------------------------------------------- history, from the log
+
+
+def mentions(event: Any) -> list[tuple[str, str]]:
+    """(reference, manifest digest) of each reference `event` is part of the history of."""
+    cls = type(event)
+    if cls is ImageLedger.ImagePulled:
+        return [(event.reference, event.content.manifest_digest)]
+    if cls in (ImageLedger.ImageUsed, ImageLedger.ImageRemoved, ImageLedger.RemoveRefused):
+        return [(event.reference, event.manifest_digest)]
+    if cls is ImageLedger.HolderReleased:
+        return list(event.leases)
+    if cls is ImageLedger.ImagesPruned:
+        return [(r.reference, r.manifest_digest) for r in event.references]
+    if cls is ImageLedger.PullFailed and event.reference:
+        return [(event.reference, "")]
+    return []  # Started; a failed load of an unnamed archive is in the ledger's history only
+
+
+def _pruned_detail(event: ImageLedger.ImagesPruned, reference: str) -> str:
+    for removed in event.references:
+        if removed.reference == reference:
+            return removed.reason
+    return f"{len(event.references)} references, {event.bytes_reclaimed} bytes"
+
+
+def _removed_detail(event: ImageLedger.ImageRemoved, reference: str) -> str:
+    return ("forced, " if event.forced else "") + (
+        f"deleted {len(event.deleted)} blobs, {event.bytes_reclaimed} bytes"
+        if event.deleted
+        else "untagged"
+    )
+
+
+# What happened to a reference in an event, in words (history entries).
+_DETAILS: Final[dict[type[Any], Callable[[Any, str], str]]] = {
+    ImageLedger.ImagePulled: lambda e, _: (
+        f"from {e.source}" + (" (all cached)" if e.cached else "")
+    ),
+    ImageLedger.ImageUsed: lambda e, _: f"by {e.holder}",
+    ImageLedger.HolderReleased: lambda e, _: f"by {e.holder}",
+    ImageLedger.ImageRemoved: _removed_detail,
+    ImageLedger.RemoveRefused: lambda e, _: "in use by " + ", ".join(e.holders),
+    ImageLedger.PullFailed: lambda e, _: f"from {e.source}: {e.error}",
+    ImageLedger.ImagesPruned: _pruned_detail,
+}
+
+
+def _entry(position: int, event: Any, reference: str, manifest: str) -> HistoryEntry:
+    actor: Actor = event.actor
+    return HistoryEntry(
+        position=position,
+        event=type(event).__name__,
+        at=event.timestamp,
+        reference=reference,
+        manifest_digest=manifest,
+        detail=_DETAILS[type(event)](event, reference) if type(event) in _DETAILS else "",
+        user=actor.user,
+        host=actor.host,
+        pid=actor.pid,
+    )
+
+
+def reference_entries(position: int, event: Any, reference: str) -> list[HistoryEntry]:
+    """The history entries of `reference` that `event` (at `position`) makes."""
+    return [_entry(position, event, r, m) for r, m in mentions(event) if r == reference]
+
+
+def ledger_entry(position: int, event: Any) -> HistoryEntry:
+    """`event` as one entry of the whole ledger's history: the entry of the one reference it
+    concerns, or a summary with no reference (a prune, a release of several leases)."""
+    concerned = mentions(event)
+    if len(concerned) == 1:
+        return _entry(position, event, *concerned[0])
+    entry = _entry(position, event, "", "")
+    if type(event) is ImageLedger.HolderReleased:
+        entry = dataclasses.replace(entry, detail=f"by {event.holder}, {len(concerned)} leases")
+    return entry
 
 
 # ---------------------------------------------------------------- the reader
@@ -449,9 +491,11 @@ class ViewState:
         for key, leases in self.view.scan("holders"):
             yield key.decode(), tuple((r, m) for r, m in leases)
 
-    def history(self, reference: str) -> Iterator[tuple[int, dict[str, Any]]]:
-        for key, entry in self.view.scan("history", prefix=reference.encode() + b"\0"):
-            yield _U64.unpack(key[-8:])[0], entry
+    def history(self, reference: str) -> Iterator[int]:
+        """The log positions of `reference`'s events, oldest first (`reference_entries`
+        makes the entries from those events)."""
+        for key, _ in self.view.scan("history", prefix=reference.encode() + b"\0"):
+            yield _U64.unpack(key[-8:])[0]
 
     def prunes(self) -> Iterator[tuple[int, dict[str, Any]]]:
         for key, report in self.view.scan("prunes"):

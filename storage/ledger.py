@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import struct
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from hashlib import blake2b
 from time import monotonic
 from typing import Any, Final, cast
@@ -374,6 +374,16 @@ def log_entries(
         return
     for key, value in cursor:
         yield _notification(value, _U64.unpack(key)[0])
+
+
+def log_at(
+    txn: lmdb.Transaction, recorder: LMDBApplicationRecorder, positions: Iterable[int]
+) -> Iterator[Notification]:
+    """The log entries at `positions`, read in an open transaction (a snapshot that an index
+    of positions was read in too)."""
+    log_db = recorder._db("log")
+    for position in positions:
+        yield _notification(_get(txn, _U64.pack(position), log_db), position)
 
 
 class LMDBSubscription(ListenNotifySubscription[LMDBApplicationRecorder]):

@@ -13,7 +13,7 @@ views are equal bytes.
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
 from typing import Any, Final, cast
@@ -22,7 +22,7 @@ import lmdb
 import msgpack
 from eventsourcing.persistence import Notification
 
-from imageledger.storage.ledger import LMDBApplicationRecorder, log_entries
+from imageledger.storage.ledger import LMDBApplicationRecorder, log_at, log_entries
 from imageledger.storage.lmdbenv import LedgerEnv
 
 NAMESPACES: Final = ("a", "b")
@@ -196,6 +196,10 @@ class LMDBViews:
                 txn.drop(db, delete=False)
 
         self.env.write(drop)
+
+    def log_at(self, view: LMDBViewTxn, positions: Iterable[int]) -> list[Notification]:
+        """The log entries at `positions`, in the snapshot `view` reads."""
+        return list(log_at(view.txn, self.recorder, positions))
 
     def head(self) -> int:
         return self.recorder.max_notification_id() or 0
