@@ -27,6 +27,12 @@ class LedgerFullError(LedgerError, OperationalError):
     needed the space was rolled back whole, and what was committed before is intact."""
 
 
+class DiskFullError(ImageLedgerError, OSError):
+    """A pull, load or save ran out of space on its device (ENOSPC, EDQUOT); what it had
+    written was removed, nothing of it is cached, the ledger is as before (plus, space
+    permitting, the failure itself)."""
+
+
 class InvalidReferenceError(ImageLedgerError, ValueError):
     """A malformed image reference or digest; raised before anything is touched."""
 

@@ -7,6 +7,7 @@ from imageledger.cache import Image, ImageCache, default_home
 from imageledger.domain.errors import (
     ContentMissingError,
     DigestMismatchError,
+    DiskFullError,
     ImageInUseError,
     ImageLedgerError,
     ImageNotFoundError,
@@ -38,6 +39,7 @@ from imageledger.tools.logs import configure_logging
 __all__ = [
     "ContentMissingError",
     "DigestMismatchError",
+    "DiskFullError",
     "HistoryEntry",
     "Image",
     "ImageCache",

@@ -20,6 +20,7 @@ import asyncio
 import builtins
 import contextlib
 import dataclasses
+import errno
 import fcntl
 import getpass
 import hashlib
@@ -35,7 +36,7 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import Transcoder
 from eventsourcing.utils import get_topic
 
-from imageledger.domain.errors import ImageLedgerError, InvalidReferenceError
+from imageledger.domain.errors import DiskFullError, ImageLedgerError, InvalidReferenceError
 from imageledger.domain.events import TRANSCODINGS, ImageLedger
 from imageledger.domain.model import (
     Actor,
@@ -273,8 +274,15 @@ class ImageCache:
                 if written >= position and (self.home / "index.json").exists():
                     return
                 data = oci_index(state)
-            _atomic_write(self.home / "index.json", data)
-            _atomic_write(stamp, str(position).encode())
+            try:
+                _atomic_write(self.home / "index.json", data)
+                _atomic_write(stamp, str(position).encode())
+            except OSError as e:
+                # The command itself is committed; failing it now (a full disk, say) would
+                # report as failed what happened. The next command writes the index again.
+                for stale in self.home.glob(".index.*.tmp"):
+                    stale.unlink(missing_ok=True)
+                log.warning("index.not_written", position=position, error=str(e))
         finally:
             os.close(fd)
 
@@ -399,10 +407,13 @@ class ImageCache:
                 log.info("pull.offline", reference=str(ref))
                 return self._bind(self.service.add(str(ref), held, source, cached=True))
             try:
-                with RegistryClient(options or options_from_environment()) as client:
+                with (
+                    _space(self.home),
+                    RegistryClient(options or options_from_environment()) as client,
+                ):
                     content = client.pull(ref, leased, platform=wanted, progress=progress)
             except ImageLedgerError as e:
-                self.service.record_failure(str(ref), source, str(e))
+                self._record_failure(str(ref), source, e)
                 raise
             cached = not any(d in leased.written for d, _ in content.blobs)
             handle = self.service.add(str(ref), content, source, cached=cached)
@@ -443,13 +454,14 @@ class ImageCache:
         with self._leases.lease() as lease:
             leased = _LeasedStore(self.store, lease, self._lock, self._leases, self._knows_blob)
             try:
-                loaded = archives.load(
-                    Path(source) if isinstance(source, str | os.PathLike) else source,
-                    leased,
-                )
+                with _space(self.home):
+                    loaded = archives.load(
+                        Path(source) if isinstance(source, str | os.PathLike) else source,
+                        leased,
+                    )
                 named = _names(loaded, tag_ref, wanted)
             except ImageLedgerError as e:
-                self.service.record_failure(tag or "", f"{kind}:{where}", str(e))
+                self._record_failure(tag or "", f"{kind}:{where}", e)
                 raise
             # The platforms not chosen leave nothing behind.
             keep = {d for _, image in named for d, _ in image.content.blobs}
@@ -479,7 +491,16 @@ class ImageCache:
             handle = self.get(reference)
             images.append((handle.reference, handle.manifest_digest))
         dest = Path(destination) if isinstance(destination, str | os.PathLike) else destination
-        archives.save(images, self.store, dest, format=format)
+        with _space(destination if isinstance(dest, Path) else "the output stream"):
+            archives.save(images, self.store, dest, format=format)
+
+    def _record_failure(self, reference: str, source: str, error: ImageLedgerError) -> None:
+        """Trace a failed pull or load in the ledger, unless the ledger cannot take it (its
+        disk is full too): the caller then still gets the original error, not this one."""
+        try:
+            self.service.record_failure(reference, source, str(error))
+        except ImageLedgerError as unrecorded:
+            log.warning("pull.failure_not_recorded", error=str(error), why=str(unrecorded))
 
     def rebuild(
         self, *, verify: bool = False, progress: Callable[[int, int], None] | None = None
@@ -546,6 +567,19 @@ def _source_kind(source: object) -> str:
         return "archive"
     path = Path(source)
     return "oci-layout" if path.is_dir() else "archive"
+
+
+@contextlib.contextmanager
+def _space(where: object) -> Iterator[None]:
+    """A file system out of space, as the package's own error: it is an expected condition
+    a user can act on, not an internal failure."""
+    try:
+        yield
+    except OSError as e:
+        if isinstance(e, ImageLedgerError) or e.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        msg = f"{where}: the device is full ({e.strerror}); nothing of it was kept"
+        raise DiskFullError(e.errno, msg) from e
 
 
 def _names(

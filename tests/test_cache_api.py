@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import hashlib
 import io
 import itertools
@@ -32,6 +33,7 @@ from typing import Any
 import pytest
 
 from imageledger import (
+    DiskFullError,
     Image,
     ImageCache,
     ImageDetail,
@@ -41,6 +43,7 @@ from imageledger import (
     ImageNotFoundError,
     ImagePruneReport,
     InvalidReferenceError,
+    LedgerFullError,
     RegistryOptions,
 )
 from imageledger.storage.viewstore import pack
@@ -1304,3 +1307,84 @@ def test_a_hostile_archive_is_refused_and_leaves_nothing_behind(
     assert list((home / "tmp" / "leases").glob("*")) == []
     assert not list(tmp_path.rglob("evil"))
     assert cache.rebuild(verify=True).identical
+
+
+# ---------------------------------------------------------------------------- a full disk
+
+
+def fill(disk: Path, leave: int) -> Path:
+    """Take all but `leave` bytes of `disk`'s free space."""
+    filler = disk / "filler"
+    with filler.open("wb") as f:  # emptied first: its own bytes count as free
+        remaining = shutil.disk_usage(disk).free - leave
+        while remaining > 0:
+            try:
+                remaining -= f.write(b"\0" * min(remaining, 65536))
+                f.flush()
+            except OSError as e:  # block rounding: the disk is full a little early
+                assert e.errno == errno.ENOSPC
+                break
+    return filler
+
+
+def test_a_full_disk_fails_a_load_cleanly_and_the_next_one_works(
+    small_disk: Path, clock: Clock, tmp_path: Path
+) -> None:
+    home = small_disk / "home"
+    big = spec("big:1", layers=(SHARED_BASE, {"app/data": secrets.token_bytes(300_000)}))
+    archive = docker_archive(tmp_path, big)
+    with ImageCache(home, clock=clock, durability="nosync") as cache:
+        [small] = cache.load(docker_archive(tmp_path, spec("small:1")))
+        files, listed = digests_on_disk(home), cache.list()
+        filler = fill(small_disk, leave=200_000)
+        with pytest.raises(DiskFullError) as raised:
+            cache.load(archive)
+        assert isinstance(raised.value, ImageLedgerError)
+        assert raised.value.errno == errno.ENOSPC
+        assert "device is full" in str(raised.value)
+        # Nothing of it is kept: no blob, no partial file, no reference.
+        assert digests_on_disk(home) == files
+        assert not [p for p in (home / "tmp").rglob("*") if p.is_file()]
+        assert cache.list() == listed
+        assert events(cache)[-1] == "PullFailed"
+        assert "device is full" in cache.history()[-1].detail
+
+        # The command line says so in one line and exits 1.
+        done = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "imageledger.tools.cli",
+                "--home",
+                str(home),
+                "load",
+                str(archive),
+            ],
+            capture_output=True,
+            text=True,
+            check=False,
+        )
+        assert done.returncode == 1
+        assert "device is full" in done.stderr and len(done.stderr.strip().splitlines()) == 1
+
+        # With the disk completely full, recording the failure or writing index.json after a
+        # commit may fail too: the caller still gets the load's own error, and a command that
+        # committed is not reported as failed (the ledger is the record; the index follows).
+        fill(small_disk, leave=0)
+        with pytest.raises(DiskFullError):
+            cache.load(archive)
+        clock.at(90)
+        try:
+            cache.use("small:1", "sb-on-a-full-disk")
+        except LedgerFullError:
+            assert cache.get("small:1").last_used_at != clock.now  # rolled back whole
+        else:
+            assert cache.get("small:1").last_used_at == clock.now
+        filler.unlink()
+        [loaded] = cache.load(archive)
+        assert loaded.reference == "docker.io/library/big:1"
+        assert cache.get("small:1").manifest_digest == small.manifest_digest
+        index = json.loads((home / "index.json").read_text())
+        names = {m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]}
+        assert names == {"docker.io/library/small:1", "docker.io/library/big:1"}
+        assert cache.rebuild(verify=True).identical

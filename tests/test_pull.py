@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -16,7 +17,7 @@ from typing import TYPE_CHECKING
 
 import pytest
 
-from imageledger import DigestMismatchError, ImageCache, ImageNotFoundError
+from imageledger import DigestMismatchError, DiskFullError, ImageCache, ImageNotFoundError
 from imageledger.storage.registry import RegistryOptions
 from imageledger.tools.imagebuild import ImageSpec, build_image, build_oci_layout
 
@@ -228,3 +229,20 @@ def test_cli_pull_json_and_exit_codes(registry: Registry, tmp_path: Path) -> Non
         [*base, "pull", "Bad/Ref"], capture_output=True, timeout=TIMEOUT, check=False
     )
     assert bad.returncode == 2
+
+
+def test_a_pull_onto_a_full_disk_fails_cleanly_and_prune_gives_the_space_back(
+    registry: Registry, small_disk: Path, tmp_path: Path
+) -> None:
+    reference = _push_image(registry, tmp_path, "team/toobig")  # a 4 MiB layer, 4 MiB disk
+    with ImageCache(small_disk / "home") as cache:
+        free = shutil.disk_usage(small_disk).free
+        with pytest.raises(DiskFullError, match="device is full"):
+            cache.pull(reference, options=_options(registry))
+        assert cache.list() == []
+        [failure] = cache.history(reference)
+        assert failure.event == "PullFailed" and "device is full" in failure.detail
+        # What the pull had written (kept for a resume while it could still be one) goes with
+        # the next prune: the disk is as free as before the pull, give or take the ledger.
+        cache.prune()
+        assert shutil.disk_usage(small_disk).free >= free - (64 << 10)
