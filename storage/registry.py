@@ -54,7 +54,9 @@ import json
 import os
 import random
 import re
+import shutil
 import ssl
+import subprocess
 import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
@@ -220,11 +222,9 @@ def _auth_key_host(key: str) -> str:
     return _normalize_host(text.split("/", 1)[0])
 
 
-def docker_config_credentials(path: Path) -> dict[str, tuple[str, str]]:
-    """The ``auths`` of a Docker ``config.json``: host -> (user, password). Entries with an
-    ``auth`` (base64 ``user:password``) or ``username``/``password`` fields are read; identity
-    tokens and credential helpers (``credsStore``, ``credHelpers``) are not supported. A missing
-    file is no credentials; an unreadable one is logged (without its content) and ignored."""
+def _read_docker_config(path: Path) -> dict[str, Any]:
+    """A Docker ``config.json`` as a dict; a missing file is an empty one, an unreadable or
+    invalid one is logged (without its content) and taken as empty."""
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
@@ -237,9 +237,15 @@ def docker_config_credentials(path: Path) -> dict[str, tuple[str, str]]:
     except ValueError:
         log.warning("registry.docker_config.invalid", path=str(path))
         return {}
-    auths = config.get("auths") if isinstance(config, dict) else None
-    if isinstance(config, dict) and (config.get("credsStore") or config.get("credHelpers")):
-        log.debug("registry.docker_config.helpers_unsupported", path=str(path))
+    return config if isinstance(config, dict) else {}
+
+
+def docker_config_credentials(path: Path) -> dict[str, tuple[str, str]]:
+    """The ``auths`` of a Docker ``config.json``: host -> (user, password). Entries with an
+    ``auth`` (base64 ``user:password``) or ``username``/``password`` fields are read; identity
+    tokens are not supported. A missing file is no credentials; an unreadable one is logged
+    (without its content) and ignored. Credential helpers: `docker_config_helpers`."""
+    auths = _read_docker_config(path).get("auths")
     found: dict[str, tuple[str, str]] = {}
     if not isinstance(auths, dict):
         return found
@@ -263,8 +269,75 @@ def docker_config_credentials(path: Path) -> dict[str, tuple[str, str]]:
     return found
 
 
+def docker_config_helpers(path: Path) -> tuple[str | None, dict[str, str]]:
+    """The credential helpers of a Docker ``config.json``: ``credsStore`` (every registry)
+    and ``credHelpers`` (registry host -> helper, which wins over ``credsStore``)."""
+    config = _read_docker_config(path)
+    store = config.get("credsStore")
+    helpers = config.get("credHelpers")
+    by_host = {
+        _auth_key_host(key): name
+        for key, name in (helpers.items() if isinstance(helpers, dict) else ())
+        if isinstance(key, str) and isinstance(name, str) and name
+    }
+    return (store if isinstance(store, str) and store else None), by_host
+
+
+_HELPER_NOT_FOUND: Final = b"credentials not found"
+_HELPER_TIMEOUT: Final = 60.0
+
+
+def helper_credentials(helper: str, host: str, path: str | None) -> tuple[str, str] | None:
+    """Ask Docker credential helper ``docker-credential-<helper>`` (found on `path`, a
+    PATH-style list) for `host`'s credentials, by its protocol: ``get`` with the server URL
+    on stdin, JSON ``{"Username", "Secret"}`` on stdout. A helper that is missing, fails,
+    has none, or answers an identity token (not supported) gives None, logged without any
+    of its output (it may hold a secret)."""
+    program = shutil.which(f"docker-credential-{helper}", path=path)
+    if program is None:
+        log.warning("registry.credential_helper.missing", helper=helper, host=host)
+        return None
+    server = "https://index.docker.io/v1/" if host == DEFAULT_REGISTRY else host
+    try:
+        done = subprocess.run(
+            [program, "get"],
+            input=server.encode(),
+            capture_output=True,
+            timeout=_HELPER_TIMEOUT,
+            check=False,
+        )
+    except (OSError, subprocess.TimeoutExpired) as e:
+        log.warning("registry.credential_helper.failed", helper=helper, host=host, error=str(e))
+        return None
+    if done.returncode != 0:
+        if _HELPER_NOT_FOUND in done.stdout.lower() + done.stderr.lower():
+            log.debug("registry.credential_helper.none", helper=helper, host=host)
+        else:
+            log.warning(
+                "registry.credential_helper.failed", helper=helper, host=host, exit=done.returncode
+            )
+        return None
+    return _helper_answer(done.stdout, helper, host)
+
+
+def _helper_answer(stdout: bytes, helper: str, host: str) -> tuple[str, str] | None:
+    try:
+        answer = json.loads(stdout)
+        user, secret = answer["Username"], answer["Secret"]
+    except (ValueError, KeyError, TypeError):
+        user = secret = None
+    if not isinstance(user, str) or not isinstance(secret, str) or not user:
+        log.warning("registry.credential_helper.bad_answer", helper=helper, host=host)
+        return None
+    if user == "<token>":
+        log.warning("registry.credential_helper.identity_token_unsupported", helper=helper)
+        return None
+    return user, secret
+
+
 class _CredentialChain:
-    """Credentials from the call, then the environment, then Docker's config.json."""
+    """Credentials from the call, then the environment, then Docker's config.json: its
+    credential helper for the host (asked once per host), then its ``auths``."""
 
     def __init__(
         self,
@@ -272,11 +345,17 @@ class _CredentialChain:
         env_user: tuple[str, str] | None,
         env_host: str | None,
         docker: Mapping[str, tuple[str, str]],
+        helpers: tuple[str | None, Mapping[str, str]] = (None, {}),
+        path: str | None = None,
     ) -> None:
         self._explicit = explicit
         self._env = env_user
         self._env_host = env_host
         self._docker = dict(docker)
+        self._store, self._helpers = helpers[0], dict(helpers[1])
+        self._path = path
+        self._asked: dict[str, tuple[str, str] | None] = {}
+        self._lock = threading.Lock()
 
     def __call__(self, host: str) -> tuple[str, str] | None:
         host = _normalize_host(host)
@@ -286,6 +365,14 @@ class _CredentialChain:
                 return found
         if self._env is not None and (self._env_host is None or self._env_host == host):
             return self._env
+        helper = self._helpers.get(host, self._store)
+        if helper is not None:
+            with self._lock:  # concurrent layer downloads: one helper run per host
+                if host not in self._asked:
+                    self._asked[host] = helper_credentials(helper, host, self._path)
+                found = self._asked[host]
+            if found is not None:
+                return found
         return self._docker.get(host)
 
     def __repr__(self) -> str:
@@ -308,8 +395,10 @@ def options_from_environment(
     - ``IMAGELEDGER_CA_BUNDLE=path`` is the CA bundle unless `ca_bundle` is given;
     - credentials: `credentials` (the call's) first; then ``IMAGELEDGER_REGISTRY_USER`` and
       ``IMAGELEDGER_REGISTRY_PASSWORD``, for the registry named by ``IMAGELEDGER_REGISTRY_HOST``
-      (``host[:port]``; every registry when unset); then the ``auths`` of Docker's
-      ``config.json`` (``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``).
+      (``host[:port]``; every registry when unset); then Docker's ``config.json``
+      (``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``): the credential helper
+      for the host (``credHelpers``, else ``credsStore``: ``docker-credential-<name>`` on
+      ``PATH``), and where it has none, ``auths``.
     """
     env = os.environ if environ is None else environ
     hosts = set(insecure)
@@ -322,10 +411,14 @@ def options_from_environment(
     env_host = _normalize_host(env[ENV_HOST]) if env.get(ENV_HOST) else None
     config_path = _docker_config_path(env)
     docker = docker_config_credentials(config_path) if config_path is not None else {}
+    helpers = docker_config_helpers(config_path) if config_path is not None else (None, {})
+    chain = _CredentialChain(
+        credentials, env_credentials, env_host, docker, helpers, env.get("PATH", os.defpath)
+    )
     return RegistryOptions(
         insecure=frozenset(hosts),
         ca_bundle=bundle,
-        credentials=_CredentialChain(credentials, env_credentials, env_host, docker),
+        credentials=chain,
         max_concurrent_layers=max_concurrent_layers,
         retries=retries,
         timeout=timeout,

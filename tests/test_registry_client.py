@@ -898,3 +898,69 @@ def test_choose_platform() -> None:
     assert choose_platform(entries, Platform("linux", "arm")) is v6
     assert choose_platform(entries, Platform("windows", "amd64")) is None
     assert choose_platform([unknown], Platform("unknown", "unknown")) is None
+
+
+def _helper(bin_dir: Path, name: str, answers: dict[str, tuple[str, str]]) -> Path:
+    """A real ``docker-credential-<name>`` program (Docker's credential helper protocol): it
+    logs each request beside itself and answers `answers[server]`, or "not found"."""
+    bin_dir.mkdir(exist_ok=True)
+    program = bin_dir / f"docker-credential-{name}"
+    program.write_text(
+        f"#!{sys.executable}\n"
+        "import json, pathlib, sys\n"
+        "server = sys.stdin.read().strip()\n"
+        f"answers = {json.dumps({k: list(v) for k, v in answers.items()})}\n"
+        "log = pathlib.Path(sys.argv[0] + '.log')\n"
+        "with log.open('a') as f:\n"
+        "    f.write(sys.argv[1] + ' ' + server + '\\n')\n"
+        "if server not in answers:\n"
+        "    print('credentials not found in native keychain')\n"
+        "    sys.exit(1)\n"
+        "user, secret = answers[server]\n"
+        "print(json.dumps({'ServerURL': server, 'Username': user, 'Secret': secret}))\n"
+    )
+    program.chmod(0o755)
+    return program
+
+
+def test_docker_credential_helpers(
+    tmp_path: Path, registry_basic: Registry, store: BlobStore, logs: Logs
+) -> None:
+    registry = registry_basic
+    right = _credentials(registry)(registry.host)
+    assert right is not None
+    _publish(tmp_path, registry, "private/helped:1", [_spec("helped")])
+    bin_dir = tmp_path / "bin"
+    store_helper = _helper(bin_dir, "teststore", {registry.host: right})
+    wrong = _helper(bin_dir, "wrong", {registry.host: ("intruder", "nope")})
+    empty = _helper(bin_dir, "empty", {})
+    config = tmp_path / "docker" / "config.json"
+    config.parent.mkdir()
+    environ = {"DOCKER_CONFIG": str(config.parent), "PATH": str(bin_dir)}
+
+    def pull_with(docker_config: dict[str, Any], home: str) -> Any:
+        config.write_text(json.dumps(docker_config))
+        options = options_from_environment(environ, insecure=[registry.host])
+        with RegistryClient(dataclasses.replace(options, backoff=0.01)) as client:
+            return client.pull(
+                Reference.parse(registry.reference("private/helped:1")),
+                BlobStore(tmp_path / home),
+                platform=AMD64,
+            )
+
+    # credsStore answers for every registry; the helper is asked once for the pull.
+    assert pull_with({"credsStore": "teststore"}, "a").manifest_digest
+    assert (bin_dir / f"{store_helper.name}.log").read_text() == f"get {registry.host}\n"
+    # credHelpers wins over credsStore for its host.
+    with pytest.raises(RegistryAuthError):
+        pull_with({"credsStore": "teststore", "credHelpers": {registry.host: "wrong"}}, "b")
+    assert (bin_dir / f"{wrong.name}.log").read_text() == f"get {registry.host}\n"
+    # A helper with nothing for the host, or no such helper: the auths entry is used.
+    user, password = right
+    auths = {"auths": {registry.host: {"username": user, "password": password}}}
+    assert pull_with({**auths, "credHelpers": {registry.host: "empty"}}, "c").manifest_digest
+    assert (bin_dir / f"{empty.name}.log").read_text() == f"get {registry.host}\n"
+    assert pull_with({**auths, "credsStore": "missing"}, "d").manifest_digest
+    events = [entry["event"] for entry in logs]
+    assert "registry.credential_helper.missing" in events
+    assert right[1] not in repr(logs) and "nope" not in repr(logs)
