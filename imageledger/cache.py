@@ -26,10 +26,12 @@ import getpass
 import hashlib
 import os
 import socket
+import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import Any, BinaryIO, Final, Literal
 
 import structlog
 from eventsourcing.application import Application
@@ -70,6 +72,7 @@ from imageledger.storage.registry import (
     PullProgress,
     RegistryClient,
     RegistryOptions,
+    environment_fingerprint,
     options_from_environment,
 )
 from imageledger.storage.transcoder import MsgpackTranscoder
@@ -116,6 +119,29 @@ class _LedgerApp(Application[Any]):
         for transcoding in TRANSCODINGS:
             transcoder.register(transcoding)
         return transcoder
+
+
+_CLIENT_MAX_AGE: Final = 600.0  # s
+
+
+class _SharedClient:
+    """The registry client the pulls of one cache share; closed once retired and unused
+    (the caller holds the cache's client lock for every change)."""
+
+    def __init__(self, key: object, client: RegistryClient) -> None:
+        self.key = key
+        self.client = client
+        self.born = time.monotonic()
+        self.users = 0
+        self.retired = False
+
+    def age(self) -> float:
+        return time.monotonic() - self.born
+
+    def retire(self) -> None:
+        self.retired = True
+        if not self.users:
+            self.client.close()
 
 
 class _LeasedStore:
@@ -219,6 +245,8 @@ class ImageCache:
         self.write_index = True
         self._list_memo: tuple[int, builtins.list[ImageHandle]] | None = None
         self._handle_memo: dict[bytes, ImageHandle] = {}  # see ViewState.handles
+        self._clients_lock = threading.Lock()
+        self._client: _SharedClient | None = None  # see _registry
         self.service = ImageCacheService(
             ledger=self,
             content=self.store,
@@ -392,6 +420,9 @@ class ImageCache:
         the handle reports. Options default to `options_from_environment()` (insecure
         registries, CA bundle, credentials from the environment and Docker's config.json).
 
+        The pulls of one cache share a registry client (its connections and tokens) while
+        `options` stay the same (by default: while the environment and Docker's config.json
+        are unchanged, and at most 10 minutes, so credential helpers are asked again).
         Blobs already in the store are not downloaded; what the pull writes is protected from
         a concurrent prune or remove by an in-flight lease until its event commits. A pull by
         digest of a manifest the cache holds (under any name) does not contact the registry
@@ -407,10 +438,7 @@ class ImageCache:
                 log.info("pull.offline", reference=str(ref))
                 return self._bind(self.service.add(str(ref), held, source, cached=True))
             try:
-                with (
-                    _space(self.home),
-                    RegistryClient(options or options_from_environment()) as client,
-                ):
+                with _space(self.home), self._registry(options) as client:
                     content = client.pull(ref, leased, platform=wanted, progress=progress)
             except ImageLedgerError as e:
                 self._record_failure(str(ref), source, e)
@@ -418,6 +446,25 @@ class ImageCache:
             cached = not any(d in leased.written for d, _ in content.blobs)
             handle = self.service.add(str(ref), content, source, cached=cached)
         return self._bind(handle)
+
+    @contextlib.contextmanager
+    def _registry(self, options: RegistryOptions | None) -> Iterator[RegistryClient]:
+        key = options if options is not None else environment_fingerprint()
+        with self._clients_lock:
+            shared = self._client
+            if shared is None or shared.key != key or shared.age() > _CLIENT_MAX_AGE:
+                if shared is not None:
+                    shared.retire()
+                client = RegistryClient(options or options_from_environment())
+                shared = self._client = _SharedClient(key, client)
+            shared.users += 1
+        try:
+            yield shared.client
+        finally:
+            with self._clients_lock:
+                shared.users -= 1
+                if shared.retired and not shared.users:
+                    shared.client.close()
 
     def _held_manifest(self, digest: str | None, leased: _LeasedStore) -> ImageContent | None:
         """The content of manifest `digest` if the cache holds it whole; each blob is claimed
@@ -544,6 +591,10 @@ class ImageCache:
         }
 
     def close(self) -> None:
+        with self._clients_lock:
+            if self._client is not None:
+                self._client.retire()
+                self._client = None
         self._app.close()
 
     def __enter__(self) -> ImageCache:

@@ -425,6 +425,24 @@ def options_from_environment(
     )
 
 
+def environment_fingerprint(environ: Mapping[str, str] | None = None) -> tuple[object, ...]:
+    """What `options_from_environment` reads, summarised: equal fingerprints give equal
+    options (so a client built from them can be reused), except for what credential helpers
+    answer, which callers re-ask by rebuilding their options now and then."""
+    env = os.environ if environ is None else environ
+    names = (ENV_INSECURE, ENV_CA_BUNDLE, ENV_USER, ENV_PASSWORD, ENV_HOST, "DOCKER_CONFIG")
+    config = _docker_config_path(env)
+    try:
+        stat = config.stat() if config is not None else None
+        seen = None if stat is None else (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+    except OSError:
+        seen = None
+    # A digest, not the values: the password must not sit in a long-lived tuple in memory
+    # any more than it already does, nor show up in a repr.
+    values = hashlib.sha256(repr([env.get(n) for n in names]).encode()).hexdigest()
+    return values, str(config), seen, env.get("PATH", os.defpath)
+
+
 # ---- progress --------------------------------------------------------------------------------
 
 

@@ -18,13 +18,13 @@ from typing import TYPE_CHECKING
 import pytest
 
 from imageledger import DigestMismatchError, DiskFullError, ImageCache, ImageNotFoundError
-from imageledger.storage.registry import RegistryOptions
+from imageledger.storage.registry import RegistryAuthError, RegistryOptions
 from imageledger.tools.imagebuild import ImageSpec, build_image, build_oci_layout
 
 if TYPE_CHECKING:
-    from tests.registry import FlakyRegistry, Registry, push
+    from tests.registry import FlakyRegistry, Registry, TokenRegistry, push
 else:
-    from registry import FlakyRegistry, Registry, push
+    from registry import FlakyRegistry, Registry, TokenRegistry, push
 
 TIMEOUT = 60.0
 
@@ -246,3 +246,36 @@ def test_a_pull_onto_a_full_disk_fails_cleanly_and_prune_gives_the_space_back(
         # the next prune: the disk is as free as before the pull, give or take the ledger.
         cache.prune()
         assert shutil.disk_usage(small_disk).free >= free - (64 << 10)
+
+
+def test_pulls_of_one_cache_share_connections_and_tokens_until_the_environment_changes(
+    registry_token: TokenRegistry, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    registry, tokens = registry_token.registry, registry_token.tokens
+    assert registry.username is not None and registry.password is not None
+    reference = _push_image(registry, tmp_path, "team/shared")
+    monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
+    monkeypatch.setenv("IMAGELEDGER_INSECURE_REGISTRIES", registry.host)
+    monkeypatch.setenv("IMAGELEDGER_REGISTRY_USER", registry.username)
+    monkeypatch.setenv("IMAGELEDGER_REGISTRY_PASSWORD", registry.password)
+    before = len(tokens.requests)
+    with ImageCache(tmp_path / "home") as cache:
+        first = cache.pull(reference)
+        again = cache.pull(reference)  # the tag is resolved again, with the token held
+        assert again.manifest_digest == first.manifest_digest
+        assert len(tokens.requests) == before + 1
+        # The environment changes (another password): the next pull builds a new client,
+        # which has to ask for a token again, and is refused.
+        monkeypatch.setenv("IMAGELEDGER_REGISTRY_PASSWORD", "not-the-password")
+        with pytest.raises(RegistryAuthError):
+            cache.pull(reference)
+        assert len(tokens.requests) > before + 1
+        # Explicit options: one client while the same options are passed.
+        options = RegistryOptions(
+            insecure=frozenset({registry.host}),
+            credentials=lambda host: (registry.username or "", registry.password or ""),
+        )
+        asked = len(tokens.requests)
+        cache.pull(reference, options=options)
+        cache.pull(reference, options=options)
+        assert len(tokens.requests) == asked + 1
