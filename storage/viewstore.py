@@ -164,14 +164,6 @@ class LMDBViews:
         with self.env.read() as txn:
             yield self.in_txn(txn)
 
-    def write(self, namespace: str, fn: Callable[[LMDBViewTxn], None]) -> None:
-        def write(txn: lmdb.Transaction) -> None:
-            view = self.in_txn(txn, namespace)
-            fn(view)
-            view.flush()
-
-        self.env.write(write)
-
     def load(self, namespace: str, tables: dict[str, dict[bytes, Any]]) -> None:
         """Write rows in bulk: encoded and sorted per table, then handed to LMDB's C loop in
         one call per table (appended outright when the table is empty, as it is when a
