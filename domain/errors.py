@@ -64,3 +64,9 @@ class ImageInUseError(ImageLedgerError):
 
 class ContentMissingError(ImageLedgerError):
     """A blob an image needs is not in the store when its pull or load commits."""
+
+
+class ContentCorruptError(ImageLedgerError):
+    """A blob in the store no longer is what the ledger says (wrong size, or it does not hash
+    to its digest: bit rot, tampering). `imageledger verify --repair` deletes such blobs; the
+    next pull or load of the images that need them fetches them again."""

@@ -277,3 +277,27 @@ class HistoryEntry:
     user: str
     host: str
     pid: int
+
+
+@dataclass(frozen=True, slots=True)
+class BlobProblem:
+    """A blob the ledger accounts for that the store does not hold intact."""
+
+    digest: str
+    kind: str  # manifest | config | layer
+    problem: str  # missing | wrong size | corrupt
+    references: tuple[str, ...]  # the cached references whose images need it, sorted
+    repaired: bool  # deleted (a wrong blob), so the next pull or load fetches it again
+
+
+@dataclass(frozen=True, slots=True)
+class StoreCheck:
+    """What `verify` found: every blob the ledger accounts for, read back and hashed."""
+
+    blobs_checked: int
+    bytes_checked: int
+    problems: tuple[BlobProblem, ...]
+
+    @property
+    def ok(self) -> bool:
+        return not self.problems

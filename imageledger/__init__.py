@@ -5,6 +5,7 @@ The public surface is what this module exports; everything else is private to th
 
 from imageledger.cache import Image, ImageCache, default_home
 from imageledger.domain.errors import (
+    ContentCorruptError,
     ContentMissingError,
     DigestMismatchError,
     DiskFullError,
@@ -17,6 +18,7 @@ from imageledger.domain.errors import (
     LedgerFullError,
 )
 from imageledger.domain.model import (
+    BlobProblem,
     HistoryEntry,
     ImageConfig,
     ImageDetail,
@@ -24,6 +26,7 @@ from imageledger.domain.model import (
     ImagePruneReport,
     LayerDetail,
     Platform,
+    StoreCheck,
 )
 from imageledger.domain.reference import Reference, canonical
 from imageledger.projections.runner import RebuildReport
@@ -37,6 +40,8 @@ from imageledger.storage.registry import (
 from imageledger.tools.logs import configure_logging
 
 __all__ = [
+    "BlobProblem",
+    "ContentCorruptError",
     "ContentMissingError",
     "DigestMismatchError",
     "DiskFullError",
@@ -63,6 +68,7 @@ __all__ = [
     "RegistryAuthError",
     "RegistryError",
     "RegistryOptions",
+    "StoreCheck",
     "canonical",
     "configure_logging",
     "default_home",

@@ -47,6 +47,7 @@ from typing import IO, BinaryIO, Final, Literal
 import structlog
 
 from imageledger.domain.errors import (
+    ContentCorruptError,
     DigestMismatchError,
     ImageLedgerError,
     InvalidReferenceError,
@@ -878,7 +879,13 @@ def save(
         if digest not in contents:
             # The platform is not written (index.json entries need none): any hint will do for
             # a config that names none.
-            contents[digest] = describe_image(store, digest, platform_hint=_NO_PLATFORM)
+            try:
+                contents[digest] = describe_image(store, digest, platform_hint=_NO_PLATFORM)
+            except (ManifestError, OSError) as e:
+                # The ledger vouched for this manifest and its config when they came in.
+                msg = f"image {digest} is damaged in the store ({e})"
+                msg += ": run `imageledger verify --repair`"
+                raise ContentCorruptError(msg) from e
 
     index_entries: list[dict[str, object]] = []
     for reference, digest in pairs:
@@ -937,8 +944,7 @@ def save(
                     tar.addfile(_tar_info(name, len(data)), io.BytesIO(data))
                 else:
                     digest = name.removeprefix("blobs/").replace("/", ":", 1)
-                    with store.open(digest) as f:
-                        tar.addfile(_tar_info(name, blobs[name]), f)
+                    _add_verified(tar, name, store, digest, blobs[name])
 
     if isinstance(dest, str | os.PathLike):
         path = Path(dest)
@@ -960,6 +966,41 @@ def save(
     else:
         write(dest)
     log.info("archive.saved", format=format, images=len(pairs), blobs=len(blobs))
+
+
+class _Hashing(io.RawIOBase):
+    """A blob file read through a hasher, so that what goes out is checked on the way."""
+
+    def __init__(self, f: IO[bytes], algorithm: str) -> None:
+        self._f = f
+        self.hasher = hashlib.new(algorithm)
+
+    def read(self, size: int = -1) -> bytes:
+        data = self._f.read(size)
+        self.hasher.update(data)
+        return data
+
+
+def _add_verified(
+    tar: tarfile.TarFile, name: str, store: BlobAccess, digest: str, size: int
+) -> None:
+    """Copy a blob into the archive, refusing one that is not what the ledger says (a
+    corrupt store must not spread into archives)."""
+    found = store.size(digest)
+    if found != size:
+        state = "missing" if found is None else f"{found} bytes, not {size}"
+        msg = f"blob {digest} in the store is {state}: run `imageledger verify --repair`"
+        raise ContentCorruptError(msg)
+    with store.open(digest) as f:
+        reader = _Hashing(f, digest.partition(":")[0])
+        tar.addfile(_tar_info(name, size), reader)
+    actual = f"{digest.partition(':')[0]}:{reader.hasher.hexdigest()}"
+    if actual != digest:
+        msg = (
+            f"blob {digest} in the store is corrupt (it hashes to {actual}): "
+            "run `imageledger verify --repair`"
+        )
+        raise ContentCorruptError(msg)
 
 
 __all__ = ["DEFAULT_MAX_ENTRY_SIZE", "ArchiveError", "ArchiveFormat", "load", "save"]

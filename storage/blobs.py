@@ -206,6 +206,16 @@ class BlobStore:
             return 0
         return size
 
+    def check(self, digest: str, size: int) -> str | None:
+        """None when the blob is there, `size` bytes long and hashes to `digest`; otherwise
+        what is wrong with it: ``missing``, ``wrong size`` or ``corrupt``."""
+        found = self.size(digest)
+        if found is None:
+            return "missing"
+        if found != size:
+            return "wrong size"
+        return None if self.verify(digest) else "corrupt"
+
     def verify(self, digest: str) -> bool:
         """Whether the stored blob still hashes to its digest (bit rot, tampering)."""
         algorithm = digest.partition(":")[0]

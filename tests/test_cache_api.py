@@ -33,6 +33,7 @@ from typing import Any
 import pytest
 
 from imageledger import (
+    ContentCorruptError,
     DiskFullError,
     Image,
     ImageCache,
@@ -1388,3 +1389,55 @@ def test_a_full_disk_fails_a_load_cleanly_and_the_next_one_works(
         names = {m["annotations"]["org.opencontainers.image.ref.name"] for m in index["manifests"]}
         assert names == {"docker.io/library/small:1", "docker.io/library/big:1"}
         assert cache.rebuild(verify=True).identical
+
+
+# ---------------------------------------------------------------------------- a damaged store
+
+
+def test_verify_finds_damaged_blobs_save_refuses_them_and_repair_lets_a_reload_heal(
+    cache: ImageCache, home: Path, tmp_path: Path
+) -> None:
+    archive = docker_archive(tmp_path, spec("a:1"), spec("b:1"))
+    cache.load(archive)
+    a, b = cache.inspect("a:1"), cache.inspect("b:1")
+    shared = a.layers[0].blob_digest
+    assert shared == b.layers[0].blob_digest
+    a_top, b_config = a.layers[-1].blob_digest, b.config.digest
+    clean = cache.verify()
+    assert clean.ok and clean.blobs_checked == len(digests_on_disk(home)) == 7  # 2+2+3
+
+    # Bit rot in a's own layer (same size), a truncated config of b, the shared layer gone.
+    data = bytearray(blob_path(home, a_top).read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    blob_path(home, a_top).write_bytes(bytes(data))
+    blob_path(home, b_config).write_bytes(blob_path(home, b_config).read_bytes()[:-5])
+    shared_bytes = blob_path(home, shared).read_bytes()
+    blob_path(home, shared).unlink()
+    found = {p.digest: p for p in cache.verify().problems}
+    assert {d: (p.problem, p.references, p.repaired) for d, p in found.items()} == {
+        a_top: ("corrupt", ("docker.io/library/a:1",), False),
+        b_config: ("wrong size", ("docker.io/library/b:1",), False),
+        shared: ("missing", ("docker.io/library/a:1", "docker.io/library/b:1"), False),
+    }
+    assert found[b_config].kind == "config" and found[a_top].kind == "layer"
+
+    # A damaged image is not exported, and no archive (or partial file) is left behind:
+    # found before writing (b's config is short), or while streaming (a's layer hashes wrong).
+    blob_path(home, shared).write_bytes(shared_bytes)
+    out = tmp_path / "out"
+    out.mkdir()
+    with pytest.raises(ContentCorruptError, match="verify --repair"):
+        cache.save(["b:1"], out / "b.tar")
+    with pytest.raises(ContentCorruptError, match=f"{a_top} in the store is corrupt"):
+        cache.save(["a:1"], out / "a.tar", format="oci")
+    assert list(out.iterdir()) == []
+
+    blob_path(home, shared).unlink()
+    repaired = {p.digest: p.repaired for p in cache.verify(repair=True).problems}
+    assert repaired == {a_top: True, b_config: True, shared: False}  # nothing to delete
+    assert not ({a_top, b_config, shared} & digests_on_disk(home))
+    # Loading the images again brings the blobs back; the store is whole, saving works.
+    cache.load(archive)
+    assert cache.verify().ok
+    cache.save(["a:1", "b:1"], out / "both.tar")
+    assert (out / "both.tar").stat().st_size > 0

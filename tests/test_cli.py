@@ -523,3 +523,22 @@ def test_demo_exits_0(tmp_path: Path) -> None:
     assert {"ImagePulled", "ImageUsed", "RemoveRefused", "HolderReleased"} <= set(events)
     assert events[-1] == "ImagesPruned"
     assert ok(demo_home, "images", "--json").json() == []
+
+
+def test_verify_json_exit_codes_and_repair(home: Path, archive: Path) -> None:
+    ok(home, "load", str(archive))
+    clean = ok(home, "verify", "--json").json()
+    assert clean["ok"] is True and clean["problems"] == [] and clean["blobs_checked"] > 0
+    layer = ok(home, "inspect", "acme/app:1", "--json").json()["layers"][-1]["blob_digest"]
+    path = home / "blobs" / "sha256" / layer.removeprefix("sha256:")
+    path.write_bytes(path.read_bytes()[::-1])  # same size, other bytes
+    damaged = cli(home, "verify", "--json")
+    assert damaged.code == 1 and damaged.stderr.count("\n") <= 1  # the progress line at most
+    [problem] = damaged.json()["problems"]
+    assert problem["digest"] == layer and problem["problem"] == "corrupt"
+    assert "docker.io/acme/app:1" in problem["references"] and problem["repaired"] is False
+    text = cli(home, "verify", "--repair")
+    assert text.code == 1 and f"corrupt layer {layer}" in text.stdout.decode()
+    assert not path.exists()
+    ok(home, "load", str(archive))
+    assert ok(home, "verify").stdout.decode().strip().endswith("all intact")

@@ -343,6 +343,28 @@ def cmd_rebuild(cache: ImageCache, args: argparse.Namespace) -> int:
     return EXIT_OK if report.identical else EXIT_FAILURE
 
 
+def cmd_verify(cache: ImageCache, args: argparse.Namespace) -> int:
+    with Progress("verify", unit="bytes") as progress:
+        check = cache.verify(repair=args.repair, progress=progress.update)
+    if args.json:
+        _print_json(
+            {
+                "blobs_checked": check.blobs_checked,
+                "bytes_checked": check.bytes_checked,
+                "ok": check.ok,
+                "problems": [asdict(problem) for problem in check.problems],
+            }
+        )
+    else:
+        for p in check.problems:
+            needed = ", ".join(p.references) or "no reference"
+            action = "deleted: pull or load those again" if p.repaired else "kept"
+            print(f"{p.problem} {p.kind} {p.digest} (needed by {needed}); {action}")
+        state = "all intact" if check.ok else f"{len(check.problems)} damaged"
+        print(f"checked {check.blobs_checked} blobs ({check.bytes_checked} bytes): {state}")
+    return EXIT_OK if check.ok else EXIT_FAILURE
+
+
 def cmd_df(cache: ImageCache, args: argparse.Namespace) -> int:
     usage = cache.df()
     if args.json:
@@ -454,6 +476,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--verify",
         action="store_true",
         help="rebuild into scratch space and compare, change nothing",
+    )
+    verify = add("verify", cmd_verify, "read back and hash every blob the ledger accounts for")
+    verify.add_argument(
+        "--repair",
+        action="store_true",
+        help="delete damaged blobs, so that the next pull or load fetches them again",
     )
     add("df", cmd_df, "disk usage by kind and what prune would reclaim")
     demo = add(
