@@ -26,6 +26,7 @@ import subprocess
 import sys
 import tempfile
 import threading
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, cast
 from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
@@ -33,6 +34,7 @@ from uuid import NAMESPACE_URL, UUID, uuid4, uuid5
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 from eventsourcing.persistence import StoredEvent
+from eventsourcing.utils import Environment
 
 from imageledger.domain.errors import ImageLedgerError
 from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory
@@ -428,6 +430,19 @@ class Child:
                 with contextlib.suppress(OSError):
                     stream.close()
         self._stderr.close()
+
+
+@contextlib.contextmanager
+def opened(ledger: Path, **settings: str) -> Iterator[LMDBApplicationRecorder]:
+    """The children's application recorder on `ledger`, opened in this (the parent) process."""
+    env = {"PERSISTENCE_MODULE": PERSISTENCE_MODULE, "LMDB_PATH": str(ledger), **settings}
+    factory = LMDBFactory(Environment(APP_NAME, env))
+    try:
+        recorder = factory.application_recorder()
+        assert isinstance(recorder, LMDBApplicationRecorder)
+        yield recorder
+    finally:
+        factory.close()
 
 
 def log_rows(recorder: LMDBApplicationRecorder) -> dict[int, tuple[str, int, bytes]]:

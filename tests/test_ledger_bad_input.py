@@ -10,11 +10,10 @@ from __future__ import annotations
 
 import random
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import NAMESPACE_URL, UUID, uuid5
 
 import lmdb
@@ -27,10 +26,14 @@ from eventsourcing.persistence import (
     OperationalError,
     StoredEvent,
 )
-from eventsourcing.utils import Environment
 
 from imageledger.domain.errors import LedgerCorruptError, LedgerFullError
 from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory
+
+if TYPE_CHECKING:
+    from tests._ledger_child import opened
+else:
+    from _ledger_child import opened
 
 TIMEOUT = 60.0  # for waiting only: nothing asserts how long anything took
 MIB = 1 << 20
@@ -57,18 +60,6 @@ class LedgerApp(Application[UUID]):
 
 def _env(ledger: Path, **settings: str) -> dict[str, str]:
     return {"PERSISTENCE_MODULE": PERSISTENCE_MODULE, "LMDB_PATH": str(ledger), **settings}
-
-
-@contextmanager
-def opened(ledger: Path, **settings: str) -> Iterator[LMDBApplicationRecorder]:
-    """The children's application recorder on `ledger`, opened in this process."""
-    factory = LMDBFactory(Environment(APP_NAME, _env(ledger, **settings)))
-    try:
-        recorder = factory.application_recorder()
-        assert isinstance(recorder, LMDBApplicationRecorder)
-        yield recorder
-    finally:
-        factory.close()
 
 
 def _oid(name: str) -> UUID:

@@ -9,18 +9,21 @@ from __future__ import annotations
 
 import json
 import threading
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from pathlib import Path
 from types import ModuleType
-from typing import Any
+from typing import TYPE_CHECKING, Any
 from uuid import UUID, uuid4
 
 import pytest
 from eventsourcing.persistence import Notification, StoredEvent
-from eventsourcing.utils import Environment
 
-from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory
+from imageledger.storage.ledger import LMDBApplicationRecorder
+
+if TYPE_CHECKING:
+    from tests._ledger_child import opened
+else:
+    from _ledger_child import opened
 
 TIMEOUT = 60.0  # for waiting only: nothing asserts how long anything took
 MIB = 1 << 20
@@ -28,19 +31,6 @@ APP_NAME = "ledgertest"  # the children's application: the ledger namespace they
 PERSISTENCE_MODULE = "imageledger.storage.ledger"
 
 Spawn = Callable[..., Any]
-
-
-@contextmanager
-def opened(ledger: Path, **settings: str) -> Iterator[LMDBApplicationRecorder]:
-    """The children's application recorder on `ledger`, opened in this process."""
-    env = {"PERSISTENCE_MODULE": PERSISTENCE_MODULE, "LMDB_PATH": str(ledger), **settings}
-    factory = LMDBFactory(Environment(APP_NAME, env))
-    try:
-        recorder = factory.application_recorder()
-        assert isinstance(recorder, LMDBApplicationRecorder)
-        yield recorder
-    finally:
-        factory.close()
 
 
 def _event(originator: UUID, version: int = 1, state: bytes = b"{}") -> StoredEvent:
