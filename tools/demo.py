@@ -51,6 +51,7 @@ def run_demo(home: str | None, *, keep: bool = False) -> int:
         _run(cache_home, "load", str(layout), "--tag", "demo/hello:latest")
         _run(cache_home, "images")
         _run(cache_home, "inspect", "demo/hello:1.0")
+        _run(cache_home, "verify")  # every blob read back and hashed
         _run(cache_home, "use", "demo/hello:1.0", "--holder", "sandbox-1")
         _run(cache_home, "rm", "demo/hello:latest")  # an alias: only untags
         _run(cache_home, "rm", "demo/hello:1.0", expect=4)  # the last name of a leased image
