@@ -1,5 +1,6 @@
 """The README's main job: build a small image, then walk it through the cache with the real
-command line: load, images, use, a refused remove, release, prune, history, rebuild --verify.
+command line: load, images, inspect, verify, use, a refused remove, release, prune, history,
+rebuild --verify.
 
 It runs against a fresh temporary home (or `--home`) and exits non-zero if any step does not
 do what the contract says, so it doubles as an end-to-end smoke test.
