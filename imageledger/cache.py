@@ -245,8 +245,11 @@ class ImageCache:
         # Two rebuilds would fill the same spare namespace at once: one at a time per home.
         self._rebuild_lock = StoreLock(self.home, "rebuild.lock")
         self.write_index = True
-        self._list_memo: tuple[int, builtins.list[ImageHandle]] | None = None
-        self._handle_memo: dict[bytes, ImageHandle] = {}  # see ViewState.handles
+        # list() memos, per owner the handles are bound to (this cache, or its asyncio
+        # facade): the last list by ledger position, and handles by row (ViewState.handles).
+        self._list_memos: dict[object, tuple[int, builtins.list[ImageHandle]]] = {}
+        self._handle_memos: dict[object, dict[bytes, ImageHandle]] = {}
+        self._async_owner = _AsyncOwner(self)
         self._clients_lock = threading.Lock()
         self._client: _SharedClient | None = None  # see _registry
         self.service = ImageCacheService(
@@ -334,18 +337,22 @@ class ImageCache:
         Memoised per process while the ledger position is unchanged (handles are immutable),
         so a runtime listing on every sandbox start pays one read of the position when nothing
         changed; any commit, in any process, moves the position and invalidates it."""
+        return self._list_for(self)
+
+    def _list_for(self, owner: object) -> builtins.list[ImageHandle]:
+        """list() with handles whose `inspect()`/`remove()` call `owner`."""
         with self.snapshot() as state:
             position = state.position
-        memo = self._list_memo
+        memo = self._list_memos.get(owner)
         if memo is not None and memo[0] == position:
             return builtins.list(memo[1])
-        handles = self.service.list(self._handle_memo)
+        handles = self.service.list(self._handle_memos.setdefault(owner, {}))
         bind = object.__setattr__  # as in _bind, without a call per handle
         for handle in handles:
-            bind(handle, "_owner", self)
+            bind(handle, "_owner", owner)
         with self.snapshot() as state:
             if state.position == position:
-                self._list_memo = (position, handles)
+                self._list_memos[owner] = (position, handles)
         return builtins.list(handles)
 
     def inspect(self, reference: str) -> ImageDetail:
@@ -725,8 +732,11 @@ class _AsyncOwner:
 
 
 def _async(handle: ImageHandle, cache: ImageCache) -> ImageHandle:
-    # A copy: the blocking cache may share its handles (list() memo) with blocking callers.
-    return dataclasses.replace(handle, _owner=_AsyncOwner(cache))
+    """`handle` bound to the cache's asyncio facade. A copy (the blocking cache shares its
+    handles with its callers), made the way `ViewState.handles` makes handles."""
+    copy = object.__new__(ImageHandle)
+    object.__setattr__(copy, "__dict__", {**handle.__dict__, "_owner": cache._async_owner})
+    return copy
 
 
 class Image:
@@ -751,11 +761,11 @@ class Image:
     @classmethod
     async def list(cls, *, cache: ImageCache | None = None) -> builtins.list[ImageHandle]:
         c = cls._cache(cache)
-        return [_async(h, c) for h in await asyncio.to_thread(c.list)]
+        return await asyncio.to_thread(c._list_for, c._async_owner)
 
     @classmethod
     async def inspect(cls, reference: str, *, cache: ImageCache | None = None) -> ImageDetail:
-        return await _AsyncOwner(cls._cache(cache)).inspect(reference)
+        return await cls._cache(cache)._async_owner.inspect(reference)
 
     @classmethod
     async def remove(

@@ -1225,6 +1225,31 @@ def test_handle_methods_from_the_asyncio_api_are_awaitable(
     asyncio.run(scenario())
 
 
+def test_asyncio_and_blocking_lists_keep_their_own_handles_across_commits(
+    cache: ImageCache, clock: Clock, tmp_path: Path
+) -> None:
+    for i, name in enumerate(("a:1", "b:1")):
+        clock.at(i)
+        cache.load(docker_archive(tmp_path, spec(name)))
+
+    async def scenario() -> None:
+        first = await Image.list(cache=cache)
+        blocking = cache.list()
+        assert first == blocking and all(a is not b for a, b in zip(first, blocking, strict=True))
+        assert (await Image.list(cache=cache))[0] is first[0]  # nothing changed: the same
+        clock.at(30)
+        await Image.use("a:1", "sb", cache=cache)  # one row changes
+        after = {h.reference: h for h in await Image.list(cache=cache)}
+        before = {h.reference: h for h in first}
+        assert after["docker.io/library/b:1"] is before["docker.io/library/b:1"]
+        assert after["docker.io/library/a:1"].last_used_at == clock.now
+        for handle in after.values():  # still the asyncio API's handles: awaitable methods
+            assert (await handle.inspect()).handle == handle
+        assert cache.list()[0].inspect().handle.reference == "docker.io/library/b:1"
+
+    asyncio.run(scenario())
+
+
 # ---------------------------------------------------------------------------- hostile archives
 
 
