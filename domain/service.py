@@ -30,6 +30,7 @@ from imageledger.domain.errors import (
 from imageledger.domain.events import ImageLedger
 from imageledger.domain.model import (
     Actor,
+    BlobProblem,
     DeletedBlob,
     HistoryEntry,
     ImageContent,
@@ -38,6 +39,7 @@ from imageledger.domain.model import (
     ImagePruneReport,
     LayerDetail,
     PrunePolicy,
+    StoreCheck,
 )
 from imageledger.domain.policies import content_freed, plan_prune
 from imageledger.domain.ports import CacheState, InFlight, StoreLock
@@ -67,6 +69,9 @@ class Content(Protocol):
     """The blob store as the service needs it."""
 
     def size(self, digest: str) -> int | None: ...
+
+    def check(self, digest: str, size: int) -> str | None:
+        """None when the blob is intact, else ``missing``, ``wrong size`` or ``corrupt``."""
 
     def delete(self, digest: str) -> int: ...
 
@@ -294,6 +299,39 @@ class ImageCacheService:
             for blob in outcome:
                 self.content.delete(blob.digest)
         return outcome
+
+    def verify(
+        self, *, repair: bool = False, progress: Callable[[int, int], None] | None = None
+    ) -> StoreCheck:
+        """Read back every blob the ledger accounts for and hash it. With `repair`, a blob
+        that is there but wrong (wrong size, corrupt) is deleted, under the store lock, so that
+        the next pull or load of the images that need it fetches it again; what is missing
+        stays missing until then. Nothing is recorded: the ledger was right, the disk was not.
+        `progress(bytes done, bytes total)`."""
+        with self.ledger.snapshot() as state:
+            blobs = builtins.list(state.blobs())
+            users = {m.content.manifest_digest: m.references for m in state.manifests()}
+        total = sum(blob.size for blob in blobs)
+        done = 0
+        problems = []
+        for blob in blobs:
+            problem = self.content.check(blob.digest, blob.size)
+            done += blob.size
+            if progress is not None:
+                progress(done, total)
+            if problem is None:
+                continue
+            repaired = False
+            if repair and problem != "missing":
+                with self.lock():
+                    if self.content.check(blob.digest, blob.size) == problem:
+                        self.content.delete(blob.digest)
+                        repaired = True
+            references = sorted({r for manifest in blob.users for r in users.get(manifest, ())})
+            problems.append(
+                BlobProblem(blob.digest, blob.kind, problem, tuple(references), repaired)
+            )
+        return StoreCheck(len(blobs), total, tuple(problems))
 
     def prune(self, policy: PrunePolicy | None = None) -> ImagePruneReport:
         """Semantics 8: see `plan_prune`; `bytes_reclaimed` counts bytes actually unlinked."""

@@ -42,7 +42,6 @@ from imageledger.domain.errors import DiskFullError, ImageLedgerError, InvalidRe
 from imageledger.domain.events import TRANSCODINGS, ImageLedger
 from imageledger.domain.model import (
     Actor,
-    BlobProblem,
     HistoryEntry,
     ImageContent,
     ImageDetail,
@@ -587,38 +586,14 @@ class ImageCache:
     def verify(
         self, *, repair: bool = False, progress: Callable[[int, int], None] | None = None
     ) -> StoreCheck:
-        """Read back every blob the ledger accounts for and hash it. With `repair`, a blob
-        that is there but wrong (wrong size, corrupt) is deleted, under the store lock, so that
-        the next pull or load of the images that need it fetches it again; what is missing
-        stays missing until then. Nothing is recorded: the ledger was right, the disk was not.
-        `progress(bytes done, bytes total)`."""
-        with self.snapshot() as state:
-            blobs = builtins.list(state.blobs())
-            users = {m.content.manifest_digest: m.references for m in state.manifests()}
-        total = sum(blob.size for blob in blobs)
-        done = 0
-        problems = []
-        for blob in blobs:
-            problem = self.store.check(blob.digest, blob.size)
-            done += blob.size
-            if progress is not None:
-                progress(done, total)
-            if problem is None:
-                continue
-            repaired = False
-            if repair and problem != "missing":
-                with self._lock():
-                    if self.store.check(blob.digest, blob.size) == problem:
-                        self.store.delete(blob.digest)
-                        repaired = True
-            references = sorted({r for manifest in blob.users for r in users.get(manifest, ())})
-            problems.append(
-                BlobProblem(blob.digest, blob.kind, problem, tuple(references), repaired)
-            )
+        """Read back and hash every blob the ledger accounts for; with `repair`, delete the
+        wrong ones so that the next pull or load fetches them again (see the service)."""
+        check = self.service.verify(repair=repair, progress=progress)
+        for p in check.problems:
             log.warning(
-                "store.blob_damaged", digest=blob.digest, problem=problem, repaired=repaired
+                "store.blob_damaged", digest=p.digest, problem=p.problem, repaired=p.repaired
             )
-        return StoreCheck(len(blobs), total, tuple(problems))
+        return check
 
     def df(self) -> dict[str, Any]:
         """Bytes by kind, and what a default prune would reclaim."""
