@@ -139,9 +139,9 @@ def apply(view: ViewRecords, event: Any, position: int) -> None:
     handler = _HANDLERS.get(type(event))
     if handler is not None:
         handler(view, event, position, micros(event.timestamp))
-        suffix = b"\0" + _U64.pack(position)
-        for reference, _manifest in mentions(event):
-            view.put("history", reference.encode() + suffix, True)
+    suffix = b"\0" + _U64.pack(position)
+    for reference, _manifest in mentions(event):
+        view.put("history", reference.encode() + suffix, True)
 
 
 def mark(view: ViewRecords, event: Any, position: int) -> None:
@@ -281,10 +281,6 @@ def _pruned(view: ViewRecords, event: ImageLedger.ImagesPruned, position: int, a
     view.put("prunes", _U64.pack(position), prune_report_plain(event))
 
 
-def _recorded(view: ViewRecords, event: Any, position: int, at: int) -> None:
-    """Events that change no view but the history index (refusals, failures)."""
-
-
 def prune_report_plain(event: ImageLedger.ImagesPruned) -> dict[str, Any]:
     kinds = [blob.kind for blob in event.deleted]
     return {
@@ -305,8 +301,6 @@ _HANDLERS: Final[dict[type[Any], Any]] = {
     ImageLedger.ImageUsed: _used,
     ImageLedger.HolderReleased: _released,
     ImageLedger.ImageRemoved: _removed,
-    ImageLedger.RemoveRefused: _recorded,
-    ImageLedger.PullFailed: _recorded,
     ImageLedger.ImagesPruned: _pruned,
 }
 
