@@ -244,8 +244,12 @@ def docker_config_credentials(path: Path) -> dict[str, tuple[str, str]]:
     """The ``auths`` of a Docker ``config.json``: host -> (user, password). Entries with an
     ``auth`` (base64 ``user:password``) or ``username``/``password`` fields are read; identity
     tokens are not supported. A missing file is no credentials; an unreadable one is logged
-    (without its content) and ignored. Credential helpers: `docker_config_helpers`."""
-    auths = _read_docker_config(path).get("auths")
+    (without its content) and ignored."""
+    return _auths(_read_docker_config(path), path)
+
+
+def _auths(config: Mapping[str, Any], path: Path) -> dict[str, tuple[str, str]]:
+    auths = config.get("auths")
     found: dict[str, tuple[str, str]] = {}
     if not isinstance(auths, dict):
         return found
@@ -269,10 +273,9 @@ def docker_config_credentials(path: Path) -> dict[str, tuple[str, str]]:
     return found
 
 
-def docker_config_helpers(path: Path) -> tuple[str | None, dict[str, str]]:
+def _helpers(config: Mapping[str, Any]) -> tuple[str | None, dict[str, str]]:
     """The credential helpers of a Docker ``config.json``: ``credsStore`` (every registry)
     and ``credHelpers`` (registry host -> helper, which wins over ``credsStore``)."""
-    config = _read_docker_config(path)
     store = config.get("credsStore")
     helpers = config.get("credHelpers")
     by_host = {
@@ -410,11 +413,10 @@ def options_from_environment(
     env_credentials = (user, password) if user and password is not None else None
     env_host = _normalize_host(env[ENV_HOST]) if env.get(ENV_HOST) else None
     config_path = _docker_config_path(env)
-    docker = docker_config_credentials(config_path) if config_path is not None else {}
-    helpers = docker_config_helpers(config_path) if config_path is not None else (None, {})
-    chain = _CredentialChain(
-        credentials, env_credentials, env_host, docker, helpers, env.get("PATH", os.defpath)
-    )
+    config = _read_docker_config(config_path) if config_path is not None else {}
+    docker = _auths(config, config_path) if config_path is not None else {}
+    path = env.get("PATH", os.defpath)
+    chain = _CredentialChain(credentials, env_credentials, env_host, docker, _helpers(config), path)
     return RegistryOptions(
         insecure=frozenset(hosts),
         ca_bundle=bundle,
