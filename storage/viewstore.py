@@ -41,11 +41,6 @@ def packer() -> Callable[[Any], bytes]:
     return cast(Callable[[Any], bytes], msgpack.Packer(use_bin_type=True, datetime=True).pack)
 
 
-def pack(value: Any) -> bytes:
-    """One value, as `packer()` encodes it."""
-    return packer()(value)
-
-
 def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, strict_map_key=False, timestamp=3)
 
@@ -120,9 +115,7 @@ class LMDBViewTxn:
                 return
             yield key, value
 
-    @staticmethod
-    def decode(value: bytes) -> Any:
-        return unpack(value)
+    decode = staticmethod(unpack)
 
 
 def _successor(prefix: bytes) -> bytes | None:

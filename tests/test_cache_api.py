@@ -47,7 +47,7 @@ from imageledger import (
     LedgerFullError,
     RegistryOptions,
 )
-from imageledger.storage.viewstore import pack
+from imageledger.storage.viewstore import packer
 from imageledger.tools.imagebuild import (
     BuiltImage,
     ImageSpec,
@@ -1000,7 +1000,7 @@ def test_views_of_another_format_are_rebuilt_on_open(
 
     def older(txn: Any) -> None:
         namespace = views.active(txn)
-        txn.put(b"format", pack(1), db=views._dbs[namespace]["meta"])
+        txn.put(b"format", packer()(1), db=views._dbs[namespace]["meta"])
         txn.drop(views._dbs[namespace]["refs.order"], delete=False)
         txn.put(b"\0" * 16, b"\x93\x01\x02\x03", db=views._dbs[namespace]["refs.order"])
 
