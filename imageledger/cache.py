@@ -581,7 +581,7 @@ class ImageCache:
                 found = state.format
             if found != VIEWS_FORMAT:
                 log.warning("views.format_changed", found=found, wanted=VIEWS_FORMAT)
-                rebuild(self._views, self._decode)
+                self.rebuild()  # the lock is re-entrant
 
     def verify(
         self, *, repair: bool = False, progress: Callable[[int, int], None] | None = None
