@@ -211,6 +211,8 @@ class ImagePruneReport:
     dry_run: bool = False
     references: tuple[RemovedReference, ...] = ()
     deleted: tuple[DeletedBlob, ...] = ()
+    # keep patterns that matched no cached reference: a rule that protected nothing (a typo?)
+    unmatched_keep: tuple[str, ...] = ()
 
 
 # ---- what the views hold (read through the domain's CacheState port) ----------------------

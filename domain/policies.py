@@ -8,9 +8,11 @@ next prune, never a ledger that names missing content).
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Iterable, Sequence
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from datetime import datetime, timedelta
+from typing import Final
 
 from imageledger.domain.errors import InvalidReferenceError
 from imageledger.domain.model import (
@@ -23,7 +25,7 @@ from imageledger.domain.model import (
     RemovedReference,
 )
 from imageledger.domain.ports import CacheState
-from imageledger.domain.reference import canonical
+from imageledger.domain.reference import DEFAULT_REGISTRY, Reference, parse_reference
 
 
 def content_freed(
@@ -48,16 +50,146 @@ def content_freed(
     return sorted(freed.values(), key=lambda b: (b.kind != "manifest", b.digest))
 
 
-def _matches(reference: str, patterns: tuple[str, ...]) -> bool:
-    for pattern in patterns:
-        if fnmatch.fnmatchcase(reference, pattern):
-            return True
+# What a prune's policy can hold: past these a duration means "everything was used within it"
+# and a budget "everything fits", the same answers as the largest values the clock
+# (``timedelta``) and the event encoding (a 64-bit integer) can represent.
+MAX_SECONDS: Final = int(timedelta.max.total_seconds())
+MAX_BYTES: Final = 2**63 - 1
+_CLASS: Final = re.compile(r"\[[^\]]*\]")
+_IPV6_HOST: Final = re.compile(r"\[[0-9a-fA-F:.]+\](?::[0-9]+)?")
+
+
+@dataclass(frozen=True, slots=True)
+class KeepPattern:
+    """One `keep` pattern, read the way people write references.
+
+    A keep rule that silently protects nothing is a data-loss trap: ``alpha`` must keep
+    ``docker.io/library/alpha:3``. So a pattern is normalized like a reference (no registry
+    means ``docker.io``, a one-component Docker Hub name gets ``library/``, the registry is
+    lower-cased, ``index.docker.io`` is ``docker.io``) and no tag and no digest means every tag
+    and every digest of the repository. ``*``, ``?`` and ``[...]`` are fnmatch wildcards within
+    the normalized pattern (``*`` also crosses ``/``). A pattern also protects what it matched
+    before normalization existed (the full canonical reference matched as written, and the
+    repository name as written, so ``*/app`` covers every registry): matching more only keeps
+    more, the safe direction.
+    """
+
+    text: str
+    names: tuple[str, ...]  # fnmatch patterns for ``registry/repository``
+    tag: str | None  # fnmatch pattern for the tag; None: any (when digest is None too)
+    digest: str | None  # fnmatch pattern for the digest; it pins, so a tag beside it is ignored
+    exact: str | None  # the canonical reference when the pattern parses as one
+    exact_name: str | None  # its ``registry/repository`` when it names no tag and no digest
+
+    @classmethod
+    def parse(cls, text: str) -> KeepPattern:
+        """Normalize `text` (see the class docstring); raise ValueError for a pattern that can
+        never match anything (empty, surrounded by whitespace, control characters, an
+        upper-case repository), so that a typo stops the prune instead of deleting."""
+        if not isinstance(text, str):
+            msg = f"prune: a keep pattern is a string, got {type(text).__name__}"
+            raise TypeError(msg)
+        if not text or text != text.strip() or not text.isprintable():
+            msg = f"prune: keep pattern {_shown(text)} is empty, has whitespace around it or "
+            msg += "control characters: it could match nothing"
+            raise ValueError(msg)
+        rest, at, digest = text.partition("@")
+        tag: str | None = None
+        colon = rest.rfind(":")
+        if colon > rest.rfind("/"):
+            rest, tag = rest[:colon], rest[colon + 1 :]
+        first, slash, remainder = rest.partition("/")
+        if slash and ("." in first or ":" in first or first == "localhost"):
+            registry, repository = first.lower(), remainder
+            if registry == "index.docker.io":
+                registry = DEFAULT_REGISTRY
+        else:
+            registry, repository = DEFAULT_REGISTRY, rest
+        if registry == DEFAULT_REGISTRY and "/" not in repository:
+            repository = f"library/{repository}"
+        plain = _CLASS.sub("", repository)
+        if plain != plain.lower():
+            msg = f"prune: keep pattern {_shown(text)} has an upper-case repository; "
+            msg += "repositories are lower case, so it could match nothing"
+            raise ValueError(msg)
+        exact: str | None = None
+        exact_name: str | None = None
         try:
-            if canonical(pattern) == reference:
-                return True
+            parsed = parse_reference(text)
         except InvalidReferenceError:
-            continue
-    return False
+            pass
+        else:
+            exact = str(parsed)
+            if not at and tag is None:
+                exact_name = parsed.name
+        if _IPV6_HOST.fullmatch(registry):
+            # A bracketed IPv6 host is a host, not a character class: match it literally.
+            registry = "[[]" + registry[1:]
+            rest = "[[]" + rest[1:]
+        names = tuple(dict.fromkeys((f"{registry}/{repository}", rest)))
+        return cls(text, names, None if at else tag, digest if at else None, exact, exact_name)
+
+    def matches(self, reference: Reference) -> bool:
+        """Whether this pattern protects the canonical `reference`."""
+        canonical_text = str(reference)
+        if canonical_text in (self.exact, self.text) or reference.name == self.exact_name:
+            return True
+        if fnmatch.fnmatchcase(canonical_text, self.text):
+            return True
+        if not any(fnmatch.fnmatchcase(reference.name, name) for name in self.names):
+            return False
+        if self.digest is not None:
+            return reference.digest is not None and fnmatch.fnmatchcase(
+                reference.digest, self.digest
+            )
+        if self.tag is not None:
+            return reference.tag is not None and fnmatch.fnmatchcase(reference.tag, self.tag)
+        return True
+
+
+def _shown(text: str, limit: int = 200) -> str:
+    """`text` quoted for an error message, cut to `limit` characters: a hostile pattern must
+    not become a megabyte of stderr."""
+    if len(text) <= limit:
+        return repr(text)
+    return f"{text[:limit]!r}... ({len(text)} characters)"
+
+
+def keep_patterns(keep: object) -> tuple[KeepPattern, ...]:
+    """Parse the `keep` argument of a prune: a list (any iterable) of pattern strings.
+
+    A bare string is refused: iterating it would make every character a pattern (``"alpha"``
+    would keep whatever matches ``a``, ``l``, ... : nothing), the worst kind of silent."""
+    if isinstance(keep, str | bytes | bytearray):
+        msg = f"prune: keep must be a list of patterns, not a single {type(keep).__name__}"
+        if isinstance(keep, str):
+            msg += f" (write keep=[{_shown(keep)}])"
+        raise TypeError(msg)
+    if not isinstance(keep, Iterable):
+        msg = f"prune: keep must be a list of patterns, got {type(keep).__name__}"
+        raise TypeError(msg)
+    return tuple(KeepPattern.parse(pattern) for pattern in keep)
+
+
+def unmatched_keep(keep: Iterable[str], references: Iterable[str]) -> tuple[str, ...]:
+    """The patterns of `keep` that match none of `references` (canonical): each one is a rule
+    that protected nothing, which the caller is warned about (a typo there is how a prune
+    deletes what someone meant to keep)."""
+    patterns = keep_patterns(tuple(keep))
+    parsed = [parse_reference(r) for r in references]
+    return tuple(p.text for p in patterns if not any(p.matches(r) for r in parsed))
+
+
+def _matcher(keep: object) -> Callable[[str], bool]:
+    patterns = keep_patterns(keep)
+
+    def matches(reference: str) -> bool:
+        if not patterns:
+            return False
+        ref = parse_reference(reference)
+        return any(p.matches(ref) for p in patterns)
+
+    return matches
 
 
 @dataclass(frozen=True)
@@ -83,15 +215,17 @@ def plan_prune(
     the ledger does not account for, found by storage)."""
     manifests = {m.content.manifest_digest: m for m in state.manifests()}
     refs = list(state.references())
+    kept = _matcher(policy.keep)
+    cutoff = _cutoff(now, policy.unused_for_seconds)
 
     def removable(ref: ReferenceRecord) -> bool:
         manifest = manifests.get(ref.manifest_digest)
         if manifest is None or manifest.holders or ref.manifest_digest in protected:
             return False
-        if _matches(ref.reference, policy.keep):
+        if kept(ref.reference):
             return False
         if policy.unused_for_seconds is not None:
-            return ref.last_used_at <= now - timedelta(seconds=policy.unused_for_seconds)
+            return cutoff is not None and ref.last_used_at <= cutoff
         return True
 
     candidates = [] if policy.only_dangling else [r for r in refs if removable(r)]
@@ -131,6 +265,19 @@ def plan_prune(
     )
     deleted = content_freed(state, dangling(), protected, "unreferenced manifest")
     return PrunePlan(references=removed, deleted=(*deleted, *sorted(strays, key=_stray_key)))
+
+
+def _cutoff(now: datetime, unused_for_seconds: int | None) -> datetime | None:
+    """The last use time that counts as unused: `now` minus the duration, or None when the
+    duration reaches back before the calendar (``timedelta``'s range, about 2.7 million
+    years; nothing was used that long ago, so nothing is old enough) instead of an
+    OverflowError out of a prune."""
+    if unused_for_seconds is None:
+        return now
+    try:
+        return now - timedelta(seconds=unused_for_seconds)
+    except OverflowError:
+        return None
 
 
 def _stray_key(blob: DeletedBlob) -> tuple[str, str]:
