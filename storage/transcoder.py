@@ -52,6 +52,11 @@ holding only immutable values), so the transcoder keeps the value decoded from e
 constantly (the same image pulled again, every event of one process carrying the same actor),
 and replaying a log is then mostly dictionary hits instead of rebuilding nested objects.
 
+Decoding treats its input as what it is, bytes read from disk: bytes this transcoder did not
+write (a damaged page, a truncated value, another format) raise `UndecodableDataError`, a
+`LedgerCorruptError`, whatever part of decoding notices; a type name or extension code it does
+not know raises its subclass `UnknownTranscodingError`.
+
 Aware datetimes and times come back with a fixed-offset `datetime.timezone`: the offset is kept
 exactly (down to microseconds) but a zone's name and rules, and ``fold``, are not; the value
 compares equal and has the same ``utcoffset()``.
@@ -64,6 +69,8 @@ for its exact type, built-in or not.
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import struct
 from collections.abc import Callable, Hashable
 from datetime import date, datetime, time, timedelta, timezone
@@ -74,7 +81,16 @@ from typing import Any, Final, TypeAlias
 from uuid import UUID
 
 import msgpack
-from eventsourcing.persistence import Transcoder, Transcoding, TranscodingNotRegisteredError
+from eventsourcing.domain import DomainEventProtocol
+from eventsourcing.persistence import (
+    Mapper,
+    StoredEvent,
+    Transcoder,
+    Transcoding,
+    TranscodingNotRegisteredError,
+)
+
+from imageledger.domain.errors import LedgerCorruptError
 
 __all__ = [
     "EXT_BIGINT",
@@ -88,6 +104,9 @@ __all__ = [
     "EXT_TUPLE",
     "EXT_UUID",
     "MsgpackTranscoder",
+    "StoredEventMapper",
+    "UndecodableDataError",
+    "UnknownTranscodingError",
 ]
 
 EXT_REGISTERED: Final = 1
@@ -147,11 +166,30 @@ def _not_encodable(obj: object) -> TranscodingNotRegisteredError:
     )
 
 
-def _not_decodable(name: object) -> TranscodingNotRegisteredError:
-    return TranscodingNotRegisteredError(
-        f"Data serialized with name {name!r} is not deserializable. Please register a "
+class UndecodableDataError(LedgerCorruptError, ValueError):
+    """Bytes given to `MsgpackTranscoder.decode` are not something it encoded: truncated,
+    damaged or foreign data. Stored events and views are decoded from disk, so damage there
+    must surface as the package's own ledger error (with the cause chained), never as whatever
+    msgpack, struct, datetime or a dataclass happened to raise on the way."""
+
+
+class UnknownTranscodingError(UndecodableDataError, TranscodingNotRegisteredError):
+    """The data names a registered type or extension code this transcoder does not know (a
+    newer version wrote it, or the name is damaged); still eventsourcing's
+    `TranscodingNotRegisteredError`, which is what that library raises for the same case."""
+
+
+def _not_decodable(name: object) -> UnknownTranscodingError:
+    return UnknownTranscodingError(
+        f"Data serialized with name {_short(name)} is not deserializable. Please register a "
         "custom transcoding for this type."
     )
+
+
+def _short(value: object, limit: int = 200) -> str:
+    # Damaged data can hold a megabyte "name": an error message quotes only its start.
+    text = repr(value)
+    return text if len(text) <= limit else f"{text[:limit]}... ({len(text)} characters)"
 
 
 class MsgpackTranscoder(Transcoder):
@@ -207,7 +245,28 @@ class MsgpackTranscoder(Transcoder):
         return self._pack(self._canon(obj))
 
     def decode(self, data: bytes) -> Any:
-        """Decodes bytes made by `encode`."""
+        """Decodes bytes made by `encode`.
+
+        Anything else raises `UndecodableDataError` (a `LedgerCorruptError`), or its subclass
+        `UnknownTranscodingError` for a type name or extension code not registered here: the
+        bytes come from disk, so a failure to decode them is damage to report, whichever
+        layer (msgpack, an extension decoder, a transcoding) noticed it first.
+        """
+        try:
+            return self._unpack(data)
+        except UndecodableDataError:
+            raise
+        except Exception as e:  # every failure on data that is not ours means the same
+            msg = (
+                f"{len(data) if isinstance(data, bytes | bytearray) else '?'} bytes of stored data"
+                f" cannot be decoded ({type(e).__name__}: {_short(str(e))}): damaged, or not"
+                " written by this transcoder"
+            )
+            raise UndecodableDataError(msg) from e
+
+    def _unpack(self, data: bytes) -> Any:
+        # `decode` without the wrapping, for the nested payloads of extension types: their
+        # failures are wrapped once, by the outermost `decode`.
         return msgpack.unpackb(
             data,
             raw=False,
@@ -433,17 +492,17 @@ class MsgpackTranscoder(Transcoder):
                 f"Data with MessagePack extension type {code} is not deserializable. "
                 "It was not written by this transcoder."
             )
-            raise TranscodingNotRegisteredError(msg) from None
+            raise UnknownTranscodingError(msg) from None
         return decoder(payload)
 
     def _decode_registered(self, payload: bytes) -> Any:
         value = self._decoded.get(payload)
         if value is not None:
             return value
-        entry = self.decode(payload)
+        entry = self._unpack(payload)
         if type(entry) is not list or len(entry) != 2:
-            msg = f"Malformed registered-type payload: {entry!r}"
-            raise ValueError(msg)
+            msg = f"Malformed registered-type payload: {_short(entry)}"
+            raise UndecodableDataError(msg)
         name, data = entry
         try:
             transcoding = self.names[name]
@@ -457,7 +516,11 @@ class MsgpackTranscoder(Transcoder):
         return value
 
     def _decode_tuple(self, payload: bytes) -> tuple[Any, ...]:
-        return tuple(self.decode(payload))
+        items = self._unpack(payload)
+        if type(items) is not list:
+            msg = f"Malformed tuple payload: {_short(items)}"
+            raise UndecodableDataError(msg)
+        return tuple(items)
 
     @staticmethod
     def _decode_bigint(payload: bytes) -> int:
@@ -500,3 +563,51 @@ class MsgpackTranscoder(Transcoder):
     def _decode_time_tz(self, payload: bytes) -> time:
         hour, minute, second, microsecond, offset = _TIME_TZ.unpack(payload)
         return time(hour, minute, second, microsecond, self._timezone(offset))
+
+
+@functools.cache
+def _event_fields(cls: type) -> frozenset[str] | None:
+    """The field names of a dataclass event class (None for any other class)."""
+    if dataclasses.is_dataclass(cls):
+        return frozenset(f.name for f in dataclasses.fields(cls))
+    return None
+
+
+class StoredEventMapper(Mapper[Any]):
+    """eventsourcing's `Mapper`, for a log read from disk: a stored event that cannot become
+    a domain event raises `UndecodableDataError` (a `LedgerCorruptError`) naming its topic and
+    version, never the library's own `MapperDeserialisationError` or a raw TypeError.
+
+    Beyond what the transcoder checks, the decoded state must be a dict holding exactly the
+    fields of its event class (a dataclass): eventsourcing installs the state as the event's
+    ``__dict__`` unchecked, so a damaged event would otherwise fail later, inside a fold, as an
+    AttributeError far from the damage. Select it with ``MAPPER_TOPIC`` or
+    ``Application.construct_mapper``.
+    """
+
+    def to_domain_event(self, stored_event: StoredEvent) -> DomainEventProtocol[Any]:
+        """The domain event `stored_event` records; `UndecodableDataError` when it cannot."""
+        try:
+            event = super().to_domain_event(stored_event)
+        except Exception as e:
+            cause = e.__cause__ if isinstance(e.__cause__, UndecodableDataError) else e
+            error = type(cause) if isinstance(cause, UndecodableDataError) else UndecodableDataError
+            msg = f"{self._where(stored_event)}: {_short(str(cause), 400)}"
+            raise error(msg) from e
+        cls = type(event)
+        expected = _event_fields(cls)
+        if expected is not None and event.__dict__.keys() != expected:
+            found = sorted(map(str, event.__dict__))
+            msg = (
+                f"{self._where(stored_event)}: its fields {_short(found)} are not those of"
+                f" {cls.__qualname__} ({sorted(expected)})"
+            )
+            raise UndecodableDataError(msg)
+        return event
+
+    @staticmethod
+    def _where(stored_event: StoredEvent) -> str:
+        return (
+            f"stored event {_short(stored_event.topic, 100)} of {stored_event.originator_id}"
+            f" version {stored_event.originator_version}"
+        )
