@@ -48,6 +48,7 @@ import base64
 import binascii
 import contextlib
 import email.utils
+import errno
 import fcntl
 import hashlib
 import json
@@ -56,6 +57,7 @@ import random
 import re
 import shutil
 import ssl
+import stat
 import subprocess
 import threading
 import time
@@ -111,7 +113,28 @@ MAX_INDEX_DEPTH: Final = 4
 MAX_ERROR_BODY: Final = 64 * 1024
 MAX_TOKEN_RESPONSE: Final = 1024 * 1024
 MAX_RETRY_AFTER: Final = 60.0
+"""The longest ``Retry-After`` a pull waits out: a registry asking for more fails the pull at
+once, saying how long it asked for (waiting minutes in silence looks like a hang)."""
 MAX_BACKOFF: Final = 10.0
+MAX_REDIRECTS: Final = 10
+DEFAULT_TIMEOUT: Final = 30.0
+"""Seconds without a byte (connecting, or between two reads or writes) before a request is
+given up. A registry that has sent nothing for this long is stalled, not slow: a slow one
+still trickles."""
+DEFAULT_DEADLINE: Final = 3600.0
+"""Seconds one pull may take in all (manifests, tokens, every blob, retries and waits). The
+read timeout catches a registry that stops sending; this catches one that trickles, or
+answers "retry later" forever, and would otherwise hold a sandbox's start (and the pull's
+in-flight lease) without end. An hour is generous for real images (10 GB at 3 MB/s) and
+still bounds the damage; ``IMAGELEDGER_PULL_DEADLINE`` raises or lowers it."""
+MAX_TIMEOUT: Final = 86400.0
+"""A day: sockets cannot take arbitrarily large timeouts (OverflowError), and more is not a
+timeout."""
+MAX_DEADLINE: Final = 30 * 86400.0
+MAX_TOKEN_LIFETIME: Final = 86400.0
+MAX_MESSAGE_VALUE: Final = 200
+"""Characters of a value from outside (a URL, a platform, an error text) an error message
+quotes before it is cut short."""
 USER_AGENT: Final = "imageledger/0.1"
 
 ENV_INSECURE: Final = "IMAGELEDGER_INSECURE_REGISTRIES"
@@ -119,6 +142,8 @@ ENV_CA_BUNDLE: Final = "IMAGELEDGER_CA_BUNDLE"
 ENV_USER: Final = "IMAGELEDGER_REGISTRY_USER"
 ENV_PASSWORD: Final = "IMAGELEDGER_REGISTRY_PASSWORD"
 ENV_HOST: Final = "IMAGELEDGER_REGISTRY_HOST"
+ENV_TIMEOUT: Final = "IMAGELEDGER_PULL_TIMEOUT"
+ENV_DEADLINE: Final = "IMAGELEDGER_PULL_DEADLINE"
 _DOCKER_HUB_ALIASES: Final = frozenset(
     {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}
 )
@@ -133,7 +158,22 @@ class RegistryError(ImageLedgerError):
 
 
 class RegistryAuthError(RegistryError):
-    """The registry refused us (401 or 403) after we tried the credentials we have."""
+    """The registry refused us (401 or 403) after we tried the credentials we have, or we
+    refused to send the credentials where they could be read (a token realm over plain HTTP
+    at a host not listed as insecure)."""
+
+
+class RegistryTimeoutError(RegistryError):
+    """A pull ran out of time: the registry sent nothing for the read timeout
+    (``no data for N s from HOST``), the pull's overall deadline passed, or the registry asked
+    to wait longer than we would (``Retry-After``). The message says which."""
+
+
+class RegistryConfigError(ImageLedgerError, ValueError):
+    """Registry options that cannot be used: a malformed ``IMAGELEDGER_PULL_TIMEOUT`` or
+    ``IMAGELEDGER_PULL_DEADLINE``, credentials in the environment that do not say which
+    registry they are for, a CA bundle that cannot be read. Invalid usage (a `ValueError`: the
+    command line exits 2); the message names the variable or file, never a secret."""
 
 
 class RegistryManifestError(RegistryError, ManifestError):
@@ -158,6 +198,11 @@ class _Cancelled(Exception):
     """A layer download stopped because another one of the same pull failed."""
 
 
+class _Restart(Exception):
+    """A blob download must start again from byte 0 (the registry answered a resume with
+    the wrong range); counted as a failed attempt, so a registry that always does is bounded."""
+
+
 # ---- options ---------------------------------------------------------------------------------
 
 
@@ -173,10 +218,15 @@ def _normalize_host(host: str) -> str:
 class RegistryOptions:
     """How a `RegistryClient` reaches registries.
 
-    `insecure`: ``host[:port]`` names spoken to over plain HTTP. `ca_bundle`: a PEM file of CAs
-    trusted in addition to the system's. `credentials`: registry host (as references spell it,
-    ``docker.io`` for Docker Hub) -> (user, password), or None for anonymous. `backoff`: the
-    first retry's delay in seconds (doubling each time, at most 10 s).
+    `insecure`: ``host[:port]`` names spoken to over plain HTTP; credentials go over plain HTTP
+    only to a host listed here (a token realm on another host must be listed itself).
+    `ca_bundle`: a PEM file of CAs trusted in addition to the system's. `credentials`: registry
+    host (as references spell it, ``docker.io`` for Docker Hub) -> (user, password), or None
+    for anonymous. `backoff`: the first retry's delay in seconds (doubling each time, at most
+    10 s). `timeout`: the read timeout, seconds without a byte from the registry (also the
+    connect timeout) before a request is given up; a stall is retried once, the second in a
+    row fails the pull (``no data for N s from HOST``). `deadline`: seconds a whole pull may
+    take (None: no limit; see `DEFAULT_DEADLINE` for why one hour).
     """
 
     insecure: frozenset[str] = frozenset()
@@ -184,8 +234,9 @@ class RegistryOptions:
     credentials: Credentials | None = field(default=None, repr=False)
     max_concurrent_layers: int = 4
     retries: int = 5
-    timeout: float = 30.0
+    timeout: float = DEFAULT_TIMEOUT
     backoff: float = 0.25
+    deadline: float | None = DEFAULT_DEADLINE
 
     def __post_init__(self) -> None:
         if isinstance(self.insecure, str):
@@ -198,8 +249,17 @@ class RegistryOptions:
         if self.retries < 0:
             msg = f"retries must not be negative, got {self.retries}"
             raise ValueError(msg)
-        if self.timeout <= 0 or self.backoff < 0:
-            msg = "timeout must be positive and backoff not negative"
+        if not (0 < self.timeout <= MAX_TIMEOUT):  # also refuses NaN
+            msg = f"timeout must be more than 0 and at most {MAX_TIMEOUT:g} s, got {self.timeout}"
+            raise ValueError(msg)
+        if self.deadline is not None and not (0 < self.deadline <= MAX_DEADLINE):
+            msg = (
+                f"deadline must be more than 0 and at most {MAX_DEADLINE:g} s (or None),"
+                f" got {self.deadline}"
+            )
+            raise ValueError(msg)
+        if not (0 <= self.backoff <= MAX_BACKOFF):
+            msg = f"backoff must be from 0 to {MAX_BACKOFF:g} s, got {self.backoff}"
             raise ValueError(msg)
 
 
@@ -366,7 +426,7 @@ class _CredentialChain:
             found = self._explicit(host)
             if found is not None:
                 return found
-        if self._env is not None and (self._env_host is None or self._env_host == host):
+        if self._env is not None and self._env_host == host:
             return self._env
         helper = self._helpers.get(host, self._store)
         if helper is not None:
@@ -382,6 +442,66 @@ class _CredentialChain:
         return "<registry credentials>"
 
 
+_DURATION: Final = re.compile(r"([0-9]{1,9}(?:\.[0-9]{1,9})?)\s*(s|m|h)?", re.ASCII)
+_UNIT: Final = {None: 1.0, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def _clip(value: object, limit: int = MAX_MESSAGE_VALUE) -> str:
+    """`value` as text fit for a one-line message: control characters escaped, cut to
+    `limit` characters (a hostile registry or environment must not fill a terminal)."""
+    text = str(value)
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
+    return text if len(text) <= limit else text[:limit] + "..."
+
+
+def _env_seconds(env: Mapping[str, str], name: str, default: float, limit: float) -> float:
+    """A duration from the environment: seconds (``30``, ``2.5``) or with a unit (``90s``,
+    ``5m``, ``1h``), more than 0 and at most `limit`; unset or empty is `default`."""
+    raw = env.get(name, "").strip()
+    if not raw:
+        return default
+    match = _DURATION.fullmatch(raw.lower())
+    seconds = float(match[1]) * _UNIT[match[2]] if match else 0.0
+    if not 0 < seconds <= limit:
+        msg = (
+            f"{name} must be a duration of more than 0 and at most {limit:g} seconds (e.g. 30,"
+            f" 90s, 5m, 1h), got {_clip(raw, 40)!r}"
+        )
+        raise RegistryConfigError(msg)
+    return seconds
+
+
+def _env_credentials(env: Mapping[str, str]) -> tuple[tuple[str, str] | None, str | None]:
+    """The environment's credentials and the registry host they are for, or (None, None).
+
+    Credentials must name their registry: sent to whichever registry asks for Basic auth,
+    they would go to any host a reference names (a typo, a hostile image name in a script).
+    A user without a password, a password without a user, or either without
+    ``IMAGELEDGER_REGISTRY_HOST`` is refused (the message names the missing variable)."""
+    user, password = env.get(ENV_USER) or None, env.get(ENV_PASSWORD)
+    host_value = (env.get(ENV_HOST) or "").strip()
+    if user is None and not password:
+        return None, None
+    if user is None:
+        msg = f"{ENV_PASSWORD} is set but {ENV_USER} is not: set both (and {ENV_HOST})"
+        raise RegistryConfigError(msg)
+    if password is None:
+        msg = f"{ENV_USER} is set but {ENV_PASSWORD} is not: set both (and {ENV_HOST})"
+        raise RegistryConfigError(msg)
+    if not host_value:
+        msg = (
+            f"{ENV_USER} and {ENV_PASSWORD} are set but {ENV_HOST} is not: set it to the"
+            " registry (host[:port]) the credentials are for; they are never sent to every"
+            " registry"
+        )
+        raise RegistryConfigError(msg)
+    host = _auth_key_host(host_value)
+    if not host or any(c.isspace() or not c.isprintable() for c in host):
+        msg = f"{ENV_HOST} must be a registry host[:port], got {_clip(host_value, 80)!r}"
+        raise RegistryConfigError(msg)
+    return (user, password), host
+
+
 def options_from_environment(
     environ: Mapping[str, str] | None = None,
     *,
@@ -390,18 +510,25 @@ def options_from_environment(
     credentials: Credentials | None = None,
     max_concurrent_layers: int = 4,
     retries: int = 5,
-    timeout: float = 30.0,
+    timeout: float | None = None,
+    deadline: float | None = None,
 ) -> RegistryOptions:
     """`RegistryOptions` from the call's arguments, the environment and Docker's config.
 
     - ``IMAGELEDGER_INSECURE_REGISTRIES=host[:port],...`` adds to `insecure`;
     - ``IMAGELEDGER_CA_BUNDLE=path`` is the CA bundle unless `ca_bundle` is given;
+    - ``IMAGELEDGER_PULL_TIMEOUT`` (the read timeout, default 30 s) and
+      ``IMAGELEDGER_PULL_DEADLINE`` (a whole pull, default 1 h): seconds, or a number with
+      ``s``, ``m`` or ``h``; `timeout` and `deadline` win when given;
     - credentials: `credentials` (the call's) first; then ``IMAGELEDGER_REGISTRY_USER`` and
       ``IMAGELEDGER_REGISTRY_PASSWORD``, for the registry named by ``IMAGELEDGER_REGISTRY_HOST``
-      (``host[:port]``; every registry when unset); then Docker's ``config.json``
+      (``host[:port]``, required with them); then Docker's ``config.json``
       (``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``): the credential helper
       for the host (``credHelpers``, else ``credsStore``: ``docker-credential-<name>`` on
       ``PATH``), and where it has none, ``auths``.
+
+    Raises `RegistryConfigError` (a `ValueError`) for a malformed duration or credentials
+    that do not name their registry.
     """
     env = os.environ if environ is None else environ
     hosts = set(insecure)
@@ -409,9 +536,11 @@ def options_from_environment(
     bundle = ca_bundle
     if bundle is None and env.get(ENV_CA_BUNDLE):
         bundle = Path(env[ENV_CA_BUNDLE])
-    user, password = env.get(ENV_USER), env.get(ENV_PASSWORD)
-    env_credentials = (user, password) if user and password is not None else None
-    env_host = _normalize_host(env[ENV_HOST]) if env.get(ENV_HOST) else None
+    if timeout is None:
+        timeout = _env_seconds(env, ENV_TIMEOUT, DEFAULT_TIMEOUT, MAX_TIMEOUT)
+    if deadline is None:
+        deadline = _env_seconds(env, ENV_DEADLINE, DEFAULT_DEADLINE, MAX_DEADLINE)
+    env_credentials, env_host = _env_credentials(env)
     config_path = _docker_config_path(env)
     config = _read_docker_config(config_path) if config_path is not None else {}
     docker = _auths(config, config_path) if config_path is not None else {}
@@ -424,6 +553,7 @@ def options_from_environment(
         max_concurrent_layers=max_concurrent_layers,
         retries=retries,
         timeout=timeout,
+        deadline=deadline,
     )
 
 
@@ -432,7 +562,16 @@ def environment_fingerprint(environ: Mapping[str, str] | None = None) -> tuple[o
     options (so a client built from them can be reused), except for what credential helpers
     answer, which callers re-ask by rebuilding their options now and then."""
     env = os.environ if environ is None else environ
-    names = (ENV_INSECURE, ENV_CA_BUNDLE, ENV_USER, ENV_PASSWORD, ENV_HOST, "DOCKER_CONFIG")
+    names = (
+        ENV_INSECURE,
+        ENV_CA_BUNDLE,
+        ENV_USER,
+        ENV_PASSWORD,
+        ENV_HOST,
+        ENV_TIMEOUT,
+        ENV_DEADLINE,
+        "DOCKER_CONFIG",
+    )
     config = _docker_config_path(env)
     try:
         stat = config.stat() if config is not None else None
@@ -499,29 +638,189 @@ class PullStore(BlobAccess, Protocol):
     def write_bytes(self, data: bytes, digest: str | None = None) -> str: ...
 
 
-@contextlib.contextmanager
-def _blob_lock(store: PullStore, digest: str) -> Iterator[None]:
-    """Hold an exclusive flock on ``<root>/tmp/locks/<hex>.lock`` (per open file, so threads
-    of one process exclude each other too). If the file is unlinked between open and lock (a
-    sweep of tmp/), the lock is taken again on the new file."""
-    directory = Path(store.root) / "tmp" / "locks"
-    path = directory / f"{digest.partition(':')[2]}.lock"
-    while True:
-        directory.mkdir(parents=True, exist_ok=True)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+class BlobLockError(ImageLedgerError):
+    """The download locks' directory (``<home>/tmp/locks``) cannot be used safely: a path on
+    the way is a symbolic link or not a directory, or a lock is a directory. Nothing is
+    followed and nothing is deleted but a planted link, FIFO, socket or device in place of a
+    lock file."""
+
+
+_LOCK_OPEN: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+_DIR_OPEN: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
+_LOCK_ATTEMPTS: Final = 16
+_LOCK_POLL: Final = 0.25
+
+
+def _open_subdirectory(parent: int, name: str, shown: Path) -> int:
+    """Open (creating it if missing) directory `name` under directory fd `parent`, never
+    through a symbolic link: one planted there is damage, refused with `BlobLockError`."""
+    for _ in range(_LOCK_ATTEMPTS):
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            mine = os.fstat(fd)
-            try:
-                current = os.stat(path)
-            except FileNotFoundError:
-                continue
-            if (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
-                continue
-            yield
-            return
+            return os.open(name, _DIR_OPEN, dir_fd=parent)
+        except FileNotFoundError:
+            with contextlib.suppress(FileExistsError):
+                os.mkdir(name, 0o755, dir_fd=parent)
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise
+            kind = "a symbolic link" if e.errno == errno.ELOOP else "not a directory"
+            msg = (
+                f"refusing to use {_clip(shown)}: it is {kind} (the home was tampered with or"
+                " damaged; remove it)"
+            )
+            raise BlobLockError(msg) from None
+    msg = f"cannot create {_clip(shown)}: it keeps disappearing"
+    raise BlobLockError(msg)
+
+
+def _open_locks(root: Path) -> int:
+    """A directory fd of ``<root>/tmp/locks``, reached without following a link below
+    `root`."""
+    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    shown = root
+    for name in ("tmp", "locks"):
+        shown = shown / name
+        try:
+            child = _open_subdirectory(fd, name, shown)
         finally:
             os.close(fd)
+        fd = child
+    return fd
+
+
+def _open_lock_file(directory: int, name: str, shown: Path) -> int:
+    """Open (create) lock file `name` in `directory`: a regular file, never a link's target.
+    A symbolic link, FIFO, socket or device planted in its place is removed (the link
+    itself, never what it points to) and logged; a directory there is refused."""
+    for _ in range(_LOCK_ATTEMPTS):
+        try:
+            fd = os.open(name, _LOCK_OPEN, 0o644, dir_fd=directory)
+        except FileNotFoundError:
+            continue  # unlinked between the create and the open by a holder: again
+        except OSError as e:
+            if e.errno == errno.EISDIR:
+                msg = f"refusing to use {_clip(shown)}: a directory where a lock file belongs"
+                raise BlobLockError(msg) from None
+            if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EOPNOTSUPP, errno.EACCES):
+                raise
+            _remove_planted(directory, name, shown, e)
+            continue
+        if stat.S_ISREG(os.fstat(fd).st_mode):
+            return fd
+        os.close(fd)
+        _remove_planted(directory, name, shown, None)
+    msg = f"cannot open the lock file {_clip(shown)}: something keeps replacing it"
+    raise BlobLockError(msg)
+
+
+def _remove_planted(directory: int, name: str, shown: Path, error: OSError | None) -> None:
+    try:
+        found = os.stat(name, dir_fd=directory, follow_symlinks=False)
+    except FileNotFoundError:
+        return
+    if stat.S_ISREG(found.st_mode) or stat.S_ISDIR(found.st_mode):
+        if error is not None:
+            raise error  # a lock file we may not open (EACCES): say so as it is
+        return
+    log.warning("registry.lock.removed_planted", path=str(shown), mode=oct(found.st_mode))
+    with contextlib.suppress(FileNotFoundError):
+        os.unlink(name, dir_fd=directory)
+
+
+def _flock(
+    fd: int,
+    deadline: float,
+    cancel: threading.Event | None,
+    expired: Callable[[], BaseException],
+) -> None:
+    """Take an exclusive flock on `fd`, waiting for the holder (another pull of the blob)
+    at most until `deadline`, and not after `cancel` is set."""
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        return
+    except BlockingIOError:
+        pass
+    if deadline == float("inf") and cancel is None:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        return
+    pause = 0.01
+    while True:
+        left = deadline - time.monotonic()
+        if left <= 0:
+            raise expired()
+        if cancel is not None and cancel.wait(min(pause, left)):
+            raise _Cancelled
+        if cancel is None:
+            time.sleep(min(pause, left))
+        pause = min(pause * 2, _LOCK_POLL)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            return
+        except BlockingIOError:
+            continue
+
+
+@contextlib.contextmanager
+def _blob_lock(
+    store: PullStore,
+    digest: str,
+    *,
+    deadline: float = float("inf"),
+    cancel: threading.Event | None = None,
+    expired: Callable[[], BaseException] | None = None,
+) -> Iterator[None]:
+    """Hold an exclusive flock on ``<root>/tmp/locks/<hex>.lock`` (per open file, so threads
+    of one process exclude each other too), and remove the file when done, so that locks do
+    not pile up.
+
+    The classic pattern makes the removal safe: the holder unlinks the path before it closes
+    (releases) the file; a waiter that then gets the lock on the unlinked file sees that the
+    path no longer names its file (another inode, or none) and starts again on the path's
+    current file. The same check covers a sweep of ``tmp/`` removing the file. Nothing is
+    opened through a symbolic link (see `_open_lock_file`). A wait for another pull's lock
+    ends at `deadline` (raising `expired()`) or when `cancel` is set."""
+    root = Path(store.root)
+    name = f"{digest.partition(':')[2]}.lock"
+    shown = root / "tmp" / "locks" / name
+
+    def default_expired() -> BaseException:
+        return RegistryTimeoutError(f"waiting for another pull of {digest}: the deadline passed")
+
+    directory = _open_locks(root)
+    try:
+        while True:
+            fd = _open_lock_file(directory, name, shown)
+            try:
+                _flock(fd, deadline, cancel, expired or default_expired)
+                mine = os.fstat(fd)
+                try:
+                    current = os.stat(name, dir_fd=directory, follow_symlinks=False)
+                except FileNotFoundError:
+                    continue
+                if (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+                    continue
+                try:
+                    yield
+                finally:
+                    _unlink_lock(directory, name, mine, shown)
+                return
+            finally:
+                os.close(fd)  # after the unlink: a waiter must not lock a file still named
+    finally:
+        os.close(directory)
+
+
+def _unlink_lock(directory: int, name: str, mine: os.stat_result, shown: Path) -> None:
+    """Remove lock file `name` if it is still ours (the lock is still held). A failure to
+    remove only leaves a file behind; it never fails the pull."""
+    try:
+        current = os.stat(name, dir_fd=directory, follow_symlinks=False)
+        if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+            os.unlink(name, dir_fd=directory)
+    except FileNotFoundError:
+        pass
+    except OSError as e:
+        log.warning("registry.lock.not_removed", path=str(shown), error=e.strerror)
 
 
 # ---- HTTP helpers ----------------------------------------------------------------------------
@@ -554,20 +853,31 @@ def parse_challenges(values: Iterable[str]) -> list[tuple[str, dict[str, str]]]:
     return challenges
 
 
+_SECONDS: Final = re.compile(r"[0-9]{1,12}", re.ASCII)
+_LENGTH: Final = re.compile(r"\s*([0-9]{1,18})\s*", re.ASCII)
+
+
 def _retry_after(response: httpx.Response) -> float | None:
+    """The seconds a ``Retry-After`` header asks for (not capped: the caller decides whether
+    it waits that long), or None when absent or unreadable."""
     value = response.headers.get("Retry-After")
     if not value:
         return None
     value = value.strip()
-    if value.isdigit():
-        return min(float(value), MAX_RETRY_AFTER)
+    if _SECONDS.fullmatch(value):
+        return float(value)
+    if value.isdigit():  # more digits than any sane wait (or not ASCII ones): forever
+        return float("inf")
     try:
         when = email.utils.parsedate_to_datetime(value)
-    except (TypeError, ValueError):
+    except (TypeError, ValueError, IndexError, OverflowError):
         return None
     if when.tzinfo is None:
         when = when.replace(tzinfo=UTC)
-    return min(max((when - datetime.now(UTC)).total_seconds(), 0.0), MAX_RETRY_AFTER)
+    try:
+        return max((when - datetime.now(UTC)).total_seconds(), 0.0)
+    except OverflowError:
+        return None
 
 
 def _read_bounded(
@@ -575,15 +885,21 @@ def _read_bounded(
     limit: int,
     what: str,
     error: type[RegistryError] = RegistryManifestError,
+    *,
+    deadline: float = float("inf"),
 ) -> bytes:
-    """The (streamed) response body, refused past `limit` bytes whatever Content-Length says."""
-    declared = response.headers.get("Content-Length")
-    if declared is not None and declared.strip().isdigit() and int(declared) > limit:
-        msg = f"{what}: the registry announces {int(declared)} bytes, more than the {limit} limit"
+    """The (streamed) response body, refused past `limit` bytes whatever Content-Length says;
+    a body still trickling at `deadline` raises `httpx.ReadTimeout` (the caller's error)."""
+    declared = _LENGTH.fullmatch(response.headers.get("Content-Length") or "")
+    if declared is not None and int(declared[1]) > limit:
+        announced = int(declared[1])
+        msg = f"{what}: the registry announces {announced} bytes, more than the {limit} limit"
         raise error(msg)
     body = bytearray()
     for chunk in response.iter_bytes():
         body += chunk
+        if time.monotonic() >= deadline:
+            raise httpx.ReadTimeout("the pull's deadline passed", request=response.request)
         if len(body) > limit:
             msg = f"{what}: the registry sent more than the {limit} byte limit"
             raise error(msg)
@@ -615,10 +931,10 @@ def _error_detail(response: httpx.Response) -> str:
             if isinstance(e, dict)
         ]
         if parts:
-            detail += f" ({'; '.join(parts)[:500]})"
-    except (httpx.HTTPError, RegistryError, ValueError, AttributeError, TypeError):
+            detail += f" ({_clip('; '.join(parts))})"
+    except (httpx.HTTPError, RegistryError, ValueError, AttributeError, TypeError, RecursionError):
         pass
-    return detail
+    return _clip(detail, MAX_MESSAGE_VALUE + 40)
 
 
 def _drain(response: httpx.Response) -> None:
@@ -644,12 +960,38 @@ def _digest_of(data: bytes, algorithm: str) -> str:
 
 
 def _safe_url(url: httpx.URL | str) -> str:
-    """A URL fit for a log line: no user info, no query (signed storage URLs carry secrets)."""
-    parts = urlsplit(str(url))
-    host = parts.hostname or ""
-    if parts.port is not None:
-        host = f"{host}:{parts.port}"
-    return f"{parts.scheme}://{host}{parts.path}"
+    """A URL fit for a log line or an error: no user info, no query (signed storage URLs
+    carry secrets), cut short; never raises (a hostile URL may not even parse)."""
+    try:
+        parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
+        host = parsed.host
+        if ":" in host:
+            host = f"[{host}]"
+        if parsed.port is not None:
+            host = f"{host}:{parsed.port}"
+        text = f"{parsed.scheme}://{host}{parsed.path}"
+    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError):
+        text = str(url).split("?", 1)[0].rsplit("@", 1)[-1]
+    return _clip(text)
+
+
+def _safe_host(url: httpx.URL | str) -> str:
+    """``host[:port]`` of `url` for a message (never its user info); never raises."""
+    try:
+        parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
+        host = f"[{parsed.host}]" if ":" in parsed.host else parsed.host
+        return _clip(f"{host}:{parsed.port}" if parsed.port is not None else host)
+    except (httpx.InvalidURL, ValueError, TypeError, UnicodeError):
+        return "an unparseable URL"
+
+
+def _seconds(value: float | None) -> str:
+    """Seconds for a message: ``30``, ``2.5``, ``100000``; ``unlimited`` for None or inf."""
+    if value is None or value == float("inf"):
+        return "unlimited"
+    if value >= 1e12:
+        return "more than 10^12"
+    return f"{value:.1f}".removesuffix(".0") if value < 100 else f"{value:.0f}"
 
 
 # ---- the client ------------------------------------------------------------------------------
@@ -663,6 +1005,7 @@ class _Target:
     host: str  # host[:port] as the reference spells it: the key of credentials and insecure
     base: str  # scheme://api-host[:port]
     insecure: bool
+    deadline: float = float("inf")  # time.monotonic() by which the pull must be done
 
     @property
     def repository(self) -> str:
@@ -762,28 +1105,35 @@ class _Auth:
         with self._lock:
             challenge = dict(self._realms[target.host])
         realm = challenge["realm"]
-        parts = urlsplit(realm)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
+        try:
+            parts = urlsplit(realm)
+            usable = parts.scheme in ("http", "https") and bool(parts.hostname)
+            url = httpx.URL(realm)
+        except (ValueError, httpx.InvalidURL):
+            usable = False
+        if not usable:
             msg = f"{target.host}: the token realm {_safe_url(realm)!r} is not an http(s) URL"
             raise RegistryAuthError(msg)
-        realm_host = parts.netloc.rsplit("@", 1)[-1].lower()
         headers: dict[str, str] = {}
         credentials = self._credentials(target.host)
         if credentials is not None:
-            plain_ok = target.insecure or realm_host in self._client.options.insecure
-            if parts.scheme == "http" and not plain_ok:
+            if parts.scheme == "http" and not self._client.plain_http_allowed(realm):
                 msg = (
-                    f"{target.host}: refusing to send credentials to the token realm"
-                    f" {_safe_url(realm)} over plain HTTP"
+                    f"{target.host} ({target.reference}): refusing to send the credentials for"
+                    f" {target.host} to the token realm {_safe_url(realm)} over plain HTTP:"
+                    " its host is not listed as an insecure registry (use HTTPS, or list it"
+                    " with --insecure-registry)"
                 )
                 raise RegistryAuthError(msg)
             headers["Authorization"] = self._basic_header(credentials)
         params = {"scope": target.scope}
         if challenge.get("service"):
             params["service"] = challenge["service"]
-        url = httpx.URL(realm).copy_merge_params(params)
+        url = url.copy_merge_params(params)
         started = time.monotonic()
-        response = self._client._send(None, "GET", url, headers=headers, what="token")
+        response = self._client._send(
+            None, "GET", url, headers=headers, what="token", deadline=target.deadline
+        )
         try:
             if response.status_code in (401, 403):
                 detail = _error_detail(response)
@@ -796,7 +1146,12 @@ class _Auth:
             if response.status_code != 200:
                 msg = f"{target.host}: the token server answered {_error_detail(response)}"
                 raise RegistryError(msg)
-            body = _read_bounded(response, MAX_TOKEN_RESPONSE, "token", RegistryError)
+            body = _read_bounded(
+                response, MAX_TOKEN_RESPONSE, "token", RegistryError, deadline=target.deadline
+            )
+        except httpx.TimeoutException as e:
+            realm_host = _safe_host(url)
+            raise self._client._timed_out(e, realm_host, "token", target.deadline) from None
         except httpx.HTTPError as e:
             msg = f"{target.host}: reading the token failed: {type(e).__name__}"
             raise RegistryError(msg) from None
@@ -804,7 +1159,7 @@ class _Auth:
             response.close()
         try:
             answer = json.loads(body)
-        except ValueError:
+        except (ValueError, RecursionError):
             answer = None
         value = None
         if isinstance(answer, dict):
@@ -815,6 +1170,7 @@ class _Auth:
         lifetime = answer.get("expires_in") if isinstance(answer, dict) else None
         if isinstance(lifetime, bool) or not isinstance(lifetime, int | float) or lifetime <= 0:
             lifetime = DEFAULT_TOKEN_LIFETIME
+        lifetime = min(lifetime, MAX_TOKEN_LIFETIME)
         log.debug(
             "registry.token.fetched",
             host=target.host,
@@ -832,14 +1188,20 @@ class RegistryClient:
         self.options = options if options is not None else RegistryOptions()
         context = ssl.create_default_context()
         if self.options.ca_bundle is not None:
-            context.load_verify_locations(cafile=str(self.options.ca_bundle))
+            bundle = self.options.ca_bundle
+            try:
+                context.load_verify_locations(cafile=str(bundle))
+            except OSError as e:  # ssl.SSLError too: no certificate in it, or a bad one
+                reason = getattr(e, "reason", None) or e.strerror or type(e).__name__
+                msg = f"the CA bundle {_clip(bundle)} cannot be used: {_clip(reason, 80)}"
+                raise RegistryConfigError(msg) from None
         connections = 2 * self.options.max_concurrent_layers + 4
         self._http = httpx.Client(
             verify=context,
             timeout=httpx.Timeout(self.options.timeout),
             limits=httpx.Limits(max_connections=connections, max_keepalive_connections=connections),
             follow_redirects=True,
-            max_redirects=10,
+            max_redirects=MAX_REDIRECTS,
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         )
         self._auth = _Auth(self)
@@ -864,11 +1226,74 @@ class RegistryClient:
         host = _normalize_host(reference.registry)
         api = DOCKER_HUB_API if host == DEFAULT_REGISTRY else host
         insecure = host in self.options.insecure
-        return _Target(reference, host, f"{'http' if insecure else 'https'}://{api}", insecure)
+        limit = self.options.deadline
+        deadline = time.monotonic() + limit if limit is not None else float("inf")
+        base = f"{'http' if insecure else 'https'}://{api}"
+        return _Target(reference, host, base, insecure, deadline)
+
+    def plain_http_allowed(self, url: httpx.URL | str) -> bool:
+        """Whether credentials may go to `url` over plain HTTP: only when its own host is
+        listed as insecure (``host:port`` as it spells it, or ``host`` for port 80). Another
+        host's insecurity says nothing about this one: a registry on plain HTTP on a trusted
+        network may name a token realm anywhere."""
+        try:
+            parsed = url if isinstance(url, httpx.URL) else httpx.URL(url)
+            host = parsed.host
+        except (httpx.InvalidURL, ValueError, UnicodeError):
+            return False
+        if not host:
+            return False
+        if ":" in host:
+            host = f"[{host}]"
+        names = {f"{host}:{parsed.port or 80}"}
+        if parsed.port in (None, 80):
+            names.add(host)
+        return any(_normalize_host(name) in self.options.insecure for name in names)
 
     def _delay(self, attempt: int) -> float:
         base = self.options.backoff * (2**attempt)
         return float(min(base, MAX_BACKOFF) * (1 + random.random() / 4))
+
+    def _deadline_error(self, what: str, during: str) -> RegistryTimeoutError:
+        limit = self.options.deadline
+        return RegistryTimeoutError(
+            f"{what}: the pull's deadline of {_seconds(limit)} s passed {during}"
+            " (IMAGELEDGER_PULL_DEADLINE)"
+        )
+
+    def _check_deadline(self, deadline: float, what: str, during: str) -> None:
+        if time.monotonic() >= deadline:
+            raise self._deadline_error(what, during)
+
+    def _sleep(self, delay: float, deadline: float, what: str, during: str) -> None:
+        """Wait `delay` seconds, unless that would pass the pull's deadline: then fail now."""
+        if time.monotonic() + delay >= deadline:
+            raise self._deadline_error(what, during)
+        time.sleep(delay)
+
+    def _request_timeout(self, deadline: float) -> httpx.Timeout:
+        """The per-request timeout: the read timeout, shortened so that no wait runs past the
+        pull's deadline."""
+        left = deadline - time.monotonic()
+        return httpx.Timeout(max(min(self.options.timeout, left), 0.001))
+
+    def _timed_out(
+        self, error: httpx.TimeoutException, host: str, what: str, deadline: float
+    ) -> RegistryTimeoutError:
+        """The error for a request that timed out: the deadline's when it has passed (the
+        timeout was shortened to it), else which wait of the read timeout ran out."""
+        if time.monotonic() >= deadline - 0.01:
+            return self._deadline_error(what, f"waiting for {host}")
+        limit = _seconds(self.options.timeout)
+        if isinstance(error, httpx.ConnectTimeout):
+            text = f"could not connect to {host} within {limit} s"
+        elif isinstance(error, httpx.WriteTimeout):
+            text = f"could not send to {host} for {limit} s"
+        elif isinstance(error, httpx.PoolTimeout):
+            text = f"no free connection to {host} within {limit} s"
+        else:
+            text = f"no data for {limit} s from {host}"
+        return RegistryTimeoutError(f"{what}: {text} (IMAGELEDGER_PULL_TIMEOUT)")
 
     def _send(
         self,
@@ -878,42 +1303,64 @@ class RegistryClient:
         *,
         headers: Mapping[str, str],
         what: str,
+        deadline: float | None = None,
     ) -> httpx.Response:
         """Send a request (streamed: the caller reads and closes the response), handling auth
-        challenges (when `target` is given), and retrying connection errors, 429 and 5xx.
-        Any other status is returned to the caller."""
+        challenges (when `target` is given), and retrying connection errors, 429 and 5xx
+        (a timeout only once: a second one in a row means the registry stalls). Any other
+        status is returned to the caller. No wait runs past `deadline` (default: the
+        target's); every failure is a `RegistryError` naming the URL without its query."""
+        if deadline is None:
+            deadline = target.deadline if target is not None else float("inf")
         attempt = 0
+        timeouts = 0
         auth_retried = False
-        host = target.host if target is not None else httpx.URL(url).netloc.decode()
+        host = target.host if target is not None else _safe_host(url)
         while True:
+            self._check_deadline(deadline, what, f"before asking {host}")
             request_headers = dict(headers)
             sent = self._auth.header(target) if target is not None else None
             if sent is not None:
                 request_headers["Authorization"] = sent
-            request = self._http.build_request(method, url, headers=request_headers)
             try:
+                request = self._http.build_request(
+                    method, url, headers=request_headers, timeout=self._request_timeout(deadline)
+                )
                 response = self._http.send(request, stream=True)
+            except httpx.TooManyRedirects:
+                msg = (
+                    f"{what}: {_safe_url(url)} redirected more than {MAX_REDIRECTS} times"
+                    " (a redirect loop?)"
+                )
+                raise RegistryError(msg) from None
+            except httpx.TimeoutException as e:
+                timeouts += 1
+                if timeouts > 1 or attempt >= self.options.retries:
+                    raise self._timed_out(e, host, what, deadline) from None
+                self._log_retry(what, url, type(e).__name__, attempt, 0.0)
+                attempt += 1
+                continue
             except httpx.TransportError as e:
                 tls = _tls_failure(e)
                 if tls is not None:
                     reason = getattr(tls, "verify_message", None) or getattr(tls, "reason", None)
-                    msg = f"{what}: TLS with {host} failed: {reason or tls}"
+                    msg = f"{what}: TLS with {host} failed: {_clip(reason or tls)}"
+                    raise RegistryError(msg) from None
+                if isinstance(e, httpx.UnsupportedProtocol):
+                    msg = f"{what}: cannot follow {_safe_url(url)}: {_clip(e)}"
                     raise RegistryError(msg) from None
                 if attempt >= self.options.retries:
-                    msg = f"{what}: cannot talk to {host}: {type(e).__name__}: {e}"
+                    msg = f"{what}: cannot talk to {host}: {type(e).__name__}: {_clip(e)}"
                     raise RegistryError(msg) from None
                 delay = self._delay(attempt)
-                log.debug(
-                    "registry.retry",
-                    what=what,
-                    url=_safe_url(url),
-                    error=type(e).__name__,
-                    attempt=attempt + 1,
-                    delay_seconds=round(delay, 3),
-                )
-                time.sleep(delay)
+                self._log_retry(what, url, type(e).__name__, attempt, delay)
+                self._sleep(delay, deadline, what, f"retrying {host}")
                 attempt += 1
                 continue
+            except (httpx.HTTPError, httpx.InvalidURL, ValueError, UnicodeError) as e:
+                msg = f"{what}: cannot request {_safe_url(url)}: {type(e).__name__}: {_clip(e)}"
+                raise RegistryError(msg) from None
+            timeouts = 0
             status = response.status_code
             log.debug(
                 "registry.response", method=method, url=_safe_url(response.url), status=status
@@ -942,19 +1389,45 @@ class RegistryClient:
                     raise RegistryError(msg)
                 after = _retry_after(response)
                 _drain(response)
+                if after is not None:
+                    self._check_retry_after(after, status, host, what, deadline)
                 delay = after if after is not None else self._delay(attempt)
-                log.debug(
-                    "registry.retry",
-                    what=what,
-                    url=_safe_url(url),
-                    status=status,
-                    attempt=attempt + 1,
-                    delay_seconds=round(delay, 3),
-                )
-                time.sleep(delay)
+                self._log_retry(what, url, str(status), attempt, delay)
+                self._sleep(delay, deadline, what, f"waiting to retry {host}")
                 attempt += 1
                 continue
             return response
+
+    def _check_retry_after(
+        self, after: float, status: int, host: str, what: str, deadline: float
+    ) -> None:
+        """Fail at once when the registry asks for a wait we will not sit through: more than
+        `MAX_RETRY_AFTER`, or past the pull's deadline."""
+        asked = f"{what}: {host} answered HTTP {status} and asked to wait {_seconds(after)} s"
+        if after > MAX_RETRY_AFTER:
+            msg = f"{asked} (Retry-After), more than the {_seconds(MAX_RETRY_AFTER)} s a pull waits"
+            raise RegistryTimeoutError(msg)
+        left = deadline - time.monotonic()
+        if after >= left:
+            msg = (
+                f"{asked} (Retry-After), but the pull's deadline of"
+                f" {_seconds(self.options.deadline)} s passes in {_seconds(max(left, 0.0))} s"
+                " (IMAGELEDGER_PULL_DEADLINE)"
+            )
+            raise RegistryTimeoutError(msg)
+
+    @staticmethod
+    def _log_retry(
+        what: str, url: httpx.URL | str, reason: str, attempt: int, delay: float
+    ) -> None:
+        log.debug(
+            "registry.retry",
+            what=what,
+            url=_safe_url(url),
+            error=reason,
+            attempt=attempt + 1,
+            delay_seconds=round(delay, 3),
+        )
 
     def _refusal(self, target: _Target, sent: str | None, what: str, detail: str) -> str:
         where = f"{target.host} ({target.reference})"
@@ -974,20 +1447,29 @@ class RegistryClient:
         closed, with its body; any other status with an empty body and the response still open
         (the caller reads its error detail and closes it)."""
         attempt = 0
+        timeouts = 0
         while True:
             response = self._send(target, "GET", url, headers=headers, what=what)
             try:
                 if response.status_code != 200:
                     return response, b""
-                return response, _read_bounded(response, limit, what)
+                return response, _read_bounded(response, limit, what, deadline=target.deadline)
+            except httpx.TimeoutException as e:
+                timeouts += 1
+                if timeouts > 1 or attempt >= self.options.retries:
+                    raise self._timed_out(e, target.host, what, target.deadline) from None
             except httpx.TransportError as e:
                 if attempt >= self.options.retries:
                     msg = f"{what}: the transfer from {target.host} broke: {type(e).__name__}"
                     raise RegistryError(msg) from None
+            except httpx.HTTPError as e:  # a body that does not decode: not worth a retry
+                msg = f"{what}: unreadable answer from {target.host}: {_clip(e)}"
+                raise RegistryError(msg) from None
             finally:
                 if response.status_code == 200:
                     response.close()
-            time.sleep(self._delay(attempt))
+            delay = self._delay(attempt)
+            self._sleep(delay, target.deadline, what, f"retrying {target.host}")
             attempt += 1
 
     # -- manifests -----------------------------------------------------------------------------
@@ -1102,6 +1584,20 @@ class RegistryClient:
 
     # -- blobs ---------------------------------------------------------------------------------
 
+    def _lock(
+        self, target: _Target, store: PullStore, digest: str, cancel: threading.Event | None
+    ) -> contextlib.AbstractContextManager[None]:
+        """The blob's download lock, waited for until the pull's deadline at most."""
+        what = f"blob {digest}"
+        during = "waiting for another pull of the same blob"
+        return _blob_lock(
+            store,
+            digest,
+            deadline=target.deadline,
+            cancel=cancel,
+            expired=lambda: self._deadline_error(what, during),
+        )
+
     def _fetch_blob(
         self,
         target: _Target,
@@ -1111,7 +1607,7 @@ class RegistryClient:
         cancel: threading.Event,
     ) -> None:
         digest, size = descriptor.digest, descriptor.size
-        with _blob_lock(store, digest):
+        with self._lock(target, store, digest, cancel):
             if cancel.is_set():
                 raise _Cancelled
             if store.has(digest) and store.size(digest) == size:
@@ -1136,6 +1632,7 @@ class RegistryClient:
         writer = store.writer(digest, size=size)
         try:
             attempt = 0
+            stalls = 0
             furthest = 0
             while True:
                 headers: dict[str, str] = {}
@@ -1149,10 +1646,7 @@ class RegistryClient:
                         start = _range_start(response.headers.get("Content-Range"))
                         if start != writer.offset:
                             log.debug("registry.blob.bad_range", digest=digest, start=start)
-                            writer.abort()
-                            writer = store.writer(digest, size=size)
-                            _drain(response)
-                            continue
+                            raise _Restart("a wrong Content-Range")
                         log.debug("registry.blob.resumed", digest=digest, offset=writer.offset)
                     elif status == 200:
                         if writer.offset:
@@ -1160,10 +1654,7 @@ class RegistryClient:
                             writer.abort()
                             writer = store.writer(digest, size=size)
                     elif status == 416 and writer.offset:
-                        writer.abort()
-                        writer = store.writer(digest, size=size)
-                        _drain(response)
-                        continue
+                        raise _Restart("416 for a resume")
                     elif status == 404:
                         msg = (
                             f"{what} of {target.reference} is not in the registry:"
@@ -1181,16 +1672,35 @@ class RegistryClient:
                             emit("blob-bytes", digest, reported, size)
                         if cancel.is_set():
                             raise _Cancelled
+                        if time.monotonic() >= target.deadline:
+                            during = f"at byte {writer.offset} of {size} from {target.host}"
+                            raise self._deadline_error(what, during)
                     if writer.offset >= size:
                         break
                     broken = "ended early"
+                except _Restart as restart:
+                    broken = str(restart)
+                    writer.abort()
+                    writer = store.writer(digest, size=size)
+                    _drain(response)
+                except httpx.TimeoutException as e:
+                    broken = type(e).__name__
+                    stalls += 1
+                    if time.monotonic() >= target.deadline - 0.01 or (
+                        stalls > 1 and writer.offset <= furthest
+                    ):
+                        raise self._timed_out(e, target.host, what, target.deadline) from None
                 except httpx.TransportError as e:
                     broken = type(e).__name__
+                except httpx.HTTPError as e:  # a body that does not decode: not worth a retry
+                    msg = f"{what}: unreadable answer from {target.host}: {_clip(e)}"
+                    raise RegistryError(msg) from None
                 finally:
                     response.close()
                 if writer.offset > furthest:
                     furthest = writer.offset
                     attempt = 0  # progress: the retry budget is per stall, not per blob
+                    stalls = 0
                 if attempt >= self.options.retries:
                     msg = (
                         f"{what}: the transfer from {target.host} broke ({broken}) at byte"
@@ -1206,7 +1716,7 @@ class RegistryClient:
                     reason=broken,
                     delay_seconds=round(delay, 3),
                 )
-                time.sleep(delay)
+                self._sleep(delay, target.deadline, what, f"retrying {target.host}")
                 attempt += 1
             writer.commit()
         except BaseException:
@@ -1254,7 +1764,27 @@ class RegistryClient:
         platform: Platform,
         progress: Callable[[PullProgress], None] | None = None,
     ) -> ImageContent:
-        """Fetch `reference` (an index resolves to `platform`) into `store`; its content."""
+        """Fetch `reference` (an index resolves to `platform`) into `store`; its content.
+
+        Every failure of the registry or the connection is a `RegistryError` (its message one
+        line, naming the registry or URL, never a credential); the store's own errors
+        (`DiskFullError`...) pass through."""
+        try:
+            return self._pull(reference, store, platform=platform, progress=progress)
+        except (httpx.HTTPError, httpx.InvalidURL) as e:
+            # A safety net: each request handles its own errors, and one that slips through
+            # must still be one line, not a traceback (and not an httpx type callers don't know).
+            msg = f"{reference}: {type(e).__name__}: {_clip(e)}"
+            raise RegistryError(msg) from None
+
+    def _pull(
+        self,
+        reference: Reference,
+        store: PullStore,
+        *,
+        platform: Platform,
+        progress: Callable[[PullProgress], None] | None = None,
+    ) -> ImageContent:
         target = self._target(reference)
         emit = _Emitter(progress)
         started = time.monotonic()
@@ -1287,7 +1817,7 @@ class RegistryClient:
         for layer in manifest.layers:
             unique.setdefault(layer.digest, layer)
         self._fetch_layers(target, store, list(unique.values()), emit)
-        with _blob_lock(store, digest):
+        with self._lock(target, store, digest, None):
             if not (store.has(digest) and store.size(digest) == len(body)):
                 store.write_bytes(body, digest)
         try:
@@ -1310,7 +1840,9 @@ def _range_start(content_range: str | None) -> int | None:
     """The first byte of a ``Content-Range: bytes <start>-<end>/<total>`` header."""
     if not content_range:
         return None
-    match = re.fullmatch(r"\s*bytes\s+(\d+)-(\d+)/(\d+|\*)\s*", content_range)
+    match = re.fullmatch(
+        r"\s*bytes\s+([0-9]{1,18})-([0-9]{1,18})/([0-9]{1,18}|\*)\s*", content_range, re.ASCII
+    )
     return int(match[1]) if match else None
 
 

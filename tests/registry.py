@@ -523,8 +523,14 @@ class TokenServer:
         return int(self._httpd.server_address[1])
 
     @property
+    def host(self) -> str:
+        """``127.0.0.1:PORT``: the realm's host, which a client must list as insecure before it
+        sends credentials to it (the realm is plain HTTP)."""
+        return f"127.0.0.1:{self.port}"
+
+    @property
     def realm(self) -> str:
-        return f"http://127.0.0.1:{self.port}/token"
+        return f"http://{self.host}/token"
 
     @property
     def root_bundle(self) -> bytes:
@@ -688,6 +694,12 @@ class TokenRegistry:
 
     registry: Registry
     tokens: TokenServer
+
+    @property
+    def insecure(self) -> frozenset[str]:
+        """The hosts a client lists as insecure to pull with credentials: the registry and
+        its token realm (both plain HTTP)."""
+        return frozenset({self.registry.host, self.tokens.host})
 
 
 # ---- flaky proxy ------------------------------------------------------------------------------

@@ -255,7 +255,8 @@ def test_pulls_of_one_cache_share_connections_and_tokens_until_the_environment_c
     assert registry.username is not None and registry.password is not None
     reference = _push_image(registry, tmp_path, "team/shared")
     monkeypatch.setenv("DOCKER_CONFIG", str(tmp_path / "no-docker-config"))
-    monkeypatch.setenv("IMAGELEDGER_INSECURE_REGISTRIES", registry.host)
+    monkeypatch.setenv("IMAGELEDGER_INSECURE_REGISTRIES", ",".join(registry_token.insecure))
+    monkeypatch.setenv("IMAGELEDGER_REGISTRY_HOST", registry.host)
     monkeypatch.setenv("IMAGELEDGER_REGISTRY_USER", registry.username)
     monkeypatch.setenv("IMAGELEDGER_REGISTRY_PASSWORD", registry.password)
     before = len(tokens.requests)
@@ -272,7 +273,7 @@ def test_pulls_of_one_cache_share_connections_and_tokens_until_the_environment_c
         assert len(tokens.requests) > before + 1
         # Explicit options: one client while the same options are passed.
         options = RegistryOptions(
-            insecure=frozenset({registry.host}),
+            insecure=registry_token.insecure,
             credentials=lambda host: (registry.username or "", registry.password or ""),
         )
         asked = len(tokens.requests)

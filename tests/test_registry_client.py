@@ -90,7 +90,10 @@ def store(tmp_path: Path) -> BlobStore:
 
 
 def _options(registry: Registry, **kwargs: Any) -> RegistryOptions:
+    """Options for `registry`: plain HTTP to it (unless it is TLS) and to the hosts in
+    ``also_insecure`` (a token realm)."""
     insecure = frozenset() if registry.url.startswith("https://") else frozenset({registry.host})
+    insecure |= frozenset(kwargs.pop("also_insecure", ()))
     kwargs.setdefault("backoff", 0.01)
     return RegistryOptions(insecure=insecure, **kwargs)
 
@@ -277,7 +280,7 @@ def test_bearer_token_reused_then_refreshed_after_expiry(
     spec = _spec("token", b"a" * 100, b"b" * 100, b"c" * 100)
     _publish(tmp_path, registry, "private/tok:1", [spec])
     issued = tokens.count()
-    options = _options(registry, credentials=_credentials(registry))
+    options = _options(registry, credentials=_credentials(registry), also_insecure=[tokens.host])
     with RegistryClient(options) as client:
         reference = Reference.parse(f"{registry.host}/private/tok:1")
         client.pull(reference, store, platform=AMD64)
@@ -300,7 +303,13 @@ def test_bearer_token_refusals(
         _pull(registry, store, "private/tok:1")
     wrong = lambda host: (registry.username, "wrong-password")  # noqa: E731
     with pytest.raises(RegistryAuthError, match="refused the credentials"):
-        _pull(registry, store, "private/tok:1", credentials=wrong)
+        _pull(
+            registry,
+            store,
+            "private/tok:1",
+            credentials=wrong,
+            also_insecure=[registry_token.tokens.host],
+        )
     assert not list(store.digests())
 
 
@@ -771,16 +780,24 @@ def test_credentials_and_tokens_never_reach_the_logs(
     wrong_password = "wr0ng-but-s3cret"
     pairs = [_credentials(basic)(basic.host), _credentials(bearer)(bearer.host)]
     pairs.append(("someone", wrong_password))
+    realm = [registry_token.tokens.host]
     for registry in (basic, bearer):
         _publish(tmp_path, registry, "private/logged:1", [_spec("logged")])
         home = tmp_path / registry.host.replace(":", "_")
-        _pull(registry, BlobStore(home), "private/logged:1", credentials=_credentials(registry))
+        _pull(
+            registry,
+            BlobStore(home),
+            "private/logged:1",
+            credentials=_credentials(registry),
+            also_insecure=realm,
+        )
         with pytest.raises(RegistryAuthError) as caught:
             _pull(
                 registry,
                 BlobStore(home / "wrong"),
                 "private/logged:1",
                 credentials=lambda host: ("someone", wrong_password),
+                also_insecure=realm,
             )
         failures.append(str(caught.value))
     tokens = [r.token for r in registry_token.tokens.requests if r.token is not None]
@@ -841,18 +858,20 @@ def test_options_from_environment(tmp_path: Path) -> None:
     assert scoped.credentials is not None
     assert scoped.credentials("registry.example:5000") == ("env", "envpass")
     assert scoped.credentials("docker.io") == ("hubuser", "hub:pass")
-    every = options_from_environment(
+    assert docker_config_credentials(tmp_path / "missing.json") == {}
+    # The call's credentials come first.
+    first = options_from_environment(
         {
             "HOME": str(tmp_path),
             "IMAGELEDGER_REGISTRY_USER": "e",
             "IMAGELEDGER_REGISTRY_PASSWORD": "p",
+            "IMAGELEDGER_REGISTRY_HOST": "a.example",
         },
         credentials=lambda host: ("call", "x") if host == "a.example" else None,
     )
-    assert every.credentials is not None
-    assert every.credentials("a.example") == ("call", "x")
-    assert every.credentials("b.example") == ("e", "p")
-    assert docker_config_credentials(tmp_path / "missing.json") == {}
+    assert first.credentials is not None
+    assert first.credentials("a.example") == ("call", "x")
+    assert first.credentials("b.example") is None  # the environment's name their registry
 
 
 def test_parse_challenges() -> None:
