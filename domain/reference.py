@@ -9,6 +9,8 @@ Decisions beyond the grammar (a demanding user's expectations, as Docker behaves
 - the registry is the first path component only when it looks like a host: it contains ``.``
   or ``:``, or is ``localhost``; otherwise the name is on Docker Hub (``docker.io``), and a
   one-component Docker Hub name gets ``library/``; ``index.docker.io`` is ``docker.io``;
+- a bracketed host must be an IPv6 address (``[::1]:5000``), a port 1-65535 (a port past
+  five significant digits is refused before it becomes an int);
 - host names are case-insensitive, so the registry is lower-cased; repositories must already be
   lower case (an upper-case repository is refused, not folded: it names nothing on a registry);
 - ``name:tag@digest`` is pinned by the digest: the canonical form drops the tag (the digest
@@ -20,6 +22,7 @@ Decisions beyond the grammar (a demanding user's expectations, as Docker behaves
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from typing import Final
@@ -33,8 +36,10 @@ _MAX_NAME: Final = 255
 
 _DOMAIN_COMPONENT: Final = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _HOST: Final = re.compile(
-    rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[[0-9a-fA-F:.]+\])(?::(?P<port>[0-9]+))?"
+    rf"(?:{_DOMAIN_COMPONENT}(?:\.{_DOMAIN_COMPONENT})*|\[(?P<ipv6>[0-9a-fA-F:.]+)\])"
+    r"(?::(?P<port>[0-9]+))?"
 )
+_MAX_PORT: Final = 65535
 _PATH_COMPONENT: Final = re.compile(r"[a-z0-9]+(?:(?:[._]|__|-+)[a-z0-9]+)*")
 _TAG: Final = re.compile(r"[\w][\w.-]{0,127}", re.ASCII)
 _DIGEST: Final = re.compile(r"(?P<algorithm>sha256|sha512):(?P<hex>[a-f0-9]+)")
@@ -69,7 +74,8 @@ class Reference:
 
 def validate_digest(digest: str) -> str:
     """`digest` itself when it is a well-formed, supported content digest."""
-    match = _DIGEST.fullmatch(digest)
+    # Digests come from hostile JSON and headers too: anything but a str is refused the same way.
+    match = _DIGEST.fullmatch(digest) if isinstance(digest, str) else None
     if match is None or len(match["hex"]) != _DIGEST_LENGTHS[match["algorithm"]]:
         msg = f"invalid digest {digest!r}: expected sha256:<64 hex> or sha512:<128 hex>, lower case"
         raise InvalidReferenceError(msg)
@@ -88,10 +94,25 @@ def _check_registry(text: str, registry: str) -> str:
     if match is None:
         msg = f"invalid reference {text!r}: {registry!r} is not a registry host[:port]"
         raise InvalidReferenceError(msg)
+    ipv6 = match["ipv6"]
+    if ipv6 is not None:
+        # The pattern only admits IPv6's alphabet; "[...]" or "[1.2.3.4]" would pass it and
+        # fail later, as an unusable URL, in the middle of a pull.
+        try:
+            ipaddress.IPv6Address(ipv6)
+        except ValueError:
+            msg = f"invalid reference {text!r}: {registry!r} is not a registry host[:port]"
+            msg += f" ({ipv6!r} is not an IPv6 address)"
+            raise InvalidReferenceError(msg) from None
     port = match["port"]
-    if port is not None and not 0 < int(port) < 65536:
-        msg = f"invalid reference {text!r}: port {port} is out of range"
-        raise InvalidReferenceError(msg)
+    if port is not None:
+        # Leading zeros are harmless; past five digits the port is out of range whatever they
+        # are, and int() of thousands of digits raises its own (foreign) ValueError.
+        digits = port.lstrip("0")
+        if len(digits) > len(str(_MAX_PORT)) or not 0 < int(digits or "0") <= _MAX_PORT:
+            shown = port if len(port) <= 10 else f"{port[:10]}... ({len(port)} digits)"
+            msg = f"invalid reference {text!r}: port {shown} is out of range (1-{_MAX_PORT})"
+            raise InvalidReferenceError(msg)
     registry = registry.lower()
     return DEFAULT_REGISTRY if registry in _LEGACY_REGISTRIES else registry
 

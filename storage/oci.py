@@ -14,9 +14,9 @@ from __future__ import annotations
 
 import json
 import platform as _host
+import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
-from pathlib import Path
 from typing import BinaryIO, Final, Protocol
 
 from imageledger.domain.errors import ImageLedgerError, InvalidReferenceError
@@ -31,6 +31,7 @@ from imageledger.domain.model import (
     Platform,
 )
 from imageledger.domain.reference import validate_digest
+from imageledger.storage.home import Dir
 
 MAX_MANIFEST_SIZE: Final = 4 * 1024 * 1024
 """Largest manifest, index or config accepted (bytes); registries use the same bound."""
@@ -54,8 +55,8 @@ class BlobAccess(Protocol):
     """What this module and `storage.archives` use of a blob store: `BlobStore` itself, or a
     wrapper around it (one that claims every digest for an in-flight lease, say)."""
 
-    @property
-    def tmp(self) -> Path: ...
+    def scratch(self) -> Dir:
+        """A work directory for spooled files (the caller closes it; see storage.home)."""
 
     def has(self, digest: str) -> bool: ...
 
@@ -498,6 +499,7 @@ __all__ = [
     "BlobAccess",
     "Descriptor",
     "IndexEntry",
+    "InvalidPlatformError",
     "Manifest",
     "ManifestError",
     "MissingBlobError",
@@ -533,10 +535,26 @@ def host_platform() -> Platform:
     return Platform("linux", architecture, variant)
 
 
+class InvalidPlatformError(ImageLedgerError, ValueError):
+    """A platform given by a caller is not ``os/arch[/variant]``; raised before anything is
+    touched (a ValueError too, as it was before it had a class of its own)."""
+
+
+_PLATFORM_PART: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")
+
+
 def parse_platform(text: str) -> Platform:
-    """``os/arch[/variant]``, e.g. ``linux/arm64/v8``."""
-    parts = text.split("/")
-    if len(parts) not in (2, 3) or not all(parts):
-        msg = f"invalid platform {text!r}: expected os/arch[/variant], e.g. linux/arm64"
-        raise ValueError(msg)
+    """``os/arch[/variant]``, e.g. ``linux/arm64/v8``.
+
+    Each part is what OCI uses (letters, digits, ``.``, ``_``, ``-``; at most 64): the text
+    comes from a command line, and whitespace or a control character would only ever match
+    nothing and then be printed back raw in the "not found" message.
+    """
+    if not isinstance(text, str):
+        raise InvalidPlatformError(f"invalid platform {text!r}: a platform is a string")
+    parts = text.split("/", 3)
+    if len(parts) not in (2, 3) or not all(_PLATFORM_PART.fullmatch(part) for part in parts):
+        shown = repr(text) if len(text) <= 100 else f"{text[:100]!r}... ({len(text)} characters)"
+        msg = f"invalid platform {shown}: expected os/arch[/variant], e.g. linux/arm64"
+        raise InvalidPlatformError(msg)
     return Platform(parts[0], parts[1], parts[2] if len(parts) == 3 else None)

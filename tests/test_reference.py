@@ -172,3 +172,48 @@ def test_arbitrary_text_parses_or_raises_the_one_clear_error(text: str) -> None:
         assert str(e)
     else:
         assert parse_reference(str(ref)) == ref
+
+
+@pytest.mark.parametrize(
+    ("text", "says"),
+    [
+        # Once accepted as an IPv6 host, then a traceback from httpx in the middle of a pull.
+        ("[...]/a", "not an IPv6 address"),
+        ("[:]/a", "not an IPv6 address"),
+        ("[1.2.3.4]/a", "not an IPv6 address"),
+        ("[::1::2]:5000/a", "not an IPv6 address"),
+        ("[fe80::1%eth0]/a", "registry"),
+        # Once Python's own "Exceeds the limit (4300 digits)" ValueError.
+        ("reg.io:" + "9" * 5000 + "/a", "out of range"),
+        ("reg.io:" + "0" * 5000 + "1" * 6 + "/a", "out of range"),
+        ("reg.io:0/a", "out of range"),
+        ("reg.io:65536/a", "out of range"),
+    ],
+)
+def test_hosts_and_ports_are_refused_clearly(text: str, says: str) -> None:
+    with pytest.raises(InvalidReferenceError, match=r"\[|port|registry") as raised:
+        parse_reference(text)
+    assert says in str(raised.value)
+    assert "Exceeds the limit" not in str(raised.value)
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "[::1]/a",
+        "[::ffff:1.2.3.4]:5000/a",
+        "[2001:DB8::1]:443/a:1",
+        "reg.io:65535/a",
+        "reg.io:00080/a",
+    ],
+)
+def test_valid_ipv6_hosts_and_ports_are_accepted(text: str) -> None:
+    ref = parse_reference(text)
+    assert ref.registry == text.partition("/")[0].lower()
+    assert canonical(str(ref)) == str(ref)
+
+
+def test_validate_digest_refuses_what_is_not_a_string() -> None:
+    for value in (None, 5, b"sha256:" + b"ab" * 32, ["sha256:" + "ab" * 32]):
+        with pytest.raises(InvalidReferenceError, match="invalid digest"):
+            validate_digest(value)  # type: ignore[arg-type]
