@@ -70,3 +70,34 @@ class ContentCorruptError(ImageLedgerError):
     """A blob in the store no longer is what the ledger says (wrong size, or it does not hash
     to its digest: bit rot, tampering). `imageledger verify --repair` deletes such blobs; the
     next pull or load of the images that need them fetches them again."""
+
+
+class HomeError(ImageLedgerError):
+    """The cache home cannot be used as it is (see `storage.home` for what a home is)."""
+
+
+class InvalidHomeError(HomeError, ValueError):
+    """The path given as the home cannot be one: an empty string, a file, or a directory that
+    holds other things and is not an imageledger home (it is never adopted: a prune would
+    delete what it finds there)."""
+
+
+class HomeNotFoundError(HomeError, LookupError):
+    """A command that only reads was pointed at a home that does not exist (or is empty);
+    reading never creates one, so a typo in the path does not look like an empty cache."""
+
+
+class HomeDamagedError(HomeError):
+    """Something in the home is not what imageledger put there: a symbolic link, a device or
+    a file where its directories or lock files belong. imageledger never follows or obeys
+    such an entry; it names it, and the operator removes it."""
+
+
+class LedgerMissingError(LedgerCorruptError):
+    """The home's ledger is missing or empty while its store holds content: the history of
+    that content is lost, and a fresh ledger would call every blob an orphan and prune it.
+    Nothing runs until the ledger is restored or the content moved aside."""
+
+
+class CacheClosedError(ImageLedgerError, RuntimeError):
+    """The `ImageCache` was used after `close()`."""

@@ -39,7 +39,13 @@ from eventsourcing.application import Application
 from eventsourcing.persistence import Transcoder
 from eventsourcing.utils import get_topic
 
-from imageledger.domain.errors import DiskFullError, ImageLedgerError, InvalidReferenceError
+from imageledger.domain.errors import (
+    CacheClosedError,
+    DiskFullError,
+    HomeDamagedError,
+    ImageLedgerError,
+    InvalidReferenceError,
+)
 from imageledger.domain.events import TRANSCODINGS, ImageLedger
 from imageledger.domain.model import (
     Actor,
@@ -73,8 +79,10 @@ from imageledger.projections.views import (
 )
 from imageledger.storage import archives
 from imageledger.storage.blobs import BlobStore, BlobWriter
+from imageledger.storage.home import Dir, mark_home, open_home
 from imageledger.storage.leases import InFlightLease, InFlightLeases, StoreLock
 from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory
+from imageledger.storage.lmdbenv import DURABILITY_MODES
 from imageledger.storage.oci import host_platform, parse_platform
 from imageledger.storage.registry import (
     PullProgress,
@@ -171,7 +179,10 @@ class _LeasedStore:
         self._leases = leases
         self.written: set[str] = set()
         self.root = store.root
-        self.tmp = lease.work
+        self.tmp = lease.work.path
+
+    def scratch(self) -> Dir:
+        return self._lease.work.sub("")
 
     def _claim(self, digest: str) -> None:
         with self._lock():
@@ -224,32 +235,49 @@ class ImageCache:
         *,
         clock: Clock | None = None,
         durability: Literal["sync", "nometasync", "nosync"] | None = None,
+        create: bool = True,
     ) -> None:
+        """Open the cache at `home` (default `default_home()`).
+
+        `create=False` is for callers that only read: a missing or empty home is then
+        `HomeNotFoundError` instead of a new, empty cache (a mistyped path must not look
+        like an empty cache). A directory that is not an imageledger home is refused
+        (`InvalidHomeError`), and so is a home whose ledger is gone while its store holds
+        content (`LedgerMissingError`): see `storage.home`."""
         if not structlog.is_configured():
             # structlog's unconfigured default prints every level to stdout, into an
             # embedder's output: fall back to ours (stderr, warning and up unless
             # IMAGELEDGER_LOG_LEVEL says otherwise). An embedder's own configuration wins.
             configure_logging()
-        self.home = Path(home) if home is not None else default_home()
-        self.home.mkdir(parents=True, exist_ok=True)
+        if durability is not None and durability not in DURABILITY_MODES:
+            msg = f"unknown durability {durability!r}: use one of {', '.join(DURABILITY_MODES)}"
+            raise ValueError(msg)
+        self._closed = False
+        self._home = open_home(home if home is not None else default_home(), create=create)
+        self.home = self._home.path
         env = {
             "PERSISTENCE_MODULE": get_topic(LMDBFactory),
             "LMDB_PATH": str(self.home / "ledger"),
         }
         if durability:
             env["LMDB_DURABILITY"] = durability
-        self._app = _LedgerApp(env=env)
+        try:
+            self._app = _LedgerApp(env=env)
+        except BaseException:
+            self._home.close()
+            raise
+        mark_home(self._home)
         recorder = self._app.recorder
         assert isinstance(recorder, LMDBApplicationRecorder)
         self._recorder = recorder
         self._views = LMDBViews(recorder.env, recorder, TABLES)
         self._decode = self._app.mapper.to_domain_event
         self._views.attach(folder(self._decode))
-        self.store = BlobStore(self.home)
-        self._lock = StoreLock(self.home)
-        self._leases = InFlightLeases(self.home, self._lock)
+        self.store = BlobStore(self._home)
+        self._lock = StoreLock(self._home)
+        self._leases = InFlightLeases(self._home, self._lock)
         # Two rebuilds would fill the same spare namespace at once: one at a time per home.
-        self._rebuild_lock = StoreLock(self.home, "rebuild.lock")
+        self._rebuild_lock = StoreLock(self._home, "rebuild.lock")
         self.write_index = True
         # list() memos, per owner the handles are bound to (this cache, or its asyncio
         # facade): the last list by ledger position, and handles by row (ViewState.handles).
@@ -267,17 +295,32 @@ class ImageCache:
             actor=current_actor(),
             history=self._history,
         )
-        self._upgrade_views()
-        self._write_index()
+        try:
+            self._upgrade_views()
+            self._write_index()
+        except (OSError, HomeDamagedError) as e:
+            if create:
+                self.close()
+                raise
+            # Only reading: a home this user may not write (a shared cache) or whose derived
+            # files are damaged still answers; whoever writes next repairs them.
+            log.warning("home.index_not_written", home=str(self.home), error=str(e))
 
     # -- the service's Ledger port -------------------------------------------------------
 
     @contextlib.contextmanager
     def snapshot(self) -> Iterator[ViewState]:
+        self._check_open()
         with self._views.read() as view:
             yield ViewState(view)
 
+    def _check_open(self) -> None:
+        if self._closed:
+            msg = f"the cache at {self.home} is closed"
+            raise CacheClosedError(msg)
+
     def append(self, ledger: ImageLedger) -> None:
+        self._check_open()
         self._app.save(ledger)
         if self.write_index:
             self._write_index()
@@ -292,35 +335,35 @@ class ImageCache:
         """Rewrite index.json from the views, unless it already shows this position or later
         (and write oci-layout if missing). Serialised across processes by index.lock, so the
         last writer always writes the latest state and temp files found under it are stale."""
-        lock_path = self.home / "index.lock"
-        fd = os.open(lock_path, os.O_RDWR | os.O_CREAT, 0o644)
+        home = self._home
+        fd = home.open_lock("index.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
             # Every index write holds this lock, so a temporary file left now is a crashed
             # writer's: sweep it.
-            for stale in self.home.glob(".index.*.tmp"):
-                stale.unlink(missing_ok=True)
-            layout = self.home / "oci-layout"
-            if not layout.exists():
-                _atomic_write(layout, b'{"imageLayoutVersion":"1.0.0"}')
+            sweep = [n for n, _ in home.entries() if n.startswith(".") and n.endswith(".tmp")]
+            for stale in sweep:
+                home.delete(stale)
+            if home.stat("oci-layout") is None:
+                home.write_atomic("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
             with self.snapshot() as state:
                 position = state.position
-                stamp = self.home / "index.position"
                 try:
-                    written = int(stamp.read_text())
+                    with home.open_read("index.position") as f:
+                        written = int(f.read(32))
                 except (FileNotFoundError, ValueError):
                     written = -1
-                if written >= position and (self.home / "index.json").exists():
+                if written >= position and home.file_size("index.json") is not None:
                     return
                 data = oci_index(state)
             try:
-                _atomic_write(self.home / "index.json", data)
-                _atomic_write(stamp, str(position).encode())
+                home.write_atomic("index.json", data)
+                home.write_atomic("index.position", str(position).encode())
             except OSError as e:
                 # The command itself is committed; failing it now (a full disk, say) would
                 # report as failed what happened. The next command writes the index again.
-                for stale in self.home.glob(".index.*.tmp"):
-                    stale.unlink(missing_ok=True)
+                for stale in sweep:
+                    home.delete(stale)
                 log.warning("index.not_written", position=position, error=str(e))
         finally:
             os.close(fd)
@@ -639,22 +682,16 @@ class ImageCache:
             if self._client is not None:
                 self._client.retire()
                 self._client = None
-        self._app.close()
+        if not self._closed:
+            self._closed = True
+            self._app.close()
+            self._home.close()
 
     def __enter__(self) -> ImageCache:
         return self
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _atomic_write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".index.{path.name}.{os.getpid()}.tmp")
-    with tmp.open("wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _source_kind(source: object) -> str:

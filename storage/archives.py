@@ -35,7 +35,6 @@ import os
 import posixpath
 import re
 import secrets
-import shutil
 import stat
 import tarfile
 import zlib
@@ -63,6 +62,7 @@ from imageledger.domain.model import (
     Platform,
 )
 from imageledger.domain.reference import parse_reference, validate_digest
+from imageledger.storage.home import Dir
 from imageledger.storage.oci import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
@@ -144,7 +144,12 @@ def _entry_chunks(source: IO[bytes], name: str) -> Iterator[bytes]:
 
 
 def _file_chunks(path: Path, *, limit: int | None = None) -> Iterator[bytes]:
-    with path.open("rb") as f:
+    return _chunks(path.open("rb"), limit=limit)
+
+
+def _chunks(f: IO[bytes], *, limit: int | None = None) -> Iterator[bytes]:
+    """The content of an open file, in chunks (at most `limit` bytes); closes it."""
+    with f:
         remaining = limit
         while remaining is None or remaining > 0:
             chunk = f.read(_CHUNK if remaining is None else min(_CHUNK, remaining))
@@ -199,13 +204,14 @@ class _File:
     size: int
     digest: str
     data: bytes | None = None  # metadata, in memory
-    spool: Path | None = None  # spooled under the load's work directory
+    spool: tuple[Dir, str] | None = None  # spooled under the load's work directory
     stored: bool = False  # a blobs/<alg>/<hex> entry, verified in the blob store
 
     def head(self, store: BlobAccess, n: int) -> bytes:
         if self.data is not None:
             return self.data[:n]
-        with self.spool.open("rb") if self.spool is not None else store.open(self.digest) as f:
+        spool = self.spool
+        with spool[0].open_read(spool[1]) if spool is not None else store.open(self.digest) as f:
             return f.read(n)
 
 
@@ -215,15 +221,19 @@ class _Load:
 
     store: BlobAccess
     max_entry_size: int
-    work: Path | None = None
+    work: Dir | None = None
     written: set[str] = field(default_factory=set)
     spooled: int = 0
+    _work_name: str = ""
 
-    def work_dir(self) -> Path:
+    def work_dir(self) -> Dir:
+        """The load's own spool directory under the store's scratch space, made on first
+        use; everything in it is reached through its descriptor (see `storage.home`)."""
         if self.work is None:
-            self.store.tmp.mkdir(parents=True, exist_ok=True)
-            self.work = self.store.tmp / f"load-{secrets.token_hex(8)}"
-            self.work.mkdir()
+            name = f"load-{secrets.token_hex(8)}"
+            with self.store.scratch() as scratch:
+                self.work = scratch.sub(name, create=True)
+            self._work_name = name
         return self.work
 
     def put(self, digest: str, chunks: Callable[[], Iterator[bytes]], size: int, what: str) -> None:
@@ -242,8 +252,10 @@ class _Load:
             self.store.delete(digest)
         self.written &= keep
         if self.work is not None:
-            shutil.rmtree(self.work, ignore_errors=True)
+            self.work.close()
             self.work = None
+            with self.store.scratch() as scratch:
+                scratch.delete(self._work_name)
 
 
 def _once(data: bytes) -> Callable[[], Iterator[bytes]]:
@@ -357,7 +369,7 @@ class _TarSource(_Source):
             if previous.digest != entry.digest or previous.size != entry.size:
                 raise ArchiveError(f"archive entry {name}: duplicate entries that differ")
             if entry.spool is not None:
-                entry.spool.unlink()
+                entry.spool[0].delete(entry.spool[1])
             return
         self.files[name] = entry
 
@@ -377,17 +389,17 @@ class _TarSource(_Source):
             return _File(name, size, digest, stored=True)
         # Any other file (legacy docker save): spool it, hashing on the way.
         self.load.spooled += 1
-        path = self.load.work_dir() / f"{self.load.spooled:08d}"
+        work, spool = self.load.work_dir(), f"{self.load.spooled:08d}"
         hasher = hashlib.sha256()
         written = 0
-        with path.open("xb") as out:
+        with work.create(spool) as out:
             for chunk in chunks:
                 written += len(chunk)
                 hasher.update(chunk)
                 out.write(chunk)
         if written != size:
             raise ArchiveError(f"archive entry {name}: truncated")
-        return _File(name, size, f"sha256:{hasher.hexdigest()}", spool=path)
+        return _File(name, size, f"sha256:{hasher.hexdigest()}", spool=(work, spool))
 
     # -- _Source --
 
@@ -430,8 +442,8 @@ class _TarSource(_Source):
         if entry.data is not None:
             self.load.put(entry.digest, _once(entry.data), entry.size, what)
         elif entry.spool is not None:
-            spool = entry.spool
-            self.load.put(entry.digest, lambda: _file_chunks(spool), entry.size, what)
+            work, spool = entry.spool
+            self.load.put(entry.digest, lambda: _chunks(work.open_read(spool)), entry.size, what)
         entry.stored = True
 
     def read_small(self, entry: _File, what: str) -> bytes:
@@ -441,7 +453,8 @@ class _TarSource(_Source):
         if entry.data is not None:
             return entry.data
         if entry.spool is not None:
-            return entry.spool.read_bytes()
+            with entry.spool[0].open_read(entry.spool[1]) as f:
+                return f.read()
         return self.load.store.read(entry.digest)
 
 

@@ -16,9 +16,9 @@ import contextlib
 import hashlib
 import os
 import secrets
-import shutil
+import stat
 from collections.abc import Iterable, Iterator
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Final
 
 import structlog
@@ -26,56 +26,68 @@ import structlog
 from imageledger.domain.errors import BlobTooLargeError, DigestMismatchError
 from imageledger.domain.model import DeletedBlob
 from imageledger.domain.reference import validate_digest
+from imageledger.storage.home import Dir
 
 log = structlog.get_logger(__name__)
 
 PARTIAL_SUFFIX: Final = ".part"
 
 
-def _fsync_dir(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
-def _tree_size(path: Path) -> int:
-    """Bytes under `path` (a file, a symlink itself, or a directory tree); 0 if gone."""
-    try:
-        if path.is_symlink() or not path.is_dir():
-            return path.lstat().st_size
-        return sum(p.lstat().st_size for p in path.rglob("*") if not p.is_dir())
-    except FileNotFoundError:
-        return 0
-
-
 class BlobStore:
-    """Verified, durable, content-addressed files under `root` (the cache home)."""
+    """Verified, durable, content-addressed files under the cache home `root`.
 
-    def __init__(self, root: str | os.PathLike[str]) -> None:
-        self.root = Path(root)
-        self.blobs = self.root / "blobs"
-        self.tmp = self.root / "tmp"
+    Every file operation goes through `storage.home.Dir` (relative to directory descriptors,
+    never through a link), so a link or a FIFO planted under ``blobs/`` or ``tmp/`` is a stray
+    entry to report, never a way out of the home."""
+
+    def __init__(self, root: str | os.PathLike[str] | Dir) -> None:
+        self.home = root if isinstance(root, Dir) else Dir.at(root, create=True)
+        self.root = self.home.path
 
     def path(self, digest: str) -> Path:
-        """Where blob `digest` lives (whether or not it is there)."""
+        """Where blob `digest` lives (for messages: the store never opens a blob by name)."""
         algorithm, _, hexdigest = validate_digest(digest).partition(":")
-        return self.blobs / algorithm / hexdigest
+        return self.root / "blobs" / algorithm / hexdigest
+
+    @property
+    def tmp(self) -> Path:
+        """Where ``tmp/`` is (for messages and tests: files there are made by `scratch`)."""
+        return self.root / "tmp"
+
+    def scratch(self) -> Dir:
+        """``tmp/``, opened anew (the caller closes it): work files of a load go there."""
+        return self.home.sub("tmp", create=True)
+
+    def partials(self) -> Iterator[Path]:
+        """Entries in ``tmp/`` other than its lease and lock directories: partial downloads
+        and work files, never part of the cache."""
+        with contextlib.suppress(FileNotFoundError), self.home.sub("tmp") as tmp:
+            for name, _ in tmp.entries():
+                if name not in _TMP_OWN:
+                    yield self.tmp / name
+
+    def _algorithm_dir(self, digest: str, *, create: bool = False) -> tuple[Dir, str]:
+        algorithm, _, hexdigest = validate_digest(digest).partition(":")
+        return self.home.sub(f"blobs/{algorithm}", create=create), hexdigest
 
     def has(self, digest: str) -> bool:
-        return self.path(digest).is_file()
+        return self.size(digest) is not None
 
     def size(self, digest: str) -> int | None:
-        """The blob's size in bytes, or None when it is not stored."""
+        """The blob's size in bytes, or None when it is not stored (a link or any other kind
+        of file under a blob's name is not a blob)."""
         try:
-            return self.path(digest).stat().st_size
+            directory, name = self._algorithm_dir(digest)
         except FileNotFoundError:
             return None
+        with directory:
+            return directory.file_size(name)
 
     def open(self, digest: str) -> BinaryIO:
         """The blob for reading; `FileNotFoundError` when it is not stored."""
-        return self.path(digest).open("rb")
+        directory, name = self._algorithm_dir(digest)
+        with directory:
+            return directory.open_read(name)
 
     def read(self, digest: str) -> bytes:
         with self.open(digest) as f:
@@ -87,7 +99,7 @@ class BlobStore:
         *,
         size: int | None = None,
         max_size: int | None = None,
-        work: Path | None = None,
+        work: Dir | None = None,
     ) -> BlobWriter:
         """A resumable writer for blob `digest`: feed it chunks (after an interrupted download,
         resume from `writer.offset`), then `commit()` or `abort()`. Partial files go to `work`
@@ -101,7 +113,7 @@ class BlobStore:
         *,
         size: int | None = None,
         max_size: int | None = None,
-        work: Path | None = None,
+        work: Dir | None = None,
     ) -> int:
         """Store the content streamed by `chunks` as blob `digest`; return its size.
 
@@ -122,89 +134,84 @@ class BlobStore:
 
     def delete(self, digest: str) -> int:
         """Unlink blob `digest`; return the bytes freed (0 when it was not there)."""
-        path = self.path(digest)
         try:
-            size = path.stat().st_size
-            path.unlink()
+            directory, name = self._algorithm_dir(digest)
         except FileNotFoundError:
             return 0
-        _fsync_dir(path.parent)
-        return size
+        with directory:
+            freed = directory.delete(name)
+            if freed:
+                directory.fsync()
+        return freed
 
     def digests(self) -> Iterator[str]:
-        """Every blob on disk, sorted (the collector compares this with what the ledger holds)."""
-        if not self.blobs.is_dir():
+        """Every blob on disk, sorted (the collector compares this with what the ledger
+        holds): regular files named by a valid digest; anything else is a stray."""
+        try:
+            blobs = self.home.sub("blobs")
+        except FileNotFoundError:
             return
-        for algorithm_dir in sorted(self.blobs.iterdir()):
-            for entry in sorted(algorithm_dir.iterdir()):
-                digest = f"{algorithm_dir.name}:{entry.name}"
-                try:
-                    validate_digest(digest)
-                except ValueError:
+        with blobs:
+            for algorithm, st in blobs.entries():
+                if not stat.S_ISDIR(st.st_mode):
                     continue
-                yield digest
-
-    def partials(self) -> Iterator[Path]:
-        """Files in ``tmp/``: partial downloads and work files, never part of the cache."""
-        if self.tmp.is_dir():
-            yield from sorted(self.tmp.iterdir())
+                with blobs.sub(algorithm) as directory:
+                    for name, entry in directory.entries():
+                        digest = f"{algorithm}:{name}"
+                        if not stat.S_ISREG(entry.st_mode) or not _is_digest(digest):
+                            continue
+                        yield digest
 
     def strays(self, alive: frozenset[str]) -> list[DeletedBlob]:
-        """Files under the home that the ledger cannot account for: work directories of dead
-        in-flight leases and loose partials in ``tmp/``, unmaterialized artifacts, and files in
-        ``blobs/`` that are not named by a digest. `alive` holds the live lease ids."""
+        """Entries under the home that the ledger cannot account for: work directories of
+        dead in-flight leases and loose partials in ``tmp/``, unmaterialized artifacts, and
+        anything in ``blobs/`` that is not a regular file named by a digest (links, FIFOs,
+        directories, other names). `alive` holds the live lease ids. Names are relative to
+        the home; `delete_path` removes them (a link itself, never what it points to)."""
         found: list[DeletedBlob] = []
-        if self.tmp.is_dir():
-            for entry in sorted(self.tmp.iterdir()):
-                if entry.name in ("leases", "locks") or entry.name in alive:
+        with contextlib.suppress(FileNotFoundError), self.home.sub("tmp") as tmp:
+            for name, st in tmp.entries():
+                if name in alive or (name in _TMP_OWN and stat.S_ISDIR(st.st_mode)):
                     continue
                 found.append(
                     DeletedBlob(
-                        f"tmp/{entry.name}", "partial", _tree_size(entry), "stale partial download"
+                        f"tmp/{name}", "partial", tmp.tree_size(name), "stale partial download"
                     )
                 )
-        artifacts = self.root / "artifacts"
-        if artifacts.is_dir():
-            for entry in sorted(artifacts.rglob("*")):
-                if entry.is_dir() and not entry.is_symlink():
-                    continue
-                kind = {".fsmeta": "fsmeta", ".vmdk": "vmdk"}.get(entry.suffix, "artifact")
-                relative = entry.relative_to(self.root).as_posix()
-                found.append(DeletedBlob(relative, kind, _tree_size(entry), "not in the ledger"))
-        if self.blobs.is_dir():
-            for entry in sorted(self.blobs.rglob("*")):
-                relative = entry.relative_to(self.blobs).as_posix()
-                if entry.is_dir() and not entry.is_symlink() and "/" not in relative:
-                    continue
-                try:
-                    validate_digest(relative.replace("/", ":", 1))
-                    if entry.is_file() and not entry.is_symlink():
-                        continue
-                except ValueError:
-                    pass
+        with contextlib.suppress(FileNotFoundError), self.home.sub("artifacts") as artifacts:
+            for relative, size in _files_below(artifacts, ""):
+                kind = {".fsmeta": "fsmeta", ".vmdk": "vmdk"}.get(PurePosixPath(relative).suffix)
                 found.append(
                     DeletedBlob(
-                        f"blobs/{relative}", "orphan", _tree_size(entry), "not a blob of the store"
+                        f"artifacts/{relative}", kind or "artifact", size, "not in the ledger"
                     )
                 )
+        with contextlib.suppress(FileNotFoundError), self.home.sub("blobs") as blobs:
+            for algorithm, st in blobs.entries():
+                if not stat.S_ISDIR(st.st_mode):
+                    found.append(_stray(f"blobs/{algorithm}", blobs.tree_size(algorithm)))
+                    continue
+                with blobs.sub(algorithm) as directory:
+                    for name, entry in directory.entries():
+                        ok = stat.S_ISREG(entry.st_mode) and _is_digest(f"{algorithm}:{name}")
+                        if not ok:
+                            size = directory.tree_size(name)
+                            found.append(_stray(f"blobs/{algorithm}/{name}", size))
         return found
 
     def delete_path(self, relative: str) -> int:
-        """Delete a stray found by `strays` (only under tmp/, artifacts/ or blobs/)."""
-        path = self.root / relative
-        top = relative.split("/", 1)[0]
-        if top not in ("tmp", "artifacts", "blobs") or ".." in relative.split("/"):
+        """Delete a stray found by `strays` (only under tmp/, artifacts/ or blobs/), links
+        never followed; the bytes of regular files freed."""
+        parts = relative.split("/")
+        if parts[0] not in ("tmp", "artifacts", "blobs") or len(parts) < 2 or ".." in parts:
             msg = f"refusing to delete {relative!r}: not a stray path of the store"
             raise ValueError(msg)
-        size = _tree_size(path)
         try:
-            if path.is_dir() and not path.is_symlink():
-                shutil.rmtree(path)
-            else:
-                path.unlink()
+            directory = self.home.sub("/".join(parts[:-1]))
         except FileNotFoundError:
             return 0
-        return size
+        with directory:
+            return directory.delete(parts[-1])
 
     def check(self, digest: str, size: int) -> str | None:
         """None when the blob is there, `size` bytes long and hashes to `digest`; otherwise
@@ -226,6 +233,33 @@ class BlobStore:
         return f"{algorithm}:{hasher.hexdigest()}" == digest
 
 
+_TMP_OWN: Final = frozenset({"leases", "locks"})
+
+
+def _is_digest(digest: str) -> bool:
+    try:
+        validate_digest(digest)
+    except ValueError:
+        return False
+    return True
+
+
+def _stray(relative: str, size: int) -> DeletedBlob:
+    return DeletedBlob(relative, "orphan", size, "not a blob of the store")
+
+
+def _files_below(directory: Dir, prefix: str) -> Iterator[tuple[str, int]]:
+    """(relative name, size) of every entry below `directory` that is not a directory (links
+    are entries, not ways in), depth first in name order."""
+    for name, st in directory.entries():
+        relative = f"{prefix}{name}"
+        if stat.S_ISDIR(st.st_mode):
+            with directory.sub(name) as inner:
+                yield from _files_below(inner, f"{relative}/")
+        else:
+            yield relative, st.st_size if stat.S_ISREG(st.st_mode) else 0
+
+
 class BlobWriter:
     """One blob on its way into the store: hashed as it is written, verified and moved into
     place by `commit()`; `abort()` (or leaving the `with` block without committing) deletes
@@ -238,17 +272,25 @@ class BlobWriter:
         *,
         size: int | None,
         max_size: int | None,
-        work: Path | None,
+        work: Dir | None,
     ) -> None:
         self.digest = digest
-        self.final = store.path(digest)
+        self._store = store
         self.size = size
         self.limit = size if size is not None else max_size
-        partial_dir = work if work is not None else store.tmp
-        partial_dir.mkdir(parents=True, exist_ok=True)
-        self.partial = partial_dir / f"{self.final.name}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
-        self._hasher = hashlib.new(digest.partition(":")[0])
-        self._file: BinaryIO | None = self.partial.open("xb")
+        algorithm, _, hexdigest = validate_digest(digest).partition(":")
+        self._algorithm = algorithm
+        self._name = hexdigest
+        # Its own descriptor of the work directory: the caller's may close first.
+        self._work = (work or store.home).sub("" if work is not None else "tmp", create=True)
+        self._partial = f"{hexdigest}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
+        self.partial = self._work.path / self._partial  # for messages
+        self._hasher = hashlib.new(algorithm)
+        try:
+            self._file: BinaryIO | None = self._work.create(self._partial)
+        except BaseException:
+            self._work.close()
+            raise
         self.offset = 0
 
     def write(self, chunk: bytes) -> None:
@@ -279,9 +321,10 @@ class BlobWriter:
             if actual != self.digest:
                 msg = f"blob {self.digest}: content hashes to {actual}"
                 raise DigestMismatchError(msg)
-            self.final.parent.mkdir(parents=True, exist_ok=True)
-            os.replace(self.partial, self.final)
-            _fsync_dir(self.final.parent)
+            with self._store.home.sub(f"blobs/{self._algorithm}", create=True) as directory:
+                self._work.replace(self._partial, directory, self._name)
+                directory.fsync()
+            self._work.close()
         except BaseException:
             self.abort()
             raise
@@ -291,12 +334,13 @@ class BlobWriter:
         if self._file is not None:
             self._file.close()
             self._file = None
-        with contextlib.suppress(FileNotFoundError):
-            self.partial.unlink()
+        if self._work.fd >= 0:
+            self._work.delete(self._partial)
+            self._work.close()
 
     def __enter__(self) -> BlobWriter:
         return self
 
     def __exit__(self, *exc: object) -> None:
-        if self._file is not None or self.partial.exists():
+        if self._file is not None or self._work.fd >= 0:
             self.abort()

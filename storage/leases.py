@@ -21,14 +21,15 @@ import contextlib
 import fcntl
 import os
 import secrets
-import shutil
+import stat
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 from types import TracebackType
 from typing import Self
 
 import structlog
+
+from imageledger.storage.home import Dir
 
 log = structlog.get_logger(__name__)
 
@@ -37,8 +38,9 @@ class StoreLock:
     """The store-wide lock: exclusive across processes and threads, re-entrant in a thread
     (only the outermost hold takes the flock; a second fd would block on the first)."""
 
-    def __init__(self, home: Path, name: str = "store.lock") -> None:
-        self.path = home / name
+    def __init__(self, home: Dir, name: str = "store.lock") -> None:
+        self.home = home
+        self.name = name
         self._local = threading.RLock()
         self._depth = threading.local()
 
@@ -51,8 +53,7 @@ class StoreLock:
                 if depth:
                     yield
                     return
-                self.path.parent.mkdir(parents=True, exist_ok=True)
-                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+                fd = self.home.open_lock(self.name)
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX)
                     yield
@@ -65,28 +66,45 @@ class StoreLock:
 class InFlightLease:
     """One pull's or load's claim on the digests it needs until its event commits."""
 
-    def __init__(self, home: Path, lock: StoreLock) -> None:
+    def __init__(self, home: Dir, lock: StoreLock) -> None:
+        self._home = home
         self._lock = lock
         self.id = secrets.token_hex(8)
-        self.dir = home / "tmp" / "leases"
-        self.path = self.dir / f"{self.id}.lease"
-        self.work = home / "tmp" / self.id
         self._fd: int | None = None
+        self._leases: Dir | None = None
+        self._tmp: Dir | None = None
+        self._work: Dir | None = None
         self.digests: list[str] = []
 
+    @property
+    def work(self) -> Dir:
+        """The lease's own work directory, ``tmp/<id>/``, for partial files."""
+        if self._work is None:
+            msg = "the lease is not held"
+            raise RuntimeError(msg)
+        return self._work
+
     def __enter__(self) -> Self:
-        self.dir.mkdir(parents=True, exist_ok=True)
-        # Created under the store lock, which every collector holds while it reads leases: a
-        # collector never sees this lease half made (a ``.new`` file not locked yet).
-        with self._lock():
-            fresh = self.dir / f"{self.id}.new"
-            fd = os.open(fresh, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o644)
-            fcntl.flock(fd, fcntl.LOCK_EX)
-            os.replace(fresh, self.path)
-        self._fd = fd
-        # The work directory comes after the lease, so a collector that lists tmp/ before it
-        # reads the leases never sees a live work directory without its lease.
-        self.work.mkdir(parents=True, exist_ok=True)
+        try:
+            self._tmp = self._home.sub("tmp", create=True)
+            self._leases = self._tmp.sub("leases", create=True)
+            # Created under the store lock, which every collector holds while it reads
+            # leases: a collector never sees this lease half made (a ``.new`` file not
+            # locked yet).
+            with self._lock():
+                fresh = f"{self.id}.new"
+                flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+                fd = os.open(fresh, flags, 0o644, dir_fd=self._leases.fd)
+                fcntl.flock(fd, fcntl.LOCK_EX)
+                self._leases.replace(fresh, self._leases, f"{self.id}.lease")
+            self._fd = fd
+            # The work directory comes after the lease, so a collector that lists tmp/ before
+            # it reads the leases never sees a live work directory without its lease.
+            os.mkdir(self.id, 0o755, dir_fd=self._tmp.fd)
+            self._work = self._tmp.sub(self.id)
+        except BaseException:
+            self.__exit__(None, None, None)
+            raise
         return self
 
     def add(self, digest: str) -> None:
@@ -104,9 +122,18 @@ class InFlightLease:
         exc: BaseException | None,
         tb: TracebackType | None,
     ) -> None:
-        shutil.rmtree(self.work, ignore_errors=True)
-        with contextlib.suppress(FileNotFoundError):
-            self.path.unlink()
+        if self._work is not None:
+            self._work.close()
+            self._work = None
+        if self._tmp is not None:
+            self._tmp.delete(self.id)
+            self._tmp.close()
+            self._tmp = None
+        if self._leases is not None:
+            if self._fd is not None:
+                self._leases.delete(f"{self.id}.lease")
+            self._leases.close()
+            self._leases = None
         if self._fd is not None:
             os.close(self._fd)
             self._fd = None
@@ -115,10 +142,9 @@ class InFlightLease:
 class InFlightLeases:
     """The collector's view of every live lease under a home (the domain's `InFlight` port)."""
 
-    def __init__(self, home: Path, lock: StoreLock) -> None:
+    def __init__(self, home: Dir, lock: StoreLock) -> None:
         self.home = home
         self.lock = lock
-        self.dir = home / "tmp" / "leases"
 
     def lease(self) -> InFlightLease:
         return InFlightLease(self.home, self.lock)
@@ -128,32 +154,42 @@ class InFlightLeases:
         owners are removed. Call it holding the store lock."""
         digests: set[str] = set()
         alive: set[str] = set()
-        if not self.dir.is_dir():
+        try:
+            leases = self.home.sub("tmp/leases")
+        except FileNotFoundError:
             return frozenset(), frozenset()
-        for fresh in self.dir.glob("*.new"):
-            # Leases are made under the store lock, which the caller holds: a .new file now is
-            # one whose owner died while making it.
-            fresh.unlink(missing_ok=True)
-        for path in sorted(self.dir.glob("*.lease")):
-            if path.stem == exclude:
-                continue
-            try:
-                fd = os.open(path, os.O_RDONLY)
-            except FileNotFoundError:
-                continue
-            try:
-                try:
-                    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-                except BlockingIOError:
-                    with open(fd, closefd=False) as f:
-                        digests.update(line.strip() for line in f if line.strip())
-                    alive.add(path.stem)
+        with leases:
+            for name, st in leases.entries():
+                stem, dot, suffix = name.rpartition(".")
+                if not dot or suffix not in ("new", "lease") or not stat.S_ISREG(st.st_mode):
+                    # Not a lease (a link, a directory, a stray name): not obeyed, removed.
+                    log.warning("lease.stray_removed", entry=name)
+                    leases.delete(name)
                     continue
-                log.info("lease.stale_removed", lease=path.stem)
-                with contextlib.suppress(FileNotFoundError):
-                    path.unlink()
-            finally:
-                os.close(fd)
+                if suffix == "new":
+                    # Leases are made under the store lock, which the caller holds: a .new
+                    # file now is one whose owner died while making it.
+                    leases.delete(name)
+                    continue
+                if stem == exclude:
+                    continue
+                flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+                try:
+                    fd = os.open(name, flags, dir_fd=leases.fd)
+                except OSError:
+                    continue  # gone (or swapped) since the listing
+                try:
+                    try:
+                        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                    except BlockingIOError:
+                        with open(fd, closefd=False) as f:
+                            digests.update(line.strip() for line in f if line.strip())
+                        alive.add(stem)
+                        continue
+                    log.info("lease.stale_removed", lease=stem)
+                    leases.delete(name)
+                finally:
+                    os.close(fd)
         return frozenset(digests), frozenset(alive)
 
     def protected(self) -> frozenset[str]:
