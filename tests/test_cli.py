@@ -265,6 +265,7 @@ def test_prune_json_dry_run_then_real(home: Path, archive: Path) -> None:
         assert all(isinstance(report[k], int) for k in COUNT_KEYS)
         assert isinstance(report["removed"], list)
         assert all(isinstance(item["reason"], str) and item["reason"] for item in report["removed"])
+        assert report["unmatched_keep"] == []
     assert [dry[k] for k in COUNT_KEYS] == [real[k] for k in COUNT_KEYS]
     assert dry["removed"] == real["removed"]
     assert real["image_refs_removed"] == 1 and real["manifests_removed"] == 1
@@ -350,6 +351,10 @@ BAD_USAGE = [
     ("prune", "--unused-for", "1.5h"),
     ("prune", "--unused-for", ""),
     ("prune", "--max-bytes", "lots"),
+    ("prune", "--unused-for", "800000d"),  # past timedelta: was an OverflowError traceback
+    ("prune", "--unused-for", "9" * 5000),  # past int()'s digit limit: was its ValueError
+    ("prune", "--max-bytes", "9" * 5000),
+    ("prune", "--keep", "Alpha"),  # an upper-case repository can match nothing: refused
     (),
 ]
 

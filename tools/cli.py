@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any, NoReturn
+from typing import Any, Final, NoReturn
 
 from imageledger.cache import ImageCache, default_home
 from imageledger.domain.errors import (
@@ -40,12 +40,63 @@ EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_IN_USE = 4
 
-_DURATION = re.compile(r"(?P<n>\d+)(?P<unit>[smhdw]?)")
+_DURATION = re.compile(r"(?P<n>[0-9]+)(?P<unit>[smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+# A prune's --unused-for beyond a century is a typo, not a policy: refused, not overflowed.
+MAX_DURATION_SECONDS: Final = 100 * 365 * 86400
+MAX_BYTE_DIGITS: Final = 19  # 10**19 bytes is ten exabytes; longer digit strings are refused
+# Error messages echo what they are about; past these sizes the echo is cut (a hostile value
+# must not become megabytes on stderr), keeping the start and the end, which says what failed.
+MESSAGE_LIMIT: Final = 1000
+VALUE_LIMIT: Final = 200
+_NOT_PLAIN: Final = re.compile(r"[^ -~]")  # anything but printable ASCII: looked at one by one
 
 
 class UsageError(Exception):
     """Bad command-line input (exit 2)."""
+
+
+def printable(text: str) -> str:
+    """`text` with control and other non-printable characters escaped (``\\x1b``, ``\\n``,
+    ``\\u202e``): what archives, registries and users put in names, architectures, paths and
+    holders reaches a terminal, where an escape sequence could rewrite or hide other output and
+    a newline could forge a line. Every human (non-JSON) line goes through it; JSON output is
+    escaped by the encoder already."""
+    if text.isprintable():
+        return text
+    return _NOT_PLAIN.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match[0]
+    return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+
+
+def one_line(message: str, limit: int = MESSAGE_LIMIT) -> str:
+    """An error message made safe for stderr: one line, no control characters (see
+    `printable`), at most `limit` characters. A longer one keeps its first two thirds and its
+    last third around a note of its full length: the value an error quotes is usually in the
+    middle, the reason at the end. Idempotent, so applying it twice is harmless."""
+    if len(message) <= limit:
+        text = printable(message)
+        if len(text) <= limit:
+            return text
+    note = f"...[cut: {len(message)} characters in all]..."
+    room = max(limit - len(note), 0)
+    keep_head, keep_tail = room * 2 // 3, room - room * 2 // 3
+    # Cut before escaping, so that a 3 MB message is never escaped whole.
+    head = printable(message[:keep_head])[:keep_head]
+    tail = printable(message[len(message) - keep_tail :])[-keep_tail:] if keep_tail else ""
+    return f"{head}{note}{tail}"
+
+
+def quoted(value: str, limit: int = VALUE_LIMIT) -> str:
+    """A user- or remote-provided `value` quoted for a message: ``repr``-escaped, and when
+    longer than `limit` characters cut there with an ellipsis and its full length
+    (``'aaaa...' (3000000 characters)``)."""
+    if len(value) <= limit:
+        return repr(value)
+    return f"{value[:limit]!r}... ({len(value)} characters)"
 
 
 def rfc3339(at: datetime | None) -> str | None:
@@ -54,29 +105,42 @@ def rfc3339(at: datetime | None) -> str | None:
 
 
 def duration(text: str) -> int:
-    """``90``, ``90s``, ``30m``, ``12h``, ``7d``, ``2w`` (and sums like ``1h30m``) in seconds."""
+    """``90``, ``90s``, ``30m``, ``12h``, ``7d``, ``2w`` (and sums like ``1h30m``) in seconds,
+    ASCII digits only, at most 100 years: a longer one is a typo (``800000d``) and, past the
+    calendar, an OverflowError; thousands of digits are refused before `int` sees them (its
+    own digit limit raises a foreign ValueError)."""
     total, pos = 0, 0
     for match in _DURATION.finditer(text):
         if match.start() != pos:
             break
-        total += int(match["n"]) * _UNITS[match["unit"]]
+        digits = match["n"].lstrip("0")
+        if len(digits) > len(str(MAX_DURATION_SECONDS)):
+            total = MAX_DURATION_SECONDS + 1
+        else:
+            total += int(digits or "0") * _UNITS[match["unit"]]
         pos = match.end()
     if pos != len(text) or not text:
-        msg = f"invalid duration {text!r}: use e.g. 90s, 30m, 12h, 7d"
+        msg = f"invalid duration {quoted(text)}: use e.g. 90s, 30m, 12h, 7d"
+        raise argparse.ArgumentTypeError(msg)
+    if total > MAX_DURATION_SECONDS:
+        msg = (
+            f"invalid duration {quoted(text)}: at most 100 years ({MAX_DURATION_SECONDS // 86400}d)"
+        )
         raise argparse.ArgumentTypeError(msg)
     return total
 
 
 def non_negative(text: str) -> int:
-    """A count of bytes: a non-negative integer."""
-    try:
-        value = int(text)
-    except ValueError:
-        value = -1
-    if value < 0:
-        msg = f"invalid byte count {text!r}: a non-negative integer"
+    """A count of bytes: a non-negative integer in ASCII digits, at most 19 of them (more is
+    a typo, and thousands would hit `int`'s own digit limit with a foreign message)."""
+    digits = text.lstrip("0") if text.isascii() and text.isdigit() else None
+    if digits is None:
+        msg = f"invalid byte count {quoted(text)}: a non-negative integer"
         raise argparse.ArgumentTypeError(msg)
-    return value
+    if len(digits) > MAX_BYTE_DIGITS:
+        msg = f"invalid byte count {quoted(text)}: more than {MAX_BYTE_DIGITS} digits"
+        raise argparse.ArgumentTypeError(msg)
+    return int(digits or "0")
 
 
 def handle_json(handle: ImageHandle) -> dict[str, Any]:
@@ -127,6 +191,7 @@ def report_json(report: ImagePruneReport) -> dict[str, Any]:
             {"kind": b.kind, "name": b.digest, "size_bytes": b.size, "reason": b.reason}
             for b in report.deleted
         ],
+        "unmatched_keep": list(report.unmatched_keep),
     }
 
 
@@ -134,8 +199,16 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=False))
 
 
+def _say(text: str) -> None:
+    """Print one human-readable line, control characters escaped (see `printable`)."""
+    print(printable(text))
+
+
 def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
-    cells = [list(map(str, header))] + [[("" if v is None else str(v)) for v in r] for r in rows]
+    """Aligned columns; every cell escaped (see `printable`) before widths are measured."""
+    cells = [list(map(str, header))] + [
+        [("" if v is None else printable(str(v))) for v in r] for r in rows
+    ]
     widths = [max(len(row[i]) for row in cells) for i in range(len(header))]
     for row in cells:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
@@ -187,7 +260,7 @@ def cmd_load(cache: ImageCache, args: argparse.Namespace) -> int:
         _print_json([handle_json(h) for h in handles])
     else:
         for h in handles:
-            print(f"Loaded {h.reference} ({_short(h.manifest_digest)})")
+            _say(f"Loaded {h.reference} ({_short(h.manifest_digest)})")
     return EXIT_OK
 
 
@@ -216,7 +289,7 @@ def cmd_pull(cache: ImageCache, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(handle_json(handle))
     else:
-        print(
+        _say(
             f"Pulled {handle.reference} ({_short(handle.manifest_digest)}, "
             f"{handle.os}/{handle.architecture}, {handle.size_bytes} bytes)"
         )
@@ -234,7 +307,7 @@ def cmd_use(cache: ImageCache, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(handle_json(handle))
     else:
-        print(f"{args.holder} uses {handle.reference}")
+        _say(f"{args.holder} uses {handle.reference}")
     return EXIT_OK
 
 
@@ -243,7 +316,7 @@ def cmd_release(cache: ImageCache, args: argparse.Namespace) -> int:
     if args.json:
         _print_json({"holder": args.holder, "leases_released": count})
     else:
-        print(f"{args.holder}: released {count} lease(s)")
+        _say(f"{args.holder}: released {count} lease(s)")
     return EXIT_OK
 
 
@@ -254,7 +327,7 @@ def cmd_rm(cache: ImageCache, args: argparse.Namespace) -> int:
             cache.remove(reference, force=args.force)
             removed.append(reference)
             if not args.json:
-                print(f"Removed {reference}")
+                _say(f"Removed {reference}")
     except ImageLedgerError:
         # A later one failed (exit 3 or 4): still say, as JSON, which ones were removed.
         if args.json and removed:
@@ -269,15 +342,22 @@ def cmd_prune(cache: ImageCache, args: argparse.Namespace) -> int:
     report = cache.prune(
         dry_run=args.dry_run, unused_for=args.unused_for, keep=args.keep, max_bytes=args.max_bytes
     )
+    for pattern in report.unmatched_keep:
+        # After the prune (the library decides), but on stderr either way: a keep rule that
+        # protected nothing is most likely a typo, and what it meant to keep may be gone.
+        print(
+            f"imageledger: warning: --keep {one_line(quoted(pattern))} matched no image",
+            file=sys.stderr,
+        )
     if args.json:
         _print_json(report_json(report))
         return EXIT_OK
     verb = "Would remove" if report.dry_run else "Removed"
     for r in report.references:
-        print(f"{verb} {r.reference} ({r.reason})")
+        _say(f"{verb} {r.reference} ({r.reason})")
     for b in report.deleted:
-        print(f"{verb} {b.kind} {b.digest} ({b.size} bytes, {b.reason})")
-    print(
+        _say(f"{verb} {b.kind} {b.digest} ({b.size} bytes, {b.reason})")
+    _say(
         f"{report.image_refs_removed} references, {report.manifests_removed} manifests, "
         f"{report.layers_removed} layers; {report.bytes_reclaimed} bytes "
         + ("reclaimable" if report.dry_run else "reclaimed")
@@ -339,7 +419,7 @@ def cmd_rebuild(cache: ImageCache, args: argparse.Namespace) -> int:
     else:
         what = "verified" if args.verify else "rebuilt"
         state = "identical to" if report.identical else "DIFFERENT from"
-        print(f"{what} {report.events} events; rebuilt views are {state} the live views")
+        _say(f"{what} {report.events} events; rebuilt views are {state} the live views")
     return EXIT_OK if report.identical else EXIT_FAILURE
 
 
@@ -371,7 +451,7 @@ def cmd_df(cache: ImageCache, args: argparse.Namespace) -> int:
         _print_json(usage)
     else:
         for kind, size in sorted(usage["bytes"].items()):
-            print(f"{kind:10} {size}")
+            _say(f"{kind:10} {size}")
         print(f"{'total':10} {usage['total_bytes']}")
         print(f"{'reclaimable':10} {usage['reclaimable_bytes']}")
     return EXIT_OK
@@ -398,7 +478,8 @@ def cmd_bench(cache: ImageCache | None, args: argparse.Namespace) -> int:
 
 class _Parser(argparse.ArgumentParser):
     def error(self, message: str) -> NoReturn:
-        raise UsageError(message)
+        # argparse quotes what it was given ("unrecognized arguments: ..."): cut and escaped.
+        raise UsageError(one_line(message))
 
 
 def build_parser() -> argparse.ArgumentParser:
