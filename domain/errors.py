@@ -101,3 +101,9 @@ class LedgerMissingError(LedgerCorruptError):
 
 class CacheClosedError(ImageLedgerError, RuntimeError):
     """The `ImageCache` was used after `close()`."""
+
+
+class InvalidDestinationError(ImageLedgerError, ValueError):
+    """An archive cannot be written where asked: a missing directory, a directory, a path
+    inside the cache home (the home holds only what imageledger accounts for), or a place
+    this user may not write."""

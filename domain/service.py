@@ -223,7 +223,7 @@ class ImageCacheService:
     def use(self, reference: str, holder: str) -> ImageHandle:
         """`holder` takes a lease on the reference's manifest (and uses the reference)."""
         ref = canonical(reference)
-        _check_holder(holder)
+        check_holder(holder)
 
         def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> None:
             record = state.reference(ref)
@@ -243,7 +243,7 @@ class ImageCacheService:
 
     def release(self, holder: str) -> int:
         """End every lease `holder` holds; returns how many (0: nothing held, nothing recorded)."""
-        _check_holder(holder)
+        check_holder(holder)
 
         def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> int:
             leases = state.holder(holder)
@@ -393,7 +393,7 @@ class ImageCacheService:
         )
 
 
-def _check_holder(holder: str) -> None:
+def check_holder(holder: str) -> None:
     if (
         not isinstance(holder, str)
         or not holder

@@ -44,6 +44,8 @@ from imageledger.domain.errors import (
     DiskFullError,
     HomeDamagedError,
     ImageLedgerError,
+    InvalidDestinationError,
+    InvalidHomeError,
     InvalidReferenceError,
 )
 from imageledger.domain.events import TRANSCODINGS, ImageLedger
@@ -101,9 +103,16 @@ Clock = Callable[[], datetime]
 
 
 def default_home() -> Path:
-    """``$IMAGELEDGER_HOME``, else ``~/.local/share/imageledger``."""
+    """``$IMAGELEDGER_HOME``, else ``~/.local/share/imageledger``. Set but empty is an error
+    (`InvalidHomeError`), not the default: an unset variable in a script must not send its
+    commands to another cache."""
     home = os.environ.get("IMAGELEDGER_HOME")
-    return Path(home) if home else Path.home() / ".local" / "share" / "imageledger"
+    if home is None:
+        return Path.home() / ".local" / "share" / "imageledger"
+    if not home:
+        msg = "IMAGELEDGER_HOME is set but empty: give a directory path, or unset it"
+        raise InvalidHomeError(msg)
+    return Path(home)
 
 
 VERSION = "0.1.0"
@@ -477,7 +486,7 @@ class ImageCache:
             max_bytes=None if budget is None else min(budget, MAX_BYTES),
         )
         report = self.service.prune(policy)
-        unmatched = unmatched_keep(patterns, (h.reference for h in self.list()))
+        unmatched = unmatched_keep(patterns, [h.reference for h in self.list()] if patterns else [])
         for pattern in unmatched:
             log.warning("prune.keep_unmatched", pattern=pattern[:200], length=len(pattern))
         return dataclasses.replace(report, unmatched_keep=unmatched)
@@ -612,9 +621,45 @@ class ImageCache:
         for reference in references:
             handle = self.get(reference)
             images.append((handle.reference, handle.manifest_digest))
-        dest = Path(destination) if isinstance(destination, str | os.PathLike) else destination
-        with _space(destination if isinstance(dest, Path) else "the output stream"):
-            archives.save(images, self.store, dest, format=format)
+        if not isinstance(destination, str | os.PathLike):
+            with _space("the output stream"):
+                archives.save(images, self.store, destination, format=format)
+            return
+        path = self._destination(Path(destination))
+        with _space(path):
+            if path.exists() and not path.is_file():
+                # A device, a FIFO, a terminal: written through, never replaced by a file
+                # (`-o /dev/null` as root must not turn /dev/null into an archive).
+                try:
+                    out = path.open("wb")
+                except OSError as e:
+                    msg = f"cannot write the archive to {path}: {e.strerror}"
+                    raise InvalidDestinationError(msg) from None
+                with out:
+                    archives.save(images, self.store, out, format=format)
+            else:
+                archives.save(images, self.store, path, format=format)
+
+    def _destination(self, path: Path) -> Path:
+        """Where `save` writes for `path`: through a link to what it names (so that a link
+        stays a link), never inside the home, never over a directory; a missing directory
+        or one this user may not write is the caller's mistake (`InvalidDestinationError`,
+        exit 2), whatever the command."""
+        target = path.resolve()
+        home = self.home.resolve()
+        if target == home or target.is_relative_to(home):
+            msg = f"{path}: inside the cache home {home}; write archives elsewhere"
+            raise InvalidDestinationError(msg)
+        if target.is_dir() or str(path).endswith("/"):
+            msg = f"{path}: is a directory; give a file name for the archive"
+            raise InvalidDestinationError(msg)
+        if not target.parent.is_dir():
+            msg = f"{path}: no such directory {target.parent}"
+            raise InvalidDestinationError(msg)
+        if (target.is_file() or not target.exists()) and not os.access(target.parent, os.W_OK):
+            msg = f"{path}: cannot write in {target.parent} (permission denied)"
+            raise InvalidDestinationError(msg)
+        return target
 
     def _record_failure(self, reference: str, source: str, error: ImageLedgerError) -> None:
         """Trace a failed pull or load in the ledger, unless the ledger cannot take it (its

@@ -3,8 +3,11 @@
 ``imageledger [--home DIR] COMMAND``; ``$IMAGELEDGER_HOME`` is the default home.
 
 Exit codes: 0 success, 1 other failure, 2 invalid usage or input (a malformed reference, a
-hostile archive), 3 not found, 4 in use. Errors are one line on stderr; `--json` output is only
-ever on stdout; logs go to stderr (JSON lines when stderr is not a terminal).
+hostile archive, a path that cannot be a home or an output), 3 not found (an image, or the
+home itself for a command that only reads), 4 in use, 5 damaged (the ledger or the home holds
+something imageledger did not write: it is named, never obeyed). Errors are one line on
+stderr; `--json` output is only ever on stdout; logs go to stderr (JSON lines when stderr is
+not a terminal).
 """
 
 from __future__ import annotations
@@ -22,12 +25,17 @@ from typing import Any, Final, NoReturn
 from imageledger.cache import ImageCache, default_home
 from imageledger.domain.errors import (
     DigestMismatchError,
+    HomeDamagedError,
+    HomeNotFoundError,
     ImageInUseError,
     ImageLedgerError,
     ImageNotFoundError,
     InvalidReferenceError,
+    LedgerCorruptError,
 )
 from imageledger.domain.model import ImageDetail, ImageHandle, ImagePruneReport
+from imageledger.domain.reference import canonical
+from imageledger.domain.service import check_holder
 from imageledger.storage.archives import ArchiveError
 from imageledger.storage.oci import ManifestError
 from imageledger.storage.registry import PullProgress, options_from_environment
@@ -39,6 +47,7 @@ EXIT_FAILURE = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_IN_USE = 4
+EXIT_DAMAGED = 5
 
 _DURATION = re.compile(r"(?P<n>[0-9]+)(?P<unit>[smhdw]?)")
 _UNITS = {"": 1, "s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
@@ -268,7 +277,8 @@ def cmd_pull(cache: ImageCache, args: argparse.Namespace) -> int:
     options = options_from_environment(
         insecure=args.insecure_registry, ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None
     )
-    with Progress(f"pull {args.reference}", unit="bytes") as bar:
+    # The reference is not parsed yet: escaped and cut before it reaches the terminal.
+    with Progress(one_line(f"pull {args.reference}", 120), unit="bytes") as bar:
         sizes: dict[str, int] = {}
         done: dict[str, int] = {}
 
@@ -590,37 +600,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_USAGE
 
 
-def _run(args: argparse.Namespace) -> int:  # noqa: PLR0911 - one exit code per error kind
+# Commands that may make a home (they bring content); every other one only opens an existing
+# home: reading never creates one (a mistyped --home must not look like an empty cache).
+_CREATING: Final = frozenset({"load", "pull"})
+
+
+def _run(args: argparse.Namespace) -> int:
     try:
         if not getattr(args, "needs_cache", True):
             return int(args.run(None, args))
-        with ImageCache(args.home or default_home()) as cache:
+        # A malformed reference is refused before anything is touched, the home included.
+        given = getattr(args, "references", None) or [getattr(args, "reference", None)]
+        for reference in given:
+            if reference is not None:
+                canonical(reference)
+        if getattr(args, "holder", None) is not None:
+            check_holder(args.holder)
+        home = args.home if args.home is not None else default_home()
+        with ImageCache(home, create=args.command in _CREATING) as cache:
             return int(args.run(cache, args))
-    except ImageNotFoundError as e:
-        print(f"imageledger: {e}", file=sys.stderr)
-        return EXIT_NOT_FOUND
-    except ImageInUseError as e:
-        print(f"imageledger: {e}", file=sys.stderr)
-        return EXIT_IN_USE
-    except (InvalidReferenceError, ValueError) as e:
-        print(f"imageledger: {e}", file=sys.stderr)
-        return EXIT_USAGE
-    except ImageLedgerError as e:
-        print(f"imageledger: {e}", file=sys.stderr)
-        return _input_error_code(e)
     except BrokenPipeError:
         return EXIT_FAILURE
     except KeyboardInterrupt:
         return 130
-    except OSError as e:
-        print(f"imageledger: {e}", file=sys.stderr)
-        return EXIT_FAILURE
+    except (ImageLedgerError, ValueError, OSError) as e:
+        print(f"imageledger: {one_line(str(e))}", file=sys.stderr)
+        return exit_code(e)
 
 
-def _input_error_code(error: ImageLedgerError) -> int:
-    """Bad input (a hostile archive or manifest, a digest that does not match) is exit 2."""
-    input_errors = (DigestMismatchError, ArchiveError, ManifestError)
-    return EXIT_USAGE if isinstance(error, input_errors) else EXIT_FAILURE
+def exit_code(error: BaseException) -> int:
+    """The documented exit code of a failure: one class of failure, one code, whichever
+    command meets it."""
+    if isinstance(error, ImageNotFoundError | HomeNotFoundError):
+        return EXIT_NOT_FOUND
+    if isinstance(error, ImageInUseError):
+        return EXIT_IN_USE
+    if isinstance(error, LedgerCorruptError | HomeDamagedError):
+        return EXIT_DAMAGED
+    if isinstance(error, InvalidReferenceError | ValueError):
+        return EXIT_USAGE
+    # Bad input (a hostile archive or manifest, a digest that does not match) is exit 2.
+    if isinstance(error, DigestMismatchError | ArchiveError | ManifestError):
+        return EXIT_USAGE
+    return EXIT_FAILURE
 
 
 if __name__ == "__main__":
