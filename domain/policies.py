@@ -176,6 +176,8 @@ def unmatched_keep(keep: Iterable[str], references: Iterable[str]) -> tuple[str,
     that protected nothing, which the caller is warned about (a typo there is how a prune
     deletes what someone meant to keep)."""
     patterns = keep_patterns(tuple(keep))
+    if not patterns:
+        return ()
     parsed = [parse_reference(r) for r in references]
     return tuple(p.text for p in patterns if not any(p.matches(r) for r in parsed))
 

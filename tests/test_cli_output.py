@@ -163,6 +163,16 @@ def test_hostile_names_are_escaped_in_human_output_and_exact_in_json(tmp_path: P
 HUGE = "9" * 5000
 
 
+@pytest.fixture(scope="module")
+def cached(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A home holding one image: the refusals below must come from the arguments, not from
+    a missing home (commands that only read, or prune, do not create one)."""
+    directory = tmp_path_factory.mktemp("cached")
+    image = build_image(ImageSpec(layers=({"k": b"kept\n"},), names=("kept:1",)))
+    ok(directory / "home", "load", str(build_docker_archive(directory / "k.tar", [image]).path))
+    return directory / "home"
+
+
 @pytest.mark.parametrize(
     ("args", "mentions"),
     [
@@ -181,23 +191,22 @@ HUGE = "9" * 5000
     ],
 )
 def test_bad_numbers_and_hostile_values_are_one_short_line(
-    tmp_path: Path, args: tuple[str, ...], mentions: tuple[str, ...]
+    cached: Path, args: tuple[str, ...], mentions: tuple[str, ...]
 ) -> None:
-    result = cli(tmp_path / "home", *args)
+    result = cli(cached, *args)
     assert_error(result, 2, *mentions)
     line = result.error_lines[0]
     assert len(line) <= len("imageledger: ") + MESSAGE_LIMIT, len(line)
     assert not RAW_CONTROL.search(result.stderr)
 
 
-def test_the_largest_durations_and_budgets_work(tmp_path: Path) -> None:
-    for args in (("--unused-for", "36500d"), ("--max-bytes", "9" * 19), ("--max-bytes", "000")):
-        assert (
-            ok(tmp_path / "home", "prune", "--dry-run", "--json", *args).json()[
-                "image_refs_removed"
-            ]
-            == 0
-        )
+def test_the_largest_durations_and_budgets_work(cached: Path) -> None:
+    def dry(*args: str) -> int:
+        return int(ok(cached, "prune", "--dry-run", "--json", *args).json()["image_refs_removed"])
+
+    assert dry("--unused-for", "36500d") == 0  # used within a century
+    assert dry("--max-bytes", "9" * 19) == 0  # fits
+    assert dry("--max-bytes", "000") == 1  # leading zeros: zero bytes
 
 
 # ---------------------------------------------------------------------------- --keep, end to end
