@@ -16,6 +16,7 @@ import structlog
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
 
+from imageledger.domain.errors import LedgerCorruptError
 from imageledger.domain.ports import ViewRecords
 from imageledger.projections.views import APPEND_ONLY, TABLES, apply, mark
 
@@ -44,19 +45,39 @@ class ViewHost(Protocol):
         self, namespace: str, after: int, fold: Any, *, activate: bool
     ) -> dict[str, tuple[str, str]]: ...
 
+    def damage(self, error: LedgerCorruptError) -> BaseException:
+        """`error`, damage found in what the host stores, as the host reports it (naming
+        where it is and what to do)."""
+
 
 def folder(decode: Decode) -> Fold:
-    """The fold of a batch of log entries, in log order."""
+    """The fold of a batch of log entries, in log order.
+
+    A log entry that does not decode (its stored state or topic damaged; LMDB keeps no
+    checksums) is `LedgerCorruptError` naming its position, whatever the mapper raised: a
+    replay must stop at it, and the view host names the ledger (`ViewHost.damage`)."""
 
     def fold(view: ViewRecords, notifications: Sequence[Notification]) -> None:
         event = None
         for notification in notifications:
-            event = decode(notification)
+            try:
+                event = decode(notification)
+            except Exception as e:
+                raise undecodable(notification, e) from e
             apply(view, event, notification.id)
         if event is not None:
             mark(view, event, notifications[-1].id)
 
     return fold
+
+
+def undecodable(notification: Notification, error: Exception) -> LedgerCorruptError:
+    """The error of a log entry the mapper could not turn into an event."""
+    text = " ".join(str(error).split())
+    if len(text) > 120:
+        text = text[:117] + "..."
+    what = error if isinstance(error, LedgerCorruptError) else f"{type(error).__name__}: {text}"
+    return LedgerCorruptError(f"log entry {notification.id} cannot be decoded ({what})")
 
 
 class MemoryView:
@@ -116,7 +137,13 @@ def rebuild(
     transaction. One rebuild at a time per ledger (the caller's lock): two would share
     the spare namespace."""
     with _collector_paused():
-        return _rebuild(host, decode, verify_only, batch, progress)
+        try:
+            return _rebuild(host, decode, verify_only, batch, progress)
+        except LedgerCorruptError as e:
+            damage = host.damage(e)
+            if damage is e:
+                raise
+            raise damage from e
 
 
 @contextmanager

@@ -28,6 +28,7 @@ the folds: a rebuild streams them out instead of holding them.
 from __future__ import annotations
 
 import dataclasses
+import re
 import struct
 from bisect import bisect_left
 from collections.abc import Callable, Iterator
@@ -35,6 +36,7 @@ from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
+from imageledger.domain.errors import LedgerCorruptError
 from imageledger.domain.events import ImageLedger
 from imageledger.domain.model import (
     Actor,
@@ -388,35 +390,147 @@ def ledger_entry(position: int, event: Any) -> HistoryEntry:
 # ---------------------------------------------------------------- the reader
 
 
+# ---------------------------------------------------------------- checking what is read
+#
+# LMDB keeps no checksums: a damaged page can hand back a row that msgpack decodes but that
+# no fold wrote (a digest that is not a digest, a string where a size belongs). The reader
+# checks what it answers with, where that is cheap (types, the shape of digests), so that a
+# damaged row fails as `LedgerCorruptError` (the transaction boundary names the ledger)
+# instead of being printed as an answer. A row damaged into another well-formed value (one hex
+# digit for another) cannot be told from a real one here: `rebuild --verify` and `verify`
+# compare the views with a replay of the log.
+
+_DIGEST_RE: Final = re.compile(r"sha256:[0-9a-f]{64}|sha512:[0-9a-f]{128}")
+_ROW_ERRORS: Final = (KeyError, TypeError, ValueError, IndexError, AttributeError, OverflowError)
+
+
+def _bad_row(table: str, key: bytes, error: BaseException | None = None) -> LedgerCorruptError:
+    shown = key[:40].decode("utf-8", "backslashreplace")
+    why = f" ({type(error).__name__})" if error is not None else ""
+    return LedgerCorruptError(f"the views' {table} row {shown!r} is not a record they write{why}")
+
+
+def _digest(value: Any) -> bool:
+    return type(value) is str and _DIGEST_RE.fullmatch(value) is not None
+
+
+def _text(value: Any) -> bool:
+    return type(value) is str
+
+
+def _count(value: Any) -> bool:
+    return type(value) is int and value >= 0
+
+
+_MAX_MICROS: Final = 253_402_300_800_000_000  # 10000-01-01: what from_micros can represent
+
+
+def _micros(value: Any) -> bool:
+    return type(value) is int and 0 <= value < _MAX_MICROS
+
+
+def _checked_handle(row: Any) -> bool:
+    """A refs.order row: the handle's fields in order (see `_put_ref`)."""
+    return (
+        type(row) is list
+        and len(row) == 8
+        and _text(row[0])
+        and _digest(row[1])
+        and _text(row[2])
+        and _text(row[3])
+        and _count(row[4])
+        and _count(row[5])
+        and type(row[6]) is datetime
+        and type(row[7]) is datetime
+    )
+
+
+def _checked_ref(ref: Any) -> bool:
+    return (
+        type(ref) is dict
+        and _digest(ref.get("m"))
+        and _micros(ref.get("c"))
+        and _micros(ref.get("u"))
+        and _count(ref.get("p"))
+        and _text(ref.get("a"))
+        and _text(ref.get("o"))
+        and _count(ref.get("n"))
+        and _count(ref.get("s"))
+    )
+
+
+def _checked_blob(key: bytes, record: Any) -> str:
+    """The digest of a blobs row, once the row is known to be one."""
+    try:
+        digest = key.decode()
+    except UnicodeDecodeError as e:
+        raise _bad_row("blobs", key, e) from None
+    if not (
+        _digest(digest)
+        and type(record) is dict
+        and _text(record.get("kind"))
+        and _count(record.get("size"))
+        and type(record.get("users")) is list
+        and all(_digest(user) for user in record["users"])
+    ):
+        raise _bad_row("blobs", key)
+    return digest
+
+
+def _checked_leases(key: bytes, leases: Any) -> tuple[tuple[str, str], ...]:
+    if type(leases) is not list or not all(
+        type(lease) is list and len(lease) == 2 and _text(lease[0]) and _digest(lease[1])
+        for lease in leases
+    ):
+        raise _bad_row("holders", key)
+    return tuple((r, m) for r, m in leases)
+
+
+def _meta_int(view: ViewTxn, key: bytes) -> int | None:
+    value = view.get("meta", key)
+    if value is None:
+        return None
+    if not _count(value):
+        raise _bad_row("meta", key)
+    return int(value)
+
+
 class ViewState:
-    """`CacheState` over one view transaction (a consistent snapshot)."""
+    """`CacheState` over one view transaction (a consistent snapshot). What it reads is
+    checked as it is turned into records (see `_bad_row`)."""
 
     def __init__(self, view: ViewTxn) -> None:
         self.view = view
 
     @property
     def position(self) -> int:
-        return int(self.view.get("meta", b"position") or 0)
+        return _meta_int(self.view, b"position") or 0
 
     @property
     def version(self) -> int:
-        return int(self.view.get("meta", b"version") or 0)
+        return _meta_int(self.view, b"version") or 0
 
     @property
     def format(self) -> int | None:
         """The `FORMAT` the views were written in (None before the first event)."""
-        found = self.view.get("meta", b"format")
-        return None if found is None else int(found)
+        return _meta_int(self.view, b"format")
 
     @property
     def modified(self) -> datetime | None:
-        us = self.view.get("meta", b"modified")
-        return None if us is None else from_micros(us)
+        us = _meta_int(self.view, b"modified")
+        if us is None:
+            return None
+        if not _micros(us):
+            raise _bad_row("meta", b"modified")
+        return from_micros(us)
 
     def reference(self, reference: str) -> ReferenceRecord | None:
-        ref = self.view.get("refs", reference.encode())
+        key = reference.encode()
+        ref = self.view.get("refs", key)
         if ref is None:
             return None
+        if not _checked_ref(ref):
+            raise _bad_row("refs", key)
         return ReferenceRecord(
             reference=reference,
             manifest_digest=ref["m"],
@@ -431,6 +545,8 @@ class ViewState:
 
     def references(self) -> Iterator[ReferenceRecord]:
         for key, row in self.view.scan("refs.order", reverse=True):
+            if len(key) != 16 or not _checked_handle(row):
+                raise _bad_row("refs.order", key)
             yield ReferenceRecord(
                 created_position=_U64.unpack(key[8:])[0],
                 **dict(zip(HANDLE_FIELDS, row, strict=True)),
@@ -452,57 +568,88 @@ class ViewState:
             previous = memo.copy()
             memo.clear()
         new, set_dict, names, decode = object.__new__, object.__setattr__, HANDLE_FIELDS, None
-        for _, data in self.view.scan_encoded("refs.order", reverse=True):
+        for key, data in self.view.scan_encoded("refs.order", reverse=True):
             handle = previous.get(data)
             if handle is None:
                 decode = decode or self.view.decode
+                row = decode(data)
+                if not _checked_handle(row):
+                    raise _bad_row("refs.order", key)
                 handle = new(ImageHandle)
-                set_dict(handle, "__dict__", dict(zip(names, decode(data), strict=True)))
+                set_dict(handle, "__dict__", dict(zip(names, row, strict=True)))
             if memo is not None:
                 memo[data] = handle
             yield handle
 
     def manifest(self, digest: str) -> ManifestRecord | None:
-        manifest = self.view.get("manifests", digest.encode())
-        return None if manifest is None else _manifest_record(manifest)
+        key = digest.encode()
+        manifest = self.view.get("manifests", key)
+        return None if manifest is None else _manifest_record(key, manifest)
 
     def manifests(self) -> Iterator[ManifestRecord]:
-        for _, manifest in self.view.scan("manifests"):
-            yield _manifest_record(manifest)
+        for key, manifest in self.view.scan("manifests"):
+            yield _manifest_record(key, manifest)
 
     def blob(self, digest: str) -> BlobRecord | None:
-        record = self.view.get("blobs", digest.encode())
-        return None if record is None else _blob_record(digest, record)
+        key = digest.encode()
+        record = self.view.get("blobs", key)
+        return None if record is None else _blob_record(_checked_blob(key, record), record)
 
     def blobs(self) -> Iterator[BlobRecord]:
         for key, record in self.view.scan("blobs"):
-            yield _blob_record(key.decode(), record)
+            yield _blob_record(_checked_blob(key, record), record)
 
     def holder(self, holder: str) -> tuple[tuple[str, str], ...]:
-        return tuple((r, m) for r, m in self.view.get("holders", holder.encode()) or [])
+        key = holder.encode()
+        return _checked_leases(key, self.view.get("holders", key) or [])
 
     def holders(self) -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
         for key, leases in self.view.scan("holders"):
-            yield key.decode(), tuple((r, m) for r, m in leases)
+            try:
+                name = key.decode()
+            except UnicodeDecodeError as e:
+                raise _bad_row("holders", key, e) from None
+            yield name, _checked_leases(key, leases)
 
     def history(self, reference: str) -> Iterator[int]:
         """The log positions of `reference`'s events, oldest first (`reference_entries`
         makes the entries from those events)."""
-        for key, _ in self.view.scan("history", prefix=reference.encode() + b"\0"):
+        prefix = reference.encode() + b"\0"
+        for key, _ in self.view.scan("history", prefix=prefix):
+            if len(key) != len(prefix) + 8:
+                raise _bad_row("history", key)
             yield _U64.unpack(key[-8:])[0]
 
     def prunes(self) -> Iterator[tuple[int, dict[str, Any]]]:
         for key, report in self.view.scan("prunes"):
+            if len(key) != 8 or type(report) is not dict:
+                raise _bad_row("prunes", key)
             yield _U64.unpack(key)[0], report
 
 
-def _manifest_record(manifest: dict[str, Any]) -> ManifestRecord:
-    return ManifestRecord(
-        content=content_from_plain(manifest["content"]),
-        references=tuple(manifest["refs"]),
-        holders=tuple(manifest["holders"]),
-        last_used_at=from_micros(manifest["u"]),
-    )
+def _manifest_record(key: bytes, manifest: Any) -> ManifestRecord:
+    try:
+        record = ManifestRecord(
+            content=content_from_plain(manifest["content"]),
+            references=tuple(manifest["refs"]),
+            holders=tuple(manifest["holders"]),
+            last_used_at=from_micros(manifest["u"]),
+        )
+    except _ROW_ERRORS as e:
+        raise _bad_row("manifests", key, e) from None
+    content = record.content
+    if not (
+        _digest(content.manifest_digest)
+        and key == content.manifest_digest.encode()
+        and _digest(content.config.digest)
+        and _count(content.manifest_size)
+        and _count(content.config_size)
+        and all(_text(r) for r in record.references)
+        and all(_text(h) for h in record.holders)
+        and all(_digest(x.blob_digest) and _count(x.compressed_size_bytes) for x in content.layers)
+    ):
+        raise _bad_row("manifests", key)
+    return record
 
 
 def _blob_record(digest: str, record: dict[str, Any]) -> BlobRecord:

@@ -118,8 +118,41 @@ def _uuid(raw: bytes) -> UUID:
 
 
 def _unpack(data: bytes) -> tuple[UUID | str, int, str, bytes]:
-    raw, version, topic, state = msgpack.unpackb(data)
+    """A stored event's four fields, checked: LMDB keeps no checksums, so bytes from a
+    damaged page come back as they are. What msgpack cannot read, or reads as anything but
+    (16 bytes or str, int, str, bytes), is a `LedgerCorruptError` (the transaction boundary in
+    `lmdbenv` adds the ledger's path), never a raw msgpack error or a garbage event."""
+    try:
+        raw, version, topic, state = msgpack.unpackb(data)
+    except Exception as e:  # msgpack raises several types, and unpacking a non-4-tuple more
+        msg = f"a stored event cannot be decoded ({type(e).__name__}: {_short(e)})"
+        raise LedgerCorruptError(msg) from e
+    if (
+        type(version) is not int
+        or type(topic) is not str
+        or type(state) is not bytes
+        or not isinstance(raw, bytes | str)
+    ):
+        msg = "a stored event has fields of the wrong types"
+        raise LedgerCorruptError(msg)
     return (_uuid(raw) if isinstance(raw, bytes) else raw), version, topic, state
+
+
+def _short(error: BaseException) -> str:
+    text = " ".join(str(error).split())
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
+def _position(key: bytes | memoryview) -> int:
+    """A log key as its notification id (8 bytes, big-endian, from 1)."""
+    if len(key) != 8:
+        msg = f"a log key is {len(key)} bytes, not 8"
+        raise LedgerCorruptError(msg)
+    position: int = _U64.unpack(key)[0]
+    if position == 0:
+        msg = "a log key is notification id 0"
+        raise LedgerCorruptError(msg)
+    return position
 
 
 def _notification(data: bytes, position: int) -> Notification:
@@ -294,7 +327,7 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
         txn: lmdb.Transaction, log_db: Any, index_db: Any, rows: list[tuple[bytes, bytes]]
     ) -> list[int]:
         cursor = txn.cursor(db=log_db)
-        last = _U64.unpack(cursor.key())[0] if cursor.last() else 0
+        last = _position(cursor.key()) if cursor.last() else 0
         ids = []
         for key, value in rows:
             last += 1
@@ -342,7 +375,7 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
             if not cursor.set_range(_U64.pack(first)):
                 return found
             for key, value in cursor:
-                notification_id = _U64.unpack(key)[0]
+                notification_id = _position(key)
                 if stop is not None and notification_id > stop:
                     break
                 notification = _notification(value, notification_id)
@@ -357,7 +390,7 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
         log_db = self._db("log")
         with self.env.read() as txn:
             cursor = txn.cursor(db=log_db)
-            return _U64.unpack(cursor.key())[0] if cursor.last() else None
+            return _position(cursor.key()) if cursor.last() else None
 
     def subscribe(
         self, gt: int | None = None, topics: Sequence[str] = ()
@@ -373,7 +406,7 @@ def log_entries(
     if not cursor.set_range(_U64.pack(after + 1)):
         return
     for key, value in cursor:
-        yield _notification(value, _U64.unpack(key)[0])
+        yield _notification(value, _position(key))
 
 
 def log_at(
@@ -384,6 +417,39 @@ def log_at(
     log_db = recorder._db("log")
     for position in positions:
         yield _notification(_get(txn, _U64.pack(position), log_db), position)
+
+
+def check_log(recorder: LMDBApplicationRecorder) -> int:
+    """Read the whole log and its aggregate index in one snapshot and return how many events
+    the log holds; `LedgerCorruptError` at the first entry that is not what `insert_events`
+    writes: an envelope that does not decode, ids that are not 1, 2, 3, ..., an index entry
+    that names a missing entry or one of another originator or version, or an entry the index
+    does not name. For `storage.ledgercheck` (in a child process: a damaged page can abort
+    the reader)."""
+    log_db = recorder._db("log")
+    index_db = recorder._db("log.index")
+    with recorder.env.read() as txn:
+        expected = 0
+        log_cursor: Any = txn.cursor(db=log_db)
+        for key, value in log_cursor.iternext():
+            expected += 1
+            position = _position(key)
+            if position != expected:
+                msg = f"the log jumps from entry {expected - 1} to {position}"
+                raise LedgerCorruptError(msg)
+            _unpack(value)
+        indexed = 0
+        index_cursor: Any = txn.cursor(db=index_db)
+        for key, packed_id in index_cursor.iternext():
+            indexed += 1
+            oid, version, _topic, _state = _unpack(_get(txn, packed_id, log_db))
+            if len(packed_id) != 8 or key != _event_key(oid, version):
+                msg = f"the log index entry {bytes(key).hex()} names another event"
+                raise LedgerCorruptError(msg)
+        if indexed != expected:
+            msg = f"the log holds {expected} events but its index names {indexed}"
+            raise LedgerCorruptError(msg)
+    return expected
 
 
 class LMDBSubscription(ListenNotifySubscription[LMDBApplicationRecorder]):

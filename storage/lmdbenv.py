@@ -14,7 +14,18 @@ process anyway, so every recorder and view that names the same path gets the sam
 - **stale readers**: reader slots left by crashed processes are cleared at open and before the
   map grows (they pin old pages and make the map grow for nothing);
 - **change notification**: listeners are woken at once by commits in this process and by a
-  poller that watches LMDB's last transaction id for other processes' commits.
+  poller that watches LMDB's last transaction id for other processes' commits;
+- **damage**: LMDB keeps no checksums, so a damaged page shows up as whatever error the read
+  that meets it gets (a wrong page type, a missing page, undecodable bytes). Every such error
+  out of `read()`, `write()` and `db()` becomes one `LedgerCorruptError` naming the ledger and
+  what to do (`damaged`); a data file shorter than its last used page is refused at open,
+  before anything maps beyond its end (that read would be a SIGBUS, not an error).
+
+What cannot be turned into an error: py-lmdb's bundled LMDB is built with its assertions on,
+and a cursor that steps onto a neighbouring page does not check that page's type before it
+asserts it is a leaf (``mdb_cursor_next``/``mdb_cursor_prev`` after ``mdb_cursor_sibling``),
+so a scan that crosses into a zeroed or overwritten page aborts the process (SIGABRT). That is
+why `storage.ledgercheck` reads the whole ledger in a child process.
 """
 
 from __future__ import annotations
@@ -47,6 +58,51 @@ _GIB: Final = 1024 * _MIB
 _META_DB: Final = b"imageledger.meta"
 _FORMAT_KEY: Final = b"format"
 FORMAT: Final = b"imageledger-ledger/1"
+
+RECOVERY: Final = (
+    "restore ledger/ from a backup, or move the home aside and load or pull the images again"
+)
+
+# LMDB's answers that mean the pages are not what LMDB wrote: a page of the wrong type or
+# out of range, a tree deeper than any it builds, flags that contradict the database record,
+# a transaction poisoned by one of those (BadTxn), sizes no writer produces.
+DAMAGE_ERRORS: Final[tuple[type[lmdb.Error], ...]] = (
+    lmdb.CorruptedError,
+    lmdb.PageNotFoundError,
+    lmdb.PanicError,
+    lmdb.InvalidError,
+    lmdb.VersionMismatchError,
+    lmdb.BadTxnError,
+    lmdb.BadValsizeError,
+    lmdb.BadDbiError,
+    lmdb.IncompatibleError,
+    lmdb.CursorFullError,
+    lmdb.PageFullError,
+    lmdb.ProblemError,
+)
+
+_READ_DAMAGE: Final[tuple[type[Exception], ...]] = (*DAMAGE_ERRORS, LedgerCorruptError)
+
+
+def damaged(path: Path, detail: str) -> LedgerCorruptError:
+    """The one error of a damaged ledger: where it is, what was found, what to do.
+
+    `detail` is shortened to one line: it may hold bytes read from the damaged pages."""
+    detail = " ".join(detail.split())
+    if len(detail) > 200:
+        detail = detail[:197] + "..."
+    return LedgerCorruptError(f"{path}: the ledger is damaged ({detail}); {RECOVERY}")
+
+
+def as_damage(path: Path, error: BaseException) -> BaseException:
+    """`error` as the ledger at `path` reports it: LMDB's damage errors and a
+    `LedgerCorruptError` that does not name the ledger (raised where the path is not known,
+    such as decoding one stored value) become `damaged(path, ...)`; anything else is itself."""
+    if isinstance(error, DAMAGE_ERRORS):
+        return damaged(path, f"LMDB says: {error}")
+    if isinstance(error, LedgerCorruptError) and str(path) not in str(error):
+        return damaged(path, str(error))
+    return error
 
 
 @dataclass(frozen=True)
@@ -127,6 +183,24 @@ def _ack(items: list[_Pending]) -> None:
         item.wake.set()
 
 
+def check_size(path: Path, env: lmdb.Environment) -> None:
+    """Refuse a data file shorter than the pages the meta page says are in use.
+
+    LMDB maps the file and reads pages through the map; a page beyond the end of the file is
+    a SIGBUS on first touch, which kills the process instead of raising. A file cut short (a
+    copy interrupted, a disk full while restoring, a truncate) has valid meta pages at its
+    start, so LMDB opens it: the size must be checked at open, before any transaction reads a
+    page above the first two."""
+    size = (path / "data.mdb").stat().st_size
+    needed = (int(env.info()["last_pgno"]) + 1) * int(env.stat()["psize"])
+    if size < needed:
+        msg = (
+            f"{path}: the ledger is damaged (data.mdb is truncated: {size} bytes, its pages "
+            f"need {needed}); {RECOVERY}"
+        )
+        raise LedgerCorruptError(msg)
+
+
 class LedgerEnv:
     """A ledger's LMDB environment, shared by everything in this process that opens its path."""
 
@@ -178,7 +252,7 @@ class LedgerEnv:
                 meminit=False,
             )
         except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as e:
-            msg = f"{path}: not a readable ledger (LMDB says: {e})"
+            msg = f"{path}: not a readable ledger (LMDB says: {e}); {RECOVERY}"
             raise LedgerCorruptError(msg) from e
         except lmdb.Error as e:
             msg = f"{path}: cannot open the ledger: {e}"
@@ -187,23 +261,17 @@ class LedgerEnv:
             cleared = env.reader_check()
             if cleared:
                 log.info("ledger.stale_readers_cleared", path=str(path), count=cleared)
-            self._check_format(env)
+            check_size(path, env)
+            try:
+                self._check_format(env)
+            except DAMAGE_ERRORS as e:
+                raise as_damage(path, e) from e
         except BaseException:
             env.close()
             raise
         return env
 
     def _check_format(self, env: lmdb.Environment) -> None:
-        # A truncated data.mdb can have valid meta pages: reading a page past the end of the
-        # file through the map would kill the process with SIGBUS, so check the size first.
-        data = self.path / "data.mdb"
-        needed = (env.info()["last_pgno"] + 1) * env.stat()["psize"]
-        if data.stat().st_size < needed:
-            msg = (
-                f"{self.path}: data.mdb is truncated ({data.stat().st_size} bytes, the ledger "
-                f"needs {needed}); restore it from a copy"
-            )
-            raise LedgerCorruptError(msg)
         with env.begin() as txn:
             has_meta = txn.get(_META_DB) is not None
         if has_meta:
@@ -251,6 +319,8 @@ class LedgerEnv:
                             self._grow_locked()
                         except lmdb.MapResizedError:
                             self.env.set_mapsize(0)  # another process grew it: adopt
+                        except DAMAGE_ERRORS as e:
+                            raise as_damage(self.path, e) from e
                     else:
                         handle = self.env.open_db(key, create=create)
                 self._dbs[key] = handle
@@ -260,16 +330,26 @@ class LedgerEnv:
 
     @contextmanager
     def read(self) -> Iterator[lmdb.Transaction]:
-        """A read-only snapshot of the ledger as of now."""
+        """A read-only snapshot of the ledger as of now.
+
+        Damage met while the snapshot is read (LMDB's damage errors, a `LedgerCorruptError`
+        from decoding a stored value) leaves it as `damaged(...)`, naming this ledger."""
         while True:
             with self._lock.shared():
                 try:
                     txn = self.env.begin(buffers=False)
                 except lmdb.MapResizedError:
                     pass
+                except DAMAGE_ERRORS as e:
+                    raise as_damage(self.path, e) from e
                 else:
                     try:
                         yield txn
+                    except _READ_DAMAGE as e:
+                        damage = as_damage(self.path, e)
+                        if damage is e:
+                            raise
+                        raise damage from e
                     finally:
                         txn.abort()
                     return
@@ -303,6 +383,10 @@ class LedgerEnv:
                 item.wake.wait()
                 item.wake.clear()
         if item.error is not None:
+            # Damage met by this write (or by the batch it was part of) names the ledger.
+            error = as_damage(self.path, item.error)
+            if error is not item.error:
+                raise error from item.error
             raise item.error
         return item.result  # type: ignore[no-any-return]
 

@@ -22,8 +22,9 @@ import lmdb
 import msgpack
 from eventsourcing.persistence import Notification
 
+from imageledger.domain.errors import LedgerCorruptError
 from imageledger.storage.ledger import LMDBApplicationRecorder, log_at, log_entries
-from imageledger.storage.lmdbenv import LedgerEnv
+from imageledger.storage.lmdbenv import LedgerEnv, as_damage
 
 NAMESPACES: Final = ("a", "b")
 _ACTIVE: Final = b"views.active"
@@ -42,7 +43,18 @@ def packer() -> Callable[[Any], bytes]:
 
 
 def unpack(data: bytes) -> Any:
-    return msgpack.unpackb(data, raw=False, strict_map_key=False, timestamp=3)
+    """A stored view value. Bytes msgpack cannot read (a damaged page: LMDB keeps no
+    checksums) are a `LedgerCorruptError`, which the transaction boundary (`lmdbenv`) turns
+    into one naming the ledger; the reader (`views.ViewState`) checks the values' shape."""
+    try:
+        return msgpack.unpackb(data, raw=False, strict_map_key=False, timestamp=3)
+    except Exception as e:  # ExtraData, FormatError, StackError, UnicodeDecodeError, ...
+        raise _undecodable(e) from e
+
+
+def _undecodable(error: Exception) -> LedgerCorruptError:
+    text = " ".join(str(error).split())[:80]
+    return LedgerCorruptError(f"a view record cannot be decoded ({type(error).__name__}: {text})")
 
 
 _UNPACK = unpack
@@ -142,7 +154,16 @@ class LMDBViews:
 
     def active(self, txn: lmdb.Transaction) -> str:
         value = txn.get(_ACTIVE, db=self._meta)
-        return "a" if value is None else cast(bytes, value).decode()
+        if value is None:
+            return "a"
+        if value not in (b"a", b"b"):
+            msg = f"the live views' namespace is {bytes(value)[:16]!r}, not a or b"
+            raise LedgerCorruptError(msg)
+        return cast(bytes, value).decode()
+
+    def damage(self, error: LedgerCorruptError) -> BaseException:
+        """`error` (damage found in what this ledger stores) naming the ledger."""
+        return as_damage(self.env.path, error)
 
     def spare(self) -> str:
         with self.env.read() as txn:

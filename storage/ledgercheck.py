@@ -1,0 +1,226 @@
+"""Check a whole ledger in a child process: `check_ledger(ledger_dir) -> LedgerCheck`.
+
+LMDB keeps no checksums, so the only way to know a ledger is sound is to read all of it:
+every event must decode through the mapper the cache uses, the aggregate index must name
+exactly the log's events, and the views must equal a replay of the log (`rebuild(...,
+verify_only=True)`, the replay `imageledger rebuild --verify` runs). Reading damaged pages is
+not always an error: py-lmdb's LMDB asserts (SIGABRT) when a cursor steps onto a neighbouring
+page that is not a leaf, and a page beyond the end of a file cut short is a SIGBUS. So the
+reading happens in a child process (``python -m imageledger.storage.ledgercheck <dir>``), and
+a child killed by a signal is itself the answer: the ledger is damaged.
+
+The child never writes to the ledger it checks. A replay writes scratch views, and a write
+transaction on damaged pages could spread the damage (a damaged free list hands out pages
+still in use), so the child takes a consistent copy (`mdb_env_copy`, under a read
+transaction, so appends may go on) into a temporary directory and replays there. The copy is
+as large as the ledger (the log and views; blobs live elsewhere) and is removed at the end.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Final
+
+import lmdb
+
+from imageledger.domain.errors import LedgerCorruptError
+from imageledger.storage.lmdbenv import RECOVERY, as_damage, check_size, damaged
+
+_RESULT: Final = "ledgercheck-result: "
+
+
+@dataclass(frozen=True)
+class LedgerCheck:
+    """What `check_ledger` found. `problem` is one line naming the ledger and what to do
+    (None when `ok`); `events` is how many events were read (0 if the check stopped early)."""
+
+    ok: bool
+    events: int
+    problem: str | None
+
+    def error(self) -> LedgerCorruptError | None:
+        """The problem as the package's error for a damaged ledger (None when `ok`)."""
+        return None if self.ok else LedgerCorruptError(self.problem or "the ledger is damaged")
+
+
+def check_ledger(ledger_dir: Path, *, timeout: float | None = None) -> LedgerCheck:
+    """Read and replay the whole ledger at `ledger_dir` (a home's ``ledger/``) in a child
+    process and say whether it is sound. Never raises for damage, whatever the child met:
+    an exception, a crash (a signal), no answer within `timeout` seconds."""
+    ledger_dir = Path(ledger_dir).absolute()
+    command = [sys.executable, "-m", "imageledger.storage.ledgercheck", str(ledger_dir)]
+    try:
+        done = subprocess.run(
+            command,
+            stdin=subprocess.DEVNULL,
+            capture_output=True,
+            timeout=timeout,
+            check=False,
+            env={**os.environ, "PYTHONFAULTHANDLER": ""},
+        )
+    except subprocess.TimeoutExpired:
+        problem = f"{ledger_dir}: the ledger check did not finish in {timeout} s"
+        return LedgerCheck(False, 0, problem)
+    for line in reversed(done.stdout.decode("utf-8", "replace").splitlines()):
+        if line.startswith(_RESULT):
+            found = json.loads(line[len(_RESULT) :])
+            return LedgerCheck(bool(found["ok"]), int(found["events"]), found["problem"])
+    if done.returncode < 0:
+        try:
+            name = signal.Signals(-done.returncode).name
+        except ValueError:
+            name = str(-done.returncode)
+        detail = f"the ledger reader crashed (signal {name})"
+        assertion = _lmdb_assertion(done.stderr)
+        if assertion:
+            detail += f": {assertion}"
+        return LedgerCheck(False, 0, str(damaged(ledger_dir, detail)))
+    last = done.stderr.decode("utf-8", "replace").strip().splitlines()[-1:] or ["no output"]
+    return LedgerCheck(
+        False,
+        0,
+        f"{ledger_dir}: the ledger check failed (exit {done.returncode}): {last[0][:200]}",
+    )
+
+
+def _lmdb_assertion(stderr: bytes) -> str:
+    """LMDB's own line before an abort ("...mdb.c:6059: Assertion 'IS_LEAF(mp)' failed in
+    mdb_cursor_next()"), which says where the damage was met."""
+    for line in stderr.decode("utf-8", "replace").splitlines():
+        if "Assertion" in line and "mdb" in line:
+            return line.rsplit("/", 1)[-1].strip()[:160]
+    return ""
+
+
+# ----------------------------------------------------------------------- the child
+
+
+def _open_readonly(ledger_dir: Path) -> lmdb.Environment:
+    """The ledger opened for reading only; without LMDB's lock file when it cannot be opened
+    (a read-only home: then no imageledger process writes to it either)."""
+    data = ledger_dir / "data.mdb"
+    if not data.is_file():
+        raise damaged(ledger_dir, "data.mdb is missing")
+    if data.stat().st_size == 0:
+        raise damaged(ledger_dir, "data.mdb is empty")
+    options: dict[str, Any] = {
+        "subdir": True,
+        "readonly": True,
+        "max_dbs": 256,
+        "max_readers": 1024,
+        "readahead": False,
+    }
+    try:
+        try:
+            env = lmdb.open(str(ledger_dir), lock=True, **options)
+        except lmdb.ReadonlyError:
+            env = lmdb.open(str(ledger_dir), lock=False, **options)
+        except lmdb.Error as e:
+            if "Permission denied" not in str(e):
+                raise
+            env = lmdb.open(str(ledger_dir), lock=False, **options)
+    except lmdb.Error as e:
+        raise damaged(ledger_dir, f"LMDB cannot open it: {e}") from e
+    try:
+        check_size(ledger_dir, env)
+    except BaseException:
+        env.close()
+        raise
+    return env
+
+
+def _copy(ledger_dir: Path, into: Path) -> None:
+    env = _open_readonly(ledger_dir)
+    try:
+        env.copy(str(into))
+    except lmdb.Error as e:
+        raise as_damage(ledger_dir, e) from e
+    finally:
+        env.close()
+
+
+def _check_copy(ledger_dir: Path, copy: Path) -> LedgerCheck:
+    """The checks, on `copy` (of `ledger_dir`, which the messages name)."""
+    # The application, mapper and views of the cache itself: the events must decode as the
+    # cache decodes them, and the replay is the cache's (imported here, in the child only).
+    from imageledger.cache import _LedgerApp
+    from imageledger.projections.runner import rebuild
+    from imageledger.projections.views import TABLES
+    from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory, check_log
+    from imageledger.storage.viewstore import LMDBViews
+
+    env = {
+        "PERSISTENCE_MODULE": f"{LMDBFactory.__module__}",
+        "LMDB_PATH": str(copy),
+        "LMDB_DURABILITY": "nosync",
+    }
+    app = _LedgerApp(env=env)
+    try:
+        recorder = app.recorder
+        assert isinstance(recorder, LMDBApplicationRecorder)
+        views = LMDBViews(recorder.env, recorder, TABLES)
+        events = check_log(recorder)
+        report = rebuild(views, app.mapper.to_domain_event, verify_only=True)
+    finally:
+        app.close()
+    if not report.identical:
+        differ = sorted(t for t, (live, rebuilt) in report.tables.items() if live != rebuilt)
+        problem = (
+            f"{ledger_dir}: the views differ from a replay of the log ({', '.join(differ)}); "
+            "`imageledger rebuild` replaces them from the log"
+        )
+        return LedgerCheck(False, report.events, problem)
+    if report.events != events:
+        problem = (
+            f"{ledger_dir}: the ledger is damaged (the log holds {events} events, the replay "
+            f"read {report.events}); {RECOVERY}"
+        )
+        return LedgerCheck(False, report.events, problem)
+    return LedgerCheck(True, events, None)
+
+
+def _child(ledger_dir: Path) -> LedgerCheck:
+    work = Path(tempfile.mkdtemp(prefix="imageledger-check-"))
+    try:
+        _copy(ledger_dir, work)
+        try:
+            return _check_copy(ledger_dir, work)
+        except LedgerCorruptError as e:
+            # Raised naming the copy: name the ledger instead.
+            text = str(e).replace(str(work), str(ledger_dir))
+            raise as_damage(ledger_dir, LedgerCorruptError(text)) from e
+    except LedgerCorruptError as e:
+        problem = str(as_damage(ledger_dir, e))
+        return LedgerCheck(False, 0, problem)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m imageledger.storage.ledgercheck <ledger dir>``: one result line on stdout.
+
+    Anything other than a damage error escapes as a traceback on stderr and a non-zero
+    exit: the parent reports it as a failed check, not as a sound ledger."""
+    from imageledger.tools.logs import configure_logging
+
+    configure_logging()  # logs to stderr: stdout carries the result line only
+    args = sys.argv[1:] if argv is None else argv
+    if len(args) != 1:
+        print("usage: python -m imageledger.storage.ledgercheck LEDGER_DIR", file=sys.stderr)
+        return 2
+    result = _child(Path(args[0]))
+    line = json.dumps({"ok": result.ok, "events": result.events, "problem": result.problem})
+    print(_RESULT + line, flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
