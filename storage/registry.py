@@ -663,7 +663,11 @@ def _open_subdirectory(parent: int, name: str, shown: Path) -> int:
         except OSError as e:
             if e.errno not in (errno.ELOOP, errno.ENOTDIR):
                 raise
-            kind = "a symbolic link" if e.errno == errno.ELOOP else "not a directory"
+            try:
+                link = stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
+            except OSError:
+                link = False
+            kind = "a symbolic link" if link else "not a directory"
             msg = (
                 f"refusing to use {_clip(shown)}: it is {kind} (the home was tampered with or"
                 " damaged; remove it)"
@@ -1567,7 +1571,8 @@ class RegistryClient:
                 available = sorted(
                     {str(e.platform) for e in entries if e.platform and not e.attestation}
                 )
-                detail = f"no manifest for {platform}; the index offers {', '.join(available)}"
+                offers = ", ".join(available) if available else "no platform at all"
+                detail = f"no manifest for {platform}; the index offers {_clip(offers)}"
                 raise NotInRegistryError(str(target.reference), detail)
             chosen = entry.platform
             expected = Descriptor(entry.media_type, entry.digest, entry.size)
