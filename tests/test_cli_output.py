@@ -22,6 +22,8 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from imageledger.tools.cli import MESSAGE_LIMIT, one_line, printable, quoted
 from imageledger.tools.imagebuild import ImageSpec, build_docker_archive, build_image
@@ -105,6 +107,23 @@ def test_one_line_escapes_and_cuts_idempotently() -> None:
     assert len(escaped) <= MESSAGE_LIMIT and not RAW_CONTROL.search(escaped)
     assert one_line(escaped) == escaped
     assert one_line("x" * MESSAGE_LIMIT) == "x" * MESSAGE_LIMIT
+
+
+# Any code point, lone surrogates included (a path decoded with surrogateescape has them).
+_ANY_TEXT = st.text(st.characters(exclude_categories=()), max_size=1500)
+
+
+@given(_ANY_TEXT, st.integers(min_value=40, max_value=2000))
+@settings(max_examples=300)
+def test_whatever_the_text_the_output_is_printable_and_bounded(text: str, limit: int) -> None:
+    shown = printable(text)
+    assert shown.isprintable()
+    shown.encode("utf-8")  # no lone surrogate left to fail the terminal's encoder
+    line = one_line(text, limit)
+    assert line.isprintable() and len(line) <= limit
+    assert one_line(line, limit) == line
+    if printable(text) == text and len(text) <= limit:
+        assert line == text  # nothing to escape, nothing to cut: unchanged
 
 
 def test_quoted_cuts_a_value_and_says_how_long_it_was() -> None:
