@@ -545,14 +545,16 @@ def build_parser() -> argparse.ArgumentParser:
         "--unused-for",
         type=duration,
         metavar="DURATION",
-        help="keep images used within DURATION (90s, 30m, 12h, 7d)",
+        help="keep images used within DURATION (90s, 30m, 12h, 7d, 1h30m; at most 100 years)",
     )
     prune.add_argument(
         "--keep",
         action="append",
         default=[],
         metavar="PATTERN",
-        help="never remove references matching (repeatable, fnmatch)",
+        help="never remove references matching PATTERN (repeatable): a reference spelled any "
+        "way, without a tag meaning every tag and digest (alpha, alpha:3.*, example.com/app), "
+        "with fnmatch wildcards; one that matches no image is warned about on stderr",
     )
     prune.add_argument(
         "--max-bytes",
