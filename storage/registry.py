@@ -19,8 +19,15 @@ Decisions (each pinned by ``tests/test_registry_client.py``):
   ``token`` or ``access_token`` in the answer) and caches it per (host, scope) until its
   ``expires_in`` (default 60 s) passes; later requests send it up front, and a 401 despite a
   token fetches a fresh one once. A 401 after that, or a 403, is a `RegistryAuthError`.
-  Credentials are sent over plain HTTP only to a host in the insecure list. Nothing here logs a
-  credential, a token or a URL's query string.
+  Credentials travel over TLS, or over plain HTTP only to a host that is itself in the insecure
+  list: a token realm on ``http://`` at a host not listed is refused (`RegistryAuthError`,
+  nothing sent) when we have credentials, and asked anonymously when we have none (the
+  registry being insecure says nothing about where its realm is). Redirects never carry
+  ``Authorization`` to another origin (httpx drops it). Nothing here logs a credential, a token
+  or a URL's query string, and no error message holds one.
+- **Credentials from the environment** (`options_from_environment`) must name their registry
+  (``IMAGELEDGER_REGISTRY_HOST``): a user and password sent to whichever registry asks would go
+  to any host a reference names. Without it they are refused (`RegistryConfigError`).
 - **Manifests**: ``Accept`` lists the four media types (OCI index and manifest, Docker manifest
   list and v2 schema 2), since distribution 2.8 answers 404 for OCI content or downgrades Docker
   content to schema 1 otherwise. The ``Content-Type`` must be one of them (schema 1 is refused
@@ -37,7 +44,20 @@ Decisions (each pinned by ``tests/test_registry_client.py``):
   ``Retry-After``. Redirects (registries send blob GETs to object storage) are followed; the
   ``Authorization`` header is never sent to another host. Each blob's check-then-download
   happens under an exclusive ``flock`` on ``<root>/tmp/locks/<hex>.lock``, so concurrent pulls
-  of one blob (threads or processes) download it once: the waiter then finds it stored.
+  of one blob (threads or processes) download it once: the waiter then finds it stored. The
+  holder removes the lock file before releasing it (waiters check the inode they locked is
+  still the path's), so locks do not pile up; lock files are opened with ``O_NOFOLLOW`` below
+  the home (a planted link, FIFO or device in a lock's place is removed, never followed; a
+  link in place of ``tmp`` or ``tmp/locks`` is refused with `BlobLockError`).
+- **Waits are bounded**: `RegistryOptions.timeout` is the read timeout (no byte for that long:
+  a stall, retried once, then ``no data for N s from HOST``); `RegistryOptions.deadline`
+  bounds the whole pull (a trickle, endless retries: ``the pull's deadline of N s passed``).
+  A ``Retry-After`` over `MAX_RETRY_AFTER` or past the deadline fails at once, saying how long
+  the registry asked to wait (`RegistryTimeoutError`).
+- **Errors**: every failure of the registry or the transport is a `RegistryError` (or a
+  subclass) with a one-line message naming the registry or URL (no query, no user info),
+  values from outside cut short and control characters escaped: a redirect loop, a URL httpx
+  cannot parse, a header with 5,000 digits, a body that does not decode.
 - **Progress**: `PullProgress` events go to the optional callback, one call at a time (never
   concurrently, though from the pool's threads).
 """
@@ -111,6 +131,9 @@ DOCKER_HUB_API: Final = "registry-1.docker.io"
 DEFAULT_TOKEN_LIFETIME: Final = 60
 MAX_INDEX_DEPTH: Final = 4
 MAX_ERROR_BODY: Final = 64 * 1024
+ERROR_BODY_TIME: Final = 5.0
+"""Seconds an error answer's body (read for its message, or drained) may take to arrive: a
+registry trickling it must not hold the pull (the error is known already)."""
 MAX_TOKEN_RESPONSE: Final = 1024 * 1024
 MAX_RETRY_AFTER: Final = 60.0
 """The longest ``Retry-After`` a pull waits out: a registry asking for more fails the pull at
@@ -927,7 +950,8 @@ def _error_detail(response: httpx.Response) -> str:
     """``STATUS [CODE: message]`` from a registry error answer (its JSON ``errors``)."""
     detail = f"HTTP {response.status_code}"
     try:
-        body = _read_bounded(response, MAX_ERROR_BODY, "error")
+        until = time.monotonic() + ERROR_BODY_TIME
+        body = _read_bounded(response, MAX_ERROR_BODY, "error", deadline=until)
         errors = json.loads(body).get("errors")
         parts = [
             f"{e.get('code', '?')}: {e.get('message', '')}".strip()
@@ -942,12 +966,14 @@ def _error_detail(response: httpx.Response) -> str:
 
 
 def _drain(response: httpx.Response) -> None:
-    """Read a small unwanted body so the connection can be reused, then close."""
+    """Read a small unwanted body so the connection can be reused, then close (a body that is
+    big or slow to come is abandoned with its connection)."""
     try:
         size = 0
+        until = time.monotonic() + ERROR_BODY_TIME
         for chunk in response.iter_bytes():
             size += len(chunk)
-            if size > MAX_ERROR_BODY:
+            if size > MAX_ERROR_BODY or time.monotonic() >= until:
                 break
     except httpx.HTTPError:
         pass

@@ -23,6 +23,7 @@ import pytest
 
 from imageledger.domain.errors import ImageLedgerError
 from imageledger.domain.model import Platform
+from imageledger.domain.reference import Reference
 from imageledger.storage.blobs import BlobStore
 from imageledger.storage.registry import (
     BlobLockError,
@@ -41,6 +42,7 @@ from imageledger.tools.imagebuild import build_image
 if TYPE_CHECKING:
     from tests.registry import FlakyRegistry, MakeTokenRegistry, Registry, TokenRegistry
     from tests.test_registry_client import (
+        AMD64,
         Stub,
         _noise,
         _publish,
@@ -53,6 +55,7 @@ if TYPE_CHECKING:
 else:
     from registry import FlakyRegistry, MakeTokenRegistry, Registry, TokenRegistry
     from test_registry_client import (
+        AMD64,
         Stub,
         _noise,
         _publish,
@@ -586,3 +589,47 @@ def test_credentials_in_basic_auth_headers_are_not_in_errors(stub: Stub, store: 
     ):
         assert leaked not in text
     assert "http://auth.invalid/token" in text
+
+
+def test_plain_http_is_allowed_only_to_a_host_listed_itself() -> None:
+    client = RegistryClient(RegistryOptions(insecure=frozenset({"reg:5000", "auth", "[::1]:81"})))
+    with client:
+        assert client.plain_http_allowed("http://reg:5000/token")
+        assert not client.plain_http_allowed("http://reg:5001/token")  # another port
+        assert not client.plain_http_allowed("http://reg/token")
+        assert client.plain_http_allowed("http://auth/token")
+        assert client.plain_http_allowed("http://auth:80/token")
+        assert not client.plain_http_allowed("http://auth:8080/token")
+        assert client.plain_http_allowed("http://[::1]:81/token")
+        assert not client.plain_http_allowed("http://evil.example/token?reg:5000")
+        assert not client.plain_http_allowed("http://[::1/token")
+
+
+def test_a_host_httpx_cannot_encode_is_a_one_line_registry_error(store: BlobStore) -> None:
+    with (
+        RegistryClient(RegistryOptions(retries=0)) as client,
+        pytest.raises(RegistryError, match="cannot request") as caught,
+    ):
+        client.pull(Reference.parse("xn--a.com/app:1"), store, platform=AMD64)
+    _one_line(caught.value)
+
+
+@pytest.mark.parametrize(
+    "environ",
+    [
+        {"IMAGELEDGER_PULL_TIMEOUT": "soon"},
+        {"IMAGELEDGER_PULL_DEADLINE": "-5"},
+    ],
+)
+def test_cli_refuses_bad_timeouts_with_exit_2(tmp_path: Path, environ: dict[str, str]) -> None:
+    done = subprocess.run(
+        [*CLI, "--home", str(tmp_path / "home"), "pull", "127.0.0.1:9/app:1"],
+        capture_output=True,
+        text=True,
+        env={**os.environ, **environ},
+        timeout=60,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert next(iter(environ)) in line
