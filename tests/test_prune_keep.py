@@ -53,7 +53,10 @@ def _names(ref: Reference, draw: Callable[[st.SearchStrategy[str]], str]) -> str
     registry, repository = ref.registry, ref.repository
     spellings = [f"{registry}/{repository}", f"{registry.upper()}/{repository}"]
     if registry == "docker.io":
-        spellings += [repository, f"index.docker.io/{repository}", f"DOCKER.IO/{repository}"]
+        spellings += [f"index.docker.io/{repository}", f"DOCKER.IO/{repository}"]
+        first = repository.split("/")[0]
+        if "." not in first and first != "localhost":  # else it would read as a registry
+            spellings.append(repository)
         if repository.startswith("library/"):
             short = repository.removeprefix("library/")
             spellings += [short, f"docker.io/{short}", f"index.docker.io/{short}"]
