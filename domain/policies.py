@@ -183,6 +183,9 @@ def unmatched_keep(keep: Iterable[str], references: Iterable[str]) -> tuple[str,
 
 
 def _matcher(keep: object) -> Callable[[str], bool]:
+    """Whether a canonical reference is kept. `keep` is checked again here, not only by the
+    cache: the service can be driven directly (benchmarks, tests) and a bare string must be
+    refused before the plan, and so before anything is recorded or deleted."""
     patterns = keep_patterns(keep)
 
     def matches(reference: str) -> bool:
