@@ -48,6 +48,9 @@ from imageledger.domain.reference import Reference, canonical
 T = TypeVar("T")
 
 _MAX_ATTEMPTS = 200
+# Deleted entries named by a digest; every other kind (partial, stray, artifact, fsmeta,
+# vmdk) is named by its path in the home.
+_BLOB_KINDS = frozenset({"manifest", "config", "layer", "orphan"})
 _HOLDER_MAX = 256
 
 
@@ -375,7 +378,7 @@ class ImageCacheService:
             if not policy.dry_run:
                 unlinked = 0
                 for blob in plan.deleted:
-                    if blob.kind in ("manifest", "config", "layer", "orphan"):
+                    if blob.kind in _BLOB_KINDS:
                         unlinked += self.content.delete(blob.digest)
                     else:
                         unlinked += self.content.delete_path(blob.digest)

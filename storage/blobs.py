@@ -245,7 +245,7 @@ def _is_digest(digest: str) -> bool:
 
 
 def _stray(relative: str, size: int) -> DeletedBlob:
-    return DeletedBlob(relative, "orphan", size, "not a blob of the store")
+    return DeletedBlob(relative, "stray", size, "not a blob of the store")
 
 
 def _files_below(directory: Dir, prefix: str) -> Iterator[tuple[str, int]]:
