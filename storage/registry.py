@@ -46,9 +46,9 @@ Decisions (each pinned by ``tests/test_registry_client.py``):
   happens under an exclusive ``flock`` on ``<root>/tmp/locks/<hex>.lock``, so concurrent pulls
   of one blob (threads or processes) download it once: the waiter then finds it stored. The
   holder removes the lock file before releasing it (waiters check the inode they locked is
-  still the path's), so locks do not pile up; lock files are opened with ``O_NOFOLLOW`` below
-  the home (a planted link, FIFO or device in a lock's place is removed, never followed; a
-  link in place of ``tmp`` or ``tmp/locks`` is refused with `BlobLockError`).
+  still the path's), so locks do not pile up; the locks' directory and files are opened
+  through `storage.home.Dir` (never through a link: a link, FIFO or device planted in their
+  place is a `HomeDamagedError` naming it).
 - **Waits are bounded**: `RegistryOptions.timeout` is the read timeout (no byte for that long:
   a stall, retried once, then ``no data for N s from HOST``); `RegistryOptions.deadline`
   bounds the whole pull (a trickle, endless retries: ``the pull's deadline of N s passed``).
@@ -68,7 +68,6 @@ import base64
 import binascii
 import contextlib
 import email.utils
-import errno
 import fcntl
 import hashlib
 import json
@@ -77,7 +76,6 @@ import random
 import re
 import shutil
 import ssl
-import stat
 import subprocess
 import threading
 import time
@@ -105,6 +103,7 @@ from imageledger.domain.model import (
     Platform,
 )
 from imageledger.domain.reference import DEFAULT_REGISTRY, Reference, validate_digest
+from imageledger.storage.home import Dir
 from imageledger.storage.oci import (
     CONFIG_TYPES,
     MAX_MANIFEST_SIZE,
@@ -661,97 +660,9 @@ class PullStore(BlobAccess, Protocol):
     def write_bytes(self, data: bytes, digest: str | None = None) -> str: ...
 
 
-class BlobLockError(ImageLedgerError):
-    """The download locks' directory (``<home>/tmp/locks``) cannot be used safely: a path on
-    the way is a symbolic link or not a directory, or a lock is a directory. Nothing is
-    followed and nothing is deleted but a planted link, FIFO, socket or device in place of a
-    lock file."""
-
-
-_LOCK_OPEN: Final = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
-_DIR_OPEN: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
-_LOCK_ATTEMPTS: Final = 16
 _LOCK_POLL: Final = 0.25
-
-
-def _open_subdirectory(parent: int, name: str, shown: Path) -> int:
-    """Open (creating it if missing) directory `name` under directory fd `parent`, never
-    through a symbolic link: one planted there is damage, refused with `BlobLockError`."""
-    for _ in range(_LOCK_ATTEMPTS):
-        try:
-            return os.open(name, _DIR_OPEN, dir_fd=parent)
-        except FileNotFoundError:
-            with contextlib.suppress(FileExistsError):
-                os.mkdir(name, 0o755, dir_fd=parent)
-        except OSError as e:
-            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
-                raise
-            try:
-                link = stat.S_ISLNK(os.stat(name, dir_fd=parent, follow_symlinks=False).st_mode)
-            except OSError:
-                link = False
-            kind = "a symbolic link" if link else "not a directory"
-            msg = (
-                f"refusing to use {_clip(shown)}: it is {kind} (the home was tampered with or"
-                " damaged; remove it)"
-            )
-            raise BlobLockError(msg) from None
-    msg = f"cannot create {_clip(shown)}: it keeps disappearing"
-    raise BlobLockError(msg)
-
-
-def _open_locks(root: Path) -> int:
-    """A directory fd of ``<root>/tmp/locks``, reached without following a link below
-    `root`."""
-    fd = os.open(root, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
-    shown = root
-    for name in ("tmp", "locks"):
-        shown = shown / name
-        try:
-            child = _open_subdirectory(fd, name, shown)
-        finally:
-            os.close(fd)
-        fd = child
-    return fd
-
-
-def _open_lock_file(directory: int, name: str, shown: Path) -> int:
-    """Open (create) lock file `name` in `directory`: a regular file, never a link's target.
-    A symbolic link, FIFO, socket or device planted in its place is removed (the link
-    itself, never what it points to) and logged; a directory there is refused."""
-    for _ in range(_LOCK_ATTEMPTS):
-        try:
-            fd = os.open(name, _LOCK_OPEN, 0o644, dir_fd=directory)
-        except FileNotFoundError:
-            continue  # unlinked between the create and the open by a holder: again
-        except OSError as e:
-            if e.errno == errno.EISDIR:
-                msg = f"refusing to use {_clip(shown)}: a directory where a lock file belongs"
-                raise BlobLockError(msg) from None
-            if e.errno not in (errno.ELOOP, errno.ENXIO, errno.EOPNOTSUPP, errno.EACCES):
-                raise
-            _remove_planted(directory, name, shown, e)
-            continue
-        if stat.S_ISREG(os.fstat(fd).st_mode):
-            return fd
-        os.close(fd)
-        _remove_planted(directory, name, shown, None)
-    msg = f"cannot open the lock file {_clip(shown)}: something keeps replacing it"
-    raise BlobLockError(msg)
-
-
-def _remove_planted(directory: int, name: str, shown: Path, error: OSError | None) -> None:
-    try:
-        found = os.stat(name, dir_fd=directory, follow_symlinks=False)
-    except FileNotFoundError:
-        return
-    if stat.S_ISREG(found.st_mode) or stat.S_ISDIR(found.st_mode):
-        if error is not None:
-            raise error  # a lock file we may not open (EACCES): say so as it is
-        return
-    log.warning("registry.lock.removed_planted", path=str(shown), mode=oct(found.st_mode))
-    with contextlib.suppress(FileNotFoundError):
-        os.unlink(name, dir_fd=directory)
+"""The longest pause between two tries at a lock another pull holds (while a deadline or a
+cancellation must be noticed, the lock is polled rather than waited for)."""
 
 
 def _flock(
@@ -803,51 +714,47 @@ def _blob_lock(
     The classic pattern makes the removal safe: the holder unlinks the path before it closes
     (releases) the file; a waiter that then gets the lock on the unlinked file sees that the
     path no longer names its file (another inode, or none) and starts again on the path's
-    current file. The same check covers a sweep of ``tmp/`` removing the file. Nothing is
-    opened through a symbolic link (see `_open_lock_file`). A wait for another pull's lock
-    ends at `deadline` (raising `expired()`) or when `cancel` is set."""
-    root = Path(store.root)
+    current file. The same check covers a sweep of ``tmp/`` removing the file. The directories
+    and the file are opened through `storage.home.Dir` (one component at a time, never
+    through a link): a link, FIFO or device planted there is a `HomeDamagedError` naming it,
+    never followed. A wait for another pull's lock ends at `deadline` (raising `expired()`)
+    or when `cancel` is set."""
     name = f"{digest.partition(':')[2]}.lock"
-    shown = root / "tmp" / "locks" / name
 
     def default_expired() -> BaseException:
         return RegistryTimeoutError(f"waiting for another pull of {digest}: the deadline passed")
 
-    directory = _open_locks(root)
-    try:
+    with Dir.at(store.root) as root, root.sub("tmp/locks", create=True) as locks:
         while True:
-            fd = _open_lock_file(directory, name, shown)
+            fd = locks.open_lock(name)
             try:
                 _flock(fd, deadline, cancel, expired or default_expired)
                 mine = os.fstat(fd)
-                try:
-                    current = os.stat(name, dir_fd=directory, follow_symlinks=False)
-                except FileNotFoundError:
-                    continue
-                if (current.st_dev, current.st_ino) != (mine.st_dev, mine.st_ino):
+                current = locks.stat(name)
+                if current is None or (current.st_dev, current.st_ino) != (
+                    mine.st_dev,
+                    mine.st_ino,
+                ):
                     continue
                 try:
                     yield
                 finally:
-                    _unlink_lock(directory, name, mine, shown)
+                    _unlink_lock(locks, name, mine)
                 return
             finally:
                 os.close(fd)  # after the unlink: a waiter must not lock a file still named
-    finally:
-        os.close(directory)
 
 
-def _unlink_lock(directory: int, name: str, mine: os.stat_result, shown: Path) -> None:
-    """Remove lock file `name` if it is still ours (the lock is still held). A failure to
-    remove only leaves a file behind; it never fails the pull."""
+def _unlink_lock(locks: Dir, name: str, mine: os.stat_result) -> None:
+    """Remove lock file `name` if it is still ours (we still hold its lock, so nobody else
+    can have replaced it but a sweep of ``tmp/``). A failure to remove only leaves a file
+    behind; it never fails the pull."""
     try:
-        current = os.stat(name, dir_fd=directory, follow_symlinks=False)
-        if (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
-            os.unlink(name, dir_fd=directory)
-    except FileNotFoundError:
-        pass
+        current = locks.stat(name)
+        if current is not None and (current.st_dev, current.st_ino) == (mine.st_dev, mine.st_ino):
+            locks.delete(name)
     except OSError as e:
-        log.warning("registry.lock.not_removed", path=str(shown), error=e.strerror)
+        log.warning("registry.lock.not_removed", path=str(locks.path / name), error=e.strerror)
 
 
 # ---- HTTP helpers ----------------------------------------------------------------------------

@@ -21,12 +21,11 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
-from imageledger.domain.errors import ImageLedgerError
+from imageledger.domain.errors import HomeDamagedError, ImageLedgerError
 from imageledger.domain.model import Platform
 from imageledger.domain.reference import Reference
 from imageledger.storage.blobs import BlobStore
 from imageledger.storage.registry import (
-    BlobLockError,
     NotInRegistryError,
     RegistryAuthError,
     RegistryClient,
@@ -468,8 +467,9 @@ def test_pulls_leave_no_lock_files(tmp_path: Path, registry: Registry) -> None:
         assert _locks(store) == []
 
 
-def test_a_link_planted_as_a_lock_file_is_removed_not_followed(
-    tmp_path: Path, registry: Registry
+@pytest.mark.parametrize("kind", ["link", "dangling link", "fifo"])
+def test_a_lock_file_planted_as_a_link_or_fifo_is_named_never_followed(
+    tmp_path: Path, registry: Registry, kind: str
 ) -> None:
     built = _publish(tmp_path, registry, "app/planted:1", [_spec("planted")]).images[0]
     store = BlobStore(tmp_path / "home")
@@ -478,15 +478,24 @@ def test_a_link_planted_as_a_lock_file_is_removed_not_followed(
     victim = tmp_path / "victim"
     victim.write_bytes(b"precious")
     victim.chmod(0o444)
-    layer = built.layers[0].digest.partition(":")[2]
-    (locks / f"{layer}.lock").symlink_to(victim)
-    os.mkfifo(locks / f"{built.config_digest.partition(':')[2]}.lock")
     outside = tmp_path / "created-outside"  # O_CREAT through a dangling link would make it
-    (locks / f"{built.manifest_digest.partition(':')[2]}.lock").symlink_to(outside)
-    content = _pull(registry, store, "app/planted:1")
-    assert content.manifest_digest == built.manifest_digest
+    planted = locks / f"{built.layers[0].digest.partition(':')[2]}.lock"
+    if kind == "link":
+        planted.symlink_to(victim)
+    elif kind == "dangling link":
+        planted.symlink_to(outside)
+    else:
+        os.mkfifo(planted)
+    with pytest.raises(HomeDamagedError) as caught:
+        _pull(registry, store, "app/planted:1")
+    text = _one_line(caught.value)
+    assert str(planted) in text and ("link" in text or "not a" in text)
     assert victim.read_bytes() == b"precious" and victim.stat().st_mode & 0o777 == 0o444
     assert not outside.exists()
+    assert planted.is_symlink() or planted.is_fifo()  # named, not obeyed, not removed
+    assert _locks(store) == [planted.name]  # every other lock was removed by its holder
+    planted.unlink()  # the operator's repair
+    assert _pull(registry, store, "app/planted:1").manifest_digest == built.manifest_digest
     assert _locks(store) == []
 
 
@@ -503,7 +512,7 @@ def test_a_link_planted_as_the_locks_directory_is_refused(
         planted.rmdir()
     planted.parent.mkdir(parents=True, exist_ok=True)
     planted.symlink_to(elsewhere if where == "tmp" else elsewhere / "locks")
-    with pytest.raises(BlobLockError, match="symbolic link") as caught:
+    with pytest.raises(HomeDamagedError, match="symbolic link") as caught:
         _pull(registry, store, "app/linked:1")
     assert where in _one_line(caught.value)
     assert planted.is_symlink()  # named, not removed: the operator decides
