@@ -311,7 +311,9 @@ class _TarSource(_Source):
             )
         except ArchiveError:
             raise
-        except _READ_ERRORS as e:
+        except (*_READ_ERRORS, TypeError) as e:
+            # TypeError: tarfile parses a gzip header with ord() on whatever it read, so a
+            # stream that ends inside that header fails as "ord() expected a character".
             raise ArchiveError(f"{label}: not a tar archive (or a compressed one): {e}") from None
         with archive:
             while True:
@@ -467,52 +469,108 @@ class _DirSource(_Source):
         self.load = load
         self.copied: set[str] = set()
 
-    def _regular(self, relative: str) -> Path | None:
+    def _unreadable(self, relative: str, error: OSError) -> ArchiveError:
+        return ArchiveError(
+            f"layout {self.root}: cannot read {relative}: {error.strerror or error}"
+        )
+
+    def _open(self, relative: str) -> tuple[BinaryIO, int] | None:
+        """Regular file `relative` of the layout, open, and its size; None when absent.
+
+        Checked twice: by path first (no link, inside the layout, a regular file, not too
+        large), then on the open file itself, opened without following a link and without
+        blocking, so that an entry swapped after the check (for a link, a FIFO that would hang
+        the read, a device) is refused rather than read.
+        """
         path = self.root / relative
         try:
             info = path.lstat()
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # a file where a directory should be
             return None
-        if path.is_symlink():
+        except OSError as e:
+            raise self._unreadable(relative, e) from None
+        if stat.S_ISLNK(info.st_mode):
             raise ArchiveError(f"layout {self.root}: {relative} is a symlink")
-        if not path.resolve().is_relative_to(self.real_root):
+        try:
+            inside = path.resolve().is_relative_to(self.real_root)
+        except (OSError, RuntimeError):  # a loop of links above it (RuntimeError before 3.13)
+            inside = False
+        if not inside:
             raise ArchiveError(f"layout {self.root}: {relative} is outside the layout")
         if not stat.S_ISREG(info.st_mode):
             raise ArchiveError(f"layout {self.root}: {relative} is not a regular file")
-        if info.st_size > self.load.max_entry_size:
+        self._check_size(relative, info.st_size)
+        flags = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC
+        try:
+            f = os.fdopen(os.open(path, flags), "rb")
+        except OSError as e:
+            raise self._unreadable(relative, e) from None
+        try:
+            opened = os.fstat(f.fileno())
+            if (opened.st_dev, opened.st_ino) != (info.st_dev, info.st_ino):
+                raise ArchiveError(f"layout {self.root}: {relative} changed while it was read")
+            self._check_size(relative, opened.st_size)
+        except BaseException:
+            f.close()
+            raise
+        return f, opened.st_size
+
+    def _check_size(self, relative: str, size: int) -> None:
+        if size > self.load.max_entry_size:
             msg = (
-                f"layout {self.root}: {relative}: {info.st_size} bytes is larger than the"
+                f"layout {self.root}: {relative}: {size} bytes is larger than the"
                 f" {self.load.max_entry_size} byte limit"
             )
             raise ArchiveError(msg)
-        return path
+
+    def _read_chunks(self, f: BinaryIO, relative: str, limit: int) -> Iterator[bytes]:
+        """The content of open file `f` (at most `limit` bytes), closing it; read errors
+        become `ArchiveError` (errors of whoever consumes the chunks are not touched)."""
+        with f:
+            remaining = limit
+            while remaining > 0:
+                try:
+                    chunk = f.read(min(_CHUNK, remaining))
+                except OSError as e:
+                    raise self._unreadable(relative, e) from None
+                if not chunk:
+                    return
+                remaining -= len(chunk)
+                yield chunk
 
     def has(self, name: str) -> bool:
         return (self.root / name).exists()
 
     def metadata(self, name: str) -> bytes | None:
-        path = self._regular(name)
-        if path is None:
+        opened = self._open(name)
+        if opened is None:
             return None
-        if path.stat().st_size > MAX_MANIFEST_SIZE:
+        f, size = opened
+        if size > MAX_MANIFEST_SIZE:
+            f.close()
             msg = f"layout {self.root}: {name} is larger than the {MAX_MANIFEST_SIZE} byte limit"
             raise ArchiveError(msg)
-        return path.read_bytes()
+        return b"".join(self._read_chunks(f, name, MAX_MANIFEST_SIZE + 1))
 
     def blob(self, digest: str, limit: int | None = None) -> bool:
         if digest in self.copied:
             return True
         algorithm, _, hexdigest = digest.partition(":")
         relative = f"blobs/{algorithm}/{hexdigest}"
-        path = self._regular(relative)
-        if path is None:
+        opened = self._open(relative)
+        if opened is None:
             return False
-        size = path.stat().st_size
+        f, size = opened
         what = f"layout {self.root}: {relative}"
         if limit is not None and size > limit:
+            f.close()
             msg = f"{what}: {size} bytes is larger than the {limit} byte limit"
             raise ArchiveError(f"{msg} for a manifest or index")
-        self.load.put(digest, lambda: _file_chunks(path, limit=size + 1), size, what)
+        try:
+            # One more byte than announced: a file that grew is caught by the size check.
+            self.load.put(digest, lambda: self._read_chunks(f, relative, size + 1), size, what)
+        finally:
+            f.close()
         self.copied.add(digest)
         return True
 
