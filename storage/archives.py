@@ -143,10 +143,6 @@ def _entry_chunks(source: IO[bytes], name: str) -> Iterator[bytes]:
         yield chunk
 
 
-def _file_chunks(path: Path, *, limit: int | None = None) -> Iterator[bytes]:
-    return _chunks(path.open("rb"), limit=limit)
-
-
 def _chunks(f: IO[bytes], *, limit: int | None = None) -> Iterator[bytes]:
     """The content of an open file, in chunks (at most `limit` bytes); closes it."""
     with f:
