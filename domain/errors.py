@@ -107,3 +107,18 @@ class InvalidDestinationError(ImageLedgerError, ValueError):
     """An archive cannot be written where asked: a missing directory, a directory, a path
     inside the cache home (the home holds only what imageledger accounts for), or a place
     this user may not write."""
+
+
+class PlatformNotFoundError(ImageNotFoundError):
+    """The archive (or index) holds no image for the platform asked for; the message names
+    the platforms it does hold. Never answered with another platform's image."""
+
+    def __init__(self, reference: str, wanted: str, offered: list[str]) -> None:
+        ImageLedgerError.__init__(
+            self,
+            f"image not found: {reference} has no {wanted} image "
+            f"(it offers {', '.join(offered) or 'none'})",
+        )
+        self.reference = reference
+        self.wanted = wanted
+        self.offered = offered

@@ -289,14 +289,21 @@ def _stray_key(blob: DeletedBlob) -> tuple[str, str]:
     return blob.kind, blob.digest
 
 
-def choose_platform(images: Sequence[LoadedImage], wanted: Platform) -> LoadedImage:
+def choose_platform(
+    images: Sequence[LoadedImage], wanted: Platform, *, strict: bool = False
+) -> LoadedImage | None:
     """The image whose platform best matches `wanted`: same os, architecture and variant;
-    else same os and architecture; else the first listed (an archive's own order)."""
+    else same os and architecture (a variant not asked for matches any). Without `strict`
+    (the platform was not asked for, only defaulted to the host's), else the first listed,
+    an archive's own order; with it, None: another platform is never an answer to a
+    platform asked for."""
     for image in images:
         if image.content.platform == wanted:
             return image
     for image in images:
         platform = image.content.platform
-        if (platform.os, platform.architecture) == (wanted.os, wanted.architecture):
+        if (platform.os, platform.architecture) == (wanted.os, wanted.architecture) and (
+            wanted.variant is None or not strict
+        ):
             return image
-    return images[0]
+    return None if strict else images[0]

@@ -12,7 +12,7 @@ from __future__ import annotations
 import builtins
 import random
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from datetime import datetime
 from typing import Any, Protocol, TypeVar
@@ -181,30 +181,56 @@ class ImageCacheService:
     ) -> ImageHandle:
         """Commit a pull or load whose blobs are all in the store (the caller's in-flight
         lease still protects them): `reference` now names `content`."""
-        ref = canonical(reference)
-        pinned = Reference.parse(ref).digest
-        if pinned is not None and pinned != content.manifest_digest:
-            msg = f"{ref} names manifest {pinned}, the content is {content.manifest_digest}"
-            raise DigestMismatchError(msg)
+        return self.add_all([(reference, content, cached)], source)[0]
+
+    def add_all(
+        self, images: Sequence[tuple[str, ImageContent, bool]], source: str
+    ) -> builtins.list[ImageHandle]:
+        """Commit a load (or pull) of several (reference, content, cached) at once: one
+        append, so an archive of many images or one image under many names is all or
+        nothing, and costs one commit whatever the number of names."""
+        items: builtins.list[tuple[str, ImageContent, bool]] = []
+        for reference, content, cached in images:
+            ref = canonical(reference)
+            pinned = Reference.parse(ref).digest
+            if pinned is not None and pinned != content.manifest_digest:
+                msg = f"{ref} names manifest {pinned}, the content is {content.manifest_digest}"
+                raise DigestMismatchError(msg)
+            items.append((ref, content, cached))
         with self.lock():
-            for digest, _kind, size in content.kinded_blobs():
-                if self.content.size(digest) != size:
-                    msg = f"{ref}: blob {digest} is missing from the store or has the wrong size"
-                    raise ContentMissingError(msg)
+            checked: set[str] = set()
+            for ref, content, _cached in items:
+                for digest, _kind, size in content.kinded_blobs():
+                    if digest in checked:
+                        continue
+                    if self.content.size(digest) != size:
+                        msg = (
+                            f"{ref}: blob {digest} is missing from the store or has the wrong size"
+                        )
+                        raise ContentMissingError(msg)
+                    checked.add(digest)
 
             def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> None:
-                self._record(
-                    ledger,
-                    now,
-                    ImageLedger.ImagePulled,
-                    reference=ref,
-                    source=source,
-                    content=content,
-                    cached=cached,
-                )
+                for ref, content, cached in items:
+                    self._record(
+                        ledger,
+                        now,
+                        ImageLedger.ImagePulled,
+                        reference=ref,
+                        source=source,
+                        content=content,
+                        cached=cached,
+                    )
 
             self._commit(decide)
-        return self.get(ref)
+            with self.ledger.snapshot() as state:
+                records = [state.reference(ref) for ref, _, _ in items]
+        handles = []
+        for (ref, _, _), record in zip(items, records, strict=True):
+            if record is None:  # pragma: no cover - committed just now, under the store lock
+                raise ImageNotFoundError(ref)
+            handles.append(record.handle())
+        return handles
 
     def record_failure(self, reference: str, source: str, error: str) -> None:
         """A pull or load failed: the users must be able to trace it."""

@@ -47,6 +47,7 @@ from imageledger.domain.errors import (
     InvalidDestinationError,
     InvalidHomeError,
     InvalidReferenceError,
+    PlatformNotFoundError,
 )
 from imageledger.domain.events import TRANSCODINGS, ImageLedger
 from imageledger.domain.model import (
@@ -515,18 +516,13 @@ class ImageCache:
         ref = Reference.parse(reference)
         wanted = parse_platform(platform) if platform else host_platform()
         source = f"registry:{ref.name}"
-        with self._leases.lease() as lease:
-            leased = _LeasedStore(self.store, lease, self._lock, self._leases, self._knows_blob)
+        with self._bringing(str(ref), source) as leased:
             held = self._held_manifest(ref.digest, leased)
             if held is not None:
                 log.info("pull.offline", reference=str(ref))
                 return self._bind(self.service.add(str(ref), held, source, cached=True))
-            try:
-                with _space(self.home), self._registry(options) as client:
-                    content = client.pull(ref, leased, platform=wanted, progress=progress)
-            except ImageLedgerError as e:
-                self._record_failure(str(ref), source, e)
-                raise
+            with _space(self.home), self._registry(options) as client:
+                content = client.pull(ref, leased, platform=wanted, progress=progress)
             cached = not any(d in leased.written for d, _ in content.blobs)
             handle = self.service.add(str(ref), content, source, cached=cached)
         return self._bind(handle)
@@ -578,22 +574,20 @@ class ImageCache:
         layout (``latest``) needs `tag` to say which repository it belongs to. Where the archive
         holds several platforms of one image, `platform` (``os/arch[/variant]``, default this
         host's linux platform) picks one, else the first listed; the others are not kept."""
+        if not isinstance(source, str | os.PathLike) and not hasattr(source, "read"):
+            msg = f"load() takes a path or a binary stream, not {type(source).__name__}"
+            raise TypeError(msg)
         tag_ref = canonical(tag) if tag is not None else None
         wanted = parse_platform(platform) if platform else host_platform()
-        where = str(source) if isinstance(source, str | os.PathLike) else "stdin"
+        where = os.fsdecode(source) if isinstance(source, str | os.PathLike) else "stdin"
         kind = _source_kind(source)
-        with self._leases.lease() as lease:
-            leased = _LeasedStore(self.store, lease, self._lock, self._leases, self._knows_blob)
-            try:
-                with _space(self.home):
-                    loaded = archives.load(
-                        Path(source) if isinstance(source, str | os.PathLike) else source,
-                        leased,
-                    )
-                named = _names(loaded, tag_ref, wanted)
-            except ImageLedgerError as e:
-                self._record_failure(tag or "", f"{kind}:{where}", e)
-                raise
+        with self._bringing(tag or "", f"{kind}:{where}") as leased:
+            with _space(self.home):
+                loaded = archives.load(
+                    Path(os.fsdecode(source)) if isinstance(source, str | os.PathLike) else source,
+                    leased,
+                )
+            named = _names(loaded, tag_ref, wanted, strict=platform is not None)
             # The platforms not chosen leave nothing behind.
             keep = {d for _, image in named for d, _ in image.content.blobs}
             for image in loaded:
@@ -601,13 +595,40 @@ class ImageCache:
                     if digest not in keep and digest in leased.written:
                         leased.delete(digest)
                         keep.add(digest)
-            handles = []
-            for reference, image in named:
-                cached = not any(d in leased.written for d, _ in image.content.blobs)
-                handles.append(
-                    self.service.add(reference, image.content, f"{kind}:{where}", cached=cached)
-                )
+            handles = self.service.add_all(
+                [
+                    (
+                        reference,
+                        image.content,
+                        not any(d in leased.written for d, _ in image.content.blobs),
+                    )
+                    for reference, image in named
+                ],
+                f"{kind}:{where}",
+            )
         return [self._bind(h) for h in handles]
+
+    @contextlib.contextmanager
+    def _bringing(self, reference: str, source: str) -> Iterator[_LeasedStore]:
+        """One pull or load: its in-flight lease and the store as the source sees it. If it
+        fails (an error, an interrupt, SIGTERM in the CLI), the blobs it wrote that nothing
+        else needs are deleted before the error leaves, and the failure is recorded: every
+        failed pull or load is in the history, whatever failed."""
+        with self._leases.lease() as lease:
+            leased = _LeasedStore(self.store, lease, self._lock, self._leases, self._knows_blob)
+            try:
+                yield leased
+            except BaseException as e:
+                for digest in sorted(leased.written):
+                    try:
+                        leased.delete(digest)
+                    except (OSError, ImageLedgerError) as cleanup:
+                        log.warning("bring.cleanup_failed", digest=digest, error=str(cleanup))
+                if isinstance(e, Exception | KeyboardInterrupt) and not isinstance(
+                    e, CacheClosedError
+                ):
+                    self._record_failure(reference, source, e)
+                raise
 
     def save(
         self,
@@ -661,11 +682,14 @@ class ImageCache:
             raise InvalidDestinationError(msg)
         return target
 
-    def _record_failure(self, reference: str, source: str, error: ImageLedgerError) -> None:
+    def _record_failure(self, reference: str, source: str, error: BaseException) -> None:
         """Trace a failed pull or load in the ledger, unless the ledger cannot take it (its
         disk is full too): the caller then still gets the original error, not this one."""
+        what = str(error) or type(error).__name__
+        if not isinstance(error, ImageLedgerError):
+            what = f"{type(error).__name__}: {what}"
         try:
-            self.service.record_failure(reference, source, str(error))
+            self.service.record_failure(reference, source, what)
         except ImageLedgerError as unrecorded:
             log.warning("pull.failure_not_recorded", error=str(error), why=str(unrecorded))
 
@@ -760,11 +784,11 @@ def _space(where: object) -> Iterator[None]:
 
 
 def _names(
-    loaded: list[LoadedImage], tag: str | None, platform: Platform
+    loaded: list[LoadedImage], tag: str | None, platform: Platform, *, strict: bool
 ) -> list[tuple[str, LoadedImage]]:
     """Which reference each loaded image gets (see `ImageCache.load`): one image per
     reference; where an archive holds several platforms under one name, the one `platform`
-    matches, else the first the archive lists."""
+    matches, else (unless `strict`: the platform was asked for) the first the archive lists."""
     named: dict[str, list[LoadedImage]] = {}
     for image in loaded:
         refs = [tag] if tag is not None else _image_refs(image)
@@ -776,7 +800,11 @@ def _names(
         if len(set(platforms)) != len(platforms):
             msg = f"the archive holds {len(images)} images for {ref}; load them one at a time"
             raise InvalidReferenceError(msg)
-        chosen.append((ref, choose_platform(images, platform)))
+        best = choose_platform(images, platform, strict=strict)
+        if best is None:
+            offered = sorted({str(i.content.platform) for i in images})
+            raise PlatformNotFoundError(ref, str(platform), offered)
+        chosen.append((ref, best))
     return chosen
 
 

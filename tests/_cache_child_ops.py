@@ -118,7 +118,7 @@ def instrument(cache: ImageCache, pauser: Pauser) -> None:
     """
     service = cache.service
     store = cache.store
-    real_add = service.add
+    real_add = service.add_all
     real_append = cache.append
     real_delete = store.delete
     real_delete_path = store.delete_path
@@ -167,7 +167,7 @@ def instrument(cache: ImageCache, pauser: Pauser) -> None:
             pauser.reached("lease-rename")  # the locked, still unnamed lease file
         real_link(src, dst, *args, **kwargs)
 
-    service.add = add  # type: ignore[method-assign]
+    service.add_all = add  # type: ignore[method-assign]
     cache.append = append  # type: ignore[method-assign]
     store.delete = delete  # type: ignore[method-assign]
     store.delete_path = delete_path  # type: ignore[method-assign]
