@@ -574,17 +574,23 @@ class _DirSource(_Source):
 # ---- names -----------------------------------------------------------------------------------
 
 
-def _same_reference(a: str, b: str) -> bool:
+def _reference_key(name: str) -> str:
+    """What makes two spellings of a name the same name (the canonical reference)."""
     try:
-        return str(parse_reference(a)) == str(parse_reference(b))
+        return str(parse_reference(name))
     except InvalidReferenceError:
-        return a == b
+        return name
 
 
-def _add_names(names: list[str], candidates: Sequence[str | None]) -> None:
+def _add_names(names: list[str], candidates: Sequence[str | None], seen: set[str]) -> None:
+    """Append the candidates not already named (by any spelling): one parse per name and a
+    set lookup, so an image tagged N times costs O(N), not N^2 comparisons."""
     for name in candidates:
-        if name and not any(_same_reference(name, known) for known in names):
-            names.append(name)
+        if name:
+            key = _reference_key(name)
+            if key not in seen:
+                seen.add(key)
+                names.append(name)
 
 
 def _entry_names(entry: IndexEntry) -> list[str]:
@@ -611,13 +617,14 @@ def _entry_names(entry: IndexEntry) -> list[str]:
 class _Found:
     content: ImageContent
     names: list[str]
+    seen: set[str] = field(default_factory=set)  # the names' canonical forms
 
 
 def _collect(found: dict[str, _Found], content: ImageContent, names: Sequence[str]) -> None:
     known = found.get(content.manifest_digest)
     if known is None:
         found[content.manifest_digest] = known = _Found(content, [])
-    _add_names(known.names, names)
+    _add_names(known.names, names, known.seen)
 
 
 def _read_layout(source: _Source) -> list[IndexEntry] | str:
@@ -806,7 +813,7 @@ def _add_repo_tags(source: _TarSource, items: list[_DockerItem], found: dict[str
             source.file(path, f"{where} Layers[{j}]")
         for image in found.values():
             if image.content.config.digest == config.digest:
-                _add_names(image.names, item.repo_tags)
+                _add_names(image.names, item.repo_tags, image.seen)
 
 
 def _load_from(source: _Source, store: BlobAccess) -> dict[str, _Found]:
