@@ -252,7 +252,8 @@ class LedgerEnv:
                 meminit=False,
             )
         except (lmdb.InvalidError, lmdb.CorruptedError, lmdb.VersionMismatchError) as e:
-            msg = f"{path}: not a readable ledger (LMDB says: {e}); {RECOVERY}"
+            said = str(e).removeprefix(f"{path}: ")
+            msg = f"{path}: not a readable ledger, or a damaged one (LMDB says: {said}); {RECOVERY}"
             raise LedgerCorruptError(msg) from e
         except lmdb.Error as e:
             msg = f"{path}: cannot open the ledger: {e}"
