@@ -127,11 +127,11 @@ def damaged_copy(pristine: Path, into: Path, damage: Callable[[bytes], bytes]) -
 
 def _meta_root(data: bytes, dbi: int) -> int:
     """The root page of database `dbi` (0 free list, 1 main) in the newest meta page."""
-    metas = []
+    metas: list[tuple[int, int]] = []
     for page in (0, 1):
         base = page * PAGE + 16
-        txnid = struct.unpack_from("<Q", data, base + 24 + 2 * 48 + 8)[0]
-        root = struct.unpack_from("<Q", data, base + 24 + dbi * 48 + 40)[0]
+        txnid = int(struct.unpack_from("<Q", data, base + 24 + 2 * 48 + 8)[0])
+        root = int(struct.unpack_from("<Q", data, base + 24 + dbi * 48 + 40)[0])
         metas.append((txnid, root))
     return max(metas)[1]
 
