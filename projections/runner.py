@@ -72,7 +72,10 @@ def folder(decode: Decode) -> Fold:
 
 
 def undecodable(notification: Notification, error: Exception) -> LedgerCorruptError:
-    """The error of a log entry the mapper could not turn into an event."""
+    """The error of a log entry the mapper could not turn into an event (itself, when the
+    decoder already said which entry: see `storage.ledger.checked_decoder`)."""
+    if isinstance(error, LedgerCorruptError) and f"log entry {notification.id} " in str(error):
+        return error
     text = " ".join(str(error).split())
     if len(text) > 120:
         text = text[:117] + "..."

@@ -35,8 +35,9 @@ import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from hashlib import blake2b
+from pathlib import Path
 from time import monotonic
-from typing import Any, Final, cast
+from typing import Any, Final, TypeVar, cast
 from uuid import UUID, SafeUUID
 
 import lmdb
@@ -63,6 +64,7 @@ from imageledger.storage.lmdbenv import (
     Durability,
     EnvConfig,
     LedgerEnv,
+    damaged,
     open_env,
     release_env,
 )
@@ -417,6 +419,31 @@ def log_at(
     log_db = recorder._db("log")
     for position in positions:
         yield _notification(_get(txn, _U64.pack(position), log_db), position)
+
+
+E = TypeVar("E")
+
+
+def checked_decoder(decode: Callable[[Notification], E], path: Path) -> Callable[[Notification], E]:
+    """`decode` (an application mapper's ``to_domain_event``) for log entries of the ledger at
+    `path`: whatever it raises on an entry (its state damaged so that the transcoder cannot
+    read it, a topic that names no class, fields the event does not take) becomes
+    `LedgerCorruptError` naming the ledger, the entry and what to do. Entries are read from
+    disk, where LMDB keeps no checksums: a failure to decode one is damage to report."""
+
+    def checked(notification: Notification) -> E:
+        try:
+            return decode(notification)
+        except Exception as e:
+            detail = " ".join(str(e).split())
+            if len(detail) > 120:
+                detail = detail[:117] + "..."
+            raise damaged(
+                path,
+                f"log entry {notification.id} cannot be decoded ({type(e).__name__}: {detail})",
+            ) from e
+
+    return checked
 
 
 def check_log(recorder: LMDBApplicationRecorder) -> int:

@@ -27,11 +27,16 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from uuid import uuid4
 
+import msgpack
 import pytest
+from eventsourcing.persistence import Notification
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imageledger.domain.errors import LedgerCorruptError
+from imageledger.storage.ledger import checked_decoder
 from imageledger.storage.ledgercheck import LedgerCheck, check_ledger
 from imageledger.tools.imagebuild import ImageSpec, build_docker_archive, build_image
 
@@ -380,3 +385,46 @@ def test_damaged_pages_never_give_a_garbage_answer_or_a_traceback(
         run = cli(home, *command)
         check_answer(command, run, undamaged[" ".join(command)], home / "ledger")
         shutil.rmtree(home)
+
+
+def damage_first_state(pristine: Path) -> Callable[[bytes], bytes]:
+    """The first log entry's event state overwritten with bytes that are not msgpack, its
+    envelope intact (same length): LMDB and the recorder read it, the mapper cannot."""
+
+    def damage(data: bytes) -> bytes:
+        found = bytearray(data)
+        _, _, offset = _nodes(data, log_leaves(pristine)[0])[0]
+        unpacker = msgpack.Unpacker(raw=False)
+        unpacker.feed(data[offset : offset + PAGE])
+        raw, version, topic, state = next(unpacker)
+        envelope = msgpack.packb((raw, version, topic, state))
+        assert data[offset : offset + len(envelope)] == envelope
+        start = offset + len(envelope) - len(state)
+        found[start : start + len(state)] = b"\xc1" * len(state)
+        return bytes(found)
+
+    return damage
+
+
+def test_checker_reports_an_undecodable_event_state(pristine: Path, tmp_path: Path) -> None:
+    home = damaged_copy(pristine, tmp_path, damage_first_state(pristine))
+    found = check_ledger(home / "ledger")
+    assert not found.ok and found.problem is not None
+    assert str(home / "ledger") in found.problem and "log entry 1" in found.problem
+
+
+def test_history_reports_an_undecodable_event_state(pristine: Path, tmp_path: Path) -> None:
+    home = damaged_copy(pristine, tmp_path, damage_first_state(pristine))
+    assert_damage_reported(cli(home, "history"), home / "ledger")
+
+
+def test_checked_decoder_names_the_ledger_and_the_entry(tmp_path: Path) -> None:
+    def decode(notification: Notification) -> object:
+        raise ValueError("bad\nbytes")
+
+    checked = checked_decoder(decode, tmp_path / "ledger")
+    with pytest.raises(LedgerCorruptError) as caught:
+        checked(Notification(uuid4(), 1, "topic", b"state", 7))
+    message = str(caught.value)
+    assert "\n" not in message
+    assert str(tmp_path / "ledger") in message and "log entry 7" in message
