@@ -5,6 +5,11 @@ a platform asked for is never answered with another; many names cost linear work
 from __future__ import annotations
 
 import io
+import os
+import signal
+import subprocess
+import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -37,6 +42,12 @@ def tmp_leftovers(home: Path) -> list[str]:
         for p in tmp.rglob("*")
         if p.parts[len(tmp.parts)] not in ("leases", "locks") or p.is_file()
     )
+
+
+def spooled(home: Path) -> list[Path]:
+    """Files a load in flight wrote under its lease's work directory (tmp/<lease>/...)."""
+    tmp = home / "tmp"
+    return [p for p in tmp.rglob("*") if p.is_file() and p.parent.parent != tmp]
 
 
 def failures(cache: ImageCache) -> list[str]:
@@ -173,3 +184,38 @@ def test_one_manifest_under_many_names_is_one_commit_and_linear_work(
     assert len(appends) == 1 and appends[0] >= len(names)  # one commit, every name in it
     assert parses <= 3 * len(names)  # each name parsed a bounded number of times
     assert len(cache.list()) == len(names)
+
+
+def test_sigterm_during_a_cli_load_cleans_up_like_ctrl_c(tmp_path: Path) -> None:
+    spec = ImageSpec(
+        layers=({"one": os.urandom(300_000)}, {"two": os.urandom(300_000)}),
+        compression="none",
+        names=("big:1",),
+    )
+    data = build_docker_archive(tmp_path / "big.tar", [spec]).path.read_bytes()
+    home = tmp_path / "home"
+    env = {**os.environ, "IMAGELEDGER_LOG_LEVEL": "error"}
+    child = subprocess.Popen(
+        [sys.executable, "-m", "imageledger.tools.cli", "--home", str(home), "load", "-"],
+        stdin=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=env,
+    )
+    assert child.stdin is not None
+    child.stdin.write(data[: len(data) * 3 // 4])
+    child.stdin.flush()
+    deadline = time.monotonic() + 60
+    # Spooled or stored: the load is under way, with files of its own on disk.
+    while not spooled(home) and not blob_files(home):
+        assert time.monotonic() < deadline, "the load wrote nothing"
+        time.sleep(0.05)
+    child.send_signal(signal.SIGTERM)
+    _, stderr = child.communicate(timeout=60)
+    assert child.returncode == 128 + signal.SIGTERM, stderr
+    assert stderr.decode().strip() == "imageledger: terminated (SIGTERM)"
+    assert blob_files(home) == []
+    assert tmp_leftovers(home) == []
+    with ImageCache(home) as cache:
+        [failure] = failures(cache)
+        assert "Terminated" in failure
+        assert cache.list() == []

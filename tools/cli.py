@@ -15,7 +15,9 @@ from __future__ import annotations
 import argparse
 import json
 import re
+import signal
 import sys
+import threading
 from collections.abc import Callable, Sequence
 from dataclasses import asdict
 from datetime import datetime
@@ -588,8 +590,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+class Terminated(KeyboardInterrupt):
+    """SIGTERM, raised where the process is so that it unwinds as Ctrl-C does: a load or
+    pull in flight deletes what it wrote and records its failure before the process ends."""
+
+
+def _terminate(signum: int, _frame: object) -> None:
+    raise Terminated
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     configure_logging()
+    if threading.current_thread() is threading.main_thread():
+        # The command line owns its process; the library never installs handlers.
+        signal.signal(signal.SIGTERM, _terminate)
     try:
         args = build_parser().parse_args(argv)
     except UsageError as e:
@@ -623,7 +637,11 @@ def _run(args: argparse.Namespace) -> int:
             return int(args.run(cache, args))
     except BrokenPipeError:
         return EXIT_FAILURE
+    except Terminated:
+        print("imageledger: terminated (SIGTERM)", file=sys.stderr)
+        return 128 + signal.SIGTERM
     except KeyboardInterrupt:
+        print("imageledger: interrupted", file=sys.stderr)
         return 130
     except (ImageLedgerError, ValueError, OSError) as e:
         print(f"imageledger: {one_line(str(e))}", file=sys.stderr)
