@@ -76,6 +76,7 @@ import random
 import re
 import shutil
 import ssl
+import stat
 import subprocess
 import threading
 import time
@@ -91,7 +92,12 @@ from urllib.parse import urlsplit
 import httpx
 import structlog
 
-from imageledger.domain.errors import DigestMismatchError, ImageLedgerError, ImageNotFoundError
+from imageledger.domain.errors import (
+    DigestMismatchError,
+    HomeDamagedError,
+    ImageLedgerError,
+    ImageNotFoundError,
+)
 from imageledger.domain.model import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -755,6 +761,80 @@ def _unlink_lock(locks: Dir, name: str, mine: os.stat_result) -> None:
             locks.delete(name)
     except OSError as e:
         log.warning("registry.lock.not_removed", path=str(locks.path / name), error=e.strerror)
+
+
+_PARTIAL_NAME: Final = re.compile(r"([0-9a-f]{64,128})\.[0-9a-f]{1,64}\.part", re.ASCII)
+ADOPT_MIN_SIZE: Final = 1 << 20
+"""Blobs smaller than this are not resumed from a dead pull's partial file: downloading them
+again costs less than looking."""
+
+
+def _dead_partials(root: Path, digest: str, size: int) -> list[tuple[int, str, str]]:
+    """Partial downloads of `digest` a pull left in ``tmp/`` or a lease's work directory
+    ``tmp/<id>/`` (a `BlobWriter`'s ``<hex>.<random>.part``), biggest first, as (size, work
+    directory relative to ``tmp/`` or "", name); only regular files no bigger than the blob.
+    Read through `storage.home.Dir`: a link or anything planted is skipped, never
+    followed."""
+    hexdigest = digest.partition(":")[2]
+    found: list[tuple[int, str, str]] = []
+
+    def scan(directory: Dir, relative: str) -> None:
+        for name, st in directory.entries():
+            match = _PARTIAL_NAME.fullmatch(name)
+            if (
+                match is not None
+                and match[1] == hexdigest
+                and stat.S_ISREG(st.st_mode)
+                and 0 < st.st_size <= size
+            ):
+                found.append((st.st_size, relative, name))
+
+    try:
+        with Dir.at(root) as home, home.sub("tmp") as tmp:
+            scan(tmp, "")
+            for name, st in tmp.entries():
+                if stat.S_ISDIR(st.st_mode) and name not in ("leases", "locks"):
+                    with contextlib.suppress(OSError, HomeDamagedError), tmp.sub(name) as work:
+                        scan(work, name)
+    except (OSError, HomeDamagedError):
+        return []
+    return sorted(found, reverse=True)
+
+
+def _adopt_partial(store: PullStore, digest: str, size: int, writer: BlobWriting) -> int:
+    """Feed `writer` (new, empty) the bytes of the biggest partial download of `digest` that
+    an earlier pull left behind (killed, or its machine lost power), so that the download
+    resumes with ``Range`` instead of starting from zero; the bytes adopted.
+
+    Called under the blob's download lock, so no pull is writing that digest now (a load may
+    be: reading a prefix of its file is harmless). The file is copied, not moved: it belongs
+    to a dead lease, and prune reclaims it as before. Its bytes are checked like any others,
+    by the blob's digest at commit (the caller downloads again whole when they are bad)."""
+    if size < ADOPT_MIN_SIZE:
+        return 0
+    for _, relative, name in _dead_partials(Path(store.root), digest, size):
+        try:
+            with (
+                Dir.at(store.root) as home,
+                home.sub(f"tmp/{relative}" if relative else "tmp") as directory,
+                directory.open_read(name) as source,
+            ):
+                while writer.offset < size:
+                    try:
+                        chunk = source.read(min(1 << 20, size - writer.offset))
+                    except OSError:
+                        break
+                    if not chunk:
+                        break
+                    writer.write(chunk)  # the store's errors (a full disk) are the pull's
+        except (FileNotFoundError, HomeDamagedError):
+            continue  # gone (a prune, its own pull finishing) or swapped for something else
+        if writer.offset:
+            log.debug(
+                "registry.blob.adopted_partial", digest=digest, offset=writer.offset, size=size
+            )
+            break
+    return writer.offset
 
 
 # ---- HTTP helpers ----------------------------------------------------------------------------
@@ -1563,16 +1643,27 @@ class RegistryClient:
         descriptor: Descriptor,
         emit: _Emitter,
         cancel: threading.Event,
+        *,
+        adopt: bool = True,
     ) -> None:
+        """Download the blob into a new writer, resuming (``Range``) what a dead pull left
+        (`_adopt_partial`) and any transfer that breaks. A blob that fails to verify after
+        resuming from a dead pull's bytes is downloaded again whole, once (those bytes may
+        have been damaged: a crash, a power cut, a hand in ``tmp/``)."""
         digest, size = descriptor.digest, descriptor.size
         what = f"blob {digest}"
         url = f"{target.base}/v2/{target.repository}/blobs/{digest}"
         writer = store.writer(digest, size=size)
         try:
+            adopted = _adopt_partial(store, digest, size, writer) if adopt else 0
+            if adopted:
+                emit("blob-bytes", digest, adopted, size)
             attempt = 0
             stalls = 0
-            furthest = 0
+            furthest = adopted
             while True:
+                if adopted and writer.offset >= size:
+                    break  # the dead pull had it all, and died before it could commit
                 headers: dict[str, str] = {}
                 if writer.offset:
                     headers["Range"] = f"bytes={writer.offset}-"
@@ -1656,7 +1747,13 @@ class RegistryClient:
                 )
                 self._sleep(delay, target.deadline, what, f"retrying {target.host}")
                 attempt += 1
-            writer.commit()
+            try:
+                writer.commit()
+            except DigestMismatchError:
+                if not adopted:
+                    raise
+                log.warning("registry.blob.adopted_partial_bad", digest=digest, offset=adopted)
+                self._download(target, store, descriptor, emit, cancel, adopt=False)
         except BaseException:
             writer.abort()
             raise
@@ -1850,9 +1947,11 @@ __all__ = [
     "PullStore",
     "RegistryAuthError",
     "RegistryClient",
+    "RegistryConfigError",
     "RegistryError",
     "RegistryManifestError",
     "RegistryOptions",
+    "RegistryTimeoutError",
     "choose_platform",
     "docker_config_credentials",
     "options_from_environment",

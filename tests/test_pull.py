@@ -12,6 +12,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -27,6 +28,7 @@ else:
     from registry import FlakyRegistry, Registry, TokenRegistry, push
 
 TIMEOUT = 60.0
+CLI = (sys.executable, "-m", "imageledger.tools.cli")
 
 
 def _options(registry: Registry) -> RegistryOptions:
@@ -199,6 +201,63 @@ def test_a_crashed_pull_leaves_partials_the_next_prune_reclaims(
         handle = cache.pull(reference, options=_options(registry))
         for layer in handle.inspect().layers:
             assert cache.store.verify(layer.blob_digest)
+
+
+def _kill_a_pull_midway(
+    flaky_registry: FlakyRegistry, reference: str, big: str, home: Path
+) -> list[Path]:
+    """Run ``imageledger pull`` in a child, SIGKILL it once `big` is 1 MiB in; the partial
+    files it left."""
+    registry = flaky_registry.registry
+    already = flaky_registry.count_blob(big)
+    stall = flaky_registry.stall_blob(big, after=1 << 20)
+    child = subprocess.Popen(
+        [*CLI, "--home", str(home), "pull", reference, "--insecure-registry", registry.host],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        stall.wait_reached(TIMEOUT)
+        time.sleep(0.2)  # the client has written what it received
+        child.send_signal(signal.SIGKILL)
+        child.wait(TIMEOUT)
+    finally:
+        stall.release()
+        if child.poll() is None:
+            child.kill()
+    deadline = time.monotonic() + TIMEOUT  # the proxy records a request when it is over
+    while flaky_registry.count_blob(big) <= already and time.monotonic() < deadline:
+        time.sleep(0.02)
+    return [p for p in (home / "tmp").rglob("*.part") if p.name.startswith(big.split(":")[1])]
+
+
+@pytest.mark.parametrize("damaged", [False, True])
+def test_the_pull_after_a_killed_one_resumes_the_layer_it_left(
+    flaky_registry: FlakyRegistry, tmp_path: Path, damaged: bool
+) -> None:
+    registry = flaky_registry.registry
+    reference = _push_image(registry, tmp_path, "team/resume")
+    big = _big_layer(registry, reference, tmp_path)
+    home = tmp_path / "home"
+    [partial] = _kill_a_pull_midway(flaky_registry, reference, big, home)
+    left = partial.stat().st_size
+    assert 0 < left <= 1 << 20
+    if damaged:  # the dead pull's bytes are wrong: found at commit, downloaded again whole
+        with partial.open("r+b") as f:
+            f.write(b"\0" * 100)
+    before = len(flaky_registry.requests)
+    with ImageCache(home) as cache:
+        handle = cache.pull(reference, options=_options(registry))
+        for layer in handle.inspect().layers:
+            assert cache.store.verify(layer.blob_digest)
+    fetches = [
+        r
+        for r in flaky_registry.requests[before:]
+        if r.method == "GET" and r.path.endswith(f"/blobs/{big}")
+    ]
+    expected = [f"bytes={left}-", None] if damaged else [f"bytes={left}-"]
+    assert [r.header("Range") for r in fetches] == expected
+    assert partial.exists()  # copied, not taken: the dead lease's files are prune's
 
 
 def test_cli_pull_json_and_exit_codes(registry: Registry, tmp_path: Path) -> None:
