@@ -15,6 +15,8 @@ Decisions beyond the grammar (a demanding user's expectations, as Docker behaves
   lower case (an upper-case repository is refused, not folded: it names nothing on a registry);
 - ``name:tag@digest`` is pinned by the digest: the canonical form drops the tag (the digest
   alone says which content is meant; a tag beside it is a comment that may since have moved);
+- text longer than any valid reference could be (`_MAX_TEXT`) is refused before it is parsed,
+  and quoted only in part;
 - a 64-hex-character name alone is refused: it reads as an image id, not a repository;
 - digests are ``sha256`` (64 hex) or ``sha512`` (128 hex), lower-case hex as the OCI image
   spec requires; anything else is refused before it can become a path or a key.
@@ -33,6 +35,10 @@ DEFAULT_REGISTRY: Final = "docker.io"
 DEFAULT_TAG: Final = "latest"
 _LEGACY_REGISTRIES: Final = frozenset({"index.docker.io"})
 _MAX_NAME: Final = 255
+# The longest text that can be valid: a name of _MAX_NAME characters spelled with
+# "index.docker.io" (6 more than its canonical "docker.io"), a 128-character tag and a sha512
+# digest. Anything longer is refused before a pattern runs over it, and quoted only in part.
+_MAX_TEXT: Final = _MAX_NAME + 6 + 1 + 128 + 1 + len("sha512:") + 128
 
 _DOMAIN_COMPONENT: Final = r"(?:[a-zA-Z0-9]|[a-zA-Z0-9][a-zA-Z0-9-]*[a-zA-Z0-9])"
 _HOST: Final = re.compile(
@@ -121,6 +127,12 @@ def parse_reference(text: str) -> Reference:
     """See the module docstring for the grammar and the canonical form."""
     if not isinstance(text, str):
         msg = f"invalid reference {text!r}: a reference is a string"
+        raise InvalidReferenceError(msg)
+    if len(text) > _MAX_TEXT:
+        msg = (
+            f"invalid reference {text[:60]!r}... ({len(text)} characters): longer than any valid"
+            f" reference ({_MAX_TEXT})"
+        )
         raise InvalidReferenceError(msg)
     if not text or text != text.strip():
         msg = f"invalid reference {text!r}: empty or surrounded by whitespace"
