@@ -40,9 +40,12 @@ Decisions (each pinned by ``tests/test_registry_client.py``):
   streamed through the store's `BlobWriter`, which hashes while writing and lands nothing
   that does not verify. A blob already stored with the descriptor's size is not fetched. A
   broken or short transfer resumes with ``Range: bytes=<offset>-`` (a 200 answer restarts the
-  blob). Connection errors, 429 and 5xx are retried with exponential backoff, honouring
-  ``Retry-After``. Redirects (registries send blob GETs to object storage) are followed; the
-  ``Authorization`` header is never sent to another host. Each blob's check-then-download
+  blob), and so does a blob a killed pull left half written: its partial file (in ``tmp/`` or
+  a dead lease's work directory) is copied into the new writer first (`_adopt_partial`); if
+  the result does not verify, the blob is downloaded again whole, once. Connection errors,
+  429 and 5xx are retried with exponential backoff, honouring ``Retry-After``. Redirects
+  (registries send blob GETs to object storage) are followed; the ``Authorization`` header is
+  never sent to another host. Each blob's check-then-download
   happens under an exclusive ``flock`` on ``<root>/tmp/locks/<hex>.lock``, so concurrent pulls
   of one blob (threads or processes) download it once: the waiter then finds it stored. The
   holder removes the lock file before releasing it (waiters check the inode they locked is
