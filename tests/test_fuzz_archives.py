@@ -587,3 +587,34 @@ def test_a_fifo_in_a_layout_is_refused_without_blocking() -> None:
         os.mkfifo(layout / "index.json")
         with pytest.raises(ArchiveError, match="not a regular file"):
             load(layout, BlobStore(box.home))
+
+
+# ---- through the cache -----------------------------------------------------------------------
+
+
+@settings(FUZZ, max_examples=60)  # a ledger per example: fewer, the readers are fuzzed above
+@given(mutated_tars())
+def test_mutated_tars_through_the_cache(case: tuple[bytes, str]) -> None:
+    """`ImageCache.load` as a user calls it (ledger, leases, the store lock): the same promises,
+    and a failed load keeps no blob."""
+    from imageledger.cache import ImageCache
+
+    data, _ = case
+    with sandbox() as box:
+        path = box.inputs / "archive.tar"
+        path.write_bytes(data)
+        outside = snapshot(box.root, skip=box.home)
+        cache = ImageCache(box.home)
+        try:
+            try:
+                handles = cache.load(path)
+            except ImageLedgerError as e:
+                assert str(e)
+                blobs = [f for f in store_files(box.home) if f.startswith("blobs/")]
+                assert blobs == [], blobs
+            else:
+                assert handles
+                assert all(cache.get(h.reference).manifest_digest for h in handles)
+        finally:
+            cache.close()
+        assert snapshot(box.root, skip=box.home) == outside, "load wrote outside the home"
