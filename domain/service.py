@@ -22,6 +22,7 @@ from eventsourcing.persistence import RecordConflictError
 from imageledger.domain.errors import (
     ContentMissingError,
     DigestMismatchError,
+    HomeError,
     ImageInUseError,
     ImageNotFoundError,
     InvalidReferenceError,
@@ -325,9 +326,24 @@ class ImageCacheService:
             outcome = self._commit(decide)
             if isinstance(outcome, ImageInUseError):
                 raise outcome
-            for blob in outcome:
-                self.content.delete(blob.digest)
+            self._unlink(outcome)
         return outcome
+
+    def _unlink(self, blobs: tuple[DeletedBlob, ...]) -> int:
+        """Unlink what a committed remove or prune deleted; the bytes actually freed. One
+        entry that cannot be unlinked (permissions, a read-only mount, damage) does not stop
+        the others: the event is committed, and what stays is an orphan that the next prune
+        reclaims and reports again (commit first, unlink after: semantics 11)."""
+        freed = 0
+        for blob in blobs:
+            try:
+                if blob.kind in _BLOB_KINDS:
+                    freed += self.content.delete(blob.digest)
+                else:
+                    freed += self.content.delete_path(blob.digest)
+            except (OSError, HomeError):
+                continue
+        return freed
 
     def verify(
         self, *, repair: bool = False, progress: Callable[[int, int], None] | None = None
@@ -400,14 +416,7 @@ class ImageCacheService:
                 return plan
 
             plan = self._commit(decide)
-            unlinked = plan.bytes
-            if not policy.dry_run:
-                unlinked = 0
-                for blob in plan.deleted:
-                    if blob.kind in _BLOB_KINDS:
-                        unlinked += self.content.delete(blob.digest)
-                    else:
-                        unlinked += self.content.delete_path(blob.digest)
+            unlinked = plan.bytes if policy.dry_run else self._unlink(plan.deleted)
         kinds = [b.kind for b in plan.deleted]
         return ImagePruneReport(
             image_refs_removed=len(plan.references),

@@ -12,6 +12,7 @@ the command line), never a raw OSError or a hang.
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import stat
@@ -40,6 +41,7 @@ else:
     from registry import Registry, push
 
 NOBODY = 65534
+CLI = [sys.executable, "-m", "imageledger.tools.cli"]
 APP = ImageSpec(layers=({"app": b"application\n" * 100},), names=("acme/app:1",))
 MORE = ImageSpec(layers=({"more": b"more content\n" * 50},), names=("acme/more:1",))
 
@@ -392,3 +394,30 @@ def test_save_destination_errors_are_all_exit_2(tmp_path: Path, site: Site) -> N
         result = run_cli(home, "save", "acme/app:1", "-o", output, cwd=tmp_path)
         assert result.returncode == 2, (output, result.stderr)
         assert len(result.stderr.splitlines()) == 1, result.stderr
+
+
+def test_an_entry_that_cannot_be_unlinked_does_not_stop_the_prune(site: Site) -> None:
+    # Root once ran something in the user's home and left a directory the user cannot empty.
+    stuck = site.home / "tmp" / "deadbeefdeadbeef"
+    stuck.mkdir(parents=True)
+    (stuck / "x.part").write_bytes(b"s" * 300)
+    orphan = site.home / "blobs" / "sha256" / ("ab" * 32)
+    as_nobody(site.home, f"printf '%1000s' x > {orphan}")
+    user = [f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    result = subprocess.run(
+        ["setpriv", *user, *CLI, "--home", str(site.home), "prune", "--json"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "IMAGELEDGER_LOG_LEVEL": "error", "HOME": "/nonexistent"},
+    )
+    assert result.returncode == 0, result.stderr
+    report = json.loads(result.stdout)
+    assert not orphan.exists()
+    assert (stuck / "x.part").exists()
+    planned = {e["name"]: e.get("size_bytes", 0) for e in report["removed"]}
+    assert planned["tmp/deadbeefdeadbeef"] == 300
+    # What was unlinked, not what was planned: everything but the stuck directory.
+    assert report["bytes_reclaimed"] == sum(planned.values()) - 300
+    site.victim_intact()
