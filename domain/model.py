@@ -283,11 +283,12 @@ class HistoryEntry:
 
 @dataclass(frozen=True, slots=True)
 class BlobProblem:
-    """A blob the ledger accounts for that the store does not hold intact."""
+    """A blob the ledger accounts for that the store does not hold intact, or an entry under
+    ``blobs/`` that is not a blob at all (kind ``stray``, named by its path in the home)."""
 
     digest: str
-    kind: str  # manifest | config | layer
-    problem: str  # missing | wrong size | corrupt
+    kind: str  # manifest | config | layer | stray
+    problem: str  # missing | wrong size | corrupt | not a blob
     references: tuple[str, ...]  # the cached references whose images need it, sorted
     repaired: bool  # deleted (a wrong blob), so the next pull or load fetches it again
 

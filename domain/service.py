@@ -376,6 +376,17 @@ class ImageCacheService:
             problems.append(
                 BlobProblem(blob.digest, blob.kind, problem, tuple(references), repaired)
             )
+        # Entries under blobs/ that are not blobs (links, FIFOs, directories, other names) are
+        # damage too: named, never read or followed; --repair removes them (the link itself).
+        for stray in self.content.strays(frozenset()):
+            if stray.kind != "stray":
+                continue  # partials and artifacts: prune's business, not damage
+            repaired = False
+            if repair:
+                with self.lock():
+                    self.content.delete_path(stray.digest)
+                    repaired = True
+            problems.append(BlobProblem(stray.digest, "stray", "not a blob", (), repaired))
         return StoreCheck(len(blobs), total, tuple(problems))
 
     def prune(self, policy: PrunePolicy | None = None) -> ImagePruneReport:

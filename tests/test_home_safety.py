@@ -421,3 +421,16 @@ def test_an_entry_that_cannot_be_unlinked_does_not_stop_the_prune(site: Site) ->
     # What was unlinked, not what was planned: everything but the stuck directory.
     assert report["bytes_reclaimed"] == sum(planned.values()) - 300
     site.victim_intact()
+
+
+def test_verify_names_entries_that_are_not_blobs_and_repair_removes_them(site: Site) -> None:
+    site.plant(PLANTS["a link named by a digest in blobs"])
+    result = run_cli(site.home, "verify", "--json")
+    assert result.returncode == 1, result.stderr
+    found = json.loads(result.stdout)["problems"]
+    strays = sorted(p["digest"] for p in found if p["kind"] == "stray")
+    assert strays == sorted(["blobs/x", "blobs/sha256/zz", f"blobs/sha256/{site.victim_blob}"])
+    with ImageCache(site.home) as cache:
+        assert all(p.repaired for p in cache.verify(repair=True).problems)
+        assert cache.verify().ok
+    site.victim_intact()
