@@ -5,7 +5,8 @@ HTTP/1.1 (httpx, one connection pool per client) and leaves the image's manifest
 layers verified in the store; it returns the image's `ImageContent`. It touches nothing else:
 recording the pull (the ledger event, the in-flight lease) is the caller's business.
 
-Decisions (each pinned by ``tests/test_registry_client.py``):
+Decisions (each pinned by ``tests/test_registry_client.py``, ``tests/test_registry_safety.py``
+or ``tests/test_pull.py``):
 
 - **Transport**: HTTPS, certificates verified against the system's trust store plus
   `RegistryOptions.ca_bundle` when given. A host listed in `RegistryOptions.insecure`
@@ -45,13 +46,13 @@ Decisions (each pinned by ``tests/test_registry_client.py``):
   the result does not verify, the blob is downloaded again whole, once. Connection errors,
   429 and 5xx are retried with exponential backoff, honouring ``Retry-After``. Redirects
   (registries send blob GETs to object storage) are followed; the ``Authorization`` header is
-  never sent to another host. Each blob's check-then-download
-  happens under an exclusive ``flock`` on ``<root>/tmp/locks/<hex>.lock``, so concurrent pulls
-  of one blob (threads or processes) download it once: the waiter then finds it stored. The
-  holder removes the lock file before releasing it (waiters check the inode they locked is
-  still the path's), so locks do not pile up; the locks' directory and files are opened
-  through `storage.home.Dir` (never through a link: a link, FIFO or device planted in their
-  place is a `HomeDamagedError` naming it).
+  never sent to another host. Each blob's check-then-download happens under an exclusive
+  ``flock`` on ``<root>/tmp/locks/<hex>.lock``, so concurrent pulls of one blob (threads or
+  processes) download it once: the waiter then finds it stored. The holder removes the lock
+  file before releasing it (waiters check the inode they locked is still the path's), so locks
+  do not pile up; the locks' directory and files are opened through `storage.home.Dir` (never
+  through a link: a link, FIFO or device planted in their place is a `HomeDamagedError`
+  naming it).
 - **Waits are bounded**: `RegistryOptions.timeout` is the read timeout (no byte for that long:
   a stall, retried once, then ``no data for N s from HOST``); `RegistryOptions.deadline`
   bounds the whole pull (a trickle, endless retries: ``the pull's deadline of N s passed``).
@@ -483,6 +484,17 @@ def _clip(value: object, limit: int = MAX_MESSAGE_VALUE) -> str:
     text = str(value)
     text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text[: limit + 1])
     return text if len(text) <= limit else text[:limit] + "..."
+
+
+_USER_INFO: Final = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
+_QUERY: Final = re.compile(r"\?[^\s'\"]*")
+
+
+def _error_text(error: BaseException) -> str:
+    """An exception's text for a message: URLs in it lose their user info and query (httpx
+    quotes a bad ``Location``, which may be a signed storage URL), then `_clip`."""
+    text = _USER_INFO.sub(r"\1", str(error))
+    return _clip(_QUERY.sub("?...", text))
 
 
 def _env_seconds(env: Mapping[str, str], name: str, default: float, limit: float) -> float:
@@ -1005,6 +1017,15 @@ def _safe_host(url: httpx.URL | str) -> str:
         return "an unparseable URL"
 
 
+def _where(error: httpx.RequestError, host: str) -> str:
+    """The host a failed request was talking to: `host`, or where it had been redirected."""
+    try:
+        failed = _safe_host(error.request.url)
+    except RuntimeError:  # httpx raised it without a request
+        return host
+    return host if failed == host else f"{failed} (redirected from {host})"
+
+
 def _seconds(value: float | None) -> str:
     """Seconds for a message: ``30``, ``2.5``, ``100000``; ``unlimited`` for None or inf."""
     if value is None or value == float("inf"):
@@ -1367,10 +1388,11 @@ class RegistryClient:
                     msg = f"{what}: TLS with {host} failed: {_clip(reason or tls)}"
                     raise RegistryError(msg) from None
                 if isinstance(e, httpx.UnsupportedProtocol):
-                    msg = f"{what}: cannot follow {_safe_url(url)}: {_clip(e)}"
+                    msg = f"{what}: cannot follow {_safe_url(url)}: {_error_text(e)}"
                     raise RegistryError(msg) from None
                 if attempt >= self.options.retries:
-                    msg = f"{what}: cannot talk to {host}: {type(e).__name__}: {_clip(e)}"
+                    where = _where(e, host)
+                    msg = f"{what}: cannot talk to {where}: {type(e).__name__}: {_error_text(e)}"
                     raise RegistryError(msg) from None
                 delay = self._delay(attempt)
                 self._log_retry(what, url, type(e).__name__, attempt, delay)
@@ -1378,7 +1400,9 @@ class RegistryClient:
                 attempt += 1
                 continue
             except (httpx.HTTPError, httpx.InvalidURL, ValueError, UnicodeError) as e:
-                msg = f"{what}: cannot request {_safe_url(url)}: {type(e).__name__}: {_clip(e)}"
+                msg = (
+                    f"{what}: cannot request {_safe_url(url)}: {type(e).__name__}: {_error_text(e)}"
+                )
                 raise RegistryError(msg) from None
             timeouts = 0
             status = response.status_code
@@ -1483,7 +1507,7 @@ class RegistryClient:
                     msg = f"{what}: the transfer from {target.host} broke: {type(e).__name__}"
                     raise RegistryError(msg) from None
             except httpx.HTTPError as e:  # a body that does not decode: not worth a retry
-                msg = f"{what}: unreadable answer from {target.host}: {_clip(e)}"
+                msg = f"{what}: unreadable answer from {target.host}: {_error_text(e)}"
                 raise RegistryError(msg) from None
             finally:
                 if response.status_code == 200:
@@ -1725,7 +1749,7 @@ class RegistryClient:
                 except httpx.TransportError as e:
                     broken = type(e).__name__
                 except httpx.HTTPError as e:  # a body that does not decode: not worth a retry
-                    msg = f"{what}: unreadable answer from {target.host}: {_clip(e)}"
+                    msg = f"{what}: unreadable answer from {target.host}: {_error_text(e)}"
                     raise RegistryError(msg) from None
                 finally:
                     response.close()
@@ -1812,7 +1836,7 @@ class RegistryClient:
         except (httpx.HTTPError, httpx.InvalidURL) as e:
             # A safety net: each request handles its own errors, and one that slips through
             # must still be one line, not a traceback (and not an httpx type callers don't know).
-            msg = f"{reference}: {type(e).__name__}: {_clip(e)}"
+            msg = f"{reference}: {type(e).__name__}: {_error_text(e)}"
             raise RegistryError(msg) from None
 
     def _pull(

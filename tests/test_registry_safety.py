@@ -34,6 +34,7 @@ from imageledger.storage.registry import (
     RegistryOptions,
     RegistryTimeoutError,
     _blob_lock,
+    _error_text,
     options_from_environment,
 )
 from imageledger.tools.imagebuild import build_image
@@ -248,7 +249,14 @@ def test_a_redirect_loop_is_one_line_naming_the_url_without_secrets(
 
 @pytest.mark.parametrize(
     "location",
-    ["http://exa mple.invalid/x", "http://[::1/x", "ftp://127.0.0.1/x", "http://127.0.0.1:99999/x"],
+    [
+        "http://exa mple.invalid/x",
+        "http://[::1/x",
+        "ftp://127.0.0.1/x",
+        "http://127.0.0.1:99999/x",
+        "http://user:pa55word@exa mple.invalid/x?sig=s3cret",
+        "ftp://user:pa55word@127.0.0.1/x?sig=s3cret",
+    ],
 )
 def test_unfollowable_redirects_are_one_line_registry_errors(
     stub: Stub, store: BlobStore, location: str
@@ -262,7 +270,8 @@ def test_unfollowable_redirects_are_one_line_registry_errors(
     stub.hook = hook
     with pytest.raises(RegistryError) as caught:
         _stub_pull(stub, store, "app:1", retries=1)
-    _one_line(caught.value)
+    text = _one_line(caught.value)
+    assert "pa55word" not in text and "s3cret" not in text
 
 
 @pytest.mark.parametrize("realm", ["http://[::1/token", "http://exa mple/token", "file:///x"])
@@ -642,3 +651,11 @@ def test_cli_refuses_bad_timeouts_with_exit_2(tmp_path: Path, environ: dict[str,
     assert done.returncode == 2, done.stderr
     [line] = done.stderr.strip().splitlines()
     assert next(iter(environ)) in line
+
+
+def test_error_texts_lose_user_info_and_queries() -> None:
+    """httpx may quote a URL (a bad ``Location``, a signed storage URL) in its errors."""
+    error = ValueError("bad Location http://u:pa55word@h/x?sig=s3cret and https://a:b@g/")
+    assert _error_text(error) == "bad Location http://h/x?... and https://g/"
+    assert len(_error_text(ValueError("x" * 5000))) < 300
+    assert "\x1b" not in _error_text(ValueError("\x1b[31mred"))
