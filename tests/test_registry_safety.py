@@ -659,3 +659,35 @@ def test_error_texts_lose_user_info_and_queries() -> None:
     assert _error_text(error) == "bad Location http://h/x?... and https://g/"
     assert len(_error_text(ValueError("x" * 5000))) < 300
     assert "\x1b" not in _error_text(ValueError("\x1b[31mred"))
+
+
+@pytest.mark.parametrize("stage", ["headers", "body"])
+def test_a_manifest_that_stalls_hits_the_read_timeout(
+    stub: Stub, store: BlobStore, stage: str
+) -> None:
+    release = threading.Event()
+
+    def hook(handler: http.server.BaseHTTPRequestHandler) -> bool:
+        if "/manifests/" in handler.path:
+            if stage == "body":
+                handler.send_response(200)
+                handler.send_header("Content-Type", "application/vnd.oci.image.manifest.v1+json")
+                handler.send_header("Content-Length", "1000")
+                handler.end_headers()
+                handler.wfile.write(b"{")
+                handler.wfile.flush()
+            release.wait(30)
+            handler.close_connection = True
+            return True
+        return False
+
+    stub.hook = hook
+    started = time.monotonic()
+    try:
+        with pytest.raises(RegistryTimeoutError) as caught:
+            _stub_pull(stub, store, "app:1", timeout=0.5)
+    finally:
+        release.set()
+    assert f"no data for 0.5 s from {stub.host}" in _one_line(caught.value)
+    assert time.monotonic() - started < 10
+    assert stub.count("/v2/app/manifests/") == 2  # one retry, then the error
