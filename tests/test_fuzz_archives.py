@@ -244,6 +244,8 @@ _HOSTILE_NAMES = [
     "repositories",
     "x\x00y",
     "layer.tar",
+    "d/" * 150 + "long",  # a PAX path record
+    "blobs/sha256/\u00e9\udcff",  # not ASCII, not even UTF-8
 ]
 _LINK_TARGETS = [
     "../../outside/canary",
