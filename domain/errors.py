@@ -122,3 +122,8 @@ class PlatformNotFoundError(ImageNotFoundError):
         self.reference = reference
         self.wanted = wanted
         self.offered = offered
+
+
+class LedgerReadOnlyError(LedgerError):
+    """The cache was opened for reading only (its home is one this user may not write, a
+    shared cache): it answers every query, and every command that would change it fails."""

@@ -47,6 +47,7 @@ from imageledger.domain.errors import (
     InvalidDestinationError,
     InvalidHomeError,
     InvalidReferenceError,
+    LedgerReadOnlyError,
     PlatformNotFoundError,
 )
 from imageledger.domain.events import TRANSCODINGS, ImageLedger
@@ -265,9 +266,13 @@ class ImageCache:
         self._closed = False
         self._home = open_home(home if home is not None else default_home(), create=create)
         self.home = self._home.path
+        # A home this user may not write (a shared cache) is opened for reading: every query
+        # answers, every command that would change it is refused in one line.
+        self.read_only = not _writable(self.home)
         env = {
             "PERSISTENCE_MODULE": get_topic(LMDBFactory),
             "LMDB_PATH": str(self.home / "ledger"),
+            "LMDB_READONLY": "yes" if self.read_only else "no",
         }
         if durability:
             env["LMDB_DURABILITY"] = durability
@@ -276,7 +281,8 @@ class ImageCache:
         except BaseException:
             self._home.close()
             raise
-        mark_home(self._home)
+        if not self.read_only:
+            mark_home(self._home)
         recorder = self._app.recorder
         assert isinstance(recorder, LMDBApplicationRecorder)
         self._recorder = recorder
@@ -284,10 +290,10 @@ class ImageCache:
         self._decode = self._app.mapper.to_domain_event
         self._views.attach(folder(self._decode))
         self.store = BlobStore(self._home)
-        self._lock = StoreLock(self._home)
+        self._lock = StoreLock(self._home, readonly=self.read_only)
         self._leases = InFlightLeases(self._home, self._lock)
         # Two rebuilds would fill the same spare namespace at once: one at a time per home.
-        self._rebuild_lock = StoreLock(self._home, "rebuild.lock")
+        self._rebuild_lock = StoreLock(self._home, "rebuild.lock", readonly=self.read_only)
         self.write_index = True
         # list() memos, per owner the handles are bound to (this cache, or its asyncio
         # facade): the last list by ledger position, and handles by row (ViewState.handles).
@@ -306,8 +312,11 @@ class ImageCache:
             history=self._history,
         )
         try:
-            self._upgrade_views()
-            self._write_index()
+            if self.read_only:
+                self._check_views_readable()
+            else:
+                self._upgrade_views()
+                self._write_index()
         except (OSError, HomeDamagedError) as e:
             if create:
                 self.close()
@@ -444,18 +453,36 @@ class ImageCache:
 
     # -- commands -----------------------------------------------------------------------
 
+    def _check_writable(self, what: str) -> None:
+        if self.read_only:
+            msg = f"{self.home}: {what} needs a home this user can write; this one can only be read"
+            raise LedgerReadOnlyError(msg)
+
+    def _check_views_readable(self) -> None:
+        with self.snapshot() as state:
+            found = state.format
+        if found != VIEWS_FORMAT and self._views.head():
+            msg = (
+                f"{self.home}: its views were written by another imageledger version and must "
+                "be rebuilt by a user who can write the home (open it once as that user)"
+            )
+            raise LedgerReadOnlyError(msg)
+
     def use(self, reference: str, holder: str) -> ImageHandle:
         """`holder` (a sandbox id, a snapshot id) now uses the image: it cannot be removed
         without force, nor pruned, until `release(holder)`."""
+        self._check_writable("use")
         return self._bind(self.service.use(reference, holder))
 
     def release(self, holder: str) -> int:
         """End every lease of `holder`; returns how many it held."""
+        self._check_writable("release")
         return self.service.release(holder)
 
     def remove(self, reference: str, force: bool = False) -> None:
         """Semantics 6-7. `ImageInUseError` (naming the holders) when it would drop the last
         reference to a leased manifest and `force` is false."""
+        self._check_writable("remove")
         self.service.remove(reference, force=force)
 
     def prune(
@@ -473,6 +500,8 @@ class ImageCache:
         reference are logged and listed in the report's `unmatched_keep`. Durations and byte
         budgets past what the clock and the ledger can represent mean "everything is recent"
         and "everything fits", so they are clamped rather than overflowing mid-prune."""
+        if not dry_run:
+            self._check_writable("prune")
         patterns = tuple(p.text for p in keep_patterns(keep))
         try:
             seconds = None if unused_for is None else int(unused_for)
@@ -513,6 +542,7 @@ class ImageCache:
         digest of a manifest the cache holds (under any name) does not contact the registry
         at all: the digest pins the bytes, and they are here, verified. A sandbox can start
         offline from a pinned reference; the pull is recorded like any all-cached pull."""
+        self._check_writable("pull")
         ref = Reference.parse(reference)
         wanted = parse_platform(platform) if platform else host_platform()
         source = f"registry:{ref.name}"
@@ -574,6 +604,7 @@ class ImageCache:
         layout (``latest``) needs `tag` to say which repository it belongs to. Where the archive
         holds several platforms of one image, `platform` (``os/arch[/variant]``, default this
         host's linux platform) picks one, else the first listed; the others are not kept."""
+        self._check_writable("load")
         if not isinstance(source, str | os.PathLike) and not hasattr(source, "read"):
             msg = f"load() takes a path or a binary stream, not {type(source).__name__}"
             raise TypeError(msg)
@@ -697,7 +728,9 @@ class ImageCache:
         self, *, verify: bool = False, progress: Callable[[int, int], None] | None = None
     ) -> RebuildReport:
         """Replay the whole log into fresh views (or, with `verify`, into scratch space) and
-        compare them with the live ones (semantics 10: they must be identical)."""
+        compare them with the live ones (semantics 10: they must be identical). Both write
+        (the scratch space is in the ledger), so a read-only home refuses them."""
+        self._check_writable("rebuild")
         with self._rebuild_lock():
             report = rebuild(self._views, self._decode, verify_only=verify, progress=progress)
         if not verify:
@@ -724,6 +757,8 @@ class ImageCache:
     ) -> StoreCheck:
         """Read back and hash every blob the ledger accounts for; with `repair`, delete the
         wrong ones so that the next pull or load fetches them again (see the service)."""
+        if repair:
+            self._check_writable("verify --repair")
         check = self.service.verify(repair=repair, progress=progress)
         for p in check.problems:
             log.warning(
@@ -761,6 +796,13 @@ class ImageCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _writable(home: Path) -> bool:
+    """Whether this user may change the home (root may, unless the file system is read-only;
+    `access` answers both)."""
+    ledger = home / "ledger"
+    return os.access(home, os.W_OK) and (not ledger.exists() or os.access(ledger, os.W_OK))
 
 
 def _source_kind(source: object) -> str:

@@ -153,8 +153,10 @@ class BlobStore:
             return
         with blobs:
             for algorithm, st in blobs.entries():
-                if not stat.S_ISDIR(st.st_mode):
-                    continue
+                if not stat.S_ISDIR(st.st_mode) and algorithm not in _ALGORITHMS:
+                    continue  # a stray (see strays)
+                # An algorithm's directory that is a link is the store's structure damaged:
+                # refused (HomeDamagedError), never followed nor silently dropped.
                 with blobs.sub(algorithm) as directory:
                     for name, entry in directory.entries():
                         digest = f"{algorithm}:{name}"
@@ -188,7 +190,7 @@ class BlobStore:
                 )
         with contextlib.suppress(FileNotFoundError), self.home.sub("blobs") as blobs:
             for algorithm, st in blobs.entries():
-                if not stat.S_ISDIR(st.st_mode):
+                if not stat.S_ISDIR(st.st_mode) and algorithm not in _ALGORITHMS:
                     found.append(_stray(f"blobs/{algorithm}", blobs.tree_size(algorithm)))
                     continue
                 with blobs.sub(algorithm) as directory:
@@ -234,6 +236,7 @@ class BlobStore:
 
 
 _TMP_OWN: Final = frozenset({"leases", "locks"})
+_ALGORITHMS: Final = frozenset({"sha256", "sha512"})
 
 
 def _is_digest(digest: str) -> bool:

@@ -181,7 +181,15 @@ class Dir:
         FIFO or a device (`HomeDamagedError`)."""
         flags = os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
         try:
-            fd = os.open(name, flags, 0o644, dir_fd=self.fd)
+            try:
+                fd = os.open(name, flags, 0o644, dir_fd=self.fd)
+            except OSError as e:
+                if e.errno not in (13, 30):  # EACCES, EROFS: a home this user may only read
+                    raise
+                # flock needs no write access: a reader of a shared home still excludes
+                # (and waits for) the collector.
+                readonly = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+                fd = os.open(name, readonly, dir_fd=self.fd)
         except OSError as e:
             if e.errno in (40, 21, 6):  # ELOOP, EISDIR, ENXIO
                 st = self.stat(name)

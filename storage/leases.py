@@ -38,9 +38,12 @@ class StoreLock:
     """The store-wide lock: exclusive across processes and threads, re-entrant in a thread
     (only the outermost hold takes the flock; a second fd would block on the first)."""
 
-    def __init__(self, home: Dir, name: str = "store.lock") -> None:
+    def __init__(self, home: Dir, name: str = "store.lock", *, readonly: bool = False) -> None:
         self.home = home
         self.name = name
+        # A reader of a home it may not write: when the lock file is not there (nobody ever
+        # wrote here) or cannot be opened at all, there is no writer to exclude.
+        self.readonly = readonly
         self._local = threading.RLock()
         self._depth = threading.local()
 
@@ -53,7 +56,13 @@ class StoreLock:
                 if depth:
                     yield
                     return
-                fd = self.home.open_lock(self.name)
+                try:
+                    fd = self.home.open_lock(self.name)
+                except (FileNotFoundError, PermissionError):
+                    if not self.readonly:
+                        raise
+                    yield
+                    return
                 try:
                     fcntl.flock(fd, fcntl.LOCK_EX)
                     yield
@@ -164,12 +173,12 @@ class InFlightLeases:
                 if not dot or suffix not in ("new", "lease") or not stat.S_ISREG(st.st_mode):
                     # Not a lease (a link, a directory, a stray name): not obeyed, removed.
                     log.warning("lease.stray_removed", entry=name)
-                    leases.delete(name)
+                    _tidy(leases, name)
                     continue
                 if suffix == "new":
                     # Leases are made under the store lock, which the caller holds: a .new
                     # file now is one whose owner died while making it.
-                    leases.delete(name)
+                    _tidy(leases, name)
                     continue
                 if stem == exclude:
                     continue
@@ -187,10 +196,22 @@ class InFlightLeases:
                         alive.add(stem)
                         continue
                     log.info("lease.stale_removed", lease=stem)
-                    leases.delete(name)
+                    _tidy(leases, name)
                 finally:
                     os.close(fd)
         return frozenset(digests), frozenset(alive)
 
     def protected(self) -> frozenset[str]:
         return self.live()[0]
+
+
+def _tidy(leases: Dir, name: str) -> None:
+    """Remove a dead or stray lease entry; a reader that may not write the home (a shared
+    cache) leaves it for whoever writes next."""
+    try:
+        leases.delete(name)
+    except PermissionError:
+        log.debug("lease.not_removed", entry=name)
+    except OSError as e:
+        if e.errno != 30:  # EROFS
+            raise

@@ -11,6 +11,8 @@ application name, as the library's own modules allow):
 - ``LMDB_DURABILITY``: ``sync`` (default), ``nometasync`` or ``nosync``; see `EnvConfig`.
 - ``LMDB_POLL_INTERVAL``: seconds between checks for other processes' commits (default 0.05).
 - ``CREATE_TABLE``: create the named databases when a recorder is made (default yes).
+- ``LMDB_READONLY``: open for reading only (default no): appends fail with
+  `LedgerReadOnlyError`; see `EnvConfig.readonly`.
 
 Layout, per application name ``N`` (databases are namespaced ``n.`` so several applications
 and views can share one ledger):
@@ -585,6 +587,7 @@ class LMDBFactory(InfrastructureFactory[LMDBTrackingRecorder]):
     LMDB_DURABILITY = "LMDB_DURABILITY"
     LMDB_POLL_INTERVAL = "LMDB_POLL_INTERVAL"
     CREATE_TABLE = "CREATE_TABLE"
+    LMDB_READONLY = "LMDB_READONLY"
 
     aggregate_recorder_class = LMDBAggregateRecorder
     application_recorder_class = LMDBApplicationRecorder
@@ -608,6 +611,7 @@ class LMDBFactory(InfrastructureFactory[LMDBTrackingRecorder]):
             max_map_size=self._int(self.LMDB_MAX_MAP_SIZE, defaults.max_map_size),
             durability=cast(Durability, durability),
             poll_interval=self._seconds(self.LMDB_POLL_INTERVAL, defaults.poll_interval),
+            readonly=bool(strtobool(self.env.get(self.LMDB_READONLY, "no") or "no")),
         )
         if config.max_map_size < config.map_size:
             msg = (

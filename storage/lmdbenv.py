@@ -41,7 +41,12 @@ from typing import Any, Final, Literal, TypeVar
 import lmdb
 import structlog
 
-from imageledger.domain.errors import LedgerCorruptError, LedgerError, LedgerFullError
+from imageledger.domain.errors import (
+    LedgerCorruptError,
+    LedgerError,
+    LedgerFullError,
+    LedgerReadOnlyError,
+)
 
 log = structlog.get_logger(__name__)
 
@@ -125,6 +130,10 @@ class EnvConfig:
     max_readers: int = 1024
     max_dbs: int = 256
     poll_interval: float = 0.05
+    # Open for reading only: a home this user may not write (a shared cache). LMDB keeps
+    # its reader table in lock.mdb; when even that cannot be written, reads take no reader
+    # slot, so `read()` checks afterwards that no writer could have reused what it read.
+    readonly: bool = False
 
 
 class _SharedExclusiveLock:
@@ -219,6 +228,7 @@ class LedgerEnv:
         self._listeners_lock = threading.Lock()
         self._poller: threading.Thread | None = None
         self._closed = False
+        self.unlocked = False  # see _open
         self.env = self._open()
 
     # ----------------------------------------------------------------- opening
@@ -228,11 +238,15 @@ class LedgerEnv:
         if path.exists() and not path.is_dir():
             msg = f"{path}: not a ledger: a ledger is a directory, this is a file"
             raise LedgerCorruptError(msg)
-        try:
-            path.mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            msg = f"{path}: cannot create the ledger directory: {e.strerror}"
-            raise LedgerCorruptError(msg) from e
+        readonly = self.config.readonly
+        if not readonly:
+            try:
+                path.mkdir(parents=True, exist_ok=True)
+            except OSError as e:
+                msg = f"{path}: cannot create the ledger directory: {e.strerror}"
+                raise LedgerCorruptError(msg) from e
+        # Without write access to lock.mdb, LMDB cannot register a reader (see EnvConfig).
+        self.unlocked = readonly and not os.access(path / "lock.mdb", os.W_OK)
         durability = self.config.durability
         if durability not in DURABILITY_MODES:
             msg = f"unknown ledger durability {durability!r}; use one of {DURABILITY_MODES}"
@@ -247,7 +261,9 @@ class LedgerEnv:
                 sync=durability != "nosync",
                 # In sync mode the group commit makes the meta page durable itself (see _lead).
                 metasync=False,
-                lock=True,
+                lock=not self.unlocked,
+                readonly=readonly,
+                create=not readonly,
                 readahead=False,
                 meminit=False,
             )
@@ -259,7 +275,7 @@ class LedgerEnv:
             msg = f"{path}: cannot open the ledger: {e}"
             raise LedgerCorruptError(msg) from e
         try:
-            cleared = env.reader_check()
+            cleared = 0 if self.unlocked else env.reader_check()
             if cleared:
                 log.info("ledger.stale_readers_cleared", path=str(path), count=cleared)
             check_size(path, env)
@@ -287,7 +303,7 @@ class LedgerEnv:
                 msg = f"{self.path}: ledger format {found!r} is not {FORMAT!r}"
                 raise LedgerCorruptError(msg)
             return
-        if env.stat()["entries"]:
+        if env.stat()["entries"] or self.config.readonly:
             msg = f"{self.path}: holds an LMDB environment that is not an imageledger ledger"
             raise LedgerCorruptError(msg)
         meta = env.open_db(_META_DB, create=True)
@@ -305,6 +321,7 @@ class LedgerEnv:
         handle = self._dbs.get(key)
         if handle is not None:
             return handle
+        create = create and not self.config.readonly
         with self._dbs_lock:
             handle = self._dbs.get(key)
             if handle is None:
@@ -346,7 +363,9 @@ class LedgerEnv:
                 else:
                     try:
                         yield txn
+                        self._check_unlocked_read(txn)
                     except _READ_DAMAGE as e:
+                        self._check_unlocked_read(txn)
                         damage = as_damage(self.path, e)
                         if damage is e:
                             raise
@@ -355,6 +374,18 @@ class LedgerEnv:
                         txn.abort()
                     return
             self._adopt_map_size()
+
+    def _check_unlocked_read(self, txn: lmdb.Transaction) -> None:
+        """A read that held no reader slot (`EnvConfig.readonly` without access to lock.mdb)
+        is sound only if no writer could have reused its pages meanwhile: LMDB frees the
+        pages of snapshot N when N+1 commits and may reuse them from N+2 on. Past that, the
+        answer may mix two states: refused rather than returned."""
+        if self.unlocked and self.env.info()["last_txnid"] > txn.id() + 1:
+            msg = (
+                f"{self.path}: the ledger changed while it was read without a reader lock "
+                "(this user cannot write the home); run the command again"
+            )
+            raise LedgerError(msg)
 
     # ----------------------------------------------------------------- writing
 
@@ -366,6 +397,9 @@ class LedgerEnv:
         are rolled back and its exception is raised here once the batch has committed.
         """
         self._check_usable()
+        if self.config.readonly:
+            msg = f"{self.path}: opened read-only (this user cannot write the home)"
+            raise LedgerReadOnlyError(msg)
         item = _Pending(fn)
         with self._queue_lock:
             self._pending.append(item)

@@ -434,3 +434,50 @@ def test_verify_names_entries_that_are_not_blobs_and_repair_removes_them(site: S
         assert all(p.repaired for p in cache.verify(repair=True).problems)
         assert cache.verify().ok
     site.victim_intact()
+
+
+def as_nobody_cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    user = [f"--reuid={NOBODY}", f"--regid={NOBODY}", "--clear-groups"]
+    return subprocess.run(
+        ["setpriv", *user, *CLI, "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, "IMAGELEDGER_LOG_LEVEL": "error", "HOME": "/nonexistent"},
+    )
+
+
+def test_a_home_the_user_may_not_write_can_be_read_and_refuses_writes(site: Site) -> None:
+    shared = site.base / "shared"
+    with ImageCache(shared) as cache:
+        cache.load(site.app)
+        cache.use("acme/app:1", "sandbox-1")
+    before = snapshot(shared)
+    listed = as_nobody_cli(shared, "images", "--json")
+    assert listed.returncode == 0, listed.stderr
+    assert [h["reference"] for h in json.loads(listed.stdout)] == ["docker.io/acme/app:1"]
+    for reading in (
+        ("inspect", "acme/app:1", "--json"),
+        ("history", "--json"),
+        ("df", "--json"),
+        ("verify", "--json"),
+        ("prune", "--dry-run", "--json"),
+    ):
+        result = as_nobody_cli(shared, *reading)
+        assert result.returncode == 0, (reading, result.stderr)
+        json.loads(result.stdout)
+    for writing in (
+        ("use", "acme/app:1", "--holder", "x"),
+        ("release", "sandbox-1"),
+        ("rm", "--force", "acme/app:1"),
+        ("prune",),
+        ("load", str(site.more)),
+        ("rebuild",),
+        ("verify", "--repair"),
+    ):
+        result = as_nobody_cli(shared, *writing)
+        assert result.returncode == 1, (writing, result.stderr)
+        [line] = result.stderr.splitlines()
+        assert "can only be read" in line, line
+    assert snapshot(shared) == before
