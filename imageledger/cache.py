@@ -195,6 +195,11 @@ class _LeasedStore:
     def scratch(self) -> Dir:
         return self._lease.work.sub("")
 
+    def clear_work(self) -> None:
+        work = self._lease.work
+        for name, _ in work.entries():
+            work.delete(name)
+
     def _claim(self, digest: str) -> None:
         with self._lock():
             self._lease.add(digest)
@@ -655,6 +660,9 @@ class ImageCache:
                         leased.delete(digest)
                     except (OSError, ImageLedgerError) as cleanup:
                         log.warning("bring.cleanup_failed", digest=digest, error=str(cleanup))
+                # The work directory goes with the lease anyway; emptied first, so that a
+                # failure on a full disk leaves room for the ledger to record it.
+                leased.clear_work()
                 if isinstance(e, Exception | KeyboardInterrupt) and not isinstance(
                     e, CacheClosedError
                 ):

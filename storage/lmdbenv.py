@@ -515,6 +515,13 @@ class LedgerEnv:
             if "No space left" in str(e):
                 msg = f"{self.path}: the disk is full; the append was rolled back: {e}"
                 raise LedgerFullError(msg) from e
+            if "Input/output error" in str(e):
+                # LMDB reports a short write (what a full disk gives it) as EIO.
+                msg = (
+                    f"{self.path}: the ledger could not be written (input/output error: most "
+                    f"often a full disk, else a failing device); the append was rolled back"
+                )
+                raise LedgerFullError(msg) from e
             raise
         except BaseException:
             txn.abort()
