@@ -428,3 +428,39 @@ def test_checked_decoder_names_the_ledger_and_the_entry(tmp_path: Path) -> None:
     message = str(caught.value)
     assert "\n" not in message
     assert str(tmp_path / "ledger") in message and "log entry 7" in message
+
+
+def damage_view_digest(table: bytes) -> Callable[[bytes], bytes]:
+    """The first digest in the first leaf of view table `table` made a non-digest (one hex
+    digit turned into 'z'): msgpack still decodes the row, so only the reader's check stands
+    between it and the output."""
+
+    def damage(data: bytes) -> bytes:
+        leaf = _named_root(data, table)
+        while _is_branch(data, leaf):
+            leaf = _children(data, leaf)[0]
+        for packed, _, offset in _nodes(data, leaf):
+            end = offset + (packed >> 16 & 0xFFFF_FFFF)  # a leaf node's data size
+            at = data.find(b"sha256:", offset, end)
+            if at >= 0:
+                at += len("sha256:")
+                return data[:at] + b"z" + data[at + 1 :]
+        raise AssertionError(f"no digest in the values of {table!r}'s first leaf")
+
+    return damage
+
+
+@pytest.mark.parametrize(
+    ("table", "command"),
+    [
+        (b"views.a.refs.order", ("images", "--json")),
+        (b"views.a.refs.order", ("images",)),
+        (b"views.a.blobs", ("df",)),
+        (b"views.a.manifests", ("prune", "--dry-run")),
+    ],
+)
+def test_a_garbage_digest_in_the_views_is_not_an_answer(
+    pristine: Path, tmp_path: Path, table: bytes, command: tuple[str, ...]
+) -> None:
+    home = damaged_copy(pristine, tmp_path, damage_view_digest(table))
+    assert_damage_reported(cli(home, *command), home / "ledger")
