@@ -147,6 +147,14 @@ def _short(error: BaseException) -> str:
     return text if len(text) <= 80 else text[:77] + "..."
 
 
+def _tracked(value: bytes | memoryview) -> int:
+    """A tracking record: a notification id, 8 bytes big-endian."""
+    if len(value) != 8:
+        msg = f"a tracking record is {len(value)} bytes, not 8"
+        raise LedgerCorruptError(msg)
+    return int(_U64.unpack(value)[0])
+
+
 def _position(key: bytes | memoryview) -> int:
     """A log key as its notification id (8 bytes, big-endian, from 1)."""
     if len(key) != 8:
@@ -519,10 +527,10 @@ class LMDBTrackingRecorder(LMDBRecorder, TrackingRecorder):
 
         def record(txn: lmdb.Transaction) -> None:
             current = txn.get(key, db=db)
-            if current is not None and _U64.unpack(current)[0] >= new:
+            if current is not None and _tracked(current) >= new:
                 msg = (
                     f"tracking {tracking.application_name}:{new} is not after the recorded "
-                    f"position {_U64.unpack(current)[0]}"
+                    f"position {_tracked(current)}"
                 )
                 raise IntegrityError(msg)
             txn.put(key, _U64.pack(new), db=db)
@@ -533,7 +541,7 @@ class LMDBTrackingRecorder(LMDBRecorder, TrackingRecorder):
         db = self._db("tracking")
         with self.env.read() as txn:
             value = txn.get(application_name.encode(), db=db)
-        return None if value is None else int(_U64.unpack(value)[0])
+            return None if value is None else _tracked(value)
 
     def wait(
         self,
