@@ -9,6 +9,11 @@ page that is not a leaf, and a page beyond the end of a file cut short is a SIGB
 reading happens in a child process (``python -m imageledger.storage.ledgercheck <dir>``), and
 a child killed by a signal is itself the answer: the ledger is damaged.
 
+First the pages: py-lmdb's offline verifier walks every tree of a copy in pure Python, never
+through LMDB, and checks what LMDB assumes (page types and bounds, key order, counts, a free
+list disjoint from the live pages). Then the meaning: events, index, replay, as above, read
+through LMDB (in the same child, so a crash there is still only an answer).
+
 The child never writes to the ledger it checks. A replay writes scratch views, and a write
 transaction on damaged pages could spread the damage (a damaged free list hands out pages
 still in use), so the child takes a consistent copy (`mdb_env_copy`, under a read
@@ -56,10 +61,9 @@ def check_ledger(ledger_dir: Path, *, timeout: float | None = None) -> LedgerChe
     process and say whether it is sound. Never raises for damage, whatever the child met:
     an exception, a crash (a signal), no answer within `timeout` seconds."""
     ledger_dir = Path(ledger_dir).absolute()
-    command = [sys.executable, "-m", "imageledger.storage.ledgercheck", str(ledger_dir)]
     try:
         done = subprocess.run(
-            command,
+            _child_command(ledger_dir),
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,
@@ -89,6 +93,11 @@ def check_ledger(ledger_dir: Path, *, timeout: float | None = None) -> LedgerChe
         0,
         f"{ledger_dir}: the ledger check failed (exit {done.returncode}): {last[0][:200]}",
     )
+
+
+def _child_command(ledger_dir: Path) -> list[str]:
+    """The child's command line (a function, so that a test can make a child that crashes)."""
+    return [sys.executable, "-m", "imageledger.storage.ledgercheck", str(ledger_dir)]
 
 
 def _lmdb_assertion(stderr: bytes) -> str:
@@ -187,10 +196,31 @@ def _check_copy(ledger_dir: Path, copy: Path) -> LedgerCheck:
     return LedgerCheck(True, events, None)
 
 
+def _structure(ledger_dir: Path, copy: Path) -> str | None:
+    """What py-lmdb's offline verifier (`lmdb.verify`: a pure-Python walk of every tree from
+    the committed roots, which never hands the file to LMDB) finds wrong with the copy's
+    pages, in one line; None if nothing. It also proves what no read can: that the free list
+    names no live page, so that the next write cannot overwrite data in place."""
+    from lmdb import verify
+
+    try:
+        problems = verify.verify(str(copy))  # type: ignore[no-untyped-call]
+    except verify.VerifyError as e:
+        problems = [str(e)]
+    if not problems:
+        return None
+    more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+    first = str(problems[0]).replace(str(copy), str(ledger_dir))
+    return str(damaged(ledger_dir, f"LMDB's page check: {first}{more}"))
+
+
 def _child(ledger_dir: Path) -> LedgerCheck:
     work = Path(tempfile.mkdtemp(prefix="imageledger-check-"))
     try:
         _copy(ledger_dir, work)
+        problem = _structure(ledger_dir, work)
+        if problem is not None:
+            return LedgerCheck(False, 0, problem)
         try:
             return _check_copy(ledger_dir, work)
         except LedgerCorruptError as e:

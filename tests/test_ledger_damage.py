@@ -36,6 +36,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imageledger.domain.errors import LedgerCorruptError
+from imageledger.storage import ledgercheck
 from imageledger.storage.ledger import checked_decoder
 from imageledger.storage.ledgercheck import LedgerCheck, check_ledger
 from imageledger.tools.imagebuild import ImageSpec, build_docker_archive, build_image
@@ -243,14 +244,30 @@ def test_checker_reports_an_undecodable_log_entry(pristine: Path, tmp_path: Path
     assert str(home / "ledger") in found.problem
 
 
-def test_checker_survives_a_crashing_reader(pristine: Path, tmp_path: Path) -> None:
+def test_checker_reports_a_page_that_would_crash_a_reader(pristine: Path, tmp_path: Path) -> None:
     """The log's second leaf page zeroed: a cursor stepping onto it from the first makes LMDB
-    abort the reading process (SIGABRT). The checker reads in a child, so it reports that."""
+    abort the reading process (SIGABRT). The checker's page walk (py-lmdb's offline
+    verifier, which never hands the file to LMDB) finds it first."""
     home = damaged_copy(pristine, tmp_path, zero_page(log_leaves(pristine)[1]))
     found = check_ledger(home / "ledger")
     assert not found.ok and found.problem is not None
     assert str(home / "ledger") in found.problem
-    assert "the ledger reader crashed (signal SIGABRT)" in found.problem
+    assert "LMDB's page check" in found.problem and "imageledger.log" in found.problem
+
+
+@pytest.mark.parametrize("crash", [signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT])
+def test_checker_survives_a_crashing_reader(
+    pristine: Path, monkeypatch: pytest.MonkeyPatch, crash: signal.Signals
+) -> None:
+    """Whatever kills the reading child (a SIGBUS from a page beyond the end of the file, an
+    assertion in LMDB), the checker answers: not ok, naming the ledger and the signal."""
+    die = f"import os, signal; os.kill(os.getpid(), signal.{crash.name})"
+    monkeypatch.setattr(ledgercheck, "_child_command", lambda _: [sys.executable, "-c", die])
+    found = check_ledger(pristine / "ledger")
+    assert not found.ok and found.problem is not None
+    assert str(pristine / "ledger") in found.problem
+    assert f"the ledger reader crashed (signal {crash.name})" in found.problem
+    assert "\n" not in found.problem
 
 
 def test_checker_reports_views_that_differ_from_the_log(pristine: Path, tmp_path: Path) -> None:
