@@ -69,7 +69,6 @@ from imageledger.storage.lmdbenv import (
     damaged,
     open_env,
     release_env,
-    scan_from,
 )
 
 _U64: Final = struct.Struct(">Q")
@@ -384,7 +383,10 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
             return found
         log_db = self._db("log")
         with self.env.read() as txn:
-            for key, value in scan_from(txn.cursor(db=log_db), _U64.pack(first)):
+            cursor: Any = txn.cursor(db=log_db)
+            if not cursor.set_range(_U64.pack(first)):
+                return found
+            for key, value in cursor:
                 notification_id = _position(key)
                 if stop is not None and notification_id > stop:
                     break
@@ -412,7 +414,10 @@ def log_entries(
     txn: lmdb.Transaction, recorder: LMDBApplicationRecorder, after: int
 ) -> Iterator[Notification]:
     """The log after notification `after`, read in an open (possibly write) transaction."""
-    for key, value in scan_from(txn.cursor(db=recorder._db("log")), _U64.pack(after + 1)):
+    cursor: Any = txn.cursor(db=recorder._db("log"))
+    if not cursor.set_range(_U64.pack(after + 1)):
+        return
+    for key, value in cursor:
         yield _notification(value, _position(key))
 
 

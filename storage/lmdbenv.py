@@ -192,25 +192,6 @@ def _ack(items: list[_Pending]) -> None:
         item.wake.set()
 
 
-def scan_from(cursor: Any, start: bytes) -> Iterator[tuple[bytes, bytes]]:
-    """The (key, value) pairs of `cursor`'s database from the first key >= `start`, in key
-    order, each found by a seek (``set_range``) rather than a step (``next``).
-
-    Why: LMDB 0.9 steps from the last entry of a page to the next page without checking that
-    page's type (``mdb_cursor_sibling``), and py-lmdb's LMDB then asserts it is a leaf: a
-    damaged neighbour page aborts the process (SIGABRT), which no caller can catch. A seek
-    that leaves the current page searches from the root and checks every page it visits
-    (``MDB_CORRUPTED``, which `read()` reports as damage); a seek within the page is a binary
-    search there. Measured: 0.31 us per entry against 0.18 us for py-lmdb's iterator, next to
-    the microseconds it takes to decode an entry. Transactions here use ``buffers=False``, so
-    keys and values are bytes."""
-    found = cursor.set_range(start)
-    while found:
-        key = cursor.key()
-        yield key, cursor.value()
-        found = cursor.set_range(key + b"\0")  # the least key greater than `key`
-
-
 def check_size(path: Path, env: lmdb.Environment) -> None:
     """Refuse a data file shorter than the pages the meta page says are in use.
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
-from itertools import islice, takewhile
+from itertools import islice
 from typing import Any, Final, cast
 
 import lmdb
@@ -24,7 +24,7 @@ from eventsourcing.persistence import Notification
 
 from imageledger.domain.errors import LedgerCorruptError
 from imageledger.storage.ledger import LMDBApplicationRecorder, log_at, log_entries
-from imageledger.storage.lmdbenv import LedgerEnv, as_damage, scan_from
+from imageledger.storage.lmdbenv import LedgerEnv, as_damage
 
 NAMESPACES: Final = ("a", "b")
 _ACTIVE: Final = b"views.active"
@@ -106,21 +106,36 @@ class LMDBViewTxn:
     def scan_encoded(
         self, table: str, *, prefix: bytes = b"", reverse: bool = False
     ) -> Iterator[tuple[bytes, bytes]]:
-        """Rows in key order (descending if `reverse`), each found by a seek (see
-        `lmdbenv.scan_from`: a step onto a damaged neighbour page would abort the process).
-        LMDB has no seek to the key before another, so a reverse scan collects the rows in
-        order first; every scan here reads its table (or prefix) whole anyway."""
         if self._dirty:
             self.flush()
-        rows = scan_from(self.txn.cursor(db=self.dbs[table]), prefix)
-        if prefix:
-            rows = takewhile(lambda row: row[0].startswith(prefix), rows)
+        cursor: Any = self.txn.cursor(db=self.dbs[table])
         if reverse:
-            yield from reversed(list(rows))
+            if prefix:
+                upper = _successor(prefix)
+                found = cursor.set_range(upper) if upper else False
+                positioned = cursor.prev() if found else cursor.last()
+            else:
+                positioned = cursor.last()
+            rows = cursor.iterprev() if positioned else iter(())
         else:
+            rows = cursor.iternext() if cursor.set_range(prefix) else iter(())
+        if not prefix:
             yield from rows
+            return
+        for key, value in rows:
+            if not key.startswith(prefix):
+                return
+            yield key, value
 
     decode = staticmethod(unpack)
+
+
+def _successor(prefix: bytes) -> bytes | None:
+    """The smallest key greater than every key starting with `prefix` (None if none)."""
+    stripped = prefix.rstrip(b"\xff")
+    if not stripped:
+        return None
+    return stripped[:-1] + bytes([stripped[-1] + 1])
 
 
 class LMDBViews:
@@ -236,7 +251,7 @@ class LMDBViews:
         as one msgpack array of [key, value] pairs (the C packer frames every key and value
         with its length, so the bytes hashed say exactly which rows there were)."""
         hasher = hashlib.sha256()
-        rows = scan_from(txn.cursor(db=db), b"")
+        rows: Any = txn.cursor(db=db).iternext()
         while chunk := list(islice(rows, 4096)):
             hasher.update(msgpack.packb(chunk, use_bin_type=True))
         return hasher.hexdigest()
