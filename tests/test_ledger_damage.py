@@ -255,7 +255,9 @@ def test_checker_reports_a_page_that_would_crash_a_reader(pristine: Path, tmp_pa
     assert "LMDB's page check" in found.problem and "imageledger.log" in found.problem
 
 
-@pytest.mark.parametrize("crash", [signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT])
+@pytest.mark.parametrize(
+    "crash", [signal.SIGBUS, signal.SIGSEGV, signal.SIGABRT], ids=lambda s: s.name
+)
 def test_checker_survives_a_crashing_reader(
     pristine: Path, monkeypatch: pytest.MonkeyPatch, crash: signal.Signals
 ) -> None:
