@@ -36,7 +36,7 @@ from typing import Any, BinaryIO, Final, Literal
 
 import structlog
 from eventsourcing.application import Application
-from eventsourcing.persistence import Transcoder
+from eventsourcing.persistence import Mapper, Transcoder
 from eventsourcing.utils import get_topic
 
 from imageledger.domain.errors import (
@@ -85,7 +85,8 @@ from imageledger.storage import archives
 from imageledger.storage.blobs import BlobStore, BlobWriter
 from imageledger.storage.home import Dir, mark_home, open_home
 from imageledger.storage.leases import InFlightLease, InFlightLeases, StoreLock
-from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory
+from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory, checked_decoder
+from imageledger.storage.ledgercheck import check_ledger
 from imageledger.storage.lmdbenv import DURABILITY_MODES
 from imageledger.storage.oci import host_platform, parse_platform
 from imageledger.storage.registry import (
@@ -95,7 +96,7 @@ from imageledger.storage.registry import (
     environment_fingerprint,
     options_from_environment,
 )
-from imageledger.storage.transcoder import MsgpackTranscoder
+from imageledger.storage.transcoder import MsgpackTranscoder, StoredEventMapper
 from imageledger.storage.viewstore import LMDBViews
 from imageledger.tools.logs import configure_logging
 
@@ -140,6 +141,13 @@ class _LedgerApp(Application[Any]):
     """The eventsourcing application that stores the ledger's events (msgpack, canonical)."""
 
     name = "imageledger"
+
+    def construct_mapper(self) -> Mapper[Any]:
+        # Stored events are read from disk, where LMDB keeps no checksums: one that cannot
+        # become a domain event is damage (LedgerCorruptError), never a raw TypeError.
+        return self.factory.mapper(
+            transcoder=self.construct_transcoder(), mapper_class=StoredEventMapper
+        )
 
     def construct_transcoder(self) -> Transcoder:
         transcoder = MsgpackTranscoder()
@@ -292,7 +300,7 @@ class ImageCache:
         assert isinstance(recorder, LMDBApplicationRecorder)
         self._recorder = recorder
         self._views = LMDBViews(recorder.env, recorder, TABLES)
-        self._decode = self._app.mapper.to_domain_event
+        self._decode = checked_decoder(self._app.mapper.to_domain_event, self.home / "ledger")
         self._views.attach(folder(self._decode))
         self.store = BlobStore(self._home)
         self._lock = StoreLock(self._home, readonly=self.read_only)
@@ -761,12 +769,28 @@ class ImageCache:
                 self.rebuild()  # the lock is re-entrant
 
     def verify(
-        self, *, repair: bool = False, progress: Callable[[int, int], None] | None = None
+        self,
+        *,
+        repair: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+        ledger: bool = True,
     ) -> StoreCheck:
-        """Read back and hash every blob the ledger accounts for; with `repair`, delete the
-        wrong ones so that the next pull or load fetches them again (see the service)."""
+        """Check the ledger, then read back and hash every blob it accounts for; with
+        `repair`, delete the wrong ones so that the next pull or load fetches them again (see
+        the service).
+
+        `ledger`: first check the ledger in a child process (`storage.ledgercheck`: LMDB's
+        page structure, every event decoding, views equal to a replay), so that damage
+        which would crash a reader is reported, as `LedgerCorruptError`, instead of killing
+        this process; and the blobs are only judged against a ledger known to be sound.
+        False for a caller that has just checked (the command line checks before it opens
+        the cache at all)."""
         if repair:
             self._check_writable("verify --repair")
+        if ledger:
+            found = check_ledger(self.home / "ledger").error()
+            if found is not None:
+                raise found
         check = self.service.verify(repair=repair, progress=progress)
         for p in check.problems:
             log.warning(

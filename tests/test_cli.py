@@ -122,7 +122,7 @@ def cli(
         timeout=120,
         check=False,
     )
-    return Result(done.returncode, done.stdout, done.stderr.decode())
+    return Result(done.returncode, done.stdout, done.stderr.decode(errors="backslashreplace"))
 
 
 def cli_all(home: Path | None, commands: Sequence[Sequence[str]], **kwargs: Any) -> list[Result]:
@@ -142,9 +142,9 @@ def ok(home: Path | None, *args: str, **kwargs: Any) -> Result:
 
 def assert_error(result: Result, code: int, *mentions: str) -> None:
     """Exit `code`, nothing on stdout, exactly one (non-log) line on stderr."""
-    assert result.code == code, (result.code, result.stderr)
+    assert result.code == code, (result.code, result.stderr[:2000])
     assert result.stdout == b""
-    assert len(result.error_lines) == 1, result.stderr
+    assert len(result.error_lines) == 1, result.stderr[:2000]
     line = result.error_lines[0]
     assert line.startswith("imageledger: "), line
     assert "Traceback" not in result.stderr

@@ -12,18 +12,19 @@ numbers of `prune` (`--unused-for`, `--max-bytes`) fail as invalid usage, never 
 from __future__ import annotations
 
 import json
-import os
 import re
-import subprocess
-import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
+
+if TYPE_CHECKING:
+    from tests.test_cli import Result, assert_error, cli, ok
+else:
+    from test_cli import Result, assert_error, cli, ok
 
 from imageledger.tools.cli import MESSAGE_LIMIT, one_line, printable, quoted
 from imageledger.tools.imagebuild import ImageSpec, build_docker_archive, build_image
@@ -33,53 +34,6 @@ HOLDER = "sandbox-9"  # holders are refused unless printable (domain/service.py)
 # Bytes a terminal acts on: C0 controls but the line feeds that separate output lines, DEL,
 # C1 controls (as UTF-8) and the bidi overrides that reorder what is shown.
 RAW_CONTROL = re.compile("[\x00-\x09\x0b-\x1f\x7f\x80-\x9f\u202a-\u202e\u2066-\u2069]")
-
-
-@dataclass(frozen=True)
-class Result:
-    code: int
-    stdout: bytes
-    stderr: str
-
-    def json(self) -> Any:
-        return json.loads(self.stdout)
-
-    @property
-    def error_lines(self) -> list[str]:
-        """stderr lines that are not structured (JSON) log lines."""
-        return [line for line in self.stderr.splitlines() if not line.startswith("{")]
-
-
-def cli(home: Path, *args: str) -> Result:
-    """`imageledger --home HOME ARGS...` in a subprocess (as test_cli.py runs it)."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("IMAGELEDGER_")}
-    done = subprocess.run(
-        [sys.executable, "-m", "imageledger.tools.cli", "--home", str(home), *args],
-        input=b"",
-        capture_output=True,
-        env=env,
-        timeout=120,
-        check=False,
-    )
-    return Result(done.returncode, done.stdout, done.stderr.decode(errors="backslashreplace"))
-
-
-def ok(home: Path, *args: str) -> Result:
-    result = cli(home, *args)
-    assert result.code == 0, (args, result.stderr)
-    return result
-
-
-def assert_error(result: Result, code: int, *mentions: str) -> None:
-    """Exit `code`, nothing on stdout, exactly one (non-log) line on stderr, no traceback."""
-    assert result.code == code, (result.code, result.stderr[:2000])
-    assert result.stdout == b""
-    assert len(result.error_lines) == 1, result.stderr[:2000]
-    line = result.error_lines[0]
-    assert line.startswith("imageledger: "), line
-    assert "Traceback" not in result.stderr
-    for mention in mentions:
-        assert mention in line, line
 
 
 # ---------------------------------------------------------------------------- the helpers

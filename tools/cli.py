@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 import signal
 import sys
@@ -39,6 +40,7 @@ from imageledger.domain.model import ImageDetail, ImageHandle, ImagePruneReport
 from imageledger.domain.reference import canonical
 from imageledger.domain.service import check_holder
 from imageledger.storage.archives import ArchiveError
+from imageledger.storage.ledgercheck import check_ledger
 from imageledger.storage.oci import ManifestError
 from imageledger.storage.registry import PullProgress, options_from_environment
 from imageledger.tools.logs import configure_logging
@@ -437,7 +439,7 @@ def cmd_rebuild(cache: ImageCache, args: argparse.Namespace) -> int:
 
 def cmd_verify(cache: ImageCache, args: argparse.Namespace) -> int:
     with Progress("verify", unit="bytes") as progress:
-        check = cache.verify(repair=args.repair, progress=progress.update)
+        check = cache.verify(repair=args.repair, progress=progress.update, ledger=False)
     if args.json:
         _print_json(
             {
@@ -633,6 +635,14 @@ def _run(args: argparse.Namespace) -> int:
         if getattr(args, "holder", None) is not None:
             check_holder(args.holder)
         home = args.home if args.home is not None else default_home()
+        if args.command == "verify" and os.fspath(home):
+            # The ledger first, in a child process, before this one opens it: damage that
+            # would crash a reader (LMDB aborts on some damaged pages) is reported, not died of.
+            ledger = Path(home) / "ledger"
+            if ledger.is_dir():
+                found = check_ledger(ledger).error()
+                if found is not None:
+                    raise found
         with ImageCache(home, create=args.command in _CREATING) as cache:
             return int(args.run(cache, args))
     except BrokenPipeError:
