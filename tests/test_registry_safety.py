@@ -21,6 +21,7 @@ from typing import TYPE_CHECKING, Any
 
 import pytest
 
+from imageledger import ImageCache
 from imageledger.domain.errors import HomeDamagedError, ImageLedgerError
 from imageledger.domain.model import Platform
 from imageledger.domain.reference import Reference
@@ -691,3 +692,29 @@ def test_a_manifest_that_stalls_hits_the_read_timeout(
     assert f"no data for 0.5 s from {stub.host}" in _one_line(caught.value)
     assert time.monotonic() - started < 10
     assert stub.count("/v2/app/manifests/") == 2  # one retry, then the error
+
+
+def test_the_cli_takes_the_deadline_and_says_which_limit_it_hit(
+    tmp_path: Path, flaky_registry: FlakyRegistry
+) -> None:
+    registry, upstream = flaky_registry.registry, flaky_registry.upstream
+    built = _publish(tmp_path, upstream, "app/cli:1", [_spec("c", _noise(b"c", 200_000))])
+    flaky_registry.stall_blob(built.images[0].layers[0].digest, after=50_000, timeout=60)
+    home = tmp_path / "home"
+    result = subprocess.run(
+        [
+            *(sys.executable, "-m", "imageledger.tools.cli", "--home", str(home), "pull"),
+            *(registry.reference("app/cli:1"), "--insecure-registry", registry.host),
+            *("--timeout", "20s", "--deadline", "3s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+        env={k: v for k, v in os.environ.items() if not k.startswith("IMAGELEDGER_")},
+    )
+    assert result.returncode == 1, result.stderr
+    [line] = [x for x in result.stderr.splitlines() if not x.startswith("{")]
+    assert "the pull's deadline of 3 s passed" in line, line
+    with ImageCache(home) as cache:
+        assert [e.event for e in cache.history()] == ["Started", "PullFailed"]

@@ -143,6 +143,15 @@ def duration(text: str) -> int:
     return total
 
 
+def positive_duration(text: str) -> int:
+    """A `duration` that is not zero (a timeout of nothing would fail every pull)."""
+    seconds = duration(text)
+    if seconds <= 0:
+        msg = f"invalid duration {quoted(text)}: must be more than zero"
+        raise argparse.ArgumentTypeError(msg)
+    return seconds
+
+
 def non_negative(text: str) -> int:
     """A count of bytes: a non-negative integer in ASCII digits, at most 19 of them (more is
     a typo, and thousands would hit `int`'s own digit limit with a foreign message)."""
@@ -279,7 +288,10 @@ def cmd_load(cache: ImageCache, args: argparse.Namespace) -> int:
 
 def cmd_pull(cache: ImageCache, args: argparse.Namespace) -> int:
     options = options_from_environment(
-        insecure=args.insecure_registry, ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None
+        insecure=args.insecure_registry,
+        ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
+        timeout=args.timeout,
+        deadline=args.deadline,
     )
     # The reference is not parsed yet: escaped and cut before it reaches the terminal.
     with Progress(one_line(f"pull {args.reference}", 120), unit="bytes") as bar:
@@ -532,6 +544,19 @@ def build_parser() -> argparse.ArgumentParser:
         "IMAGELEDGER_INSECURE_REGISTRIES=host:port,...)",
     )
     pull.add_argument("--ca-bundle", metavar="PEM", help="extra CA certificates to trust")
+    pull.add_argument(
+        "--timeout",
+        type=positive_duration,
+        metavar="DURATION",
+        help="fail when the registry sends nothing for this long (default 30s; also "
+        "IMAGELEDGER_PULL_TIMEOUT)",
+    )
+    pull.add_argument(
+        "--deadline",
+        type=positive_duration,
+        metavar="DURATION",
+        help="fail when the whole pull takes longer (default 1h; also IMAGELEDGER_PULL_DEADLINE)",
+    )
     save = add("save", cmd_save, "save images to an archive", json_flag=False)
     save.add_argument("references", nargs="+")
     save.add_argument("-o", "--output", required=True, help="archive path, - for stdout")
