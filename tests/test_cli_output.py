@@ -26,8 +26,9 @@ if TYPE_CHECKING:
 else:
     from test_cli import Result, assert_error, cli, ok
 
-from imageledger.tools.cli import MESSAGE_LIMIT, one_line, printable, quoted
+from imageledger.tools.cli import MESSAGE_LIMIT, one_line, quoted
 from imageledger.tools.imagebuild import ImageSpec, build_docker_archive, build_image
+from imageledger.tools.logs import printable
 
 HOSTILE_ARCH = "amd64\x1b[31mRED\nforged line\r\x07\u202e"
 HOLDER = "sandbox-9"  # holders are refused unless printable (domain/service.py)

@@ -89,6 +89,22 @@ def test_readable_console_rendering_on_a_tty() -> None:
     assert not text.lstrip().startswith("{")
 
 
+def test_console_log_lines_escape_what_a_terminal_would_obey() -> None:
+    class Tty(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    out = Tty()
+    configure_logging(stream=out, level=20)
+    hostile = "amd64\x1b[31mRED\nforged line\u202e"
+    structlog.get_logger().warning(f"pull.failed {hostile}", error=hostile)
+    text = out.getvalue()
+    assert text.count("\n") == 1  # one line, the forged ones escaped
+    assert "\x1b" not in text and "\u202e" not in text
+    # The event (escaped here) and the value (repr by the renderer), each escaped once.
+    assert text.count("\\x1b[31mRED\\nforged line\\u202e") == 2
+
+
 @given(
     st.recursive(
         st.text() | st.integers() | st.none(),

@@ -43,7 +43,7 @@ from imageledger.storage.archives import ArchiveError
 from imageledger.storage.ledgercheck import check_ledger
 from imageledger.storage.oci import ManifestError
 from imageledger.storage.registry import PullProgress, options_from_environment
-from imageledger.tools.logs import configure_logging
+from imageledger.tools.logs import configure_logging, printable
 from imageledger.tools.progress import Progress
 
 EXIT_OK = 0
@@ -62,27 +62,10 @@ MAX_BYTE_DIGITS: Final = 19  # 10**19 bytes is ten exabytes; longer digit string
 # must not become megabytes on stderr), keeping the start and the end, which says what failed.
 MESSAGE_LIMIT: Final = 1000
 VALUE_LIMIT: Final = 200
-_NOT_PLAIN: Final = re.compile(r"[^ -~]")  # anything but printable ASCII: looked at one by one
 
 
 class UsageError(Exception):
     """Bad command-line input (exit 2)."""
-
-
-def printable(text: str) -> str:
-    """`text` with control and other non-printable characters escaped (``\\x1b``, ``\\n``,
-    ``\\u202e``): what archives, registries and users put in names, architectures, paths and
-    holders reaches a terminal, where an escape sequence could rewrite or hide other output and
-    a newline could forge a line. Every human (non-JSON) line goes through it; JSON output is
-    escaped by the encoder already."""
-    if text.isprintable():
-        return text
-    return _NOT_PLAIN.sub(_escape, text)
-
-
-def _escape(match: re.Match[str]) -> str:
-    char = match[0]
-    return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
 
 
 def one_line(message: str, limit: int = MESSAGE_LIMIT) -> str:

@@ -32,6 +32,36 @@ _AUTH_SCHEME: Final = re.compile(r"\b(?P<scheme>Bearer|Basic)\s+[A-Za-z0-9._~+/=
 _LEVELS: Final = {"debug": 10, "info": 20, "warning": 30, "error": 40, "critical": 50}
 
 
+_NOT_PLAIN: Final = re.compile(r"[^ -~]")  # anything but printable ASCII: looked at one by one
+
+
+def printable(text: str) -> str:
+    """`text` with control and other non-printable characters escaped (``\\x1b``, ``\\n``,
+    ``\\u202e``): what archives, registries and users put in names, architectures, paths and
+    holders reaches a terminal, where an escape sequence could rewrite or hide other output and
+    a newline could forge a line. Every human (non-JSON) line and log line goes through it;
+    JSON is escaped by its encoder already."""
+    if text.isprintable():
+        return text
+    return _NOT_PLAIN.sub(_escape, text)
+
+
+def _escape(match: re.Match[str]) -> str:
+    char = match[0]
+    return char if char.isprintable() else char.encode("unicode_escape").decode("ascii")
+
+
+def _printable_processor(
+    _logger: Any, _method: str, event_dict: MutableMapping[str, Any]
+) -> MutableMapping[str, Any]:
+    """The event as a terminal may show it (see `printable`): the console renderer writes it
+    raw, while other values go through `repr` (and the JSON renderer escapes everything)."""
+    event = event_dict.get("event")
+    if isinstance(event, str):
+        event_dict["event"] = printable(event)
+    return event_dict
+
+
 def redact(value: Any) -> Any:
     """`value` with every credential masked; containers are copied, never mutated."""
     if isinstance(value, str):
@@ -84,6 +114,7 @@ def configure_logging(
             structlog.processors.TimeStamper(fmt="iso", utc=True),
             structlog.processors.format_exc_info,
             _redact_processor,
+            *(() if as_json else (_printable_processor,)),
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
