@@ -64,6 +64,10 @@ def check_ledger(ledger_dir: Path, *, timeout: float | None = None) -> LedgerChe
     try:
         done = subprocess.run(
             _child_command(ledger_dir),
+            # The interpreter running now, whatever path it was started by (a user may be
+            # able to run it without being able to open the path `sys.executable` names:
+            # a virtualenv whose base interpreter lies under another user's home).
+            executable=_SELF if os.path.exists(_SELF) else None,
             stdin=subprocess.DEVNULL,
             capture_output=True,
             timeout=timeout,
@@ -93,6 +97,9 @@ def check_ledger(ledger_dir: Path, *, timeout: float | None = None) -> LedgerChe
         0,
         f"{ledger_dir}: the ledger check failed (exit {done.returncode}): {last[0][:200]}",
     )
+
+
+_SELF = "/proc/self/exe"
 
 
 def _child_command(ledger_dir: Path) -> list[str]:
