@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 from typing import Any
 
-from imageledger.domain.model import OCI_INDEX
+from imageledger.domain.model import OCI_INDEX, ManifestRecord
 from imageledger.projections.views import ViewState
 
 REF_NAME = "org.opencontainers.image.ref.name"
@@ -20,8 +20,14 @@ POSITION = "io.imageledger.position"
 
 def oci_index(state: ViewState) -> bytes:
     entries: list[dict[str, Any]] = []
+    # One read per manifest, not per reference: a manifest row lists all its references, so
+    # reading it again for each of N aliases would make one index write O(N^2).
+    manifests: dict[str, ManifestRecord | None] = {}
     for record in sorted(state.references(), key=lambda r: r.reference):
-        manifest = state.manifest(record.manifest_digest)
+        digest = record.manifest_digest
+        if digest not in manifests:
+            manifests[digest] = state.manifest(digest)
+        manifest = manifests[digest]
         if manifest is None:
             continue
         content = manifest.content

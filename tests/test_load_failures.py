@@ -22,6 +22,7 @@ from imageledger.domain.errors import (
     PlatformNotFoundError,
 )
 from imageledger.domain.reference import parse_reference as real_parse
+from imageledger.projections.views import ViewState
 from imageledger.storage import archives
 from imageledger.tools.imagebuild import (
     ImageSpec,
@@ -177,12 +178,24 @@ def test_one_manifest_under_many_names_is_one_commit_and_linear_work(
         parses += 1
         return real_parse(text)
 
+    # A manifest row lists every reference to it: reading it once per alias (index.json
+    # did) is N reads of N names.
+    manifest_reads = 0
+    real_manifest = ViewState.manifest
+
+    def counting_manifest(self: ViewState, digest: str) -> Any:
+        nonlocal manifest_reads
+        manifest_reads += 1
+        return real_manifest(self, digest)
+
     monkeypatch.setattr(cache, "append", counting_append)
     monkeypatch.setattr(archives, "parse_reference", counting_parse)
+    monkeypatch.setattr(ViewState, "manifest", counting_manifest)
     handles = cache.load(archive)
     assert len(handles) == len(names)
     assert len(appends) == 1 and appends[0] >= len(names)  # one commit, every name in it
     assert parses <= 3 * len(names)  # each name parsed a bounded number of times
+    assert manifest_reads <= 10, manifest_reads
     assert len(cache.list()) == len(names)
 
 
