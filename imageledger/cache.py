@@ -363,10 +363,11 @@ class ImageCache:
 
     # -- the OCI layout projection -----------------------------------------------------
 
-    def _write_index(self) -> None:
-        """Rewrite index.json from the views, unless it already shows this position or later
-        (and write oci-layout if missing). Serialised across processes by index.lock, so the
-        last writer always writes the latest state and temp files found under it are stale."""
+    def _write_index(self, *, force: bool = False) -> None:
+        """Rewrite index.json from the views, unless it already shows what they show (with
+        `force`, whatever it shows: after a rebuild), and write oci-layout if missing.
+        Serialised across processes by index.lock, so the last writer always writes the
+        latest state and temp files found under it are stale."""
         home = self._home
         fd = home.open_lock("index.lock")
         try:
@@ -379,13 +380,15 @@ class ImageCache:
             if home.stat("oci-layout") is None:
                 home.write_atomic("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
             with self.snapshot() as state:
-                position = state.position
+                # What the index shows changes only with pulls, loads, removes and prunes
+                # (semantics 14): after a use or a release this returns here, O(1).
+                position = state.shown
                 try:
                     with home.open_read("index.position") as f:
                         written = int(f.read(32))
                 except (FileNotFoundError, ValueError):
                     written = -1
-                if written >= position and home.file_size("index.json") is not None:
+                if not force and written >= position and home.file_size("index.json") is not None:
                     return
                 data = oci_index(state)
             try:
@@ -750,7 +753,7 @@ class ImageCache:
         with self._rebuild_lock():
             report = rebuild(self._views, self._decode, verify_only=verify, progress=progress)
         if not verify:
-            self._write_index()
+            self._write_index(force=True)
         return report
 
     def _upgrade_views(self) -> None:

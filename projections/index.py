@@ -50,6 +50,8 @@ def oci_index(state: ViewState) -> bytes:
         "schemaVersion": 2,
         "mediaType": OCI_INDEX,
         "manifests": entries,
-        "annotations": {POSITION: str(state.position)},
+        # The last position that changed what this shows (not the ledger's head: a use or a
+        # release changes nothing here, so it must not need a rewrite).
+        "annotations": {POSITION: str(state.shown)},
     }
     return json.dumps(index, sort_keys=True, separators=(",", ":")).encode()

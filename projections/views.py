@@ -56,7 +56,8 @@ from imageledger.domain.ports import ViewRecords, ViewTxn
 TABLES: Final = ("refs", "refs.order", "manifests", "blobs", "holders", "history", "prunes", "meta")
 APPEND_ONLY: Final = ("history", "prunes")
 HANDLE_FIELDS: Final = tuple(f.name for f in fields(ImageHandle) if not f.name.startswith("_"))
-FORMAT: Final = 2
+# 3: meta "shown", the position of the last event that changed what index.json shows.
+FORMAT: Final = 3
 _U64: Final = struct.Struct(">Q")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -155,6 +156,7 @@ def mark(view: ViewRecords, event: Any, position: int) -> None:
 
 
 def _pulled(view: ViewRecords, event: ImageLedger.ImagePulled, position: int, at: int) -> None:
+    view.put("meta", b"shown", position)
     content = event.content
     digest = content.manifest_digest
     reference = event.reference
@@ -272,11 +274,14 @@ def _released(view: ViewRecords, event: ImageLedger.HolderReleased, position: in
 
 
 def _removed(view: ViewRecords, event: ImageLedger.ImageRemoved, position: int, at: int) -> None:
+    view.put("meta", b"shown", position)
     _drop_reference(view, event.reference)
     _drop_content(view, event.deleted)
 
 
 def _pruned(view: ViewRecords, event: ImageLedger.ImagesPruned, position: int, at: int) -> None:
+    if event.references:
+        view.put("meta", b"shown", position)
     for removed in event.references:
         _drop_reference(view, removed.reference)
     _drop_content(view, event.deleted)
@@ -509,6 +514,12 @@ class ViewState:
     @property
     def version(self) -> int:
         return _meta_int(self.view, b"version") or 0
+
+    @property
+    def shown(self) -> int:
+        """The position of the last event that changed what index.json shows (references and
+        their manifests): uses, releases and failures do not, so they need no index write."""
+        return _meta_int(self.view, b"shown") or 0
 
     @property
     def format(self) -> int | None:

@@ -47,6 +47,7 @@ from imageledger import (
     LedgerFullError,
     RegistryOptions,
 )
+from imageledger.projections.views import FORMAT as VIEWS_FORMAT
 from imageledger.storage.viewstore import packer
 from imageledger.tools.imagebuild import (
     BuiltImage,
@@ -1011,7 +1012,7 @@ def test_views_of_another_format_are_rebuilt_on_open(
         assert reopened.inspect("b:1") == details
         assert reopened.rebuild(verify=True).identical
         with reopened.snapshot() as state:
-            assert state.format == 2
+            assert state.format == VIEWS_FORMAT
 
 
 def test_list_after_commits_shares_only_unchanged_handles(
@@ -1466,3 +1467,34 @@ def test_verify_finds_damaged_blobs_save_refuses_them_and_repair_lets_a_reload_h
     assert cache.verify().ok
     cache.save(["a:1", "b:1"], out / "both.tar")
     assert (out / "both.tar").stat().st_size > 0
+
+
+def test_index_json_is_rewritten_only_when_what_it_shows_changes(
+    cache: ImageCache, home: Path, tmp_path: Path
+) -> None:
+    """Semantics 14: a use or a release (what a runtime does on every sandbox start and
+    stop) changes nothing index.json shows, so it is not rewritten (it was, whole, on every
+    commit: O(references) per use); a load, a remove and a prune that drops a reference are."""
+    cache.load(docker_archive(tmp_path, spec("a:1", "a:2")))
+    index = home / "index.json"
+
+    def identity() -> tuple[int, int]:
+        st = index.stat()
+        return st.st_ino, st.st_mtime_ns
+
+    before = identity()
+    cache.use("a:1", "sb-1")
+    cache.release("sb-1")
+    cache.prune(dry_run=True)
+    assert identity() == before
+    cache.load(docker_archive(tmp_path, spec("b:1")))
+    after_load = identity()
+    assert after_load != before
+    names = {
+        m["annotations"]["org.opencontainers.image.ref.name"]
+        for m in json.loads(index.read_text())["manifests"]
+    }
+    assert names == {"docker.io/library/a:1", "docker.io/library/a:2", "docker.io/library/b:1"}
+    cache.remove("a:2")
+    assert identity() != after_load
+    assert "docker.io/library/a:2" not in index.read_text()
