@@ -21,6 +21,7 @@ whatever it found under ``tmp/`` and ``artifacts/``.
 from __future__ import annotations
 
 import contextlib
+import errno
 import os
 import shutil
 import stat
@@ -115,9 +116,9 @@ class Dir:
             with contextlib.suppress(FileExistsError):
                 os.mkdir(name, 0o755, dir_fd=self.fd)
             return self._open_dir(name, create=False)
-        except (NotADirectoryError, OSError) as e:
-            if isinstance(e, FileNotFoundError):  # pragma: no cover - handled above
-                raise
+        except OSError as e:
+            if e.errno not in (errno.ELOOP, errno.ENOTDIR):
+                raise  # permissions, I/O: not what is there, but whether we may look
             st = self.stat(name)
             if st is None:
                 raise FileNotFoundError(e.errno, e.strerror, str(self.path / name)) from None
@@ -161,7 +162,7 @@ class Dir:
         try:
             fd = os.open(name, flags, dir_fd=self.fd)
         except OSError as e:
-            if isinstance(e, FileNotFoundError) or e.errno in (40, 20, 6):  # ELOOP ENOTDIR ENXIO
+            if e.errno in (errno.ENOENT, errno.ELOOP, errno.ENOTDIR, errno.ENXIO):
                 raise FileNotFoundError(e.errno, e.strerror, str(self.path / name)) from None
             raise
         if not stat.S_ISREG(os.fstat(fd).st_mode):
@@ -184,14 +185,14 @@ class Dir:
             try:
                 fd = os.open(name, flags, 0o644, dir_fd=self.fd)
             except OSError as e:
-                if e.errno not in (13, 30):  # EACCES, EROFS: a home this user may only read
+                if e.errno not in (errno.EACCES, errno.EROFS):  # a home this user may only read
                     raise
                 # flock needs no write access: a reader of a shared home still excludes
                 # (and waits for) the collector.
                 readonly = os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
                 fd = os.open(name, readonly, dir_fd=self.fd)
         except OSError as e:
-            if e.errno in (40, 21, 6):  # ELOOP, EISDIR, ENXIO
+            if e.errno in (errno.ELOOP, errno.EISDIR, errno.ENXIO):
                 st = self.stat(name)
                 kind = "a symbolic link" if st and stat.S_ISLNK(st.st_mode) else "not a file"
                 raise self._damaged(name, kind) from None
@@ -383,5 +384,5 @@ def mark_home(home: Dir) -> None:
     except PermissionError:
         return
     except OSError as e:
-        if e.errno != 30:  # EROFS
+        if e.errno != errno.EROFS:
             raise

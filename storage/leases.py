@@ -18,6 +18,7 @@ the store lock) *after* it decided and *before* it unlinks.
 from __future__ import annotations
 
 import contextlib
+import errno
 import fcntl
 import os
 import secrets
@@ -213,5 +214,5 @@ def _tidy(leases: Dir, name: str) -> None:
     except PermissionError:
         log.debug("lease.not_removed", entry=name)
     except OSError as e:
-        if e.errno != 30:  # EROFS
+        if e.errno != errno.EROFS:
             raise
