@@ -671,10 +671,11 @@ class BlobWriting(Protocol):
 
 class PullStore(BlobAccess, Protocol):
     """A `BlobStore`, or a wrapper around one (a lease-claiming one, say): `has` is asked
-    before anything else of each digest, and `root` holds ``tmp/locks``."""
+    before anything else of each digest, and `home` (the store's open home, see
+    `storage.home`) holds ``tmp/locks`` and the partial files of dead pulls."""
 
     @property
-    def root(self) -> Path: ...
+    def home(self) -> Dir: ...
 
     def writer(self, digest: str, *, size: int | None = None) -> BlobWriting: ...
 
@@ -745,7 +746,7 @@ def _blob_lock(
     def default_expired() -> BaseException:
         return RegistryTimeoutError(f"waiting for another pull of {digest}: the deadline passed")
 
-    with Dir.at(store.root) as root, root.sub("tmp/locks", create=True) as locks:
+    with store.home.sub("tmp/locks", create=True) as locks:
         while True:
             fd = locks.open_lock(name)
             try:
@@ -784,7 +785,7 @@ ADOPT_MIN_SIZE: Final = 1 << 20
 again costs less than looking."""
 
 
-def _dead_partials(root: Path, digest: str, size: int) -> list[tuple[int, str, str]]:
+def _dead_partials(home: Dir, digest: str, size: int) -> list[tuple[int, str, str]]:
     """Partial downloads of `digest` a pull left in ``tmp/`` or a lease's work directory
     ``tmp/<id>/`` (a `BlobWriter`'s ``<hex>.<random>.part``), biggest first, as (size, work
     directory relative to ``tmp/`` or "", name); only regular files no bigger than the blob.
@@ -805,7 +806,7 @@ def _dead_partials(root: Path, digest: str, size: int) -> list[tuple[int, str, s
                 found.append((st.st_size, relative, name))
 
     try:
-        with Dir.at(root) as home, home.sub("tmp") as tmp:
+        with home.sub("tmp") as tmp:
             scan(tmp, "")
             for name, st in tmp.entries():
                 if stat.S_ISDIR(st.st_mode) and name not in ("leases", "locks"):
@@ -827,11 +828,10 @@ def _adopt_partial(store: PullStore, digest: str, size: int, writer: BlobWriting
     by the blob's digest at commit (the caller downloads again whole when they are bad)."""
     if size < ADOPT_MIN_SIZE:
         return 0
-    for _, relative, name in _dead_partials(Path(store.root), digest, size):
+    for _, relative, name in _dead_partials(store.home, digest, size):
         try:
             with (
-                Dir.at(store.root) as home,
-                home.sub(f"tmp/{relative}" if relative else "tmp") as directory,
+                store.home.sub(f"tmp/{relative}" if relative else "tmp") as directory,
                 directory.open_read(name) as source,
             ):
                 while writer.offset < size:
