@@ -35,8 +35,6 @@ from pathlib import Path
 from typing import Any, BinaryIO, Final, Literal
 
 import structlog
-from eventsourcing.application import Application
-from eventsourcing.persistence import Mapper, Transcoder
 from eventsourcing.utils import get_topic
 
 from imageledger.domain.errors import (
@@ -50,7 +48,7 @@ from imageledger.domain.errors import (
     LedgerReadOnlyError,
     PlatformNotFoundError,
 )
-from imageledger.domain.events import TRANSCODINGS, ImageLedger
+from imageledger.domain.events import ImageLedger
 from imageledger.domain.model import (
     Actor,
     HistoryEntry,
@@ -83,10 +81,10 @@ from imageledger.projections.views import (
 )
 from imageledger.storage import archives
 from imageledger.storage.blobs import BlobStore, BlobWriter
+from imageledger.storage.eventstore import LedgerApplication
 from imageledger.storage.home import Dir, mark_home, open_home
 from imageledger.storage.leases import InFlightLease, InFlightLeases, StoreLock
 from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory, checked_decoder
-from imageledger.storage.ledgercheck import check_ledger
 from imageledger.storage.lmdbenv import DURABILITY_MODES
 from imageledger.storage.oci import host_platform, parse_platform
 from imageledger.storage.registry import (
@@ -96,8 +94,8 @@ from imageledger.storage.registry import (
     environment_fingerprint,
     options_from_environment,
 )
-from imageledger.storage.transcoder import MsgpackTranscoder, StoredEventMapper
 from imageledger.storage.viewstore import LMDBViews
+from imageledger.tools.ledgercheck import check_ledger
 from imageledger.tools.logs import configure_logging
 
 log = structlog.get_logger(__name__)
@@ -135,25 +133,6 @@ def current_actor() -> Actor:
 
 def _utc_now() -> datetime:
     return datetime.now(UTC)
-
-
-class _LedgerApp(Application[Any]):
-    """The eventsourcing application that stores the ledger's events (msgpack, canonical)."""
-
-    name = "imageledger"
-
-    def construct_mapper(self) -> Mapper[Any]:
-        # Stored events are read from disk, where LMDB keeps no checksums: one that cannot
-        # become a domain event is damage (LedgerCorruptError), never a raw TypeError.
-        return self.factory.mapper(
-            transcoder=self.construct_transcoder(), mapper_class=StoredEventMapper
-        )
-
-    def construct_transcoder(self) -> Transcoder:
-        transcoder = MsgpackTranscoder()
-        for transcoding in TRANSCODINGS:
-            transcoder.register(transcoding)
-        return transcoder
 
 
 _CLIENT_MAX_AGE: Final = 600.0  # s
@@ -290,7 +269,7 @@ class ImageCache:
         if durability:
             env["LMDB_DURABILITY"] = durability
         try:
-            self._app = _LedgerApp(env=env)
+            self._app = LedgerApplication(env=env)
         except BaseException:
             self._home.close()
             raise
@@ -782,7 +761,7 @@ class ImageCache:
         `repair`, delete the wrong ones so that the next pull or load fetches them again (see
         the service).
 
-        `ledger`: first check the ledger in a child process (`storage.ledgercheck`: LMDB's
+        `ledger`: first check the ledger in a child process (`tools.ledgercheck`: LMDB's
         page structure, every event decoding, views equal to a replay), so that damage
         which would crash a reader is reported, as `LedgerCorruptError`, instead of killing
         this process; and the blobs are only judged against a ledger known to be sound.

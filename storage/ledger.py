@@ -461,7 +461,7 @@ def check_log(recorder: LMDBApplicationRecorder) -> int:
     the log holds; `LedgerCorruptError` at the first entry that is not what `insert_events`
     writes: an envelope that does not decode, ids that are not 1, 2, 3, ..., an index entry
     that names a missing entry or one of another originator or version, or an entry the index
-    does not name. For `storage.ledgercheck` (in a child process: a damaged page can abort
+    does not name. For `tools.ledgercheck` (in a child process: a damaged page can abort
     the reader)."""
     log_db = recorder._db("log")
     index_db = recorder._db("log.index")

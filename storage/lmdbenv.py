@@ -25,7 +25,7 @@ What cannot be turned into an error: py-lmdb's bundled LMDB is built with its as
 and a cursor that steps onto a neighbouring page does not check that page's type before it
 asserts it is a leaf (``mdb_cursor_next``/``mdb_cursor_prev`` after ``mdb_cursor_sibling``),
 so a scan that crosses into a zeroed or overwritten page aborts the process (SIGABRT). That is
-why `storage.ledgercheck` reads the whole ledger in a child process.
+why `tools.ledgercheck` reads the whole ledger in a child process.
 """
 
 from __future__ import annotations

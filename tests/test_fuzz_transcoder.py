@@ -34,6 +34,7 @@ from imageledger.domain.model import (
     RemovedReference,
 )
 from imageledger.storage import transcoder as tmod
+from imageledger.storage.eventstore import ledger_transcoder
 from imageledger.storage.transcoder import (
     MsgpackTranscoder,
     StoredEventMapper,
@@ -49,11 +50,8 @@ NOW = datetime(2024, 5, 6, 7, 8, 9, 123456, tzinfo=UTC)
 
 
 def domain_transcoder() -> MsgpackTranscoder:
-    """The transcoder as `imageledger.cache._LedgerApp` builds it (the domain's types)."""
-    transcoder = MsgpackTranscoder()
-    for transcoding in TRANSCODINGS:
-        transcoder.register(transcoding)
-    return transcoder
+    """The transcoder the ledger's application uses (the domain's types registered)."""
+    return ledger_transcoder()
 
 
 def _events() -> list[DomainEventProtocol[Any]]:

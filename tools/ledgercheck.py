@@ -6,7 +6,7 @@ exactly the log's events, and the views must equal a replay of the log (`rebuild
 verify_only=True)`, the replay `imageledger rebuild --verify` runs). Reading damaged pages is
 not always an error: py-lmdb's LMDB asserts (SIGABRT) when a cursor steps onto a neighbouring
 page that is not a leaf, and a page beyond the end of a file cut short is a SIGBUS. So the
-reading happens in a child process (``python -m imageledger.storage.ledgercheck <dir>``), and
+reading happens in a child process (``python -m imageledger.tools.ledgercheck <dir>``), and
 a child killed by a signal is itself the answer: the ledger is damaged.
 
 First the pages: py-lmdb's offline verifier walks every tree of a copy in pure Python, never
@@ -104,7 +104,7 @@ _SELF = "/proc/self/exe"
 
 def _child_command(ledger_dir: Path) -> list[str]:
     """The child's command line (a function, so that a test can make a child that crashes)."""
-    return [sys.executable, "-m", "imageledger.storage.ledgercheck", str(ledger_dir)]
+    return [sys.executable, "-m", "imageledger.tools.ledgercheck", str(ledger_dir)]
 
 
 def _lmdb_assertion(stderr: bytes) -> str:
@@ -167,9 +167,9 @@ def _check_copy(ledger_dir: Path, copy: Path) -> LedgerCheck:
     """The checks, on `copy` (of `ledger_dir`, which the messages name)."""
     # The application, mapper and views of the cache itself: the events must decode as the
     # cache decodes them, and the replay is the cache's (imported here, in the child only).
-    from imageledger.cache import _LedgerApp
     from imageledger.projections.runner import rebuild
     from imageledger.projections.views import TABLES
+    from imageledger.storage.eventstore import LedgerApplication
     from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory, check_log
     from imageledger.storage.viewstore import LMDBViews
 
@@ -178,7 +178,7 @@ def _check_copy(ledger_dir: Path, copy: Path) -> LedgerCheck:
         "LMDB_PATH": str(copy),
         "LMDB_DURABILITY": "nosync",
     }
-    app = _LedgerApp(env=env)
+    app = LedgerApplication(env=env)
     try:
         recorder = app.recorder
         assert isinstance(recorder, LMDBApplicationRecorder)
@@ -242,7 +242,7 @@ def _child(ledger_dir: Path) -> LedgerCheck:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m imageledger.storage.ledgercheck <ledger dir>``: one result line on stdout.
+    """``python -m imageledger.tools.ledgercheck <ledger dir>``: one result line on stdout.
 
     Anything other than a damage error escapes as a traceback on stderr and a non-zero
     exit: the parent reports it as a failed check, not as a sound ledger."""
@@ -251,7 +251,7 @@ def main(argv: list[str] | None = None) -> int:
     configure_logging()  # logs to stderr: stdout carries the result line only
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m imageledger.storage.ledgercheck LEDGER_DIR", file=sys.stderr)
+        print("usage: python -m imageledger.tools.ledgercheck LEDGER_DIR", file=sys.stderr)
         return 2
     result = _child(Path(args[0]))
     line = json.dumps({"ok": result.ok, "events": result.events, "problem": result.problem})
