@@ -304,18 +304,19 @@ class ImageCache:
             history=self._history,
         )
         try:
-            if self.read_only:
-                self._check_views_readable()
-            else:
-                self._upgrade_views()
+            self._upgrade_views()
+            if not self.read_only:
                 self._write_index()
         except (OSError, HomeDamagedError) as e:
-            if create:
+            if create or not self._views_current():
                 self.close()
                 raise
-            # Only reading: a home this user may not write (a shared cache) or whose derived
-            # files are damaged still answers; whoever writes next repairs them.
+            # Only reading: a home whose derived files are damaged still answers; whoever
+            # writes next repairs them.
             log.warning("home.index_not_written", home=str(self.home), error=str(e))
+        except BaseException:
+            self.close()
+            raise
 
     # -- the service's Ledger port -------------------------------------------------------
 
@@ -451,16 +452,6 @@ class ImageCache:
     def _check_writable(self, what: str) -> None:
         if self.read_only:
             msg = f"{self.home}: {what} needs a home this user can write; this one can only be read"
-            raise LedgerReadOnlyError(msg)
-
-    def _check_views_readable(self) -> None:
-        with self.snapshot() as state:
-            found = state.format
-        if found != VIEWS_FORMAT and self._views.head():
-            msg = (
-                f"{self.home}: its views were written by another imageledger version and must "
-                "be rebuilt by a user who can write the home (open it once as that user)"
-            )
             raise LedgerReadOnlyError(msg)
 
     def use(self, reference: str, holder: str) -> ImageHandle:
@@ -735,14 +726,19 @@ class ImageCache:
             self._write_index(force=True)
         return report
 
+    def _views_current(self) -> bool:
+        """Whether the views are in this version's layout (or hold nothing yet)."""
+        with self.snapshot() as state:
+            found = state.format
+        return found == VIEWS_FORMAT or not self._views.head()
+
     def _upgrade_views(self) -> None:
         """Views written in another layout (`views.FORMAT`, by another imageledger version) are
         rebuilt from the log before anything reads them: the log is the state, views are
         only a cache of it."""
-        with self.snapshot() as state:
-            found = state.format
-        if found == VIEWS_FORMAT or not self._views.head():
+        if self._views_current():
             return
+        self._check_writable("opening views of another imageledger version (they are rebuilt)")
         with self._rebuild_lock():
             with self.snapshot() as state:
                 found = state.format
