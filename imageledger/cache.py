@@ -352,11 +352,6 @@ class ImageCache:
         fd = home.open_lock("index.lock")
         try:
             fcntl.flock(fd, fcntl.LOCK_EX)
-            # Every index write holds this lock, so a temporary file left now is a crashed
-            # writer's: sweep it.
-            sweep = [n for n, _ in home.entries() if n.startswith(".") and n.endswith(".tmp")]
-            for stale in sweep:
-                home.delete(stale)
             if home.stat("oci-layout") is None:
                 home.write_atomic("oci-layout", b'{"imageLayoutVersion":"1.0.0"}')
             with self.snapshot() as state:
@@ -371,14 +366,17 @@ class ImageCache:
                 if not force and written >= position and home.file_size("index.json") is not None:
                     return
                 data = oci_index(state)
+            # Every index write holds this lock, so a temporary file left now is a crashed
+            # writer's: sweep it.
+            for name, _ in home.entries():
+                if name.startswith(".") and name.endswith(".tmp"):
+                    home.delete(name)
             try:
                 home.write_atomic("index.json", data)
                 home.write_atomic("index.position", str(position).encode())
             except OSError as e:
                 # The command itself is committed; failing it now (a full disk, say) would
                 # report as failed what happened. The next command writes the index again.
-                for stale in sweep:
-                    home.delete(stale)
                 log.warning("index.not_written", position=position, error=str(e))
         finally:
             os.close(fd)

@@ -207,11 +207,15 @@ class Dir:
         (a link at `name` is replaced, never written through)."""
         tmp = f".{name}.{os.getpid()}.tmp"
         self.delete(tmp)
-        with self.create(tmp) as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        try:
+            with self.create(tmp) as f:
+                f.write(data)
+                f.flush()
+                os.fsync(f.fileno())
+            os.replace(tmp, name, src_dir_fd=self.fd, dst_dir_fd=self.fd)
+        except BaseException:
+            self.delete(tmp)  # a full disk, say: nothing half written stays
+            raise
 
     def replace(self, name: str, target: Dir, target_name: str) -> None:
         os.replace(name, target_name, src_dir_fd=self.fd, dst_dir_fd=target.fd)
