@@ -42,7 +42,7 @@ from imageledger.domain.model import (
     PrunePolicy,
     StoreCheck,
 )
-from imageledger.domain.policies import content_freed, plan_prune
+from imageledger.domain.policies import content_freed, plan_prune, unmatched_keep
 from imageledger.domain.ports import CacheState, InFlight, StoreLock
 from imageledger.domain.reference import Reference, canonical
 
@@ -406,6 +406,8 @@ class ImageCacheService:
             live_dirs = {f"tmp/{lease}" for lease in alive}
             strays = [s for s in candidates if s.digest not in live_dirs]
 
+            unmatched: builtins.list[str] = []
+
             def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> Any:
                 known = {blob.digest for blob in state.blobs()}
                 orphans = [
@@ -413,6 +415,10 @@ class ImageCacheService:
                     for d in sorted(on_disk - known - protected)
                 ]
                 plan = plan_prune(state, policy, now, protected, [*orphans, *strays])
+                # Matched against the references the plan was made from.
+                unmatched[:] = unmatched_keep(
+                    policy.keep, (r.reference for r in state.references())
+                )
                 if not policy.dry_run:
                     self._record(
                         ledger,
@@ -439,6 +445,7 @@ class ImageCacheService:
             dry_run=policy.dry_run,
             references=plan.references,
             deleted=plan.deleted,
+            unmatched_keep=tuple(unmatched),
         )
 
 

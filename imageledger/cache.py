@@ -66,7 +66,6 @@ from imageledger.domain.policies import (
     MAX_SECONDS,
     choose_platform,
     keep_patterns,
-    unmatched_keep,
 )
 from imageledger.domain.reference import Reference, canonical
 from imageledger.domain.service import ImageCacheService
@@ -500,10 +499,9 @@ class ImageCache:
             max_bytes=None if budget is None else min(budget, MAX_BYTES),
         )
         report = self.service.prune(policy)
-        unmatched = unmatched_keep(patterns, [h.reference for h in self.list()] if patterns else [])
-        for pattern in unmatched:
+        for pattern in report.unmatched_keep:
             log.warning("prune.keep_unmatched", pattern=pattern[:200], length=len(pattern))
-        return dataclasses.replace(report, unmatched_keep=unmatched)
+        return report
 
     def pull(
         self,
