@@ -37,6 +37,7 @@ from typing import Any, BinaryIO, Final, Literal
 import structlog
 from eventsourcing.utils import get_topic
 
+from imageledger._version import __version__
 from imageledger.domain.errors import (
     CacheClosedError,
     DiskFullError,
@@ -115,9 +116,6 @@ def default_home() -> Path:
     return Path(home)
 
 
-VERSION = "0.1.0"
-
-
 def current_actor() -> Actor:
     """Who and where this process runs, for every event it appends (names and ids, no
     secret). A host fact, so it is read here, where the domain is wired to the machine."""
@@ -126,7 +124,7 @@ def current_actor() -> Actor:
     except (KeyError, OSError):
         user = ""
     return Actor(
-        user=user, uid=os.getuid(), pid=os.getpid(), host=socket.gethostname(), version=VERSION
+        user=user, uid=os.getuid(), pid=os.getpid(), host=socket.gethostname(), version=__version__
     )
 
 

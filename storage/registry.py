@@ -96,6 +96,7 @@ from urllib.parse import urlsplit
 import httpx
 import structlog
 
+from imageledger._version import __version__
 from imageledger.domain.errors import (
     DigestMismatchError,
     HomeDamagedError,
@@ -167,7 +168,7 @@ MAX_TOKEN_LIFETIME: Final = 86400.0
 MAX_MESSAGE_VALUE: Final = 200
 """Characters of a value from outside (a URL, a platform, an error text) an error message
 quotes before it is cut short."""
-USER_AGENT: Final = "imageledger/0.1"
+USER_AGENT: Final = f"imageledger/{__version__}"
 
 ENV_INSECURE: Final = "IMAGELEDGER_INSECURE_REGISTRIES"
 ENV_CA_BUNDLE: Final = "IMAGELEDGER_CA_BUNDLE"
