@@ -1,10 +1,47 @@
 """The errors imageledger raises: every one is an `ImageLedgerError`.
 
 Callers catch one base class; each subclass names a situation a user can act on, and its
-message says what and where (the reference, the path, the holders), never a secret.
+message says what and where (the reference, the path, the holders), never a secret. Every
+error class lives here, whichever layer raises it, so that a caller finds the whole hierarchy
+in one place (as httpx's ``_exceptions.py`` does)::
+
+    ImageLedgerError
+    ├── LedgerError
+    │   ├── LedgerCorruptError (also eventsourcing's InterfaceError)
+    │   │   └── LedgerMissingError
+    │   ├── LedgerFullError (also eventsourcing's OperationalError)
+    │   └── LedgerReadOnlyError
+    ├── DiskFullError (also OSError)
+    ├── InvalidReferenceError (also ValueError)
+    ├── InvalidPlatformError (also ValueError)
+    ├── DigestMismatchError
+    ├── BlobTooLargeError
+    ├── ImageNotFoundError (also LookupError)
+    │   ├── PlatformNotFoundError
+    │   └── NotInRegistryError (also RegistryError)
+    ├── ImageInUseError
+    ├── ContentMissingError
+    ├── ContentCorruptError
+    ├── HomeError
+    │   ├── InvalidHomeError (also ValueError)
+    │   ├── HomeNotFoundError (also LookupError)
+    │   └── HomeDamagedError
+    ├── CacheClosedError (also RuntimeError)
+    ├── InvalidDestinationError (also ValueError)
+    ├── ManifestError
+    │   └── RegistryManifestError (also RegistryError)
+    ├── ArchiveError
+    ├── RegistryError
+    │   ├── RegistryAuthError
+    │   ├── RegistryTimeoutError
+    │   ├── RegistryManifestError
+    │   └── NotInRegistryError
+    └── RegistryConfigError (also ValueError)
 """
 
 from __future__ import annotations
+
+from typing import Any
 
 from eventsourcing.persistence import InterfaceError, OperationalError
 
@@ -63,7 +100,9 @@ class ImageInUseError(ImageLedgerError):
 
 
 class ContentMissingError(ImageLedgerError):
-    """A blob an image needs is not in the store when its pull or load commits."""
+    """A blob an image needs is not in the store: when its pull or load commits, or when a
+    manifest that references it is read from the store (the one "blob missing" error; it was
+    also spelled ``MissingBlobError``)."""
 
 
 class ContentCorruptError(ImageLedgerError):
@@ -127,3 +166,66 @@ class PlatformNotFoundError(ImageNotFoundError):
 class LedgerReadOnlyError(LedgerError):
     """The cache was opened for reading only (its home is one this user may not write, a
     shared cache): it answers every query, and every command that would change it fails."""
+
+
+# ---- images: manifests, archives, platforms --------------------------------------------------
+
+
+class ManifestError(ImageLedgerError):
+    """A manifest, index or image config is malformed, unsupported or inconsistent with the
+    blobs it describes; the message names the digest and what is wrong."""
+
+
+class InvalidPlatformError(ImageLedgerError, ValueError):
+    """A platform given by a caller is not ``os/arch[/variant]``; raised before anything is
+    touched (a ValueError too, as it was before it had a class of its own)."""
+
+
+class ArchiveError(ImageLedgerError):
+    """An image archive is malformed, unsupported or hostile (the message says which entry
+    and what is wrong); a failed load leaves nothing behind."""
+
+
+# ---- registries ------------------------------------------------------------------------------
+
+
+class RegistryError(ImageLedgerError):
+    """The registry could not be used: unreachable or failing after the retries, garbage or
+    unsupported answers (schema 1, oversized manifests), a missing blob."""
+
+
+class RegistryAuthError(RegistryError):
+    """The registry refused us (401 or 403) after we tried the credentials we have, or we
+    refused to send the credentials where they could be read (a token realm over plain HTTP
+    at a host not listed as insecure)."""
+
+
+class RegistryTimeoutError(RegistryError):
+    """A pull ran out of time: the registry sent nothing for the read timeout
+    (``no data for N s from HOST``), the pull's overall deadline passed, or the registry asked
+    to wait longer than we would (``Retry-After``). The message says which."""
+
+
+class RegistryConfigError(ImageLedgerError, ValueError):
+    """Registry options that cannot be used: a malformed ``IMAGELEDGER_PULL_TIMEOUT`` or
+    ``IMAGELEDGER_PULL_DEADLINE``, credentials in the environment that do not say which
+    registry they are for, a CA bundle that cannot be read. Invalid usage (a `ValueError`: the
+    command line exits 2); the message names the variable or file, never a secret."""
+
+
+class RegistryManifestError(RegistryError, ManifestError):
+    """The registry served a manifest, index or config that is malformed or unusable."""
+
+
+class NotInRegistryError(RegistryError, ImageNotFoundError):
+    """The registry has no such image (404 for the manifest, or no manifest for the platform);
+    the message names the reference."""
+
+    def __init__(self, reference: str, detail: str = "") -> None:
+        ImageNotFoundError.__init__(self, reference)
+        self.detail = detail
+        message = f"image not found in the registry: {reference}"
+        self.args = (f"{message} ({detail})" if detail else message,)
+
+    def __reduce__(self) -> tuple[Any, ...]:
+        return (type(self), (self.reference, self.detail))

@@ -5,8 +5,10 @@ order and the eventsourcing library's optimistic concurrency (an event at versio
 refused if another writer got there first) serialises decisions across threads and processes.
 Its decision state is not rebuilt by replaying the aggregate: the projections are maintained
 in the same transaction as the events, so the views at version V *are* the aggregate's state at
-V; `ImageLedger.at(V)` makes the object that appends event V+1, and a conflict means "decide
-again on fresher views" (the service retries; callers never see it).
+V. A command therefore never loads the aggregate: it reads the views, and its `Batch` makes the
+typed events numbered V+1, V+2, ... that the application saves (eventsourcing's
+`Application.save` takes events as well as aggregates). A conflict means "decide again on
+fresher views" (the service retries; callers never see it).
 
 Events carry only value types from `domain.model` (frozen dataclasses of str/int/tuples and
 datetimes), registered with the transcoder by `TRANSCODINGS`, so their encoding is canonical.
@@ -19,7 +21,7 @@ from datetime import datetime
 from typing import Any, Final
 from uuid import NAMESPACE_URL, UUID, uuid5
 
-from eventsourcing.domain import Aggregate, Snapshot
+from eventsourcing.domain import Aggregate
 from eventsourcing.persistence import Transcoding
 from eventsourcing.utils import get_topic
 
@@ -108,40 +110,118 @@ class ImageLedger(Aggregate):
         bytes_reclaimed: int
 
     def __init__(self, *, actor: Actor) -> None:
-        """Use `ImageLedger.start()`: the ledger is created by its first command."""
+        """The aggregate is never loaded or built: see the module docstring and `Batch`."""
 
-    @classmethod
-    def start(cls, actor: Actor, now: datetime) -> ImageLedger:
-        return cls._create(cls.Started, id=LEDGER_ID, actor=actor, timestamp=now)
 
-    @classmethod
-    def at(cls, version: int, modified_on: datetime) -> ImageLedger:
-        """The ledger as of `version`, ready to append event `version + 1` (see module doc)."""
-        snapshot = Snapshot(
-            originator_id=LEDGER_ID,
-            originator_version=version,
-            timestamp=modified_on,
-            topic=get_topic(cls),
-            state={"_created_on": modified_on, "_modified_on": modified_on},
+class Batch:
+    """The events one command appends, as the ledger's versions after `version`.
+
+    One typed method per event, so a command cannot record an event with a field missing or
+    misspelt. Every event of one batch carries the same actor and the same timestamp (the
+    injectable clock, read once per command). On an empty ledger (`version` 0) the batch
+    starts with `Started`, so the ledger's first command also records when the home came into
+    use, whatever that command records itself."""
+
+    def __init__(self, version: int, actor: Actor, stamp: datetime) -> None:
+        self.actor = actor
+        self.stamp = stamp
+        self.version = version
+        self.events: list[ImageLedger.Event] = []
+        if version == 0:
+            self.version = 1
+            self.events.append(
+                ImageLedger.Started(
+                    originator_id=LEDGER_ID,
+                    originator_version=1,
+                    timestamp=stamp,
+                    originator_topic=_TOPIC,
+                    actor=actor,
+                )
+            )
+
+    def _next(self) -> dict[str, Any]:
+        self.version += 1
+        return {
+            "originator_id": LEDGER_ID,
+            "originator_version": self.version,
+            "timestamp": self.stamp,
+            "actor": self.actor,
+        }
+
+    def pulled(self, reference: str, source: str, content: ImageContent, cached: bool) -> None:
+        self.events.append(
+            ImageLedger.ImagePulled(
+                **self._next(), reference=reference, source=source, content=content, cached=cached
+            )
         )
-        ledger = snapshot.mutate(None)
-        assert isinstance(ledger, cls)
-        return ledger
 
-    @classmethod
-    def next_after(
-        cls, version: int, modified: datetime | None, actor: Actor, now: datetime
-    ) -> ImageLedger:
-        """The ledger ready for its next event: at `version`, or started if it has none."""
-        if version and modified is not None:
-            return cls.at(version, modified)
-        return cls.start(actor, now)
+    def pull_failed(self, reference: str, source: str, error: str) -> None:
+        self.events.append(
+            ImageLedger.PullFailed(**self._next(), reference=reference, source=source, error=error)
+        )
 
-    def record(
-        self, event_class: type[Event], *, actor: Actor, stamp: datetime, **fields: Any
+    def used(self, reference: str, manifest_digest: str, holder: str) -> None:
+        self.events.append(
+            ImageLedger.ImageUsed(
+                **self._next(), reference=reference, manifest_digest=manifest_digest, holder=holder
+            )
+        )
+
+    def released(self, holder: str, leases: tuple[tuple[str, str], ...]) -> None:
+        self.events.append(ImageLedger.HolderReleased(**self._next(), holder=holder, leases=leases))
+
+    def removed(
+        self,
+        reference: str,
+        manifest_digest: str,
+        forced: bool,
+        deleted: tuple[DeletedBlob, ...],
+        bytes_reclaimed: int,
     ) -> None:
-        """Append one event stamped `stamp` (the injectable clock, read once per command)."""
-        self.trigger_event(event_class, timestamp=stamp, actor=actor, **fields)
+        self.events.append(
+            ImageLedger.ImageRemoved(
+                **self._next(),
+                reference=reference,
+                manifest_digest=manifest_digest,
+                forced=forced,
+                deleted=deleted,
+                bytes_reclaimed=bytes_reclaimed,
+            )
+        )
+
+    def remove_refused(
+        self, reference: str, manifest_digest: str, holders: tuple[str, ...]
+    ) -> None:
+        self.events.append(
+            ImageLedger.RemoveRefused(
+                **self._next(),
+                reference=reference,
+                manifest_digest=manifest_digest,
+                holders=holders,
+            )
+        )
+
+    def pruned(
+        self,
+        policy: PrunePolicy,
+        now: datetime,
+        references: tuple[RemovedReference, ...],
+        deleted: tuple[DeletedBlob, ...],
+        bytes_reclaimed: int,
+    ) -> None:
+        self.events.append(
+            ImageLedger.ImagesPruned(
+                **self._next(),
+                policy=policy,
+                now=now,
+                references=references,
+                deleted=deleted,
+                bytes_reclaimed=bytes_reclaimed,
+            )
+        )
+
+
+_TOPIC: Final = get_topic(ImageLedger)
 
 
 class _DataclassAsDict(Transcoding):
@@ -152,28 +232,37 @@ class _DataclassAsDict(Transcoding):
 
     immutable = True
 
-    def __init__(self, cls: type[Any]) -> None:
+    def __init__(self, cls: type[Any], retired: dict[str, Any] | None = None) -> None:
         self.type = cls
         self.name = f"imageledger.{cls.__name__}"
         self._fields = tuple(f.name for f in dataclasses.fields(cls))
+        # Fields the type no longer has, with the one value events ever stored in them:
+        # dropped when an old event is read, so a ledger written before stays readable.
+        self._retired = retired or {}
 
     def encode(self, obj: Any) -> dict[str, Any]:
         return {name: getattr(obj, name) for name in self._fields}
 
     def decode(self, data: dict[str, Any]) -> Any:
+        if self._retired:
+            retired = self._retired
+            data = {k: v for k, v in data.items() if k not in retired or v != retired[k]}
         return self.type(**data)
 
 
-TRANSCODINGS: Final = tuple(
-    _DataclassAsDict(cls)
-    for cls in (
-        Actor,
-        Platform,
-        ImageConfig,
-        Layer,
-        ImageContent,
-        DeletedBlob,
-        PrunePolicy,
-        RemovedReference,
-    )
+TRANSCODINGS: Final = (
+    *(
+        _DataclassAsDict(cls)
+        for cls in (
+            Actor,
+            Platform,
+            ImageConfig,
+            Layer,
+            ImageContent,
+            DeletedBlob,
+            RemovedReference,
+        )
+    ),
+    # `only_dangling` was never set (always false) and is gone from the policy.
+    _DataclassAsDict(PrunePolicy, retired={"only_dangling": False}),
 )

@@ -6,9 +6,10 @@ that encoding them is canonical and a view rebuilt from the log is byte-identica
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any
+from typing import Any, Final, Literal
 
 # Media types (OCI image spec and Docker's v2 schema 2).
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -139,7 +140,9 @@ class ImageHandle:
 
 
 @dataclass(frozen=True, slots=True)
-class LayerDetail:
+class ImageLayer:
+    """One layer of an image as `inspect()` reports it (the seed API's name)."""
+
     diff_id: str | None
     blob_digest: str
     media_type: str
@@ -154,7 +157,7 @@ class ImageDetail:
 
     handle: ImageHandle
     config: ImageConfig
-    layers: tuple[LayerDetail, ...]
+    layers: tuple[ImageLayer, ...]
 
 
 @dataclass(frozen=True, slots=True)
@@ -169,14 +172,29 @@ class Actor:
     version: str
 
 
+# What a remove or prune deletes. The first four are blobs, named by digest; the others are
+# entries of the home that are no blob, named by their path in the home.
+DeletedKind = Literal[
+    "manifest", "config", "layer", "orphan", "partial", "stray", "artifact", "fsmeta", "vmdk"
+]
+BLOB_KINDS: Final = frozenset({"manifest", "config", "layer", "orphan"})
+
+
 @dataclass(frozen=True, slots=True)
 class DeletedBlob:
-    """One blob (or materialized artifact) a remove or prune deleted, and why."""
+    """One blob (or other entry of the home) a remove or prune deleted, and why. `digest`
+    names it: a blob's digest, or for the kinds that are no blob (`by_path`) its path in the
+    home (the field keeps its name: events store it)."""
 
     digest: str
-    kind: str  # manifest | config | layer | artifact | orphan | partial
+    kind: DeletedKind
     size: int
     reason: str
+
+    @property
+    def by_path(self) -> bool:
+        """Whether `digest` is a path in the home rather than a blob's digest."""
+        return self.kind not in BLOB_KINDS
 
 
 @dataclass(frozen=True, slots=True)
@@ -188,7 +206,6 @@ class PrunePolicy:
     unused_for_seconds: int | None = None  # keep references used within this many seconds
     keep: tuple[str, ...] = ()  # references or fnmatch patterns never removed
     max_bytes: int | None = None  # evict least recently used until the cache fits
-    only_dangling: bool = False  # remove only unreferenced content, no reference
 
 
 @dataclass(frozen=True, slots=True)
@@ -213,6 +230,32 @@ class ImagePruneReport:
     deleted: tuple[DeletedBlob, ...] = ()
     # keep patterns that matched no cached reference: a rule that protected nothing (a typo?)
     unmatched_keep: tuple[str, ...] = ()
+
+    @classmethod
+    def of(
+        cls,
+        references: Sequence[RemovedReference],
+        deleted: Sequence[DeletedBlob],
+        bytes_reclaimed: int,
+        *,
+        dry_run: bool = False,
+        unmatched_keep: Sequence[str] = (),
+    ) -> ImagePruneReport:
+        """The report of a prune that removed `references` and `deleted` (the one place its
+        counts are made, for the API, the CLI and the history alike)."""
+        kinds = [entry.kind for entry in deleted]
+        return cls(
+            image_refs_removed=len(references),
+            manifests_removed=kinds.count("manifest"),
+            layers_removed=kinds.count("layer"),
+            fsmeta_removed=kinds.count("fsmeta"),
+            vmdk_removed=kinds.count("vmdk"),
+            bytes_reclaimed=bytes_reclaimed,
+            dry_run=dry_run,
+            references=tuple(references),
+            deleted=tuple(deleted),
+            unmatched_keep=tuple(unmatched_keep),
+        )
 
 
 # ---- what the views hold (read through the domain's CacheState port) ----------------------
@@ -304,3 +347,17 @@ class StoreCheck:
     @property
     def ok(self) -> bool:
         return not self.problems
+
+
+@dataclass(frozen=True)
+class RebuildReport:
+    """What `rebuild` found: how many events were replayed, whether the rebuilt views went
+    live, and per table the digest of the live views beside the rebuilt ones."""
+
+    events: int
+    activated: bool
+    tables: dict[str, tuple[str, str]]  # table -> (live digest, rebuilt digest)
+
+    @property
+    def identical(self) -> bool:
+        return all(live == rebuilt for live, rebuilt in self.tables.values())

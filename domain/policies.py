@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
@@ -17,13 +17,15 @@ from typing import Final
 from imageledger.domain.errors import InvalidReferenceError
 from imageledger.domain.model import (
     DeletedBlob,
-    LoadedImage,
     ManifestRecord,
-    Platform,
     PrunePolicy,
     ReferenceRecord,
     RemovedReference,
 )
+
+# `choose_platform` moved to domain.platforms (the one platform matcher): re-exported here
+# only until imageledger/cache.py imports it from there.
+from imageledger.domain.platforms import choose_platform as choose_platform  # noqa: PLC0414
 from imageledger.domain.ports import CacheState
 from imageledger.domain.reference import DEFAULT_REGISTRY, Reference, parse_reference
 
@@ -233,7 +235,7 @@ def plan_prune(
             return cutoff is not None and ref.last_used_at <= cutoff
         return True
 
-    candidates = [] if policy.only_dangling else [r for r in refs if removable(r)]
+    candidates = [r for r in refs if removable(r)]
     remaining = {d: set(m.references) for d, m in manifests.items()}
 
     def dangling() -> list[ManifestRecord]:
@@ -287,23 +289,3 @@ def _cutoff(now: datetime, unused_for_seconds: int | None) -> datetime | None:
 
 def _stray_key(blob: DeletedBlob) -> tuple[str, str]:
     return blob.kind, blob.digest
-
-
-def choose_platform(
-    images: Sequence[LoadedImage], wanted: Platform, *, strict: bool = False
-) -> LoadedImage | None:
-    """The image whose platform best matches `wanted`: same os, architecture and variant;
-    else same os and architecture (a variant not asked for matches any). Without `strict`
-    (the platform was not asked for, only defaulted to the host's), else the first listed,
-    an archive's own order; with it, None: another platform is never an answer to a
-    platform asked for."""
-    for image in images:
-        if image.content.platform == wanted:
-            return image
-    for image in images:
-        platform = image.content.platform
-        if (platform.os, platform.architecture) == (wanted.os, wanted.architecture) and (
-            wanted.variant is None or not strict
-        ):
-            return image
-    return None if strict else images[0]

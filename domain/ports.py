@@ -1,16 +1,49 @@
-"""The ports through which the domain talks to storage; storage implements them.
+"""Every port through which the application service talks to storage, in one place; storage
+implements them, `imageledger.cache` wires them.
 
 The domain never imports LMDB, HTTP or the file system: it reads a consistent snapshot of the
-views (`CacheState`), appends through a `Ledger`, and asks a `ContentStore` about bytes on disk.
+views (`CacheState`) and appends typed events through the `Ledger`, asks the `BlobStore` about
+bytes on disk, claims what a pull or load writes with `Leases`, and gets images from a `Puller`
+(a registry) or `Archives`. A port's docstring says what the service relies on; the adapter's
+says how it is done.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+import os
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from typing import Any, Protocol
+from dataclasses import dataclass
+from typing import IO, Any, Literal, Protocol
 
-from imageledger.domain.model import BlobRecord, ImageHandle, ManifestRecord, ReferenceRecord
+from eventsourcing.domain import DomainEventProtocol
+
+from imageledger.domain.errors import LedgerCorruptError
+from imageledger.domain.model import (
+    BlobRecord,
+    DeletedBlob,
+    ImageContent,
+    ImageHandle,
+    LoadedImage,
+    ManifestRecord,
+    Platform,
+    RebuildReport,
+    ReferenceRecord,
+)
+from imageledger.domain.reference import Reference
+
+DomainEvent = DomainEventProtocol[Any]
+ArchiveSource = str | os.PathLike[str] | IO[bytes]
+ArchiveDestination = str | os.PathLike[str] | IO[bytes]
+
+
+@dataclass(frozen=True, slots=True)
+class LiveLeases:
+    """What the live pulls and loads hold: digests, and their work directories (paths in the
+    home) that a prune must leave alone."""
+
+    digests: frozenset[str]
+    work: frozenset[str]
 
 
 class ViewRecords(Protocol):
@@ -73,14 +106,6 @@ class CacheState(Protocol):
         """The (reference, manifest digest) leases `holder` holds."""
 
 
-class ContentStore(Protocol):
-    """The bytes on disk, as far as decisions about deleting them go."""
-
-    def size(self, digest: str) -> int | None: ...
-
-    def delete(self, digest: str) -> int: ...
-
-
 class InFlight(Protocol):
     """Content that pulls and loads still running (in any process) have written or need."""
 
@@ -92,3 +117,116 @@ class StoreLock(Protocol):
     """Serialises "decide, commit, unlink" against "check blobs, commit" across processes."""
 
     def __call__(self) -> AbstractContextManager[None]: ...
+
+
+class Snapshot(CacheState, Protocol):
+    """One consistent read of the views, with what only the service's bookkeeping needs."""
+
+    @property
+    def shown(self) -> int:
+        """The position of the last event that changed what index.json shows."""
+
+    def history(self, reference: str) -> Iterator[int]:
+        """The log positions of `reference`'s events, oldest first."""
+
+
+class Ledger(Protocol):
+    """The event log and the views folded from it in the same transaction."""
+
+    def snapshot(self) -> AbstractContextManager[Snapshot]: ...
+
+    def append(self, events: Sequence[DomainEvent]) -> None:
+        """Save `events` (the ledger's next versions) and fold them into the views, in one
+        transaction; `RecordConflictError` if another writer took one of the versions."""
+
+    def events(self, reference: str | None) -> list[tuple[int, DomainEvent]]:
+        """(position, event) of every event of `reference` (by the views' history index,
+        read in the same snapshot as the log), or of the whole log; oldest first."""
+
+    def rebuild(
+        self, *, verify: bool, progress: Callable[[int, int], None] | None
+    ) -> RebuildReport:
+        """Replay the log into fresh views and compare them with the live ones; unless
+        `verify`, make them live (one rebuild at a time per home)."""
+
+    def check(self) -> LedgerCorruptError | None:
+        """Check the stored ledger where damage cannot crash this process (a child)."""
+
+
+class BlobStore(Protocol):
+    """The blob store and the other entries under the home that prune and verify judge."""
+
+    def size(self, digest: str) -> int | None: ...
+
+    def check(self, digest: str, size: int) -> str | None:
+        """None when the blob is intact, else ``missing``, ``wrong size`` or ``corrupt``."""
+
+    def delete(self, digest: str) -> int: ...
+
+    def digests(self) -> Iterator[str]: ...
+
+    def strays(self) -> list[DeletedBlob]:
+        """Entries that are no blob: partial files, stray names under ``blobs/``, unmaterialized
+        artifacts (each named by its path in the home, with its kind)."""
+
+    def delete_entry(self, entry: DeletedBlob) -> int:
+        """Delete what a committed remove or prune named: a blob by digest, anything else by
+        its path in the home (the entry's kind says which)."""
+
+
+class SourceStore(Protocol):
+    """The blob store as one pull or load writes into it: every digest it touches is claimed
+    by the run's in-flight lease first, so a prune or remove spares it until the commit."""
+
+    @property
+    def written(self) -> set[str]:
+        """The digests this run wrote (rather than found)."""
+
+    def size(self, digest: str) -> int | None: ...
+
+    def delete(self, digest: str) -> int:
+        """Delete a blob this run wrote, unless a live run or the ledger needs it."""
+
+    def clear_work(self) -> None:
+        """Empty the run's work directory (partial files)."""
+
+
+class Leases(InFlight, Protocol):
+    def live(self) -> LiveLeases:
+        """Every live lease's digests and work directories (call under the store lock)."""
+
+    def bringing(self, known: Callable[[str], bool]) -> AbstractContextManager[SourceStore]:
+        """One pull's or load's lease and the store as it writes through it; `known(digest)`
+        says whether the ledger accounts for a blob (a failed run never deletes those)."""
+
+
+class Puller(Protocol):
+    """A registry, configured for one pull (options, progress)."""
+
+    def pull(self, reference: Reference, store: SourceStore, platform: Platform) -> ImageContent:
+        """Fetch `reference` (an index resolved to `platform`) into `store`."""
+
+
+class Archives(Protocol):
+    """OCI layouts and docker archives, read and written."""
+
+    def label(self, source: ArchiveSource) -> str:
+        """What the ledger records as a load's source (``oci-layout:PATH``, ``archive:stdin``)."""
+
+    def load(self, source: ArchiveSource, store: SourceStore) -> list[LoadedImage]: ...
+
+    def save(
+        self,
+        images: Sequence[tuple[str, str]],
+        destination: ArchiveDestination,
+        *,
+        format: Literal["docker", "oci"],
+    ) -> None:
+        """Write (reference, manifest digest) images to `destination` (never into the home)."""
+
+
+class OciIndex(Protocol):
+    """The home's ``index.json`` (the home is an OCI image layout)."""
+
+    def refresh(self, *, force: bool = False) -> None:
+        """Rewrite it if it does not show what the views show (with `force`, anyway)."""

@@ -1,34 +1,48 @@
-"""The application service: the image cache's commands and queries.
+"""The application service: every use case of the image cache, in one place.
 
-Every command reads one consistent snapshot of the views, decides, and appends its events as
-the ledger's next version; if another thread or process appended first, it decides again on
-fresher views (optimistic concurrency, retried here, never surfaced). Commands that delete
-content hold the store lock from the decision until the files are unlinked, and commit before
-they unlink (semantics 11).
+Queries read one consistent snapshot of the views. Every command reads one snapshot, decides,
+and appends its events (a `Batch`) as the ledger's next versions; if another thread or process
+appended first, it decides again on fresher views (optimistic concurrency, retried here, never
+surfaced). Commands that delete content hold the store lock from the decision until the files
+are unlinked, and commit before they unlink (semantics 11). Pulls and loads write their blobs
+under an in-flight lease and commit once every blob is in the store; a failed one leaves nothing
+it wrote and is recorded (`PullFailed`).
+
+The service talks to everything outside the domain through the ports in `domain.ports`; the
+facades (`imageledger.cache`, `imageledger.aio`) wire it and translate arguments, nothing
+more. No call goes from here back to a facade.
 """
 
 from __future__ import annotations
 
 import builtins
+import contextlib
+import dataclasses
+import operator
 import random
 import time
 from collections.abc import Callable, Iterator, Sequence
-from contextlib import AbstractContextManager
-from datetime import datetime
-from typing import Any, Protocol, TypeVar
+from datetime import UTC, datetime
+from typing import Any, Final, Literal, TypeVar
 
 from eventsourcing.persistence import RecordConflictError
 
 from imageledger.domain.errors import (
+    CacheClosedError,
     ContentMissingError,
     DigestMismatchError,
     HomeError,
     ImageInUseError,
+    ImageLedgerError,
     ImageNotFoundError,
     InvalidReferenceError,
     LedgerError,
+    LedgerReadOnlyError,
+    PlatformNotFoundError,
 )
-from imageledger.domain.events import ImageLedger
+from imageledger.domain.events import Batch, ImageLedger
+from imageledger.domain.history import ledger_entry, reference_entries
+from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
     Actor,
     BlobProblem,
@@ -37,99 +51,115 @@ from imageledger.domain.model import (
     ImageContent,
     ImageDetail,
     ImageHandle,
+    ImageLayer,
     ImagePruneReport,
-    LayerDetail,
+    LoadedImage,
+    Platform,
     PrunePolicy,
+    RebuildReport,
     StoreCheck,
 )
-from imageledger.domain.policies import content_freed, plan_prune, unmatched_keep
-from imageledger.domain.ports import CacheState, InFlight, StoreLock
+from imageledger.domain.policies import (
+    MAX_BYTES,
+    MAX_SECONDS,
+    choose_platform,
+    content_freed,
+    keep_patterns,
+    plan_prune,
+    unmatched_keep,
+)
+from imageledger.domain.ports import (
+    ArchiveDestination,
+    Archives,
+    ArchiveSource,
+    BlobStore,
+    Leases,
+    Ledger,
+    OciIndex,
+    Puller,
+    Snapshot,
+    SourceStore,
+    StoreLock,
+)
 from imageledger.domain.reference import Reference, canonical
+
+log = get_logger(__name__)
 
 T = TypeVar("T")
 
-_MAX_ATTEMPTS = 200
-# Deleted entries named by a digest; every other kind (partial, stray, artifact, fsmeta,
-# vmdk) is named by its path in the home.
-_BLOB_KINDS = frozenset({"manifest", "config", "layer", "orphan"})
-_HOLDER_MAX = 256
-
-
-class Snapshot(CacheState, Protocol):
-    @property
-    def modified(self) -> datetime | None: ...
-
-
-class Ledger(Protocol):
-    """Where the service reads state and appends events (storage + projections implement it)."""
-
-    def snapshot(self) -> AbstractContextManager[Snapshot]: ...
-
-    def append(self, ledger: ImageLedger) -> None:
-        """Save the ledger's pending events; `RecordConflictError` if the version is taken."""
-
-
-class Content(Protocol):
-    """The blob store as the service needs it."""
-
-    def size(self, digest: str) -> int | None: ...
-
-    def check(self, digest: str, size: int) -> str | None:
-        """None when the blob is intact, else ``missing``, ``wrong size`` or ``corrupt``."""
-
-    def delete(self, digest: str) -> int: ...
-
-    def digests(self) -> Iterator[str]: ...
-
-    def strays(self, alive: frozenset[str]) -> list[DeletedBlob]: ...
-
-    def delete_path(self, relative: str) -> int: ...
-
-
-class Leases(InFlight, Protocol):
-    def live(self) -> tuple[frozenset[str], frozenset[str]]: ...
+_MAX_ATTEMPTS: Final = 200
+_HOLDER_MAX: Final = 256
+# The events that change what index.json shows (semantics 14): the references and their
+# manifests. A use, a release, a refusal or a failure leaves it as it is.
+_SHOWN: Final = (ImageLedger.ImagePulled, ImageLedger.ImageRemoved, ImageLedger.ImagesPruned)
 
 
 class ImageCacheService:
-    """Commands and queries over one cache home."""
+    """Every use case over one cache home (see the module docstring)."""
 
     def __init__(
         self,
         *,
         ledger: Ledger,
-        content: Content,
+        store: BlobStore,
         leases: Leases,
         lock: StoreLock,
+        index: OciIndex,
+        archives: Archives,
         clock: Callable[[], datetime],
         actor: Actor,
-        history: Callable[[str | None], list[HistoryEntry]],
+        home: str,
+        read_only: bool = False,
     ) -> None:
         self.ledger = ledger
-        self.content = content
+        self.store = store
         self.leases = leases
         self.lock = lock
+        self.index = index
+        self.archives = archives
         self.clock = clock
         self.actor = actor
-        self._history = history
+        self.home = home
+        self.read_only = read_only
+        self.closed = False
 
     # ------------------------------------------------------------------ queries
 
+    def check_open(self) -> None:
+        if self.closed:
+            msg = f"the cache at {self.home} is closed"
+            raise CacheClosedError(msg)
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[Snapshot]:
+        """One consistent read of the views (refused once the cache is closed)."""
+        self.check_open()
+        with self.ledger.snapshot() as state:
+            yield state
+
     def get(self, reference: str) -> ImageHandle:
         ref = canonical(reference)
-        with self.ledger.snapshot() as state:
+        with self.snapshot() as state:
             record = state.reference(ref)
         if record is None:
             raise ImageNotFoundError(ref)
         return record.handle()
 
-    def list(self, memo: dict[bytes, ImageHandle] | None = None) -> builtins.list[ImageHandle]:
-        """Newest first; `memo` as for `CacheState.handles`."""
-        with self.ledger.snapshot() as state:
-            return builtins.list(state.handles(memo))
+    def list(
+        self, known: int | None, memo: dict[bytes, ImageHandle]
+    ) -> tuple[int, builtins.list[ImageHandle] | None]:
+        """(position, every handle newest first), in one snapshot; the handles are None when
+        the position is still `known` (the caller's last list is still right). `memo` as for
+        `CacheState.handles`."""
+        with self.snapshot() as state:
+            position = state.position
+            if position == known:
+                return position, None
+            return position, builtins.list(state.handles(memo))
 
     def inspect(self, reference: str) -> ImageDetail:
         ref = canonical(reference)
-        with self.ledger.snapshot() as state:
+        with self.snapshot() as state:
             record = state.reference(ref)
             manifest = None if record is None else state.manifest(record.manifest_digest)
         if record is None or manifest is None:
@@ -139,7 +169,7 @@ class ImageCacheService:
             handle=record.handle(),
             config=content.config,
             layers=tuple(
-                LayerDetail(
+                ImageLayer(
                     diff_id=layer.diff_id,
                     blob_digest=layer.blob_digest,
                     media_type=layer.media_type,
@@ -152,44 +182,175 @@ class ImageCacheService:
         )
 
     def history(self, reference: str | None = None) -> builtins.list[HistoryEntry]:
-        return self._history(None if reference is None else canonical(reference))
+        """Every event of `reference` (or of the whole ledger), oldest first, made from the
+        events themselves (the views only index which events concern a reference)."""
+        self.check_open()
+        if reference is None:
+            return [ledger_entry(p, e) for p, e in self.ledger.events(None)]
+        ref = canonical(reference)
+        return [
+            entry
+            for position, event in self.ledger.events(ref)
+            for entry in reference_entries(position, event, ref)
+        ]
 
-    # ------------------------------------------------------------------ commands
+    def df(self) -> dict[str, Any]:
+        """Bytes by kind, and what a default prune would reclaim."""
+        with self.snapshot() as state:
+            by_kind: dict[str, int] = {}
+            for blob in state.blobs():
+                by_kind[blob.kind] = by_kind.get(blob.kind, 0) + blob.size
+            references = sum(1 for _ in state.references())
+        dry = self.prune(dry_run=True)
+        return {
+            "references": references,
+            "bytes": by_kind,
+            "total_bytes": sum(by_kind.values()),
+            "reclaimable_bytes": dry.bytes_reclaimed,
+        }
 
-    def _commit(self, decide: Callable[[Snapshot, ImageLedger, datetime], T]) -> T:
-        """Decide on a snapshot, append as the next version; on a conflict, decide again."""
+    # ------------------------------------------------------------------ committing
+
+    def writable(self, what: str) -> None:
+        """Refuse a command that would change a home this user can only read."""
+        if self.read_only:
+            msg = f"{self.home}: {what} needs a home this user can write; this one can only be read"
+            raise LedgerReadOnlyError(msg)
+
+    def _commit(self, decide: Callable[[Snapshot, Batch, datetime], T]) -> T:
+        """Decide on a snapshot, append as the next versions; on a conflict, decide again.
+        One read and one write transaction when nobody else appends meanwhile."""
         for attempt in range(_MAX_ATTEMPTS):
             now = self.clock()
-            with self.ledger.snapshot() as state:
-                ledger = ImageLedger.next_after(state.version, state.modified, self.actor, now)
-                result = decide(state, ledger, now)
-            if len(ledger.pending_events) == 0:
+            with self.snapshot() as state:
+                batch = Batch(state.version, self.actor, now)
+                result = decide(state, batch, now)
+            if not batch.events:
                 return result
             try:
-                self.ledger.append(ledger)
+                self.ledger.append(batch.events)
             except RecordConflictError:
                 time.sleep(random.uniform(0, 0.0005 * min(attempt + 1, 20)))
                 continue
+            if any(isinstance(event, _SHOWN) for event in batch.events):
+                self.index.refresh()
             return result
         msg = f"could not append after {_MAX_ATTEMPTS} attempts: the ledger is too contended"
         raise LedgerError(msg)
 
-    def _record(self, ledger: ImageLedger, stamp: datetime, cls: Any, **fields: Any) -> None:
-        ledger.record(cls, actor=self.actor, stamp=stamp, **fields)
+    # ------------------------------------------------------------------ pulls and loads
 
-    def add(
-        self, reference: str, content: ImageContent, source: str, *, cached: bool
-    ) -> ImageHandle:
-        """Commit a pull or load whose blobs are all in the store (the caller's in-flight
-        lease still protects them): `reference` now names `content`."""
-        return self.add_all([(reference, content, cached)], source)[0]
+    def pull(self, reference: str, platform: Platform, puller: Puller) -> ImageHandle:
+        """Pull `reference` (see `ImageCache.pull`). A pull by digest of a manifest the cache
+        holds whole does not contact the registry: the digest pins the bytes, and they are
+        here, verified."""
+        self.writable("pull")
+        ref = Reference.parse(reference)
+        source = f"registry:{ref.name}"
+        with self._bringing(str(ref), source) as store:
+            held = self._held_manifest(ref.digest, store)
+            if held is not None:
+                log.info("pull.offline", reference=str(ref))
+                return self.add_all([(str(ref), held, True)], source)[0]
+            content = puller.pull(ref, store, platform)
+            cached = not any(d in store.written for d, _ in content.blobs)
+            return self.add_all([(str(ref), content, cached)], source)[0]
+
+    def _held_manifest(self, digest: str | None, store: SourceStore) -> ImageContent | None:
+        """The content of manifest `digest` if the cache holds it whole; each blob is claimed
+        by the pull's lease as it is checked, so a prune or remove from now on spares it."""
+        if digest is None:
+            return None
+        with self.snapshot() as state:
+            record = state.manifest(digest)
+        if record is None:
+            return None
+        for blob, _kind, size in record.content.kinded_blobs():
+            if store.size(blob) != size:
+                return None  # removed meanwhile: fetch it again
+        return record.content
+
+    def load(
+        self,
+        source: ArchiveSource,
+        *,
+        tag: str | None,
+        platform: Platform,
+        strict: bool,
+    ) -> builtins.list[ImageHandle]:
+        """Load the images of an archive (see `ImageCache.load`). `strict`: the platform was
+        asked for, so an archive without it is an error rather than its first image."""
+        self.writable("load")
+        tag_ref = canonical(tag) if tag is not None else None
+        where = self.archives.label(source)
+        with self._bringing(tag or "", where) as store:
+            loaded = self.archives.load(source, store)
+            named = _names(loaded, tag_ref, platform, strict=strict)
+            # The platforms not chosen leave nothing behind.
+            keep = {d for _, image in named for d, _ in image.content.blobs}
+            for image in loaded:
+                for digest, _ in image.content.blobs:
+                    if digest not in keep and digest in store.written:
+                        store.delete(digest)
+                        keep.add(digest)
+            return self.add_all(
+                [
+                    (
+                        reference,
+                        image.content,
+                        not any(d in store.written for d, _ in image.content.blobs),
+                    )
+                    for reference, image in named
+                ],
+                where,
+            )
+
+    @contextlib.contextmanager
+    def _bringing(self, reference: str, source: str) -> Iterator[SourceStore]:
+        """One pull or load: its in-flight lease and the store as the source sees it. If it
+        fails (an error, an interrupt, SIGTERM in the CLI), the blobs it wrote that nothing
+        else needs are deleted before the error leaves, and the failure is recorded: every
+        failed pull or load is in the history, whatever failed."""
+        with self.leases.bringing(self._knows_blob) as store:
+            try:
+                yield store
+            except BaseException as e:
+                for digest in sorted(store.written):
+                    try:
+                        store.delete(digest)
+                    except (OSError, ImageLedgerError) as cleanup:
+                        log.warning("bring.cleanup_failed", digest=digest, error=str(cleanup))
+                # The work directory goes with the lease anyway; emptied first, so that a
+                # failure on a full disk leaves room for the ledger to record it.
+                store.clear_work()
+                if isinstance(e, Exception | KeyboardInterrupt) and not isinstance(
+                    e, CacheClosedError
+                ):
+                    self._record_failure(reference, source, e)
+                raise
+
+    def _knows_blob(self, digest: str) -> bool:
+        with self.snapshot() as state:
+            return state.blob(digest) is not None
+
+    def _record_failure(self, reference: str, source: str, error: BaseException) -> None:
+        """Trace a failed pull or load in the ledger, unless the ledger cannot take it (its
+        disk is full too): the caller then still gets the original error, not this one."""
+        what = str(error) or type(error).__name__
+        if not isinstance(error, ImageLedgerError):
+            what = f"{type(error).__name__}: {what}"
+        try:
+            self.record_failure(reference, source, what)
+        except ImageLedgerError as unrecorded:
+            log.warning("pull.failure_not_recorded", error=str(error), why=str(unrecorded))
 
     def add_all(
         self, images: Sequence[tuple[str, ImageContent, bool]], source: str
     ) -> builtins.list[ImageHandle]:
-        """Commit a load (or pull) of several (reference, content, cached) at once: one
-        append, so an archive of many images or one image under many names is all or
-        nothing, and costs one commit whatever the number of names."""
+        """Commit a pull or load of (reference, content, cached) whose blobs are all in the
+        store (the caller's in-flight lease still protects them): one append, so an archive
+        of many images or one image under many names is all or nothing, and costs one commit
+        whatever the number of names."""
         items: builtins.list[tuple[str, ImageContent, bool]] = []
         for reference, content, cached in images:
             ref = canonical(reference)
@@ -204,27 +365,19 @@ class ImageCacheService:
                 for digest, _kind, size in content.kinded_blobs():
                     if digest in checked:
                         continue
-                    if self.content.size(digest) != size:
+                    if self.store.size(digest) != size:
                         msg = (
                             f"{ref}: blob {digest} is missing from the store or has the wrong size"
                         )
                         raise ContentMissingError(msg)
                     checked.add(digest)
 
-            def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> None:
+            def decide(state: Snapshot, batch: Batch, now: datetime) -> None:
                 for ref, content, cached in items:
-                    self._record(
-                        ledger,
-                        now,
-                        ImageLedger.ImagePulled,
-                        reference=ref,
-                        source=source,
-                        content=content,
-                        cached=cached,
-                    )
+                    batch.pulled(ref, source, content, cached)
 
             self._commit(decide)
-            with self.ledger.snapshot() as state:
+            with self.snapshot() as state:
                 records = [state.reference(ref) for ref, _, _ in items]
         handles = []
         for (ref, _, _), record in zip(items, records, strict=True):
@@ -239,58 +392,69 @@ class ImageCacheService:
             ref = canonical(reference) if reference else ""
         except InvalidReferenceError:
             return  # refused before anything was touched; nothing to trace in the ledger
-        self._commit(
-            lambda state, ledger, now: self._record(
-                ledger,
-                now,
-                ImageLedger.PullFailed,
-                reference=ref,
-                source=source,
-                error=error[:500],
-            )
-        )
+        self._commit(lambda state, batch, now: batch.pull_failed(ref, source, error[:500]))
+
+    def save(
+        self,
+        references: Sequence[str],
+        destination: ArchiveDestination,
+        *,
+        format: Literal["docker", "oci"] = "docker",
+    ) -> None:
+        """Write the images to a docker-archive or an OCI archive (tar)."""
+        images = []
+        with self.snapshot() as state:
+            for reference in references:
+                ref = canonical(reference)
+                record = state.reference(ref)
+                if record is None:
+                    raise ImageNotFoundError(ref)
+                images.append((ref, record.manifest_digest))
+        self.archives.save(images, destination, format=format)
+
+    # ------------------------------------------------------------------ leases
 
     def use(self, reference: str, holder: str) -> ImageHandle:
-        """`holder` takes a lease on the reference's manifest (and uses the reference)."""
+        """`holder` takes a lease on the reference's manifest (and uses the reference). One
+        read and one write transaction: the handle is the one the decision read, used now
+        (what the views hold after the fold, without reading them again)."""
+        self.writable("use")
         ref = canonical(reference)
         check_holder(holder)
 
-        def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> None:
+        def decide(state: Snapshot, batch: Batch, now: datetime) -> ImageHandle:
             record = state.reference(ref)
             if record is None:
                 raise ImageNotFoundError(ref)
-            self._record(
-                ledger,
-                now,
-                ImageLedger.ImageUsed,
-                reference=ref,
-                manifest_digest=record.manifest_digest,
-                holder=holder,
-            )
+            batch.used(ref, record.manifest_digest, holder)
+            return dataclasses.replace(record.handle(), last_used_at=now.astimezone(UTC))
 
-        self._commit(decide)
-        return self.get(ref)
+        return self._commit(decide)
 
     def release(self, holder: str) -> int:
         """End every lease `holder` holds; returns how many (0: nothing held, nothing recorded)."""
+        self.writable("release")
         check_holder(holder)
 
-        def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> int:
+        def decide(state: Snapshot, batch: Batch, now: datetime) -> int:
             leases = state.holder(holder)
             if leases:
-                self._record(ledger, now, ImageLedger.HolderReleased, holder=holder, leases=leases)
+                batch.released(holder, leases)
             return len(leases)
 
         return self._commit(decide)
 
+    # ------------------------------------------------------------------ deleting
+
     def remove(self, reference: str, *, force: bool = False) -> tuple[DeletedBlob, ...]:
         """Semantics 6 and 7; returns what was deleted."""
+        self.writable("remove")
         ref = canonical(reference)
         with self.lock():
             protected = self.leases.protected()
 
             def decide(
-                state: Snapshot, ledger: ImageLedger, now: datetime
+                state: Snapshot, batch: Batch, now: datetime
             ) -> tuple[DeletedBlob, ...] | ImageInUseError:
                 record = state.reference(ref)
                 if record is None:
@@ -299,27 +463,13 @@ class ImageCacheService:
                 assert manifest is not None, f"views name a missing manifest for {ref}"
                 others = [r for r in manifest.references if r != ref]
                 if not others and manifest.holders and not force:
-                    self._record(
-                        ledger,
-                        now,
-                        ImageLedger.RemoveRefused,
-                        reference=ref,
-                        manifest_digest=record.manifest_digest,
-                        holders=manifest.holders,
-                    )
+                    batch.remove_refused(ref, record.manifest_digest, manifest.holders)
                     return ImageInUseError(ref, manifest.holders)
                 deleted: tuple[DeletedBlob, ...] = ()
                 if not others and not manifest.holders and record.manifest_digest not in protected:
                     deleted = tuple(content_freed(state, [manifest], protected, f"removed {ref}"))
-                self._record(
-                    ledger,
-                    now,
-                    ImageLedger.ImageRemoved,
-                    reference=ref,
-                    manifest_digest=record.manifest_digest,
-                    forced=force,
-                    deleted=deleted,
-                    bytes_reclaimed=sum(b.size for b in deleted),
+                batch.removed(
+                    ref, record.manifest_digest, force, deleted, sum(b.size for b in deleted)
                 )
                 return deleted
 
@@ -329,38 +479,94 @@ class ImageCacheService:
             self._unlink(outcome)
         return outcome
 
-    def _unlink(self, blobs: tuple[DeletedBlob, ...]) -> int:
+    def _unlink(self, entries: tuple[DeletedBlob, ...]) -> int:
         """Unlink what a committed remove or prune deleted; the bytes actually freed. One
         entry that cannot be unlinked (permissions, a read-only mount, damage) does not stop
         the others: the event is committed, and what stays is an orphan that the next prune
         reclaims and reports again (commit first, unlink after: semantics 11)."""
         freed = 0
-        for blob in blobs:
+        for entry in entries:
             try:
-                if blob.kind in _BLOB_KINDS:
-                    freed += self.content.delete(blob.digest)
-                else:
-                    freed += self.content.delete_path(blob.digest)
+                freed += self.store.delete_entry(entry)
             except (OSError, HomeError):
                 continue
         return freed
 
+    def prune(
+        self,
+        *,
+        dry_run: bool = False,
+        unused_for: float | None = None,
+        keep: Sequence[str] = (),
+        max_bytes: int | None = None,
+    ) -> ImagePruneReport:
+        """Semantics 8 (see `ImageCache.prune` for the arguments); `bytes_reclaimed` counts
+        bytes actually unlinked."""
+        if not dry_run:
+            self.writable("prune")
+        policy = _policy(dry_run, unused_for, keep, max_bytes)
+        with self.lock():
+            # Listing the disk before reading the leases: a work directory created after the
+            # listing is not in it, and one listed belongs to a lease already there to read.
+            on_disk = set(self.store.digests())
+            candidates = self.store.strays()
+            live = self.leases.live()
+            strays = [s for s in candidates if s.digest not in live.work]
+
+            unmatched: builtins.list[str] = []
+
+            def decide(state: Snapshot, batch: Batch, now: datetime) -> Any:
+                known = {blob.digest for blob in state.blobs()}
+                orphans = [
+                    DeletedBlob(d, "orphan", self.store.size(d) or 0, "not in the ledger")
+                    for d in sorted(on_disk - known - live.digests)
+                ]
+                plan = plan_prune(state, policy, now, live.digests, [*orphans, *strays])
+                # Matched against the references the plan was made from.
+                unmatched[:] = unmatched_keep(
+                    policy.keep, (r.reference for r in state.references())
+                )
+                if not policy.dry_run:
+                    batch.pruned(policy, now, plan.references, plan.deleted, plan.bytes)
+                return plan
+
+            plan = self._commit(decide)
+            unlinked = plan.bytes if policy.dry_run else self._unlink(plan.deleted)
+        for pattern in unmatched:
+            log.warning("prune.keep_unmatched", pattern=pattern[:200], length=len(pattern))
+        return ImagePruneReport.of(
+            plan.references, plan.deleted, unlinked, dry_run=dry_run, unmatched_keep=unmatched
+        )
+
+    # ------------------------------------------------------------------ checking
+
     def verify(
-        self, *, repair: bool = False, progress: Callable[[int, int], None] | None = None
+        self,
+        *,
+        repair: bool = False,
+        progress: Callable[[int, int], None] | None = None,
+        ledger: bool = True,
     ) -> StoreCheck:
-        """Read back every blob the ledger accounts for and hash it. With `repair`, a blob
-        that is there but wrong (wrong size, corrupt) is deleted, under the store lock, so that
-        the next pull or load of the images that need it fetches it again; what is missing
-        stays missing until then. Nothing is recorded: the ledger was right, the disk was not.
-        `progress(bytes done, bytes total)`."""
-        with self.ledger.snapshot() as state:
+        """Check the ledger (`Ledger.check`, unless `ledger` is false: the caller has just
+        checked), then read back every blob it accounts for and hash it. With `repair`, a
+        blob that is there but wrong (wrong size, corrupt) is deleted, under the store lock,
+        so that the next pull or load of the images that need it fetches it again; what is
+        missing stays missing until then. Nothing is recorded: the ledger was right, the disk
+        was not. `progress(bytes done, bytes total)`."""
+        if repair:
+            self.writable("verify --repair")
+        if ledger:
+            found = self.ledger.check()
+            if found is not None:
+                raise found
+        with self.snapshot() as state:
             blobs = builtins.list(state.blobs())
             users = {m.content.manifest_digest: m.references for m in state.manifests()}
         total = sum(blob.size for blob in blobs)
         done = 0
         problems = []
         for blob in blobs:
-            problem = self.content.check(blob.digest, blob.size)
+            problem = self.store.check(blob.digest, blob.size)
             done += blob.size
             if progress is not None:
                 progress(done, total)
@@ -369,8 +575,8 @@ class ImageCacheService:
             repaired = False
             if repair and problem != "missing":
                 with self.lock():
-                    if self.content.check(blob.digest, blob.size) == problem:
-                        self.content.delete(blob.digest)
+                    if self.store.check(blob.digest, blob.size) == problem:
+                        self.store.delete(blob.digest)
                         repaired = True
             references = sorted({r for manifest in blob.users for r in users.get(manifest, ())})
             problems.append(
@@ -378,78 +584,106 @@ class ImageCacheService:
             )
         # Entries under blobs/ that are not blobs (links, FIFOs, directories, other names) are
         # damage too: named, never read or followed; --repair removes them (the link itself).
-        for stray in self.content.strays(frozenset()):
+        for stray in self.store.strays():
             if stray.kind != "stray":
                 continue  # partials and artifacts: prune's business, not damage
             repaired = False
             if repair:
                 with self.lock():
-                    self.content.delete_path(stray.digest)
+                    self.store.delete_entry(stray)
                     repaired = True
             problems.append(BlobProblem(stray.digest, "stray", "not a blob", (), repaired))
+        for p in problems:
+            log.warning(
+                "store.blob_damaged", digest=p.digest, problem=p.problem, repaired=p.repaired
+            )
         return StoreCheck(len(blobs), total, tuple(problems))
 
-    def prune(self, policy: PrunePolicy | None = None) -> ImagePruneReport:
-        """Semantics 8: see `plan_prune`; `bytes_reclaimed` counts bytes actually unlinked."""
-        policy = policy or PrunePolicy()
-        for name in ("unused_for_seconds", "max_bytes"):
-            value = getattr(policy, name)
-            if value is not None and value < 0:
-                msg = f"prune: {name} must not be negative, got {value}"
-                raise ValueError(msg)
-        with self.lock():
-            # Listing the disk before reading the leases: a work directory created after the
-            # listing is not in it, and one listed belongs to a lease already there to read.
-            on_disk = set(self.content.digests())
-            candidates = self.content.strays(frozenset())
-            protected, alive = self.leases.live()
-            live_dirs = {f"tmp/{lease}" for lease in alive}
-            strays = [s for s in candidates if s.digest not in live_dirs]
+    def rebuild(
+        self, *, verify: bool = False, progress: Callable[[int, int], None] | None = None
+    ) -> RebuildReport:
+        """Replay the whole log into fresh views (or, with `verify`, into scratch space) and
+        compare them with the live ones (semantics 10: they must be identical). Both write
+        (the scratch space is in the ledger), so a read-only home refuses them."""
+        self.writable("rebuild")
+        report = self.ledger.rebuild(verify=verify, progress=progress)
+        if not verify:
+            self.index.refresh(force=True)
+        return report
 
-            unmatched: builtins.list[str] = []
 
-            def decide(state: Snapshot, ledger: ImageLedger, now: datetime) -> Any:
-                known = {blob.digest for blob in state.blobs()}
-                orphans = [
-                    DeletedBlob(d, "orphan", self.content.size(d) or 0, "not in the ledger")
-                    for d in sorted(on_disk - known - protected)
-                ]
-                plan = plan_prune(state, policy, now, protected, [*orphans, *strays])
-                # Matched against the references the plan was made from.
-                unmatched[:] = unmatched_keep(
-                    policy.keep, (r.reference for r in state.references())
-                )
-                if not policy.dry_run:
-                    self._record(
-                        ledger,
-                        now,
-                        ImageLedger.ImagesPruned,
-                        policy=policy,
-                        now=now,
-                        references=plan.references,
-                        deleted=plan.deleted,
-                        bytes_reclaimed=plan.bytes,
-                    )
-                return plan
+def _policy(
+    dry_run: bool, unused_for: float | None, keep: Sequence[str], max_bytes: int | None
+) -> PrunePolicy:
+    """The policy of a prune, from what a caller passes. Keep patterns are normalized like
+    references (see `KeepPattern`); a bare string for `keep` is refused (it would be read
+    character by character and keep nothing). Durations and byte budgets past what the clock
+    and the ledger can represent mean "everything is recent" and "everything fits", so they
+    are clamped rather than overflowing mid-prune."""
+    patterns = tuple(p.text for p in keep_patterns(keep))
+    try:
+        seconds = None if unused_for is None else int(unused_for)
+    except (OverflowError, TypeError, ValueError):
+        msg = f"prune: unused_for must be a finite number of seconds, got {unused_for!r}"
+        raise ValueError(msg) from None
+    budget = None if max_bytes is None else operator.index(max_bytes)
+    for name, value in (("unused_for_seconds", seconds), ("max_bytes", budget)):
+        if value is not None and value < 0:
+            msg = f"prune: {name} must not be negative, got {value}"
+            raise ValueError(msg)
+    return PrunePolicy(
+        dry_run=dry_run,
+        unused_for_seconds=None if seconds is None else min(seconds, MAX_SECONDS),
+        keep=patterns,
+        max_bytes=None if budget is None else min(budget, MAX_BYTES),
+    )
 
-            plan = self._commit(decide)
-            unlinked = plan.bytes if policy.dry_run else self._unlink(plan.deleted)
-        kinds = [b.kind for b in plan.deleted]
-        return ImagePruneReport(
-            image_refs_removed=len(plan.references),
-            manifests_removed=kinds.count("manifest"),
-            layers_removed=kinds.count("layer"),
-            fsmeta_removed=kinds.count("fsmeta"),
-            vmdk_removed=kinds.count("vmdk"),
-            bytes_reclaimed=unlinked,
-            dry_run=policy.dry_run,
-            references=plan.references,
-            deleted=plan.deleted,
-            unmatched_keep=tuple(unmatched),
+
+def _names(
+    loaded: builtins.list[LoadedImage], tag: str | None, platform: Platform, *, strict: bool
+) -> builtins.list[tuple[str, LoadedImage]]:
+    """Which reference each loaded image gets (see `ImageCache.load`): one image per
+    reference; where an archive holds several platforms under one name, the one `platform`
+    matches, else (unless `strict`: the platform was asked for) the first the archive lists."""
+    named: dict[str, builtins.list[LoadedImage]] = {}
+    for image in loaded:
+        refs = [tag] if tag is not None else _image_refs(image)
+        for ref in refs:
+            named.setdefault(ref, []).append(image)
+    chosen: builtins.list[tuple[str, LoadedImage]] = []
+    for ref, images in sorted(named.items()):
+        platforms = [i.content.platform for i in images]
+        if len(set(platforms)) != len(platforms):
+            msg = f"the archive holds {len(images)} images for {ref}; load them one at a time"
+            raise InvalidReferenceError(msg)
+        best = choose_platform(images, platform, strict=strict)
+        if best is None:
+            offered = sorted({str(i.content.platform) for i in images})
+            raise PlatformNotFoundError(ref, str(platform), offered)
+        chosen.append((ref, best))
+    return chosen
+
+
+def _image_refs(image: LoadedImage) -> builtins.list[str]:
+    refs = []
+    for name in image.names:
+        if "/" not in name and ":" not in name:
+            continue  # a bare tag (an OCI layout's ref.name): which repository? --tag says
+        try:
+            refs.append(str(Reference.parse(name)))
+        except InvalidReferenceError:
+            continue
+    if not refs:
+        msg = (
+            f"image {image.content.manifest_digest} in the archive has no usable name "
+            f"({', '.join(image.names) or 'none'}); name it with --tag"
         )
+        raise InvalidReferenceError(msg)
+    return sorted(set(refs))
 
 
 def check_holder(holder: str) -> None:
+    """A holder id is a printable string of 1-256 characters (a sandbox id, a snapshot id)."""
     if (
         not isinstance(holder, str)
         or not holder

@@ -1,9 +1,13 @@
 """imageledger: a local OCI image cache whose whole state is an event-sourced ledger in LMDB.
 
 The public surface is what this module exports; everything else is private to the package.
+`ImageCache` is the blocking API and `Image` the asyncio one; every error either can raise is
+exported here and derives from `ImageLedgerError` (the hierarchy is in `domain.errors`).
 """
 
-from imageledger.cache import Image, ImageCache, default_home
+from imageledger._version import __version__
+from imageledger.aio import Image
+from imageledger.cache import ImageCache, default_home
 from imageledger.domain.errors import (
     CacheClosedError,
     ContentCorruptError,
@@ -32,13 +36,14 @@ from imageledger.domain.model import (
     ImageConfig,
     ImageDetail,
     ImageHandle,
+    ImageLayer,
     ImagePruneReport,
-    LayerDetail,
     Platform,
+    RebuildReport,
     StoreCheck,
 )
 from imageledger.domain.reference import Reference, canonical
-from imageledger.projections.runner import RebuildReport
+from imageledger.domain.service import check_holder
 from imageledger.storage.oci import InvalidPlatformError
 from imageledger.storage.registry import (
     NotInRegistryError,
@@ -49,7 +54,6 @@ from imageledger.storage.registry import (
     RegistryOptions,
     RegistryTimeoutError,
 )
-from imageledger.tools.logs import configure_logging
 
 __all__ = [
     "BlobProblem",
@@ -68,6 +72,7 @@ __all__ = [
     "ImageDetail",
     "ImageHandle",
     "ImageInUseError",
+    "ImageLayer",
     "ImageLedgerError",
     "ImageNotFoundError",
     "ImagePruneReport",
@@ -75,7 +80,6 @@ __all__ = [
     "InvalidHomeError",
     "InvalidPlatformError",
     "InvalidReferenceError",
-    "LayerDetail",
     "LedgerCorruptError",
     "LedgerError",
     "LedgerFullError",
@@ -93,7 +97,8 @@ __all__ = [
     "RegistryOptions",
     "RegistryTimeoutError",
     "StoreCheck",
+    "__version__",
     "canonical",
-    "configure_logging",
+    "check_holder",
     "default_home",
 ]

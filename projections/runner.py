@@ -9,18 +9,18 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
 from typing import Any, Protocol
 
-import structlog
 from eventsourcing.domain import DomainEventProtocol
 from eventsourcing.persistence import Notification
 
 from imageledger.domain.errors import LedgerCorruptError
+from imageledger.domain.log import get_logger
+from imageledger.domain.model import RebuildReport
 from imageledger.domain.ports import ViewRecords
 from imageledger.projections.views import APPEND_ONLY, TABLES, apply, mark
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 Decode = Callable[[Notification], DomainEventProtocol[Any]]
 Fold = Callable[[ViewRecords, Sequence[Notification]], None]
@@ -112,17 +112,6 @@ class MemoryView:
     def records(self) -> dict[str, dict[bytes, Any]]:
         """Every kept record."""
         return {t: rows for t, rows in self._tables.items() if t not in self._streamed}
-
-
-@dataclass(frozen=True)
-class RebuildReport:
-    events: int
-    activated: bool
-    tables: dict[str, tuple[str, str]]  # table -> (live digest, rebuilt digest)
-
-    @property
-    def identical(self) -> bool:
-        return all(live == rebuilt for live, rebuilt in self.tables.values())
 
 
 def rebuild(

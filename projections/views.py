@@ -16,8 +16,7 @@ Tables (keys are bytes; values plain data):
 - ``holders``: holder -> [[reference, manifest], ...]
 - ``history``: reference + NUL + position (8 bytes) -> true: which events concern a reference;
   the entries are made from those events in the log when asked for (`reference_entries`), so
-  the log stays the one record of who did what
-- ``prunes``: position (8 bytes) -> the prune report
+  the log stays the one record of who did what (`domain.history`)
 - ``meta``: b"position", b"version", b"modified", b"format" -> int
 
 `FORMAT` numbers the layout above; views written by another layout are rebuilt from the log on
@@ -27,22 +26,20 @@ the folds: a rebuild streams them out instead of holding them.
 
 from __future__ import annotations
 
-import dataclasses
 import re
 import struct
 from bisect import bisect_left
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
 from typing import Any, Final
 
 from imageledger.domain.errors import LedgerCorruptError
 from imageledger.domain.events import ImageLedger
+from imageledger.domain.history import mentions
 from imageledger.domain.model import (
-    Actor,
     BlobRecord,
     DeletedBlob,
-    HistoryEntry,
     ImageConfig,
     ImageContent,
     ImageHandle,
@@ -53,11 +50,11 @@ from imageledger.domain.model import (
 )
 from imageledger.domain.ports import ViewRecords, ViewTxn
 
-TABLES: Final = ("refs", "refs.order", "manifests", "blobs", "holders", "history", "prunes", "meta")
-APPEND_ONLY: Final = ("history", "prunes")
+TABLES: Final = ("refs", "refs.order", "manifests", "blobs", "holders", "history", "meta")
+APPEND_ONLY: Final = ("history",)
 HANDLE_FIELDS: Final = tuple(f.name for f in fields(ImageHandle) if not f.name.startswith("_"))
 # 3: meta "shown", the position of the last event that changed what index.json shows.
-FORMAT: Final = 3
+FORMAT: Final = 4
 _U64: Final = struct.Struct(">Q")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -285,22 +282,6 @@ def _pruned(view: ViewRecords, event: ImageLedger.ImagesPruned, position: int, a
     for removed in event.references:
         _drop_reference(view, removed.reference)
     _drop_content(view, event.deleted)
-    view.put("prunes", _U64.pack(position), prune_report_plain(event))
-
-
-def prune_report_plain(event: ImageLedger.ImagesPruned) -> dict[str, Any]:
-    kinds = [blob.kind for blob in event.deleted]
-    return {
-        "now": micros(event.now),
-        "image_refs_removed": len(event.references),
-        "manifests_removed": kinds.count("manifest"),
-        "layers_removed": kinds.count("layer"),
-        "fsmeta_removed": kinds.count("fsmeta"),
-        "vmdk_removed": kinds.count("vmdk"),
-        "bytes_reclaimed": event.bytes_reclaimed,
-        "references": [[r.reference, r.manifest_digest, r.reason] for r in event.references],
-        "deleted": [[b.digest, b.kind, b.size, b.reason] for b in event.deleted],
-    }
 
 
 _HANDLERS: Final[dict[type[Any], Any]] = {
@@ -310,86 +291,6 @@ _HANDLERS: Final[dict[type[Any], Any]] = {
     ImageLedger.ImageRemoved: _removed,
     ImageLedger.ImagesPruned: _pruned,
 }
-
-
-# ---------------------------------------------------------------- history, from the log
-
-
-def mentions(event: Any) -> list[tuple[str, str]]:
-    """(reference, manifest digest) of each reference `event` is part of the history of."""
-    cls = type(event)
-    if cls is ImageLedger.ImagePulled:
-        return [(event.reference, event.content.manifest_digest)]
-    if cls in (ImageLedger.ImageUsed, ImageLedger.ImageRemoved, ImageLedger.RemoveRefused):
-        return [(event.reference, event.manifest_digest)]
-    if cls is ImageLedger.HolderReleased:
-        return list(event.leases)
-    if cls is ImageLedger.ImagesPruned:
-        return [(r.reference, r.manifest_digest) for r in event.references]
-    if cls is ImageLedger.PullFailed and event.reference:
-        return [(event.reference, "")]
-    return []  # Started; a failed load of an unnamed archive is in the ledger's history only
-
-
-def _pruned_detail(event: ImageLedger.ImagesPruned, reference: str) -> str:
-    for removed in event.references:
-        if removed.reference == reference:
-            return removed.reason
-    return f"{len(event.references)} references, {event.bytes_reclaimed} bytes"
-
-
-def _removed_detail(event: ImageLedger.ImageRemoved, reference: str) -> str:
-    return ("forced, " if event.forced else "") + (
-        f"deleted {len(event.deleted)} blobs, {event.bytes_reclaimed} bytes"
-        if event.deleted
-        else "untagged"
-    )
-
-
-# What happened to a reference in an event, in words (history entries).
-_DETAILS: Final[dict[type[Any], Callable[[Any, str], str]]] = {
-    ImageLedger.ImagePulled: lambda e, _: (
-        f"from {e.source}" + (" (all cached)" if e.cached else "")
-    ),
-    ImageLedger.ImageUsed: lambda e, _: f"by {e.holder}",
-    ImageLedger.HolderReleased: lambda e, _: f"by {e.holder}",
-    ImageLedger.ImageRemoved: _removed_detail,
-    ImageLedger.RemoveRefused: lambda e, _: "in use by " + ", ".join(e.holders),
-    ImageLedger.PullFailed: lambda e, _: f"from {e.source}: {e.error}",
-    ImageLedger.ImagesPruned: _pruned_detail,
-}
-
-
-def _entry(position: int, event: Any, reference: str, manifest: str) -> HistoryEntry:
-    actor: Actor = event.actor
-    return HistoryEntry(
-        position=position,
-        event=type(event).__name__,
-        at=event.timestamp,
-        reference=reference,
-        manifest_digest=manifest,
-        detail=_DETAILS[type(event)](event, reference) if type(event) in _DETAILS else "",
-        user=actor.user,
-        host=actor.host,
-        pid=actor.pid,
-    )
-
-
-def reference_entries(position: int, event: Any, reference: str) -> list[HistoryEntry]:
-    """The history entries of `reference` that `event` (at `position`) makes."""
-    return [_entry(position, event, r, m) for r, m in mentions(event) if r == reference]
-
-
-def ledger_entry(position: int, event: Any) -> HistoryEntry:
-    """`event` as one entry of the whole ledger's history: the entry of the one reference it
-    concerns, or a summary with no reference (a prune, a release of several leases)."""
-    concerned = mentions(event)
-    if len(concerned) == 1:
-        return _entry(position, event, *concerned[0])
-    entry = _entry(position, event, "", "")
-    if type(event) is ImageLedger.HolderReleased:
-        entry = dataclasses.replace(entry, detail=f"by {event.holder}, {len(concerned)} leases")
-    return entry
 
 
 # ---------------------------------------------------------------- the reader
@@ -614,14 +515,6 @@ class ViewState:
         key = holder.encode()
         return _checked_leases(key, self.view.get("holders", key) or [])
 
-    def holders(self) -> Iterator[tuple[str, tuple[tuple[str, str], ...]]]:
-        for key, leases in self.view.scan("holders"):
-            try:
-                name = key.decode()
-            except UnicodeDecodeError as e:
-                raise _bad_row("holders", key, e) from None
-            yield name, _checked_leases(key, leases)
-
     def history(self, reference: str) -> Iterator[int]:
         """The log positions of `reference`'s events, oldest first (`reference_entries`
         makes the entries from those events)."""
@@ -630,12 +523,6 @@ class ViewState:
             if len(key) != len(prefix) + 8:
                 raise _bad_row("history", key)
             yield _U64.unpack(key[-8:])[0]
-
-    def prunes(self) -> Iterator[tuple[int, dict[str, Any]]]:
-        for key, report in self.view.scan("prunes"):
-            if len(key) != 8 or type(report) is not dict:
-                raise _bad_row("prunes", key)
-            yield _U64.unpack(key)[0], report
 
 
 def _manifest_record(key: bytes, manifest: Any) -> ManifestRecord:

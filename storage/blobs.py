@@ -21,14 +21,14 @@ from collections.abc import Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Final
 
-import structlog
-
 from imageledger.domain.errors import BlobTooLargeError, DigestMismatchError
+from imageledger.domain.log import get_logger
 from imageledger.domain.model import DeletedBlob
 from imageledger.domain.reference import validate_digest
+from imageledger.storage import layout
 from imageledger.storage.home import Dir
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 PARTIAL_SUFFIX: Final = ".part"
 
@@ -57,14 +57,6 @@ class BlobStore:
     def scratch(self) -> Dir:
         """``tmp/``, opened anew (the caller closes it): work files of a load go there."""
         return self.home.sub("tmp", create=True)
-
-    def partials(self) -> Iterator[Path]:
-        """Entries in ``tmp/`` other than its lease and lock directories: partial downloads
-        and work files, never part of the cache."""
-        with contextlib.suppress(FileNotFoundError), self.home.sub("tmp") as tmp:
-            for name, _ in tmp.entries():
-                if name not in _TMP_OWN:
-                    yield self.tmp / name
 
     def _algorithm_dir(self, digest: str, *, create: bool = False) -> tuple[Dir, str]:
         algorithm, _, hexdigest = validate_digest(digest).partition(":")
@@ -148,7 +140,7 @@ class BlobStore:
         """Every blob on disk, sorted (the collector compares this with what the ledger
         holds): regular files named by a valid digest; anything else is a stray."""
         try:
-            blobs = self.home.sub("blobs")
+            blobs = self.home.sub(layout.BLOBS)
         except FileNotFoundError:
             return
         with blobs:
@@ -164,23 +156,22 @@ class BlobStore:
                             continue
                         yield digest
 
-    def strays(self, alive: frozenset[str]) -> list[DeletedBlob]:
+    def strays(self) -> list[DeletedBlob]:
         """Entries under the home that the ledger cannot account for: work directories of
-        dead in-flight leases and loose partials in ``tmp/``, unmaterialized artifacts, and
-        anything in ``blobs/`` that is not a regular file named by a digest (links, FIFOs,
-        directories, other names). `alive` holds the live lease ids. Names are relative to
-        the home; `delete_path` removes them (a link itself, never what it points to)."""
+        in-flight leases and loose partials in ``tmp/`` (the caller leaves out those of live
+        leases), unmaterialized artifacts, and anything in ``blobs/`` that is not a regular
+        file named by a digest (links, FIFOs, directories, other names). Names are relative
+        to the home; `delete_entry` removes them (a link itself, never what it points to)."""
         found: list[DeletedBlob] = []
-        with contextlib.suppress(FileNotFoundError), self.home.sub("tmp") as tmp:
+        with contextlib.suppress(FileNotFoundError), self.home.sub(layout.TMP) as tmp:
             for name, st in tmp.entries():
-                if name in alive or (name in _TMP_OWN and stat.S_ISDIR(st.st_mode)):
+                if name in layout.TMP_OWN and stat.S_ISDIR(st.st_mode):
                     continue
+                size = tmp.tree_size(name)
                 found.append(
-                    DeletedBlob(
-                        f"tmp/{name}", "partial", tmp.tree_size(name), "stale partial download"
-                    )
+                    DeletedBlob(layout.work_dir(name), "partial", size, "stale partial download")
                 )
-        with contextlib.suppress(FileNotFoundError), self.home.sub("artifacts") as artifacts:
+        with contextlib.suppress(FileNotFoundError), self.home.sub(layout.ARTIFACTS) as artifacts:
             for relative, size in _files_below(artifacts, ""):
                 kind = {".fsmeta": "fsmeta", ".vmdk": "vmdk"}.get(PurePosixPath(relative).suffix)
                 found.append(
@@ -188,7 +179,7 @@ class BlobStore:
                         f"artifacts/{relative}", kind or "artifact", size, "not in the ledger"
                     )
                 )
-        with contextlib.suppress(FileNotFoundError), self.home.sub("blobs") as blobs:
+        with contextlib.suppress(FileNotFoundError), self.home.sub(layout.BLOBS) as blobs:
             for algorithm, st in blobs.entries():
                 if not stat.S_ISDIR(st.st_mode) and algorithm not in _ALGORITHMS:
                     found.append(_stray(f"blobs/{algorithm}", blobs.tree_size(algorithm)))
@@ -201,11 +192,19 @@ class BlobStore:
                             found.append(_stray(f"blobs/{algorithm}/{name}", size))
         return found
 
-    def delete_path(self, relative: str) -> int:
+    def delete_entry(self, entry: DeletedBlob) -> int:
+        """Delete what a committed remove or prune named: a blob by its digest, any other
+        kind by its path in the home (`_delete_path`); the bytes freed."""
+        if entry.by_path:
+            return self._delete_path(entry.digest)
+        return self.delete(entry.digest)
+
+    def _delete_path(self, relative: str) -> int:
         """Delete a stray found by `strays` (only under tmp/, artifacts/ or blobs/), links
         never followed; the bytes of regular files freed."""
         parts = relative.split("/")
-        if parts[0] not in ("tmp", "artifacts", "blobs") or len(parts) < 2 or ".." in parts:
+        roots = (layout.TMP, layout.ARTIFACTS, layout.BLOBS)
+        if parts[0] not in roots or len(parts) < 2 or ".." in parts:
             msg = f"refusing to delete {relative!r}: not a stray path of the store"
             raise ValueError(msg)
         try:
@@ -235,7 +234,6 @@ class BlobStore:
         return f"{algorithm}:{hasher.hexdigest()}" == digest
 
 
-_TMP_OWN: Final = frozenset({"leases", "locks"})
 _ALGORITHMS: Final = frozenset({"sha256", "sha512"})
 
 

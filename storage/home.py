@@ -34,28 +34,13 @@ from imageledger.domain.errors import (
     InvalidHomeError,
     LedgerMissingError,
 )
+from imageledger.storage import layout
 
-MARKER: Final = "imageledger-home"
 MARKER_CONTENT: Final = b'{"imageledger-home":1}\n'
 
-# Every name imageledger puts at the top of a home (and lost+found, for a home that is a file
-# system of its own): a directory holding only these is a home made before the marker.
-_OWN_NAMES: Final = frozenset(
-    {
-        MARKER,
-        "ledger",
-        "blobs",
-        "tmp",
-        "artifacts",
-        "oci-layout",
-        "index.json",
-        "index.position",
-        "index.lock",
-        "store.lock",
-        "rebuild.lock",
-        "lost+found",
-    }
-)
+# A directory holding only imageledger's own names (and lost+found, for a home that is a file
+# system of its own) is a home made before the marker.
+_OWN_NAMES: Final = layout.OWN_NAMES | {"lost+found"}
 
 _DIR_FLAGS: Final = os.O_RDONLY | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC
 
@@ -284,9 +269,9 @@ class Dir:
 def _holds_content(home: Dir) -> bool:
     """Whether ``blobs/`` holds anything at all (a file under any algorithm directory)."""
     try:
-        blobs = home.sub("blobs")
+        blobs = home.sub(layout.BLOBS)
     except (FileNotFoundError, HomeDamagedError):
-        return home.stat("blobs") is not None
+        return home.stat(layout.BLOBS) is not None
     with blobs:
         for name, st in blobs.entries():
             if not stat.S_ISDIR(st.st_mode):
@@ -303,10 +288,10 @@ def _holds_content(home: Dir) -> bool:
 def _ledger_state(home: Dir) -> str:
     """``absent``, ``empty`` (a ledger directory without data, or with a zero-length data
     file) or ``present``; links and odd files where the ledger belongs are damage."""
-    st = home.stat("ledger")
+    st = home.stat(layout.LEDGER)
     if st is None:
         return "absent"
-    with home.sub("ledger") as ledger:
+    with home.sub(layout.LEDGER) as ledger:
         for name in ("data.mdb", "lock.mdb"):
             entry = ledger.stat(name)
             if entry is not None and not stat.S_ISREG(entry.st_mode):
@@ -343,12 +328,12 @@ def open_home(path: str | os.PathLike[str], *, create: bool) -> Dir:
             for name, _ in home.entries()
             if not (name.startswith(".") and name.endswith(".tmp"))  # a crashed atomic write
         }
-        marked = MARKER in names
+        marked = layout.MARKER in names
         if marked:
-            marker = home.stat(MARKER)
+            marker = home.stat(layout.MARKER)
             if marker is None or not stat.S_ISREG(marker.st_mode):
-                raise home._damaged(MARKER, "not a regular file")
-        elif names - _OWN_NAMES or (names and "ledger" not in names):
+                raise home._damaged(layout.MARKER, "not a regular file")
+        elif names - _OWN_NAMES or (names and layout.LEDGER not in names):
             shown = sorted(names - _OWN_NAMES) or sorted(names)
             msg = (
                 f"{where} is not an imageledger home and is not empty (it holds "
@@ -381,10 +366,10 @@ def open_home(path: str | os.PathLike[str], *, create: bool) -> Dir:
 def mark_home(home: Dir) -> None:
     """Write the marker (once the ledger exists, so that a marked home always had one); a
     home that cannot be written (a shared, read-only cache) is left as it is."""
-    if home.stat(MARKER) is not None:
+    if home.stat(layout.MARKER) is not None:
         return
     try:
-        home.write_atomic(MARKER, MARKER_CONTENT)
+        home.write_atomic(layout.MARKER, MARKER_CONTENT)
     except PermissionError:
         return
     except OSError as e:

@@ -20,26 +20,29 @@ from __future__ import annotations
 import contextlib
 import errno
 import fcntl
+import hashlib
 import os
 import secrets
 import stat
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
-import structlog
-
+from imageledger.domain.log import get_logger
+from imageledger.domain.ports import LiveLeases
+from imageledger.storage import layout
+from imageledger.storage.blobs import BlobStore, BlobWriter
 from imageledger.storage.home import Dir
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class StoreLock:
     """The store-wide lock: exclusive across processes and threads, re-entrant in a thread
     (only the outermost hold takes the flock; a second fd would block on the first)."""
 
-    def __init__(self, home: Dir, name: str = "store.lock", *, readonly: bool = False) -> None:
+    def __init__(self, home: Dir, name: str = layout.STORE_LOCK, *, readonly: bool = False) -> None:
         self.home = home
         self.name = name
         # A reader of a home it may not write: when the lock file is not there (nobody ever
@@ -96,8 +99,8 @@ class InFlightLease:
 
     def __enter__(self) -> Self:
         try:
-            self._tmp = self._home.sub("tmp", create=True)
-            self._leases = self._tmp.sub("leases", create=True)
+            self._tmp = self._home.sub(layout.TMP, create=True)
+            self._leases = self._tmp.sub(layout.LEASES, create=True)
             # Created under the store lock, which every collector holds while it reads
             # leases: a collector never sees this lease half made (a ``.new`` file not
             # locked yet).
@@ -152,22 +155,30 @@ class InFlightLease:
 class InFlightLeases:
     """The collector's view of every live lease under a home (the domain's `InFlight` port)."""
 
-    def __init__(self, home: Dir, lock: StoreLock) -> None:
-        self.home = home
+    def __init__(self, store: BlobStore, lock: StoreLock) -> None:
+        self.store = store
+        self.home = store.home
         self.lock = lock
 
     def lease(self) -> InFlightLease:
         return InFlightLease(self.home, self.lock)
 
-    def live(self, *, exclude: str | None = None) -> tuple[frozenset[str], frozenset[str]]:
-        """(digests held, lease ids alive), leaving out lease `exclude`; stale leases of dead
+    @contextlib.contextmanager
+    def bringing(self, known: Callable[[str], bool]) -> Iterator[LeasedStore]:
+        """One pull's or load's lease, and the store as it writes through it (the domain's
+        `Leases.bringing`)."""
+        with self.lease() as lease:
+            yield LeasedStore(self.store, lease, self, known)
+
+    def live(self, *, exclude: str | None = None) -> LiveLeases:
+        """What every live lease holds, leaving out lease `exclude`; stale leases of dead
         owners are removed. Call it holding the store lock."""
         digests: set[str] = set()
         alive: set[str] = set()
         try:
-            leases = self.home.sub("tmp/leases")
+            leases = self.home.sub(f"{layout.TMP}/{layout.LEASES}")
         except FileNotFoundError:
-            return frozenset(), frozenset()
+            return LiveLeases(frozenset(), frozenset())
         with leases:
             for name, st in leases.entries():
                 stem, dot, suffix = name.rpartition(".")
@@ -200,10 +211,80 @@ class InFlightLeases:
                     _tidy(leases, name)
                 finally:
                     os.close(fd)
-        return frozenset(digests), frozenset(alive)
+        return LiveLeases(frozenset(digests), frozenset(layout.work_dir(a) for a in alive))
 
     def protected(self) -> frozenset[str]:
-        return self.live()[0]
+        return self.live().digests
+
+
+class LeasedStore:
+    """The blob store as a source sees it during one pull or load: every digest it touches is
+    claimed by the run's in-flight lease first (see the module docstring for why the order
+    matters). Everything else a source reads (`open`, `home`, ...) is the store's own."""
+
+    def __init__(
+        self,
+        store: BlobStore,
+        lease: InFlightLease,
+        leases: InFlightLeases,
+        known: Callable[[str], bool],
+    ) -> None:
+        self._known = known  # does the ledger account for this blob (a committed image uses it)?
+        self._store = store
+        self._lease = lease
+        self._leases = leases
+        self.written: set[str] = set()
+        self.root = store.root
+        self.tmp = lease.work.path
+
+    def scratch(self) -> Dir:
+        return self._lease.work.sub("")
+
+    def clear_work(self) -> None:
+        work = self._lease.work
+        for name, _ in work.entries():
+            work.delete(name)
+
+    def _claim(self, digest: str) -> None:
+        with self._leases.lock():
+            self._lease.add(digest)
+
+    def has(self, digest: str) -> bool:
+        self._claim(digest)
+        return self._store.has(digest)
+
+    def size(self, digest: str) -> int | None:
+        self._claim(digest)
+        return self._store.size(digest)
+
+    def write(self, digest: str, chunks: Any, **kwargs: Any) -> int:
+        self._claim(digest)
+        kwargs.setdefault("work", self._lease.work)
+        size = self._store.write(digest, chunks, **kwargs)
+        self.written.add(digest)
+        return size
+
+    def writer(self, digest: str, **kwargs: Any) -> BlobWriter:
+        self._claim(digest)
+        kwargs.setdefault("work", self._lease.work)
+        self.written.add(digest)
+        return self._store.writer(digest, **kwargs)
+
+    def delete(self, digest: str) -> int:
+        """A failed or partial run cleans up what it wrote, unless another live pull or load
+        relies on the same blob (it would then fail at commit with its content missing)."""
+        with self._leases.lock():
+            if digest in self._leases.live(exclude=self._lease.id).digests or self._known(digest):
+                return 0
+            return self._store.delete(digest)
+
+    def write_bytes(self, data: bytes, digest: str | None = None) -> str:
+        digest = digest or f"sha256:{hashlib.sha256(data).hexdigest()}"
+        self.write(digest, [data], size=len(data))
+        return digest
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._store, name)
 
 
 def _tidy(leases: Dir, name: str) -> None:

@@ -288,16 +288,42 @@ def _scan_sequence(
     return found
 
 
+Projector = Callable[[lmdb.Transaction, list[Notification]], None]
+
+
 class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
-    """The application sequence: a gapless, commit-ordered log plus an aggregate index."""
+    """The application sequence: a gapless, commit-ordered log plus an aggregate index.
+
+    This module's extension of eventsourcing's `ApplicationRecorder` interface, for views kept
+    in the same LMDB environment (`storage.viewstore`): `attach` runs a projector inside every
+    append's write transaction, and `entries_after`/`entries_at` read the log by position in
+    a transaction the caller already holds (so an index of positions and the entries it names
+    are read in one snapshot). Nothing outside this module touches the recorder's databases."""
 
     def __init__(self, env: LedgerEnv, namespace: str = "", *, create: bool = True) -> None:
         super().__init__(env, namespace, create=create)
-        # Called with (transaction, new notifications) inside every append's transaction, so
-        # views maintained by them commit (or roll back) atomically with the events.
-        self.projectors: list[Callable[[lmdb.Transaction, list[Notification]], None]] = []
+        self._projectors: list[Projector] = []
         if create:
             self.create_table()
+
+    def attach(self, projector: Projector) -> None:
+        """Call `projector(transaction, new notifications)` inside every append's write
+        transaction, so what it maintains commits (or rolls back) atomically with the events."""
+        self._projectors.append(projector)
+
+    def entries_after(self, txn: lmdb.Transaction, after: int) -> Iterator[Notification]:
+        """The log after notification `after`, read in the open (read or write) `txn`."""
+        cursor: Any = txn.cursor(db=self._db("log"))
+        if not cursor.set_range(_U64.pack(after + 1)):
+            return
+        for key, value in cursor:
+            yield _notification(value, _position(key))
+
+    def entries_at(self, txn: lmdb.Transaction, positions: Iterable[int]) -> Iterator[Notification]:
+        """The log entries at `positions`, read in the open `txn`."""
+        log_db = self._db("log")
+        for position in positions:
+            yield _notification(_get(txn, _U64.pack(position), log_db), position)
 
     def create_table(self) -> None:
         self._db("log")
@@ -317,12 +343,12 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
             ids = self._append(txn, log_db, index_db, rows)
             if extra is not None:
                 extra(txn)
-            if self.projectors and ids:
+            if self._projectors and ids:
                 notifications = [
                     Notification(s.originator_id, s.originator_version, s.topic, s.state, i)
                     for s, i in zip(stored_events, ids, strict=True)
                 ]
-                for projector in self.projectors:
+                for projector in self._projectors:
                     projector(txn, notifications)
             return ids
 
@@ -410,27 +436,6 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
         return LMDBSubscription(recorder=self, gt=gt, topics=topics)
 
 
-def log_entries(
-    txn: lmdb.Transaction, recorder: LMDBApplicationRecorder, after: int
-) -> Iterator[Notification]:
-    """The log after notification `after`, read in an open (possibly write) transaction."""
-    cursor: Any = txn.cursor(db=recorder._db("log"))
-    if not cursor.set_range(_U64.pack(after + 1)):
-        return
-    for key, value in cursor:
-        yield _notification(value, _position(key))
-
-
-def log_at(
-    txn: lmdb.Transaction, recorder: LMDBApplicationRecorder, positions: Iterable[int]
-) -> Iterator[Notification]:
-    """The log entries at `positions`, read in an open transaction (a snapshot that an index
-    of positions was read in too)."""
-    log_db = recorder._db("log")
-    for position in positions:
-        yield _notification(_get(txn, _U64.pack(position), log_db), position)
-
-
 E = TypeVar("E")
 
 
@@ -461,7 +466,7 @@ def check_log(recorder: LMDBApplicationRecorder) -> int:
     the log holds; `LedgerCorruptError` at the first entry that is not what `insert_events`
     writes: an envelope that does not decode, ids that are not 1, 2, 3, ..., an index entry
     that names a missing entry or one of another originator or version, or an entry the index
-    does not name. For `tools.ledgercheck` (in a child process: a damaged page can abort
+    does not name. For `storage.ledgercheck` (in a child process: a damaged page can abort
     the reader)."""
     log_db = recorder._db("log")
     index_db = recorder._db("log.index")

@@ -23,7 +23,7 @@ import msgpack
 from eventsourcing.persistence import Notification
 
 from imageledger.domain.errors import LedgerCorruptError
-from imageledger.storage.ledger import LMDBApplicationRecorder, log_at, log_entries
+from imageledger.storage.ledger import LMDBApplicationRecorder
 from imageledger.storage.lmdbenv import LedgerEnv, as_damage
 
 NAMESPACES: Final = ("a", "b")
@@ -205,7 +205,7 @@ class LMDBViews:
 
     def log_at(self, view: LMDBViewTxn, positions: Iterable[int]) -> list[Notification]:
         """The log entries at `positions`, in the snapshot `view` reads."""
-        return list(log_at(view.txn, self.recorder, positions))
+        return list(self.recorder.entries_at(view.txn, positions))
 
     def head(self) -> int:
         return self.recorder.max_notification_id() or 0
@@ -227,7 +227,7 @@ class LMDBViews:
 
         def finish(txn: lmdb.Transaction) -> dict[str, tuple[str, str]]:
             view = self.in_txn(txn, namespace)
-            fold(view, list(log_entries(txn, self.recorder, after)))
+            fold(view, list(self.recorder.entries_after(txn, after)))
             view.flush()
             live = self.active(txn)
             compared = {
@@ -264,4 +264,4 @@ class LMDBViews:
             fold(view, notifications)
             view.flush()
 
-        self.recorder.projectors.append(project)
+        self.recorder.attach(project)

@@ -47,6 +47,7 @@ from imageledger import (
     LedgerFullError,
     RegistryOptions,
 )
+from imageledger.cache import internals
 from imageledger.projections.views import FORMAT as VIEWS_FORMAT
 from imageledger.storage.viewstore import packer
 from imageledger.tools.imagebuild import (
@@ -997,13 +998,13 @@ def test_views_of_another_format_are_rebuilt_on_open(
     cache.use("b:1", "sb-1")
     listed, details = cache.list(), cache.inspect("b:1")
     # What an older imageledger left: another format number, and rows this one cannot read.
-    views = cache._views
+    views = internals(cache).ledger.views
 
     def older(txn: Any) -> None:
-        namespace = views.active(txn)
-        txn.put(b"format", packer()(1), db=views._dbs[namespace]["meta"])
-        txn.drop(views._dbs[namespace]["refs.order"], delete=False)
-        txn.put(b"\0" * 16, b"\x93\x01\x02\x03", db=views._dbs[namespace]["refs.order"])
+        view = views.in_txn(txn)
+        txn.put(b"format", packer()(1), db=view.dbs["meta"])
+        txn.drop(view.dbs["refs.order"], delete=False)
+        txn.put(b"\0" * 16, b"\x93\x01\x02\x03", db=view.dbs["refs.order"])
 
     views.env.write(older)
     cache.close()
@@ -1011,7 +1012,7 @@ def test_views_of_another_format_are_rebuilt_on_open(
         assert reopened.list() == listed
         assert reopened.inspect("b:1") == details
         assert reopened.rebuild(verify=True).identical
-        with reopened.snapshot() as state:
+        with internals(reopened).ledger.snapshot() as state:
             assert state.format == VIEWS_FORMAT
 
 

@@ -4,7 +4,7 @@ LMDB keeps no checksums, so damage to ``ledger/data.mdb`` (a bad sector, a trunc
 stray write) shows up as whatever a read meets. Every command must turn it into one line on
 stderr naming the ledger and what to do, with exit 5 ("the ledger is damaged"), or, if the
 damage hit nothing the command reads, answer exactly as it would have undamaged; `verify`
-checks the whole ledger in a child process (`tools.ledgercheck`) and survives a reader that
+checks the whole ledger in a child process (`storage.ledgercheck`) and survives a reader that
 crashes.
 
 The one death that cannot be prevented in the CLI process: py-lmdb's LMDB asserts (SIGABRT)
@@ -36,10 +36,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imageledger.domain.errors import LedgerCorruptError
+from imageledger.storage import ledgercheck
 from imageledger.storage.ledger import checked_decoder
-from imageledger.tools import ledgercheck
+from imageledger.storage.ledgercheck import LedgerCheck, check_ledger
 from imageledger.tools.imagebuild import ImageSpec, build_docker_archive, build_image
-from imageledger.tools.ledgercheck import LedgerCheck, check_ledger
 
 SCRIPT = Path(sys.executable).with_name("imageledger")
 EXIT_DAMAGED = 5

@@ -38,11 +38,11 @@ from imageledger.domain.errors import (
 )
 from imageledger.domain.model import ImageDetail, ImageHandle, ImagePruneReport
 from imageledger.domain.reference import canonical
-from imageledger.domain.service import check_holder
+from imageledger import check_holder
 from imageledger.storage.archives import ArchiveError
 from imageledger.storage.oci import ManifestError
 from imageledger.storage.registry import PullProgress, options_from_environment
-from imageledger.tools.ledgercheck import check_ledger
+from imageledger.storage.ledgercheck import check_ledger
 from imageledger.tools.logs import configure_logging, printable
 from imageledger.tools.progress import Progress
 

@@ -1,4 +1,5 @@
-"""Check a whole ledger in a child process: `check_ledger(ledger_dir) -> LedgerCheck`.
+"""Check a whole ledger in a child process: `check_ledger(ledger_dir) -> LedgerCheck`
+(the `Ledger.check` port; a storage adapter, as it reads LMDB's pages and replays the views).
 
 LMDB keeps no checksums, so the only way to know a ledger is sound is to read all of it:
 every event must decode through the mapper the cache uses, the aggregate index must name
@@ -6,7 +7,7 @@ exactly the log's events, and the views must equal a replay of the log (`rebuild
 verify_only=True)`, the replay `imageledger rebuild --verify` runs). Reading damaged pages is
 not always an error: py-lmdb's LMDB asserts (SIGABRT) when a cursor steps onto a neighbouring
 page that is not a leaf, and a page beyond the end of a file cut short is a SIGBUS. So the
-reading happens in a child process (``python -m imageledger.tools.ledgercheck <dir>``), and
+reading happens in a child process (``python -m imageledger.storage.ledgercheck <dir>``), and
 a child killed by a signal is itself the answer: the ledger is damaged.
 
 First the pages: py-lmdb's offline verifier walks every tree of a copy in pure Python, never
@@ -104,7 +105,7 @@ _SELF = "/proc/self/exe"
 
 def _child_command(ledger_dir: Path) -> list[str]:
     """The child's command line (a function, so that a test can make a child that crashes)."""
-    return [sys.executable, "-m", "imageledger.tools.ledgercheck", str(ledger_dir)]
+    return [sys.executable, "-m", "imageledger.storage.ledgercheck", str(ledger_dir)]
 
 
 def _lmdb_assertion(stderr: bytes) -> str:
@@ -242,16 +243,15 @@ def _child(ledger_dir: Path) -> LedgerCheck:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python -m imageledger.tools.ledgercheck <ledger dir>``: one result line on stdout.
+    """``python -m imageledger.storage.ledgercheck <ledger dir>``: one result line on stdout.
 
     Anything other than a damage error escapes as a traceback on stderr and a non-zero
     exit: the parent reports it as a failed check, not as a sound ledger."""
-    from imageledger.tools.logs import configure_logging
-
-    configure_logging()  # logs to stderr: stdout carries the result line only
+    # Nothing configures logging here: the library's lines go to stdlib logging's default
+    # (warnings on stderr), and stdout carries the result line only.
     args = sys.argv[1:] if argv is None else argv
     if len(args) != 1:
-        print("usage: python -m imageledger.tools.ledgercheck LEDGER_DIR", file=sys.stderr)
+        print("usage: python -m imageledger.storage.ledgercheck LEDGER_DIR", file=sys.stderr)
         return 2
     result = _child(Path(args[0]))
     line = json.dumps({"ok": result.ok, "events": result.events, "problem": result.problem})

@@ -1,0 +1,90 @@
+"""What each event means in the history of a reference: which references it concerns and the
+entry it makes, in words. History is made from the events themselves when asked for (the views
+only index which events concern a reference), so the log stays the one record of who did what.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any, Final
+
+from imageledger.domain.events import ImageLedger
+from imageledger.domain.model import Actor, HistoryEntry
+
+
+def mentions(event: Any) -> list[tuple[str, str]]:
+    """(reference, manifest digest) of each reference `event` is part of the history of."""
+    cls = type(event)
+    if cls is ImageLedger.ImagePulled:
+        return [(event.reference, event.content.manifest_digest)]
+    if cls in (ImageLedger.ImageUsed, ImageLedger.ImageRemoved, ImageLedger.RemoveRefused):
+        return [(event.reference, event.manifest_digest)]
+    if cls is ImageLedger.HolderReleased:
+        return list(event.leases)
+    if cls is ImageLedger.ImagesPruned:
+        return [(r.reference, r.manifest_digest) for r in event.references]
+    if cls is ImageLedger.PullFailed and event.reference:
+        return [(event.reference, "")]
+    return []  # Started; a failed load of an unnamed archive is in the ledger's history only
+
+
+def _pruned_detail(event: ImageLedger.ImagesPruned, reference: str) -> str:
+    for removed in event.references:
+        if removed.reference == reference:
+            return removed.reason
+    return f"{len(event.references)} references, {event.bytes_reclaimed} bytes"
+
+
+def _removed_detail(event: ImageLedger.ImageRemoved, reference: str) -> str:
+    return ("forced, " if event.forced else "") + (
+        f"deleted {len(event.deleted)} blobs, {event.bytes_reclaimed} bytes"
+        if event.deleted
+        else "untagged"
+    )
+
+
+# What happened to a reference in an event, in words (history entries).
+_DETAILS: Final[dict[type[Any], Callable[[Any, str], str]]] = {
+    ImageLedger.ImagePulled: lambda e, _: (
+        f"from {e.source}" + (" (all cached)" if e.cached else "")
+    ),
+    ImageLedger.ImageUsed: lambda e, _: f"by {e.holder}",
+    ImageLedger.HolderReleased: lambda e, _: f"by {e.holder}",
+    ImageLedger.ImageRemoved: _removed_detail,
+    ImageLedger.RemoveRefused: lambda e, _: "in use by " + ", ".join(e.holders),
+    ImageLedger.PullFailed: lambda e, _: f"from {e.source}: {e.error}",
+    ImageLedger.ImagesPruned: _pruned_detail,
+}
+
+
+def _entry(position: int, event: Any, reference: str, manifest: str) -> HistoryEntry:
+    actor: Actor = event.actor
+    return HistoryEntry(
+        position=position,
+        event=type(event).__name__,
+        at=event.timestamp,
+        reference=reference,
+        manifest_digest=manifest,
+        detail=_DETAILS[type(event)](event, reference) if type(event) in _DETAILS else "",
+        user=actor.user,
+        host=actor.host,
+        pid=actor.pid,
+    )
+
+
+def reference_entries(position: int, event: Any, reference: str) -> list[HistoryEntry]:
+    """The history entries of `reference` that `event` (at `position`) makes."""
+    return [_entry(position, event, r, m) for r, m in mentions(event) if r == reference]
+
+
+def ledger_entry(position: int, event: Any) -> HistoryEntry:
+    """`event` as one entry of the whole ledger's history: the entry of the one reference it
+    concerns, or a summary with no reference (a prune, a release of several leases)."""
+    concerned = mentions(event)
+    if len(concerned) == 1:
+        return _entry(position, event, *concerned[0])
+    entry = _entry(position, event, "", "")
+    if type(event) is ImageLedger.HolderReleased:
+        entry = dataclasses.replace(entry, detail=f"by {event.holder}, {len(concerned)} leases")
+    return entry

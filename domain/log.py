@@ -1,0 +1,59 @@
+"""How every part of the library logs, without ever configuring logging.
+
+structlog's unconfigured default prints every level to stdout, which would land in an
+embedder's own output. So a library logger asks at each call: when the process configured
+structlog (the CLI does, with `tools.logs`; an embedder may), the line goes through that
+pipeline as usual; when nobody did, it goes to the standard library's `logging` under the
+module's name, whose default is silence below WARNING and a plain line on stderr above (the
+"last resort" handler), as for any library that uses `logging`. Nothing reaches stdout either
+way, and an embedder that configured `logging` gets the lines there.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Final
+
+import structlog
+
+_LEVELS: Final = {
+    "debug": logging.DEBUG,
+    "info": logging.INFO,
+    "warning": logging.WARNING,
+    "error": logging.ERROR,
+}
+
+
+class Logger:
+    """A structlog-style logger (``log.warning("event.name", key=value)``) for one module."""
+
+    __slots__ = ("name",)
+
+    def __init__(self, name: str) -> None:
+        self.name = name
+
+    def _emit(self, method: str, event: str, fields: dict[str, Any]) -> None:
+        if structlog.is_configured():
+            getattr(structlog.get_logger(self.name), method)(event, **fields)
+            return
+        logger = logging.getLogger(self.name)
+        level = _LEVELS[method]
+        if logger.isEnabledFor(level):
+            detail = " ".join(f"{key}={value!r}" for key, value in fields.items())
+            logger.log(level, "%s %s", event, detail)
+
+    def debug(self, event: str, **fields: Any) -> None:
+        self._emit("debug", event, fields)
+
+    def info(self, event: str, **fields: Any) -> None:
+        self._emit("info", event, fields)
+
+    def warning(self, event: str, **fields: Any) -> None:
+        self._emit("warning", event, fields)
+
+    def error(self, event: str, **fields: Any) -> None:
+        self._emit("error", event, fields)
+
+
+def get_logger(name: str) -> Logger:
+    return Logger(name)

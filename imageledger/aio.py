@@ -1,0 +1,156 @@
+"""`Image`, the asyncio API with microsandbox's Python SDK names (``await Image.get(ref)``,
+``list``, ``inspect``, ``remove``, ``prune``, ``load``, ``save``, plus ``pull``, ``use`` and
+``release``), over the cache at ``$IMAGELEDGER_HOME`` unless one is passed. Same names and
+semantics as the blocking `ImageCache` (DESIGN.md semantics 1-11); each call runs the blocking
+one in a worker thread, and the handles it returns have awaitable `inspect()` and `remove()`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import builtins
+import dataclasses
+import os
+import weakref
+from collections.abc import Callable, Sequence
+from typing import BinaryIO, ClassVar, Literal
+
+from imageledger.cache import ImageCache
+from imageledger.domain.model import ImageDetail, ImageHandle, ImagePruneReport
+from imageledger.storage.registry import PullProgress, RegistryOptions
+
+
+class _AsyncOwner:
+    """What a handle from the asyncio API calls back: coroutines over the blocking cache."""
+
+    def __init__(self, cache: ImageCache) -> None:
+        self.cache = cache
+
+    async def inspect(self, reference: str) -> ImageDetail:
+        detail = await asyncio.to_thread(self.cache.inspect, reference)
+        return dataclasses.replace(detail, handle=self.bind(detail.handle))
+
+    async def remove(self, reference: str, force: bool = False) -> None:
+        await asyncio.to_thread(self.cache.remove, reference, force)
+
+    def bind(self, handle: ImageHandle) -> ImageHandle:
+        """`handle` bound to this owner. A copy (the blocking cache shares its handles with
+        its callers), made the way `ViewState.handles` makes handles."""
+        copy = object.__new__(ImageHandle)
+        object.__setattr__(copy, "__dict__", {**handle.__dict__, "_owner": self})
+        return copy
+
+
+_OWNERS: weakref.WeakKeyDictionary[ImageCache, _AsyncOwner] = weakref.WeakKeyDictionary()
+
+
+def _owner(cache: ImageCache) -> _AsyncOwner:
+    """The one asyncio owner of `cache` (so that its list() memo is kept between calls)."""
+    owner = _OWNERS.get(cache)
+    if owner is None:
+        owner = _OWNERS.setdefault(cache, _AsyncOwner(cache))
+    return owner
+
+
+class Image:
+    """The asyncio API over the default cache or `cache`."""
+
+    _default: ClassVar[ImageCache | None] = None
+
+    @classmethod
+    def _cache(cls, cache: ImageCache | None) -> ImageCache:
+        if cache is not None:
+            return cache
+        if cls._default is None:
+            cls._default = ImageCache()
+        return cls._default
+
+    @classmethod
+    async def get(cls, reference: str, *, cache: ImageCache | None = None) -> ImageHandle:
+        c = cls._cache(cache)
+        return _owner(c).bind(await asyncio.to_thread(c.get, reference))
+
+    @classmethod
+    async def list(cls, *, cache: ImageCache | None = None) -> builtins.list[ImageHandle]:
+        c = cls._cache(cache)
+        return await asyncio.to_thread(c.list_for, _owner(c))
+
+    @classmethod
+    async def inspect(cls, reference: str, *, cache: ImageCache | None = None) -> ImageDetail:
+        return await _owner(cls._cache(cache)).inspect(reference)
+
+    @classmethod
+    async def remove(
+        cls, reference: str, force: bool = False, *, cache: ImageCache | None = None
+    ) -> None:
+        await asyncio.to_thread(cls._cache(cache).remove, reference, force)
+
+    @classmethod
+    async def prune(
+        cls,
+        *,
+        dry_run: bool = False,
+        unused_for: float | None = None,
+        keep: Sequence[str] = (),
+        max_bytes: int | None = None,
+        cache: ImageCache | None = None,
+    ) -> ImagePruneReport:
+        c = cls._cache(cache)
+        return await asyncio.to_thread(
+            lambda: c.prune(dry_run=dry_run, unused_for=unused_for, keep=keep, max_bytes=max_bytes)
+        )
+
+    @classmethod
+    async def pull(
+        cls,
+        reference: str,
+        *,
+        platform: str | None = None,
+        options: RegistryOptions | None = None,
+        progress: Callable[[PullProgress], None] | None = None,
+        cache: ImageCache | None = None,
+    ) -> ImageHandle:
+        c = cls._cache(cache)
+        handle = await asyncio.to_thread(
+            lambda: c.pull(reference, platform=platform, options=options, progress=progress)
+        )
+        return _owner(c).bind(handle)
+
+    @classmethod
+    async def load(
+        cls,
+        source: str | os.PathLike[str] | BinaryIO,
+        *,
+        tag: str | None = None,
+        platform: str | None = None,
+        cache: ImageCache | None = None,
+    ) -> builtins.list[ImageHandle]:
+        c = cls._cache(cache)
+        handles = await asyncio.to_thread(lambda: c.load(source, tag=tag, platform=platform))
+        return [_owner(c).bind(h) for h in handles]
+
+    @classmethod
+    async def save(
+        cls,
+        references: Sequence[str],
+        destination: str | os.PathLike[str] | BinaryIO,
+        *,
+        format: Literal["docker", "oci"] = "docker",
+        cache: ImageCache | None = None,
+    ) -> None:
+        c = cls._cache(cache)
+        await asyncio.to_thread(lambda: c.save(references, destination, format=format))
+
+    @classmethod
+    async def use(
+        cls, reference: str, holder: str, *, cache: ImageCache | None = None
+    ) -> ImageHandle:
+        c = cls._cache(cache)
+        return _owner(c).bind(await asyncio.to_thread(c.use, reference, holder))
+
+    @classmethod
+    async def release(cls, holder: str, *, cache: ImageCache | None = None) -> int:
+        return await asyncio.to_thread(cls._cache(cache).release, holder)
+
+
+__all__ = ["Image"]

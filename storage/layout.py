@@ -1,0 +1,56 @@
+"""What lives where in a home: the one place its names are spelled.
+
+imageledger-home        the marker: this directory is an imageledger home
+ledger/                 LMDB: the event log and the views
+oci-layout, index.json  the home is an OCI image layout; index.json is a projection
+index.position          the position of the views index.json shows; index.lock
+blobs/<alg>/<hex>       verified content
+tmp/<lease>/            an in-flight pull's or load's work directory (partial files)
+tmp/leases/<id>.lease   in-flight leases; tmp/locks/ per-blob download locks
+artifacts/              materialized artifacts (fsmeta, VMDK)
+store.lock              serialises deletes against pull commits across processes
+rebuild.lock            one rebuild of the views at a time
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+MARKER: Final = "imageledger-home"
+LEDGER: Final = "ledger"
+OCI_LAYOUT: Final = "oci-layout"
+INDEX: Final = "index.json"
+INDEX_POSITION: Final = "index.position"
+INDEX_LOCK: Final = "index.lock"
+BLOBS: Final = "blobs"
+TMP: Final = "tmp"
+LEASES: Final = "leases"  # under tmp/
+LOCKS: Final = "locks"  # under tmp/
+ARTIFACTS: Final = "artifacts"
+STORE_LOCK: Final = "store.lock"
+REBUILD_LOCK: Final = "rebuild.lock"
+
+# Every name imageledger itself puts at the top of a home (a home made before the marker
+# existed is recognised by holding nothing else).
+OWN_NAMES: Final = frozenset(
+    {
+        MARKER,
+        LEDGER,
+        BLOBS,
+        TMP,
+        ARTIFACTS,
+        OCI_LAYOUT,
+        INDEX,
+        INDEX_POSITION,
+        INDEX_LOCK,
+        STORE_LOCK,
+        REBUILD_LOCK,
+    }
+)
+# imageledger's own directories in tmp/, beside the work directories of leases.
+TMP_OWN: Final = frozenset({LEASES, LOCKS})
+
+
+def work_dir(lease: str) -> str:
+    """The work directory of in-flight lease `lease`, as a path in the home."""
+    return f"{TMP}/{lease}"
