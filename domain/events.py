@@ -118,7 +118,8 @@ class Batch:
 
     One typed method per event, so a command cannot record an event with a field missing or
     misspelt. Every event of one batch carries the same actor and the same timestamp (the
-    injectable clock, read once per command). On an empty ledger (`version` 0) the batch
+    injectable clock, read once per command); a caller replaying a history (a benchmark)
+    moves `stamp` between events. On an empty ledger (`version` 0) the batch
     starts with `Started`, so the ledger's first command also records when the home came into
     use, whatever that command records itself."""
 
@@ -129,46 +130,47 @@ class Batch:
         self.events: list[ImageLedger.Event] = []
         if version == 0:
             self.version = 1
+            started: dict[str, Any] = {"originator_topic": _TOPIC, "actor": actor}
             self.events.append(
                 ImageLedger.Started(
-                    originator_id=LEDGER_ID,
-                    originator_version=1,
-                    timestamp=stamp,
-                    originator_topic=_TOPIC,
-                    actor=actor,
+                    originator_id=LEDGER_ID, originator_version=1, timestamp=stamp, **started
                 )
             )
 
-    def _next(self) -> dict[str, Any]:
+    def _add(self, event_class: type[ImageLedger.Event], **fields: Any) -> None:
+        # eventsourcing makes each event class a dataclass through its metaclass, which type
+        # checkers do not see: the typed methods below are the checked signatures.
         self.version += 1
-        return {
-            "originator_id": LEDGER_ID,
-            "originator_version": self.version,
-            "timestamp": self.stamp,
-            "actor": self.actor,
-        }
+        fields.update(
+            originator_id=LEDGER_ID,
+            originator_version=self.version,
+            timestamp=self.stamp,
+            actor=self.actor,
+        )
+        self.events.append(event_class(**fields))
 
     def pulled(self, reference: str, source: str, content: ImageContent, cached: bool) -> None:
-        self.events.append(
-            ImageLedger.ImagePulled(
-                **self._next(), reference=reference, source=source, content=content, cached=cached
-            )
+        self._add(
+            ImageLedger.ImagePulled,
+            reference=reference,
+            source=source,
+            content=content,
+            cached=cached,
         )
 
     def pull_failed(self, reference: str, source: str, error: str) -> None:
-        self.events.append(
-            ImageLedger.PullFailed(**self._next(), reference=reference, source=source, error=error)
-        )
+        self._add(ImageLedger.PullFailed, reference=reference, source=source, error=error)
 
     def used(self, reference: str, manifest_digest: str, holder: str) -> None:
-        self.events.append(
-            ImageLedger.ImageUsed(
-                **self._next(), reference=reference, manifest_digest=manifest_digest, holder=holder
-            )
+        self._add(
+            ImageLedger.ImageUsed,
+            reference=reference,
+            manifest_digest=manifest_digest,
+            holder=holder,
         )
 
     def released(self, holder: str, leases: tuple[tuple[str, str], ...]) -> None:
-        self.events.append(ImageLedger.HolderReleased(**self._next(), holder=holder, leases=leases))
+        self._add(ImageLedger.HolderReleased, holder=holder, leases=leases)
 
     def removed(
         self,
@@ -178,27 +180,23 @@ class Batch:
         deleted: tuple[DeletedBlob, ...],
         bytes_reclaimed: int,
     ) -> None:
-        self.events.append(
-            ImageLedger.ImageRemoved(
-                **self._next(),
-                reference=reference,
-                manifest_digest=manifest_digest,
-                forced=forced,
-                deleted=deleted,
-                bytes_reclaimed=bytes_reclaimed,
-            )
+        self._add(
+            ImageLedger.ImageRemoved,
+            reference=reference,
+            manifest_digest=manifest_digest,
+            forced=forced,
+            deleted=deleted,
+            bytes_reclaimed=bytes_reclaimed,
         )
 
     def remove_refused(
         self, reference: str, manifest_digest: str, holders: tuple[str, ...]
     ) -> None:
-        self.events.append(
-            ImageLedger.RemoveRefused(
-                **self._next(),
-                reference=reference,
-                manifest_digest=manifest_digest,
-                holders=holders,
-            )
+        self._add(
+            ImageLedger.RemoveRefused,
+            reference=reference,
+            manifest_digest=manifest_digest,
+            holders=holders,
         )
 
     def pruned(
@@ -209,15 +207,13 @@ class Batch:
         deleted: tuple[DeletedBlob, ...],
         bytes_reclaimed: int,
     ) -> None:
-        self.events.append(
-            ImageLedger.ImagesPruned(
-                **self._next(),
-                policy=policy,
-                now=now,
-                references=references,
-                deleted=deleted,
-                bytes_reclaimed=bytes_reclaimed,
-            )
+        self._add(
+            ImageLedger.ImagesPruned,
+            policy=policy,
+            now=now,
+            references=references,
+            deleted=deleted,
+            bytes_reclaimed=bytes_reclaimed,
         )
 
 

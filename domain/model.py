@@ -22,6 +22,9 @@ MANIFEST_TYPES = (OCI_MANIFEST, DOCKER_MANIFEST)
 INDEX_TYPES = (OCI_INDEX, DOCKER_LIST)
 
 
+BlobKind = Literal["manifest", "config", "layer"]
+
+
 @dataclass(frozen=True, slots=True)
 class Platform:
     """The image's own platform (from its config, or the index entry that chose it)."""
@@ -86,9 +89,9 @@ class ImageContent:
         """Semantics 5: what the image's distinct blobs occupy in the store."""
         return sum(dict(self.blobs).values())
 
-    def kinded_blobs(self) -> tuple[tuple[str, str, int], ...]:
+    def kinded_blobs(self) -> tuple[tuple[str, BlobKind, int], ...]:
         """(digest, kind, size) of each distinct blob: manifest, config, then layers."""
-        seen: dict[str, tuple[str, str, int]] = {}
+        seen: dict[str, tuple[str, BlobKind, int]] = {}
         seen[self.manifest_digest] = (self.manifest_digest, "manifest", self.manifest_size)
         seen.setdefault(self.config.digest, (self.config.digest, "config", self.config_size))
         for layer in self.layers:

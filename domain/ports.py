@@ -14,7 +14,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import IO, Any, Literal, Protocol
+from typing import Any, BinaryIO, Literal, Protocol
 
 from eventsourcing.domain import DomainEventProtocol
 
@@ -33,8 +33,8 @@ from imageledger.domain.model import (
 from imageledger.domain.reference import Reference
 
 DomainEvent = DomainEventProtocol[Any]
-ArchiveSource = str | os.PathLike[str] | IO[bytes]
-ArchiveDestination = str | os.PathLike[str] | IO[bytes]
+ArchiveSource = str | os.PathLike[str] | BinaryIO
+ArchiveDestination = str | os.PathLike[str] | BinaryIO
 
 
 @dataclass(frozen=True, slots=True)

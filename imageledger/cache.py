@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import BinaryIO, Literal, NamedTuple
+from typing import Any, BinaryIO, Literal
 
 from imageledger._version import __version__
 from imageledger.domain.errors import HomeDamagedError, InvalidHomeError
@@ -191,7 +191,7 @@ class ImageCache:
         """Every event of `reference` (or of the whole ledger), oldest first."""
         return self._service.history(reference)
 
-    def df(self) -> dict[str, object]:
+    def df(self) -> dict[str, Any]:
         """Bytes by kind, and what a default prune would reclaim."""
         return self._service.df()
 
@@ -325,7 +325,8 @@ class ImageCache:
         self.close()
 
 
-class Internals(NamedTuple):
+@dataclasses.dataclass(frozen=True)
+class Internals:
     """What a cache is wired from, typed as the adapters they are."""
 
     service: ImageCacheService

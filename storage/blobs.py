@@ -23,7 +23,7 @@ from typing import BinaryIO, Final
 
 from imageledger.domain.errors import BlobTooLargeError, DigestMismatchError
 from imageledger.domain.log import get_logger
-from imageledger.domain.model import DeletedBlob
+from imageledger.domain.model import DeletedBlob, DeletedKind
 from imageledger.domain.reference import validate_digest
 from imageledger.storage import layout
 from imageledger.storage.home import Dir
@@ -173,11 +173,9 @@ class BlobStore:
                 )
         with contextlib.suppress(FileNotFoundError), self.home.sub(layout.ARTIFACTS) as artifacts:
             for relative, size in _files_below(artifacts, ""):
-                kind = {".fsmeta": "fsmeta", ".vmdk": "vmdk"}.get(PurePosixPath(relative).suffix)
+                kind = _ARTIFACT_KINDS.get(PurePosixPath(relative).suffix, "artifact")
                 found.append(
-                    DeletedBlob(
-                        f"artifacts/{relative}", kind or "artifact", size, "not in the ledger"
-                    )
+                    DeletedBlob(f"{layout.ARTIFACTS}/{relative}", kind, size, "not in the ledger")
                 )
         with contextlib.suppress(FileNotFoundError), self.home.sub(layout.BLOBS) as blobs:
             for algorithm, st in blobs.entries():
@@ -235,6 +233,7 @@ class BlobStore:
 
 
 _ALGORITHMS: Final = frozenset({"sha256", "sha512"})
+_ARTIFACT_KINDS: Final[dict[str, DeletedKind]] = {".fsmeta": "fsmeta", ".vmdk": "vmdk"}
 
 
 def _is_digest(digest: str) -> bool:

@@ -20,6 +20,7 @@ from imageledger.domain.ports import ArchiveDestination, ArchiveSource, SourceSt
 from imageledger.domain.reference import Reference
 from imageledger.storage import archives
 from imageledger.storage.blobs import BlobStore
+from imageledger.storage.leases import LeasedStore
 from imageledger.storage.registry import (
     PullProgress,
     RegistryClient,
@@ -122,6 +123,7 @@ class RegistryPuller:
         self._progress = progress
 
     def pull(self, reference: Reference, store: SourceStore, platform: Platform) -> ImageContent:
+        assert isinstance(store, LeasedStore)  # the one SourceStore: InFlightLeases.bringing
         with disk_space(self._registries.home), self._registries.client(self._options) as c:
             return c.pull(reference, store, platform=platform, progress=self._progress)
 
@@ -143,10 +145,11 @@ class ArchiveFiles:
         return f"{'oci-layout' if path.is_dir() else 'archive'}:{os.fsdecode(source)}"
 
     def load(self, source: ArchiveSource, store: SourceStore) -> list[LoadedImage]:
+        assert isinstance(store, LeasedStore)  # the one SourceStore: InFlightLeases.bringing
         with disk_space(self.home):
             return archives.load(
                 Path(os.fsdecode(source)) if isinstance(source, str | os.PathLike) else source,
-                store,  # type: ignore[arg-type]
+                store,
             )
 
     def save(

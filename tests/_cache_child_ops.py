@@ -36,6 +36,8 @@ from pathlib import Path
 from typing import IO, Any
 
 from imageledger import ImageCache, ImageInUseError, ImageNotFoundError
+from imageledger.cache import internals
+from imageledger.domain.model import DeletedBlob
 from imageledger.tools.logs import configure_logging
 
 CHILD = Path(__file__).resolve()
@@ -116,12 +118,12 @@ def instrument(cache: ImageCache, pauser: Pauser) -> None:
     - ``index-rename``: index.json (the OCI layout projection) is written to its temporary
       file, not yet renamed into place.
     """
-    service = cache.service
-    store = cache.store
+    parts = internals(cache)
+    service, store, ledger = parts.service, parts.store, parts.ledger
     real_add = service.add_all
-    real_append = cache.append
+    real_append = ledger.append
     real_delete = store.delete
-    real_delete_path = store.delete_path
+    real_delete_entry = store.delete_entry
     real_digests = store.digests
     real_replace = os.replace
     real_link = os.link
@@ -134,9 +136,9 @@ def instrument(cache: ImageCache, pauser: Pauser) -> None:
         pauser.reached("after-add")
         return result
 
-    def append(ledger: Any) -> None:
-        names = [type(event).__name__ for event in ledger.pending_events]
-        real_append(ledger)
+    def append(events: Any) -> None:
+        names = [type(event).__name__ for event in events]
+        real_append(events)
         for name in names:
             say("committed", event=name)
             pauser.reached(f"after-commit:{name}")
@@ -146,9 +148,10 @@ def instrument(cache: ImageCache, pauser: Pauser) -> None:
         pauser.reached("after-unlink")
         return size
 
-    def delete_path(relative: str) -> int:
-        size = real_delete_path(relative)
-        pauser.reached("after-unlink")
+    def delete_entry(entry: DeletedBlob) -> int:
+        size = real_delete_entry(entry)  # a blob: through `delete`, which pauses
+        if entry.by_path:
+            pauser.reached("after-unlink")
         return size
 
     def digests() -> Iterator[str]:
@@ -168,9 +171,9 @@ def instrument(cache: ImageCache, pauser: Pauser) -> None:
         real_link(src, dst, *args, **kwargs)
 
     service.add_all = add  # type: ignore[method-assign]
-    cache.append = append  # type: ignore[method-assign]
+    ledger.append = append  # type: ignore[method-assign]
     store.delete = delete  # type: ignore[method-assign]
-    store.delete_path = delete_path  # type: ignore[method-assign]
+    store.delete_entry = delete_entry  # type: ignore[method-assign]
     store.digests = digests  # type: ignore[method-assign]
     os.replace = replace
     os.link = link
@@ -260,10 +263,10 @@ def _check_complete(cache: ImageCache, reference: str) -> str | None:
         *(layer.blob_digest for layer in detail.layers),
     ]
     for layer in detail.layers:
-        if cache.store.size(layer.blob_digest) != layer.compressed_size_bytes:
+        if internals(cache).store.size(layer.blob_digest) != layer.compressed_size_bytes:
             return f"{reference}: layer {layer.blob_digest} missing or the wrong size"
     for digest in digests:
-        if not cache.store.has(digest) or not cache.store.verify(digest):
+        if not internals(cache).store.has(digest) or not internals(cache).store.verify(digest):
             return f"{reference}: blob {digest} missing or corrupt"
     return None
 
@@ -562,7 +565,7 @@ def image_blobs(cache: ImageCache, reference: str) -> dict[str, int]:
     """Every blob `inspect(reference)` names (manifest, config, layers) and its size as the
     ledger recorded it."""
     detail = cache.inspect(reference)
-    with cache.snapshot() as state:
+    with internals(cache).ledger.snapshot() as state:
         manifest = state.manifest(detail.handle.manifest_digest)
     assert manifest is not None, f"{reference}: the views have no manifest"
     sizes = {digest: size for digest, _kind, size in manifest.content.kinded_blobs()}
@@ -578,9 +581,11 @@ def image_blobs(cache: ImageCache, reference: str) -> dict[str, int]:
 def assert_complete(cache: ImageCache, reference: str) -> None:
     """Every blob of the cached image is in the store, with the right size, hashing right."""
     for digest, size in image_blobs(cache, reference).items():
-        stored = cache.store.size(digest)
+        stored = internals(cache).store.size(digest)
         assert stored == size, f"{reference}: blob {digest} is {stored} bytes, needs {size}"
-        assert cache.store.verify(digest), f"{reference}: blob {digest} does not hash right"
+        assert internals(cache).store.verify(digest), (
+            f"{reference}: blob {digest} does not hash right"
+        )
 
 
 def assert_consistent(home: Path) -> list[str]:
@@ -593,10 +598,10 @@ def assert_consistent(home: Path) -> list[str]:
         references = [h.reference for h in cache.list()]
         for reference in references:
             assert_complete(cache, reference)
-        with cache.snapshot() as state:
+        with internals(cache).ledger.snapshot() as state:
             for manifest in state.manifests():
                 for digest, _kind, size in manifest.content.kinded_blobs():
-                    assert cache.store.size(digest) == size, (
+                    assert internals(cache).store.size(digest) == size, (
                         f"manifest {manifest.content.manifest_digest}: blob {digest} missing"
                     )
     return references

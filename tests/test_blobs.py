@@ -24,7 +24,8 @@ def sha(data: bytes) -> str:
 
 
 def leftovers(store: BlobStore) -> list[Path]:
-    return list(store.partials())
+    """Partial files and work directories left in tmp/ (never part of the cache)."""
+    return [store.root / entry.digest for entry in store.strays() if entry.kind == "partial"]
 
 
 def test_write_read_and_size(tmp_path: Path) -> None:

@@ -32,6 +32,8 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from imageledger import ImageCache, ImageInUseError, ImageNotFoundError
+from imageledger.cache import internals
+from imageledger.domain.events import ImageLedger
 from imageledger.tools.bench_cache import append_mixed_events
 from imageledger.tools.imagebuild import (
     BuiltImage,
@@ -125,16 +127,21 @@ def assert_leases_respected(cache: ImageCache, reference: str) -> dict[str, int]
     with holders; the holders at the end are the views'. Returns counts by event."""
     holders: dict[str, set[str]] = defaultdict(set)
     counts: dict[str, int] = defaultdict(int)
-    with cache.snapshot() as state:
-        prunes = list(state.prunes())
+    ledger = internals(cache).ledger
+    prunes = [
+        (position, event)
+        for position, event in ledger.events(None)
+        if isinstance(event, ImageLedger.ImagesPruned)
+    ]
     timeline: list[tuple[int, str, Any]] = [
         (e.position, "history", e) for e in cache.history(reference)
     ]
-    timeline += [(position, "prune", report) for position, report in prunes]
+    timeline += [(position, "prune", event) for position, event in prunes]
     for position, what, item in sorted(timeline, key=lambda t: (t[0], t[1])):
         if what == "prune":
-            for digest, kind, _size, _reason in item["deleted"]:
-                if kind == "manifest":
+            for deleted in item.deleted:
+                if deleted.kind == "manifest":
+                    digest = deleted.digest
                     assert not holders[digest], (
                         f"prune at {position} deleted {digest} held by {holders[digest]}"
                     )
@@ -162,7 +169,7 @@ def assert_leases_respected(cache: ImageCache, reference: str) -> dict[str, int]
             assert holders[manifest], f"remove refused at {position} with no holder"
         elif entry.event == "ImagesPruned":
             assert not holders[manifest], f"prune at {position} removed a leased reference"
-    with cache.snapshot() as state:
+    with ledger.snapshot() as state:
         for digest, held in holders.items():
             record = state.manifest(digest)
             assert set(record.holders if record is not None else ()) == held, digest
@@ -348,8 +355,9 @@ def test_use_in_one_process_races_remove_in_another(
         print("history:", counts, "user:", used_done, "remover:", removed_done)
         assert counts.get("ImageRemoved+content", 0) > 0, counts
         assert counts.get("RemoveRefused", 0) > 0, counts
-        with cache.snapshot() as state:
-            assert not list(state.holders()), "a lease outlived its holder's release"
+        with internals(cache).ledger.snapshot() as state:
+            held = {m.content.manifest_digest: m.holders for m in state.manifests() if m.holders}
+            assert not held, "a lease outlived its holder's release"
     cc.prune_and_assert_no_orphan(home)
 
 
@@ -524,7 +532,6 @@ def test_processes_rebuilding_at_once_leave_identical_views(tmp_path: Path) -> N
     other and activate views missing the start of the log."""
     home = tmp_path / "home"
     with ImageCache(home, durability="nosync") as cache:
-        cache.write_index = False
         append_mixed_events(cache, 20_000, 2_000)
         listed, history = cache.list(), cache.history()
     script = (

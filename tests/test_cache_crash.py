@@ -32,6 +32,7 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from imageledger import ImageCache
+from imageledger.cache import internals
 from imageledger.tools.imagebuild import (
     BuiltImage,
     ImageSpec,
@@ -156,7 +157,7 @@ def recover_and_check(home: Path, images: Images, *, expect_app: bool | None = N
         cc.assert_complete(cache, BASE_REF)
         assert cache.get(APP_REF).manifest_digest == images.app.manifest_digest
         cache.remove(APP_REF)
-        assert cache.store.has(images.base.layers[0].digest)
+        assert internals(cache).store.has(images.base.layers[0].digest)
     return report
 
 
@@ -207,12 +208,12 @@ def test_crashed_loader_lease_does_not_block_prune(
     wait_for("a partial blob", lambda: bool(cc.partial_files(home)))
 
     with ImageCache(home) as cache:
-        assert cache.store.has(first.digest), "the first own layer should be written"
+        assert internals(cache).store.has(first.digest), "the first own layer should be written"
         alive = cache.prune()
         assert not any(b.digest == first.digest or b.kind == "partial" for b in alive.deleted), (
             alive
         )
-        assert cache.store.has(first.digest)
+        assert internals(cache).store.has(first.digest)
         assert cc.partial_files(home)
 
     child.kill()
@@ -230,7 +231,7 @@ def test_crashed_loader_lease_does_not_block_prune(
         partials = [b for b in report.deleted if b.kind == "partial"]
         assert len(partials) == 1 and partials[0].digest.startswith("tmp/"), report
         assert report.bytes_reclaimed >= first.size
-        assert not cache.store.has(first.digest)
+        assert not internals(cache).store.has(first.digest)
         assert not cc.partial_files(home)
         assert not cc.lease_files(home)
     recover_and_check(home, images, expect_app=False)
@@ -350,7 +351,7 @@ def test_layer_protected_by_a_load_that_then_crashes_is_reclaimed(
     )
     with ImageCache(home) as cache:
         cache.remove(BASE_REF)
-        assert cache.store.has(shared), "a layer an in-flight load claimed was deleted"
+        assert internals(cache).store.has(shared), "a layer an in-flight load claimed was deleted"
     child.kill()
     assert cc.assert_consistent(home) == []
     with ImageCache(home) as cache:

@@ -19,6 +19,7 @@ from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, invariant, precondition, rule
 
 from imageledger import ImageCache, ImageInUseError, ImageNotFoundError
+from imageledger.cache import internals
 from imageledger.domain.model import OCI_MANIFEST, ImageConfig, ImageContent, Layer, Platform
 from imageledger.storage.blobs import BlobStore
 
@@ -98,10 +99,11 @@ class CacheMachine(RuleBasedStateMachine):
         # Content is written once; the store keeps blobs the ledger no longer needs only
         # until a remove or prune deletes them, so each pull rewrites its image's blobs.
         self.images = {
-            name: synthetic_image(self.cache.store, name, ls) for name, ls in LAYERS.items()
+            name: synthetic_image(internals(self.cache).store, name, ls)
+            for name, ls in LAYERS.items()
         }
-        for digest in list(self.cache.store.digests()):
-            self.cache.store.delete(digest)
+        for digest in list(internals(self.cache).store.digests()):
+            internals(self.cache).store.delete(digest)
 
     def teardown(self) -> None:
         try:
@@ -123,8 +125,8 @@ class CacheMachine(RuleBasedStateMachine):
     @rule(ref=st.sampled_from(REFS), name=st.sampled_from(sorted(LAYERS)))
     def pull(self, ref: str, name: str) -> None:
         now = self.tick()
-        content = synthetic_image(self.cache.store, name, LAYERS[name])
-        self.cache.service.add(ref, content, f"test:{name}", cached=False)
+        content = synthetic_image(internals(self.cache).store, name, LAYERS[name])
+        internals(self.cache).service.add_all([(ref, content, False)], f"test:{name}")
         digest = content.manifest_digest
         old = self.model.refs.get(ref)
         if old is None:
@@ -215,7 +217,7 @@ class CacheMachine(RuleBasedStateMachine):
     def disk_holds_exactly_the_live_content(self) -> None:
         images = {c.manifest_digest: c for c in self.images.values()}
         live = {d for m in self.model.present for d, _ in images[m].blobs}
-        assert set(self.cache.store.digests()) == live
+        assert set(internals(self.cache).store.digests()) == live
 
 
 CacheMachine.TestCase.settings = settings(max_examples=60, stateful_step_count=30, deadline=None)

@@ -22,7 +22,7 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from imageledger.domain.errors import ImageLedgerError, LedgerCorruptError
-from imageledger.domain.events import LEDGER_ID, TRANSCODINGS, ImageLedger
+from imageledger.domain.events import LEDGER_ID, TRANSCODINGS, Batch
 from imageledger.domain.model import (
     Actor,
     DeletedBlob,
@@ -80,42 +80,19 @@ def _events() -> list[DomainEventProtocol[Any]]:
             ),
         ),
     )
-    ledger = ImageLedger.start(actor, NOW)
-    ledger.record(
-        ImageLedger.ImagePulled,
-        actor=actor,
-        stamp=NOW,
-        reference="docker.io/library/alpine:3.19",
-        source="archive:/tmp/a.tar",
-        content=content,
-        cached=False,
+    batch = Batch(0, actor, NOW)
+    batch.pulled("docker.io/library/alpine:3.19", "archive:/tmp/a.tar", content, cached=False)
+    batch.used("docker.io/library/alpine:3.19", DIGEST, "sandbox-1")
+    batch.released("sandbox-1", (("docker.io/library/alpine:3.19", DIGEST),))
+    batch.stamp = NOW.astimezone(timezone(timedelta(hours=5, minutes=45)))
+    batch.pruned(
+        PrunePolicy(unused_for_seconds=3600, keep=("docker.io/library/*",)),
+        NOW,
+        (RemovedReference("docker.io/library/alpine:3.19", DIGEST, "unused"),),
+        (DeletedBlob(DIGEST, "layer", 10, "unreferenced"),),
+        10,
     )
-    ledger.record(
-        ImageLedger.ImageUsed,
-        actor=actor,
-        stamp=NOW,
-        reference="docker.io/library/alpine:3.19",
-        manifest_digest=DIGEST,
-        holder="sandbox-1",
-    )
-    ledger.record(
-        ImageLedger.HolderReleased,
-        actor=actor,
-        stamp=NOW,
-        holder="sandbox-1",
-        leases=(("docker.io/library/alpine:3.19", DIGEST),),
-    )
-    ledger.record(
-        ImageLedger.ImagesPruned,
-        actor=actor,
-        stamp=NOW.astimezone(timezone(timedelta(hours=5, minutes=45))),
-        policy=PrunePolicy(unused_for_seconds=3600, keep=("docker.io/library/*",)),
-        now=NOW,
-        references=(RemovedReference("docker.io/library/alpine:3.19", DIGEST, "unused"),),
-        deleted=(DeletedBlob(DIGEST, "layer", 10, "unreferenced"),),
-        bytes_reclaimed=10,
-    )
-    return list(ledger.collect_events())
+    return list(batch.events)
 
 
 TRANSCODER = domain_transcoder()

@@ -16,6 +16,7 @@ from typing import Any
 import pytest
 
 from imageledger import ImageCache
+from imageledger.cache import internals
 from imageledger.domain.errors import (
     DigestMismatchError,
     ImageNotFoundError,
@@ -165,11 +166,12 @@ def test_one_manifest_under_many_names_is_one_commit_and_linear_work(
     names = tuple(f"app:{i}" for i in range(2000))
     archive = build_docker_archive(tmp_path / "many.tar", [ImageSpec(names=names)]).path
     appends: list[int] = []
-    real_append = cache.append
+    ledger = internals(cache).ledger
+    real_append = ledger.append
 
-    def counting_append(ledger: Any) -> None:
-        appends.append(len(ledger.pending_events))
-        real_append(ledger)
+    def counting_append(events: Any) -> None:
+        appends.append(len(events))
+        real_append(events)
 
     parses = 0
 
@@ -188,7 +190,7 @@ def test_one_manifest_under_many_names_is_one_commit_and_linear_work(
         manifest_reads += 1
         return real_manifest(self, digest)
 
-    monkeypatch.setattr(cache, "append", counting_append)
+    monkeypatch.setattr(ledger, "append", counting_append)
     monkeypatch.setattr(archives, "parse_reference", counting_parse)
     monkeypatch.setattr(ViewState, "manifest", counting_manifest)
     handles = cache.load(archive)

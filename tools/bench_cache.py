@@ -1,5 +1,8 @@
-"""Benchmark of the image cache's read path and of rebuild.
+"""Benchmark of the image cache's hot paths and of rebuild.
 
+- `use` and `release` latency (p50/p99) at 10 and at N references, as a runtime calls them on
+  every sandbox start and stop: default durability, index.json kept as for any user (goal:
+  the same cost at both sizes);
 - `get` and `list` latency (p50/p99) with N cached references (default 10,000), in process
   (what a sandbox runtime does on every sandbox start): list() with nothing changed, list()
   right after a real commit (a `use`), and the first list() of a process (nothing remembered);
@@ -24,8 +27,9 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
-from imageledger.cache import Image, ImageCache, current_actor
-from imageledger.domain.events import ImageLedger
+from imageledger.aio import Image
+from imageledger.cache import ImageCache, current_actor, internals
+from imageledger.domain.events import Batch
 from imageledger.domain.model import (
     OCI_MANIFEST,
     ImageConfig,
@@ -64,67 +68,31 @@ def append_mixed_events(cache: ImageCache, count: int, refs: int, batch: int = 1
     about the log and the views, not the store)."""
     actor = current_actor()
     start = datetime(2026, 1, 1, tzinfo=UTC)
+    ledger = internals(cache).ledger
     written = 0
     manifests = max(refs // 10, 1)
     while written < count:
-        with cache.snapshot() as state:
-            ledger = ImageLedger.next_after(state.version, state.modified, actor, start)
+        with ledger.snapshot() as state:
+            events = Batch(state.version, actor, start)
         for _ in range(min(batch, count - written)):
             i = written
-            at = start + timedelta(milliseconds=i)
+            # Each event at its own time (a replayed history, not one command).
+            at = events.stamp = start + timedelta(milliseconds=i)
             kind = i % 20
             ref = f"bench.local/repo{i % refs}:v{(i // refs) % 3}"
             if kind < 14:
-                ledger.record(
-                    ImageLedger.ImagePulled,
-                    actor=actor,
-                    stamp=at,
-                    reference=ref,
-                    source="bench",
-                    content=_content(i % manifests),
-                    cached=False,
-                )
+                events.pulled(ref, "bench", _content(i % manifests), cached=False)
             elif kind < 17:
-                ledger.record(
-                    ImageLedger.ImageUsed,
-                    actor=actor,
-                    stamp=at,
-                    reference=ref,
-                    manifest_digest=_content(i % manifests).manifest_digest,
-                    holder=f"h{i % 50}",
-                )
+                digest = _content(i % manifests).manifest_digest
+                events.used(ref, digest, f"h{i % 50}")
             elif kind < 19:
-                ledger.record(
-                    ImageLedger.HolderReleased,
-                    actor=actor,
-                    stamp=at,
-                    holder=f"h{i % 50}",
-                    leases=(),
-                )
+                events.released(f"h{i % 50}", ())
             elif i % 40 == 19:
-                ledger.record(
-                    ImageLedger.ImagesPruned,
-                    actor=actor,
-                    stamp=at,
-                    policy=PrunePolicy(),
-                    now=at,
-                    references=(RemovedReference(ref, "", "bench"),),
-                    deleted=(),
-                    bytes_reclaimed=0,
-                )
+                events.pruned(PrunePolicy(), at, (RemovedReference(ref, "", "bench"),), (), 0)
             else:
-                ledger.record(
-                    ImageLedger.ImageRemoved,
-                    actor=actor,
-                    stamp=at,
-                    reference=ref,
-                    manifest_digest="",
-                    forced=False,
-                    deleted=(),
-                    bytes_reclaimed=0,
-                )
+                events.removed(ref, "", False, (), 0)
             written += 1
-        cache.append(ledger)
+        ledger.append(events.events)
     return written
 
 
@@ -135,7 +103,6 @@ def _percentile(samples: list[float], q: float) -> float:
 
 def bench_reads(home: Path, refs: int, rounds: int) -> dict[str, Any]:
     cache = ImageCache(home, durability="nosync")
-    cache.write_index = False
     try:
         _append_events_pulls(cache, refs)
         names = [h.reference for h in cache.list()]
@@ -158,11 +125,10 @@ def bench_reads(home: Path, refs: int, rounds: int) -> dict[str, Any]:
             cache.list()
             after_commit.append(time.perf_counter() - t0)
             # The first list() of a process: nothing remembered at all.
-            cache._list_memos.clear()
-            cache._handle_memos.clear()
-            t0 = time.perf_counter()
-            cache.list()
-            first_samples.append(time.perf_counter() - t0)
+            with ImageCache(home, durability="nosync") as fresh:
+                t0 = time.perf_counter()
+                fresh.list()
+                first_samples.append(time.perf_counter() - t0)
         async_samples = asyncio.run(_async_lists(cache, max(rounds // 1000, 20)))
     finally:
         cache.close()
@@ -196,27 +162,52 @@ async def _async_lists(cache: ImageCache, rounds: int) -> list[float]:
 def _append_events_pulls(cache: ImageCache, refs: int) -> None:
     actor = current_actor()
     start = datetime(2026, 1, 1, tzinfo=UTC)
+    ledger = internals(cache).ledger
     done = 0
     while done < refs:
-        with cache.snapshot() as state:
-            ledger = ImageLedger.next_after(state.version, state.modified, actor, start)
+        with ledger.snapshot() as state:
+            events = Batch(state.version, actor, start)
         for i in range(done, min(done + 1000, refs)):
-            ledger.record(
-                ImageLedger.ImagePulled,
-                actor=actor,
-                stamp=start + timedelta(seconds=i),
-                reference=f"bench.local/repo{i}:v1",
-                source="bench",
-                content=_content(i % max(refs // 10, 1)),
-                cached=False,
-            )
+            events.stamp = start + timedelta(seconds=i)
+            content = _content(i % max(refs // 10, 1))
+            events.pulled(f"bench.local/repo{i}:v1", "bench", content, cached=False)
         done = min(done + 1000, refs)
-        cache.append(ledger)
+        ledger.append(events.events)
+
+
+def bench_use(home: Path, refs: int, rounds: int) -> dict[str, Any]:
+    """use() and release() as a runtime calls them on every sandbox start and stop: the
+    default durability (every commit synced), index.json kept by the cache as always."""
+    setup = ImageCache(home, durability="nosync")
+    try:
+        _append_events_pulls(setup, refs)
+    finally:
+        setup.close()
+    cache = ImageCache(home)
+    try:
+        names = [h.reference for h in cache.list()]
+        uses, releases = [], []
+        for i in range(rounds):
+            name = names[(i * 7919) % refs]
+            t0 = time.perf_counter()
+            cache.use(name, holder=f"sandbox-{i}")
+            uses.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            cache.release(f"sandbox-{i}")
+            releases.append(time.perf_counter() - t0)
+    finally:
+        cache.close()
+    return {
+        "refs": refs,
+        "use_p50_ms": round(_percentile(uses, 0.5) * 1e3, 3),
+        "use_p99_ms": round(_percentile(uses, 0.99) * 1e3, 3),
+        "release_p50_ms": round(_percentile(releases, 0.5) * 1e3, 3),
+        "release_p99_ms": round(_percentile(releases, 0.99) * 1e3, 3),
+    }
 
 
 def bench_rebuild(home: Path, events: int, refs: int) -> dict[str, Any]:
     cache = ImageCache(home, durability="nosync")
-    cache.write_index = False
     try:
         t0 = time.perf_counter()
         append_mixed_events(cache, events, refs)
@@ -241,11 +232,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--refs", type=int, default=10_000)
     parser.add_argument("--events", type=int, default=1_000_000)
     parser.add_argument("--rounds", type=int, default=100_000, help="get() calls measured")
+    parser.add_argument(
+        "--use-rounds", type=int, default=300, help="use()/release() pairs measured per size"
+    )
     parser.add_argument("--dir", type=Path, default=None)
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="imageledger-bench-", dir=args.dir))
     try:
+        use_small = bench_use(base / "use-small", 10, args.use_rounds)
+        use_large = bench_use(base / "use-large", args.refs, args.use_rounds)
         reads = bench_reads(base / "reads", args.refs, args.rounds)
         rebuild = bench_rebuild(base / "rebuild", args.events, args.refs)
     finally:
@@ -253,6 +249,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "python": platform.python_version(),
         "machine": platform.machine(),
+        "use": [use_small, use_large],
         "reads": reads,
         "rebuild": rebuild,
         "goals": {
@@ -267,6 +264,11 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=2))
     else:
         print(f"python {result['python']} on {result['machine']}")
+        for use in result["use"]:
+            print(
+                f"use   p50 {use['use_p50_ms']} ms   p99 {use['use_p99_ms']} ms   release p50 "
+                f"{use['release_p50_ms']} ms   ({use['refs']} refs, durable, index.json on)"
+            )
         print(
             f"get   p50 {reads['get_p50_us']} us   p99 {reads['get_p99_us']} us   "
             f"({reads['refs']} refs; goal p99 < 50 us)"

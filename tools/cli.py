@@ -25,6 +25,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
+from imageledger import check_holder
 from imageledger.cache import ImageCache, default_home
 from imageledger.domain.errors import (
     DigestMismatchError,
@@ -38,11 +39,10 @@ from imageledger.domain.errors import (
 )
 from imageledger.domain.model import ImageDetail, ImageHandle, ImagePruneReport
 from imageledger.domain.reference import canonical
-from imageledger import check_holder
 from imageledger.storage.archives import ArchiveError
+from imageledger.storage.ledgercheck import check_ledger
 from imageledger.storage.oci import ManifestError
 from imageledger.storage.registry import PullProgress, options_from_environment
-from imageledger.storage.ledgercheck import check_ledger
 from imageledger.tools.logs import configure_logging, printable
 from imageledger.tools.progress import Progress
 
