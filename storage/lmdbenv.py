@@ -19,19 +19,23 @@ process anyway, so every recorder and view that names the same path gets the sam
   that meets it gets (a wrong page type, a missing page, undecodable bytes). Every such error
   out of `read()`, `write()` and `db()` becomes one `LedgerCorruptError` naming the ledger and
   what to do (`damaged`); a data file shorter than its last used page is refused at open,
-  before anything maps beyond its end (that read would be a SIGBUS, not an error).
+  before anything maps beyond its end (that read would be a SIGBUS, not an error);
+- **observation**: the group commit's batch sizes and the leader's time in each commit are
+  what a benchmark of it needs and cannot see from outside: `LedgerEnv.commit_observer` is the
+  extension point for benchmarks and tests that reports them.
 
 What cannot be turned into an error: py-lmdb's bundled LMDB is built with its assertions on,
 and a cursor that steps onto a neighbouring page does not check that page's type before it
 asserts it is a leaf (``mdb_cursor_next``/``mdb_cursor_prev`` after ``mdb_cursor_sibling``),
 so a scan that crosses into a zeroed or overwritten page aborts the process (SIGABRT). That is
-why `tools.ledgercheck` reads the whole ledger in a child process.
+why `storage.ledgercheck` reads the whole ledger in a child process.
 """
 
 from __future__ import annotations
 
 import os
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -51,6 +55,10 @@ from imageledger.domain.errors import (
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+CommitObserver = Callable[[int, float], None]
+"""Told, after each group commit, how many writes the batch held and how many seconds the
+leader spent committing it (see `LedgerEnv.commit_observer`)."""
 
 Durability = Literal["sync", "nometasync", "nosync"]
 DURABILITY_MODES: Final[tuple[str, ...]] = ("sync", "nometasync", "nosync")
@@ -229,6 +237,12 @@ class LedgerEnv:
         self._poller: threading.Thread | None = None
         self._closed = False
         self.unlocked = False  # see _open
+        # An extension point for benchmarks and tests, which need the batch sizes and the
+        # leader's busy time of the group commit and cannot see them from outside: set it to a
+        # `CommitObserver` to be called on the committing thread after every batch (committed
+        # or rolled back), and back to None to stop. It runs while other writers wait on the
+        # leader, so it must be quick and must not raise; None (the default) costs nothing.
+        self.commit_observer: CommitObserver | None = None
         self.env = self._open()
 
     # ----------------------------------------------------------------- opening
@@ -444,7 +458,11 @@ class LedgerEnv:
                 if not batch:
                     break
                 taken.extend(batch)
+                observer = self.commit_observer
+                began = time.perf_counter() if observer is not None else 0.0
                 committed = self._commit(batch)
+                if observer is not None:
+                    observer(len(batch), time.perf_counter() - began)
                 self._notify()
                 if not deferred or not committed:
                     _ack(batch)

@@ -58,7 +58,7 @@ from imageledger.storage.lmdbenv import LedgerEnv
 from imageledger.tools.logs import configure_logging
 
 GOAL_RATIO: Final = 5.0
-_MEMORY_FILESYSTEMS: Final = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
+MEMORY_FILESYSTEMS: Final = frozenset({"tmpfs", "ramfs", "devtmpfs", "hugetlbfs"})
 _SYNCHRONOUS_NAMES: Final = {0: "OFF", 1: "NORMAL", 2: "FULL", 3: "EXTRA"}
 _FULL: Final = 2
 _RAW_VALUE: Final = b"\xa5" * 256  # about the size of one stored event
@@ -336,28 +336,24 @@ def _timed(
 
 
 class _BatchRecorder:
-    """Wraps one `LedgerEnv`'s `_commit` (on the instance, for this benchmark only) to record
-    each group commit's batch size and the time the leader spends in it."""
+    """The sizes of one `LedgerEnv`'s group commits and the time its leader spends in them,
+    through the environment's `commit_observer` (the figures are not visible from outside);
+    only what commits while `recording` counts, so warm-up appends stay out."""
 
     def __init__(self, ledger: LedgerEnv) -> None:
         self.ledger = ledger
-        self.inner: Callable[[list[Any]], bool] = ledger._commit
         self.recording = False
         self.sizes: list[int] = []
         self.busy = 0.0
-        vars(ledger)["_commit"] = self
+        ledger.commit_observer = self
 
-    def __call__(self, batch: list[Any]) -> bool:
-        began = time.perf_counter()
-        try:
-            return self.inner(batch)
-        finally:
-            if self.recording:
-                self.sizes.append(len(batch))
-                self.busy += time.perf_counter() - began
+    def __call__(self, size: int, seconds: float) -> None:
+        if self.recording:
+            self.sizes.append(size)
+            self.busy += seconds
 
     def detach(self) -> None:
-        vars(self.ledger).pop("_commit", None)
+        self.ledger.commit_observer = None
 
 
 def _measure_app(
@@ -442,10 +438,12 @@ def _probe_sqlite(base: Path, backend: Backend) -> tuple[str, int]:
 
 
 # --------------------------------------------------------------------------- machine facts
+# Public: bench_pull reports the same facts and picks its directory the same way.
 
 
-def _filesystem(path: Path) -> dict[str, str]:
-    """The mount that holds `path`, from /proc/mounts (Linux)."""
+def filesystem_of(path: Path) -> dict[str, str]:
+    """The mount that holds `path`, from /proc/mounts (Linux): a figure measured on tmpfs or a
+    network mount says nothing about durable writes on a disk, so the report names it."""
     found = {"type": "unknown", "device": "unknown", "mount_point": "unknown", "options": ""}
     best = -1
     try:
@@ -471,7 +469,9 @@ def _filesystem(path: Path) -> dict[str, str]:
     return found
 
 
-def _cpus() -> dict[str, int | None]:
+def cpu_counts() -> dict[str, int | None]:
+    """The CPUs there are and the CPUs this process may use: with fewer usable CPUs than
+    writer threads, the threads compete for the CPU rather than for the disk."""
     try:
         usable: int | None = len(os.sched_getaffinity(0))
     except (AttributeError, OSError):
@@ -479,18 +479,35 @@ def _cpus() -> dict[str, int | None]:
     return {"cpu_count": os.cpu_count(), "usable": usable}
 
 
-def _load_average() -> list[float] | None:
+def load_average() -> list[float] | None:
+    """The 1, 5 and 15 minute load averages, taken at the start and end of a run: others' work
+    on the same machine is the main source of noise in these figures."""
     try:
         return [round(x, 2) for x in os.getloadavg()]
     except OSError:
         return None
 
 
-def _version(dist: str) -> str:
+def dist_version(dist: str) -> str:
+    """The installed version of distribution `dist`, or "unknown": a report stays printable
+    when a package was installed without metadata."""
     try:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "unknown"
+
+
+def scratch_dir(requested: Path | None, prefix: str) -> Path:
+    """A fresh directory for one run's stores, under `requested` if given. By default the system
+    temporary directory, unless it is a memory filesystem, where fsync costs nothing and a
+    durable write would measure nothing: then the current directory."""
+    if requested is not None:
+        requested.mkdir(parents=True, exist_ok=True)
+        return Path(tempfile.mkdtemp(prefix=prefix, dir=requested)).resolve()
+    parent = Path(tempfile.gettempdir()).resolve()
+    if filesystem_of(parent)["type"] in MEMORY_FILESYSTEMS:
+        parent = Path.cwd().resolve()
+    return Path(tempfile.mkdtemp(prefix=prefix, dir=parent)).resolve()
 
 
 def _fdatasync_probe(target: Path, seconds: float = 0.5) -> dict[str, float]:
@@ -523,16 +540,16 @@ def _facts(target: Path, sqlite_pragmas: tuple[str, int]) -> dict[str, Any]:
     return {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
-        "eventsourcing": _version("eventsourcing"),
+        "eventsourcing": dist_version("eventsourcing"),
         "py_lmdb": getattr(lmdb, "__version__", "unknown"),
         "lmdb": ".".join(str(v) for v in lmdb.version()),
         "sqlite": sqlite3.sqlite_version,
         "sqlite_default_journal_mode": journal_mode,
         "sqlite_default_synchronous": _SYNCHRONOUS_NAMES.get(synchronous, str(synchronous)),
-        "cpus": _cpus(),
-        "load_average_at_start": _load_average(),
+        "cpus": cpu_counts(),
+        "load_average_at_start": load_average(),
         "target_dir": str(target),
-        "filesystem": _filesystem(target),
+        "filesystem": filesystem_of(target),
         "fdatasync_4k": _fdatasync_probe(target),
     }
 
@@ -671,17 +688,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _base_dir(requested: Path | None) -> Path:
-    if requested is not None:
-        requested.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix="imageledger-bench-", dir=requested)).resolve()
-    system_tmp = Path(tempfile.gettempdir()).resolve()
-    parent = system_tmp
-    if _filesystem(system_tmp)["type"] in _MEMORY_FILESYSTEMS:
-        parent = Path.cwd().resolve()
-    return Path(tempfile.mkdtemp(prefix="imageledger-bench-", dir=parent)).resolve()
-
-
 def main(argv: list[str] | None = None) -> int:
     configure_logging()
     parser = build_parser()
@@ -692,15 +698,15 @@ def main(argv: list[str] | None = None) -> int:
     except SystemExit as e:  # --help (0) or a usage error (2): a return code, not an exit
         return 2 if e.code else 0
     threads: list[int] = args.threads
-    base = _base_dir(args.dir)
+    base = scratch_dir(args.dir, "imageledger-bench-")
 
     def progress(text: str) -> None:
         print(text, file=sys.stderr, flush=True)
 
     try:
         notes: list[str] = []
-        fs = _filesystem(base)
-        if fs["type"] in _MEMORY_FILESYSTEMS:
+        fs = filesystem_of(base)
+        if fs["type"] in MEMORY_FILESYSTEMS:
             notes.append(f"{base} is on {fs['type']}: fsync costs nothing there, not durable")
         pragmas = _probe_sqlite(base, SQLITE)
         backends = [LMDB, SQLITE]
@@ -750,7 +756,7 @@ def main(argv: list[str] | None = None) -> int:
             "goal_met": ratio is not None and ratio >= GOAL_RATIO,
             "notes": notes,
         }
-        facts["load_average_at_end"] = _load_average()
+        facts["load_average_at_end"] = load_average()
         if args.json:
             report = {
                 "facts": facts,

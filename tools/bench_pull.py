@@ -36,11 +36,9 @@ import shutil
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 from typing import Any, Final
 
@@ -49,10 +47,11 @@ from imageledger.storage.oci import host_platform
 from imageledger.storage.registry import RegistryOptions
 from imageledger.tools import localregistry
 from imageledger.tools.bench_ledger import (
-    _MEMORY_FILESYSTEMS,
-    _cpus,
-    _filesystem,
-    _load_average,
+    cpu_counts,
+    dist_version,
+    filesystem_of,
+    load_average,
+    scratch_dir,
 )
 from imageledger.tools.imagebuild import BuiltImage, ImageSpec, build_image, build_oci_layout
 from imageledger.tools.logs import configure_logging
@@ -372,23 +371,6 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _work_dir(requested: Path | None) -> Path:
-    if requested is not None:
-        requested.mkdir(parents=True, exist_ok=True)
-        return Path(tempfile.mkdtemp(prefix="imageledger-bench-pull-", dir=requested)).resolve()
-    parent = Path(tempfile.gettempdir()).resolve()
-    if _filesystem(parent)["type"] in _MEMORY_FILESYSTEMS:
-        parent = Path.cwd().resolve()
-    return Path(tempfile.mkdtemp(prefix="imageledger-bench-pull-", dir=parent)).resolve()
-
-
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "unknown"
-
-
 def _progress(text: str) -> None:
     print(text, file=sys.stderr, flush=True)
 
@@ -399,14 +381,14 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[Roun
     facts: dict[str, Any] = {
         "python": f"{platform.python_implementation()} {platform.python_version()}",
         "platform": platform.platform(),
-        "cpus": _cpus(),
-        "load_average_at_start": _load_average(),
+        "cpus": cpu_counts(),
+        "load_average_at_start": load_average(),
         "skopeo": _skopeo_version(args.skopeo),
         "registry": _registry_version(),
-        "httpx": _version("httpx"),
+        "httpx": dist_version("httpx"),
         "max_concurrent_layers": RegistryOptions().max_concurrent_layers,
         "work_dir": str(work),
-        "filesystem": _filesystem(work),
+        "filesystem": filesystem_of(work),
     }
     if shutil.which(args.skopeo) is None:
         msg = f"{args.skopeo} is not installed (apt-get install skopeo)"
@@ -453,7 +435,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[Roun
                 f"round {number}/{args.rounds}: imageledger {result.imageledger_seconds:.3f} s, "
                 f"skopeo {result.skopeo_seconds:.3f} s, ratio {result.ratio:.3f}"
             )
-    facts["load_average_at_end"] = _load_average()
+    facts["load_average_at_end"] = load_average()
     report = {
         "facts": facts,
         "settings": {
@@ -476,7 +458,7 @@ def main(argv: list[str] | None = None) -> int:
         args = parser.parse_args(argv)
     except SystemExit as e:  # --help (0) or a usage error (2): a return code, not an exit
         return 2 if e.code else 0
-    work = _work_dir(args.dir)
+    work = scratch_dir(args.dir, "imageledger-bench-pull-")
     try:
         report, rounds = run(args, work)
     except KeyboardInterrupt:

@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # Set up and pass every check: Debian packages the tests need, a virtualenv with the project
-# and its test extras, then ruff, mypy and the whole pytest suite. Run as root on Debian.
+# and its test extras, then ruff, mypy, the import contracts (pyproject's [tool.importlinter],
+# read from the working tree: imageledger/'s symlinks make the top-level folders its
+# subpackages) and the whole pytest suite. Run as root on Debian.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
@@ -15,4 +17,5 @@ PYTHON=${PYTHON:-python3}
 .venv/bin/ruff check .
 .venv/bin/ruff format --check .
 .venv/bin/mypy
+.venv/bin/lint-imports
 .venv/bin/python -m pytest "$@"
