@@ -7,7 +7,13 @@ digest becomes a path. A refusal is a `ManifestError` naming the digest and what
 
 `describe_image` turns a manifest already in the blob store into the domain's `ImageContent`;
 `canonical_json` is the one serialization used to synthesize manifests, so that the same input
-always hashes to the same digest.
+always hashes to the same digest. `index_manifests` is the one walk through nested indexes
+(a registry pull and an archive load both follow it, each with its own way to fetch an index),
+bounded by `MAX_INDEX_DEPTH`; `choose_index_entry` is the pull's choice of an index entry for
+a platform (the rules are `domain.platforms`'s).
+
+The manifest, index and config media types are the domain's (`domain.model`); only the layer
+media types, which nothing above storage looks at, are defined here.
 """
 
 from __future__ import annotations
@@ -15,11 +21,16 @@ from __future__ import annotations
 import json
 import platform as _host
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import BinaryIO, Final, Protocol
 
-from imageledger.domain.errors import ImageLedgerError, InvalidReferenceError
+from imageledger.domain.errors import (
+    ContentMissingError,
+    InvalidPlatformError,
+    InvalidReferenceError,
+    ManifestError,
+)
 from imageledger.domain.model import (
     DOCKER_CONFIG,
     INDEX_TYPES,
@@ -30,6 +41,7 @@ from imageledger.domain.model import (
     Layer,
     Platform,
 )
+from imageledger.domain.platforms import PULL, match_platform
 from imageledger.domain.reference import validate_digest
 from imageledger.storage.home import Dir
 
@@ -37,6 +49,11 @@ MAX_MANIFEST_SIZE: Final = 4 * 1024 * 1024
 """Largest manifest, index or config accepted (bytes); registries use the same bound."""
 MAX_LAYERS: Final = 1000
 MAX_INDEX_ENTRIES: Final = 10_000
+MAX_INDEX_DEPTH: Final = 4
+"""How deep image indexes may nest: an image's own (top-level) index is at depth 1, an index
+it lists at depth 2, and so on; a layout's ``index.json`` (an archive's table of contents, as
+a registry's tags are) is depth 0. Indexes nested more than this deep are refused: real
+images nest one level at most, and a chain of indexes must end."""
 
 OCI_LAYER: Final = "application/vnd.oci.image.layer.v1.tar"
 OCI_LAYER_GZIP: Final = "application/vnd.oci.image.layer.v1.tar+gzip"
@@ -76,15 +93,6 @@ class BlobAccess(Protocol):
     ) -> int: ...
 
     def delete(self, digest: str) -> int: ...
-
-
-class ManifestError(ImageLedgerError):
-    """A manifest, index or image config is malformed, unsupported or inconsistent with the
-    blobs it describes; the message names the digest and what is wrong."""
-
-
-class MissingBlobError(ImageLedgerError):
-    """A blob that a manifest references is not in the blob store."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -335,6 +343,50 @@ def parse_index(
     return entries
 
 
+def _entry_platform(entry: IndexEntry) -> Platform | None:
+    return None if entry.attestation else entry.platform
+
+
+def choose_index_entry(entries: Sequence[IndexEntry], platform: Platform) -> IndexEntry | None:
+    """The entry of an index a pull takes for `platform`, attestations skipped: the rules are
+    `domain.platforms.PULL` (the exact variant, arm64 meaning arm64/v8; else a compatible
+    one), never another os or architecture."""
+    return match_platform(entries, platform, _entry_platform, PULL)
+
+
+def index_manifests(
+    entries: Iterable[IndexEntry],
+    *,
+    fetch: Callable[[IndexEntry], Iterable[IndexEntry]],
+    select: Callable[[Iterable[IndexEntry]], Iterable[IndexEntry]],
+    what: str,
+    error: Callable[[str], Exception],
+    depth: int = 1,
+) -> list[IndexEntry]:
+    """The entries reached from `entries` (those of an index at `depth`, see
+    `MAX_INDEX_DEPTH`) that are not indexes, in order: of each index, the entries `select`
+    keeps are taken, and a nested index among them is read by `fetch` and walked in turn.
+
+    A pull selects the one entry for its platform and fetches from the registry; a load
+    selects what the archive holds and fetches from it. An index that would be nested more
+    than `MAX_INDEX_DEPTH` deep is refused before it is fetched, as ``error(message)``
+    (`what` names where, in the message)."""
+    found: list[IndexEntry] = []
+    for entry in select(entries):
+        if entry.media_type not in INDEX_TYPES:
+            found.append(entry)
+            continue
+        nested = depth + 1
+        if nested > MAX_INDEX_DEPTH:
+            raise error(f"{what}: indexes nested more than {MAX_INDEX_DEPTH} deep")
+        found.extend(
+            index_manifests(
+                fetch(entry), fetch=fetch, select=select, what=what, error=error, depth=nested
+            )
+        )
+    return found
+
+
 def _string_list(value: object, field: str, what: str) -> tuple[str, ...] | None:
     if value is None:
         return None
@@ -397,7 +449,7 @@ def read_small_blob(store: BlobAccess, digest: str, kind: str) -> bytes:
     """Blob `digest` (a manifest, index or config) from the store, refused when too large."""
     size = store.size(digest)
     if size is None:
-        raise MissingBlobError(f"{kind} {digest} is not in the blob store")
+        raise ContentMissingError(f"{kind} {digest} is not in the blob store")
     if size > MAX_MANIFEST_SIZE:
         msg = f"{kind} {digest}: {size} bytes is larger than the {MAX_MANIFEST_SIZE} byte limit"
         raise ManifestError(msg)
@@ -415,7 +467,7 @@ def describe_image(
 
     The platform is the config's own, or `platform_hint` (the index entry that chose this
     manifest) when the config names none. Every layer must be stored with its descriptor's
-    size (`MissingBlobError` when absent, `ManifestError` when inconsistent); an uncompressed
+    size (`ContentMissingError` when absent, `ManifestError` when inconsistent); an uncompressed
     layer's digest must equal its diff_id. `media_type` (what the manifest was served as)
     must agree with the manifest's mediaType field when given.
     """
@@ -454,7 +506,7 @@ def describe_image(
         stored = store.size(descriptor.digest)
         if stored is None:
             msg = f"{what}: layer {position} blob {descriptor.digest} is not in the blob store"
-            raise MissingBlobError(msg)
+            raise ContentMissingError(msg)
         if stored != descriptor.size:
             msg = (
                 f"{what}: layer {position} blob {descriptor.digest} has {stored} bytes,"
@@ -490,6 +542,7 @@ def describe_image(
 __all__ = [
     "ANNOTATION_CONTAINERD_NAME",
     "ANNOTATION_REF_NAME",
+    "MAX_INDEX_DEPTH",
     "MAX_INDEX_ENTRIES",
     "MAX_LAYERS",
     "MAX_MANIFEST_SIZE",
@@ -499,16 +552,21 @@ __all__ = [
     "BlobAccess",
     "Descriptor",
     "IndexEntry",
+    # Re-exported from domain.errors only until imageledger/__init__.py (InvalidPlatformError)
+    # and tools/cli.py (ManifestError) import them from there.
     "InvalidPlatformError",
     "Manifest",
     "ManifestError",
-    "MissingBlobError",
     "canonical_json",
+    "choose_index_entry",
     "describe_image",
+    "host_platform",
+    "index_manifests",
     "parse_config",
     "parse_index",
     "parse_json",
     "parse_manifest",
+    "parse_platform",
     "read_small_blob",
 ]
 
@@ -533,11 +591,6 @@ def host_platform() -> Platform:
     machine = _host.machine().lower()
     architecture, variant = _MACHINES.get(machine, (machine, None))
     return Platform("linux", architecture, variant)
-
-
-class InvalidPlatformError(ImageLedgerError, ValueError):
-    """A platform given by a caller is not ``os/arch[/variant]``; raised before anything is
-    touched (a ValueError too, as it was before it had a class of its own)."""
 
 
 _PLATFORM_PART: Final = re.compile(r"[A-Za-z0-9._-]{1,64}")

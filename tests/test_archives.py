@@ -18,11 +18,16 @@ from typing import BinaryIO
 
 import pytest
 
-from imageledger.domain.errors import DigestMismatchError, InvalidReferenceError
+from imageledger.domain.errors import (
+    ArchiveError,
+    ContentMissingError,
+    DigestMismatchError,
+    InvalidReferenceError,
+    ManifestError,
+)
 from imageledger.domain.model import OCI_MANIFEST, LoadedImage, Platform
-from imageledger.storage.archives import ArchiveError, load, save
+from imageledger.storage.archives import load, save
 from imageledger.storage.blobs import BlobStore
-from imageledger.storage.oci import ManifestError, MissingBlobError
 from imageledger.tools.imagebuild import (
     LAYER_MEDIA_TYPES,
     BuiltImage,
@@ -520,7 +525,7 @@ def test_save_refuses_bad_requests(store: BlobStore, tmp_path: Path) -> None:
             dest,
             format="oci",
         )
-    with pytest.raises(MissingBlobError, match="not in the blob store"):
+    with pytest.raises(ContentMissingError, match="not in the blob store"):
         save([("alpine:3.19", "sha256:" + "0" * 64)], store, dest, format="docker")
     with pytest.raises(ArchiveError, match="unknown archive format"):
         save([("alpine:3.19", digest)], store, dest, format="zip")  # type: ignore[arg-type]
@@ -530,7 +535,7 @@ def test_save_refuses_bad_requests(store: BlobStore, tmp_path: Path) -> None:
         save([("alpine:3.19", digest)], store, tmp_path / "no" / "such" / "dir.tar", format="oci")
     # A failure while writing leaves no partial file behind and no dest.
     store.delete(alpine.content.layers[0].blob_digest)
-    with pytest.raises(MissingBlobError):
+    with pytest.raises(ContentMissingError):
         save([("alpine:3.19", digest)], store, dest, format="oci")
     assert sorted(p.name for p in tmp_path.iterdir()) == ["home", "source"]
 

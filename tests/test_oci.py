@@ -8,14 +8,12 @@ from pathlib import Path
 
 import pytest
 
-from imageledger.domain.errors import ImageLedgerError
+from imageledger.domain.errors import ContentMissingError, ImageLedgerError, ManifestError
 from imageledger.domain.model import DOCKER_LIST, OCI_INDEX, OCI_MANIFEST, Platform
 from imageledger.storage.blobs import BlobStore
 from imageledger.storage.oci import (
     MAX_MANIFEST_SIZE,
     OCI_LAYER,
-    ManifestError,
-    MissingBlobError,
     canonical_json,
     describe_image,
     parse_config,
@@ -170,7 +168,7 @@ def test_manifest_over_the_size_limit_is_refused() -> None:
 
 def test_manifest_error_is_an_imageledger_error() -> None:
     assert issubclass(ManifestError, ImageLedgerError)
-    assert issubclass(MissingBlobError, ImageLedgerError)
+    assert issubclass(ContentMissingError, ImageLedgerError)
 
 
 # ---- indexes ---------------------------------------------------------------------------------
@@ -420,12 +418,12 @@ def test_describe_image_refuses_incomplete_or_inconsistent_images(store: BlobSto
     layer = build_layer({"x": b"1"})
     good = config_bytes(rootfs={"type": "layers", "diff_ids": [sha256(layer)]})
 
-    with pytest.raises(MissingBlobError, match=r"manifest sha256:.* is not in the blob store"):
+    with pytest.raises(ContentMissingError, match=r"manifest sha256:.* is not in the blob store"):
         describe_image(store, DIGEST_A)
 
     digest = put_image(store, good, [(layer, OCI_LAYER)], skip_layers=True)
     with pytest.raises(
-        MissingBlobError, match=f"layer 0 blob {sha256(layer)} is not in the blob store"
+        ContentMissingError, match=f"layer 0 blob {sha256(layer)} is not in the blob store"
     ):
         describe_image(store, digest)
 

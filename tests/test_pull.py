@@ -19,7 +19,8 @@ from typing import TYPE_CHECKING
 import pytest
 
 from imageledger import DigestMismatchError, DiskFullError, ImageCache, ImageNotFoundError
-from imageledger.storage.registry import RegistryAuthError, RegistryOptions
+from imageledger.domain.errors import RegistryAuthError
+from imageledger.storage.registryoptions import RegistryOptions
 from imageledger.tools.imagebuild import ImageSpec, build_image, build_oci_layout
 
 if TYPE_CHECKING:

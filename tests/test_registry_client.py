@@ -26,23 +26,21 @@ import pytest
 import structlog
 from structlog.testing import LogCapture
 
-from imageledger.domain.errors import DigestMismatchError, ImageNotFoundError
+from imageledger.domain.errors import (
+    DigestMismatchError,
+    ImageNotFoundError,
+    NotInRegistryError,
+    RegistryAuthError,
+    RegistryError,
+)
 from imageledger.domain.model import DOCKER_LIST, DOCKER_MANIFEST, OCI_INDEX, OCI_MANIFEST, Platform
 from imageledger.domain.reference import Reference
 from imageledger.storage.blobs import BlobStore
-from imageledger.storage.oci import IndexEntry, host_platform
-from imageledger.storage.registry import (
-    NotInRegistryError,
-    PullProgress,
-    RegistryAuthError,
-    RegistryClient,
-    RegistryError,
-    RegistryOptions,
-    choose_platform,
-    docker_config_credentials,
-    options_from_environment,
-    parse_challenges,
-)
+from imageledger.storage.credentials import docker_config_credentials
+from imageledger.storage.oci import IndexEntry, choose_index_entry, host_platform
+from imageledger.storage.registry import PullProgress, RegistryClient
+from imageledger.storage.registryauth import parse_challenges
+from imageledger.storage.registryoptions import RegistryOptions, options_from_environment
 from imageledger.tools.imagebuild import (
     BuiltImage,
     ImageSpec,
@@ -434,7 +432,8 @@ import sys
 from imageledger.domain.model import Platform
 from imageledger.domain.reference import Reference
 from imageledger.storage.blobs import BlobStore
-from imageledger.storage.registry import RegistryClient, RegistryOptions
+from imageledger.storage.registry import RegistryClient
+from imageledger.storage.registryoptions import RegistryOptions
 from imageledger.tools.logs import configure_logging
 
 configure_logging(stream=sys.stderr)
@@ -909,14 +908,14 @@ def test_choose_platform() -> None:
     v6, v7 = _entry(Platform("linux", "arm", "v6")), _entry(Platform("linux", "arm", "v7"))
     unknown = _entry(Platform("unknown", "unknown"), attestation=True)
     entries = [unknown, amd, arm64, v6, v7]
-    assert choose_platform(entries, AMD64) is amd
-    assert choose_platform(entries, Platform("linux", "arm64", "v8")) is arm64
-    assert choose_platform(entries, Platform("linux", "arm", "v7")) is v7
-    assert choose_platform([unknown, amd, v6], Platform("linux", "arm", "v7")) is v6
-    assert choose_platform([v7], Platform("linux", "arm", "v6")) is None
-    assert choose_platform(entries, Platform("linux", "arm")) is v6
-    assert choose_platform(entries, Platform("windows", "amd64")) is None
-    assert choose_platform([unknown], Platform("unknown", "unknown")) is None
+    assert choose_index_entry(entries, AMD64) is amd
+    assert choose_index_entry(entries, Platform("linux", "arm64", "v8")) is arm64
+    assert choose_index_entry(entries, Platform("linux", "arm", "v7")) is v7
+    assert choose_index_entry([unknown, amd, v6], Platform("linux", "arm", "v7")) is v6
+    assert choose_index_entry([v7], Platform("linux", "arm", "v6")) is None
+    assert choose_index_entry(entries, Platform("linux", "arm")) is v6
+    assert choose_index_entry(entries, Platform("windows", "amd64")) is None
+    assert choose_index_entry([unknown], Platform("unknown", "unknown")) is None
 
 
 def _helper(bin_dir: Path, name: str, answers: dict[str, tuple[str, str]]) -> Path:

@@ -22,22 +22,22 @@ from typing import TYPE_CHECKING, Any
 import pytest
 
 from imageledger import ImageCache
-from imageledger.domain.errors import HomeDamagedError, ImageLedgerError
+from imageledger.domain.errors import (
+    HomeDamagedError,
+    ImageLedgerError,
+    NotInRegistryError,
+    RegistryAuthError,
+    RegistryConfigError,
+    RegistryError,
+    RegistryTimeoutError,
+)
 from imageledger.domain.model import Platform
 from imageledger.domain.reference import Reference
 from imageledger.storage.blobs import BlobStore
-from imageledger.storage.registry import (
-    NotInRegistryError,
-    RegistryAuthError,
-    RegistryClient,
-    RegistryConfigError,
-    RegistryError,
-    RegistryOptions,
-    RegistryTimeoutError,
-    _blob_lock,
-    _error_text,
-    options_from_environment,
-)
+from imageledger.storage.pullstore import blob_lock
+from imageledger.storage.redact import error_text
+from imageledger.storage.registry import RegistryClient
+from imageledger.storage.registryoptions import RegistryOptions, options_from_environment
 from imageledger.tools.imagebuild import build_image
 
 if TYPE_CHECKING:
@@ -542,7 +542,7 @@ def test_the_lock_excludes_while_files_come_and_go(tmp_path: Path) -> None:
     def worker() -> None:
         nonlocal inside, most, entries
         for _ in range(40):
-            with _blob_lock(store, digest):
+            with blob_lock(store, digest):
                 with guard:
                     inside += 1
                     entries += 1
@@ -567,7 +567,7 @@ def test_waiting_for_another_pulls_lock_ends_at_the_deadline(tmp_path: Path) -> 
     done = threading.Event()
 
     def holder() -> None:
-        with _blob_lock(store, digest):
+        with blob_lock(store, digest):
             held.set()
             done.wait(30)
 
@@ -577,7 +577,7 @@ def test_waiting_for_another_pulls_lock_ends_at_the_deadline(tmp_path: Path) -> 
         assert held.wait(10)
         with (
             pytest.raises(RegistryTimeoutError, match="deadline"),
-            _blob_lock(store, digest, deadline=time.monotonic() + 0.3),
+            blob_lock(store, digest, deadline=time.monotonic() + 0.3),
         ):
             pytest.fail("the lock was taken while held")
     finally:
@@ -657,9 +657,9 @@ def test_cli_refuses_bad_timeouts_with_exit_2(tmp_path: Path, environ: dict[str,
 def test_error_texts_lose_user_info_and_queries() -> None:
     """httpx may quote a URL (a bad ``Location``, a signed storage URL) in its errors."""
     error = ValueError("bad Location http://u:pa55word@h/x?sig=s3cret and https://a:b@g/")
-    assert _error_text(error) == "bad Location http://h/x?... and https://g/"
-    assert len(_error_text(ValueError("x" * 5000))) < 300
-    assert "\x1b" not in _error_text(ValueError("\x1b[31mred"))
+    assert error_text(error) == "bad Location http://h/x?... and https://g/"
+    assert len(error_text(ValueError("x" * 5000))) < 300
+    assert "\x1b" not in error_text(ValueError("\x1b[31mred"))
 
 
 @pytest.mark.parametrize("stage", ["headers", "body"])
