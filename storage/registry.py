@@ -5,6 +5,13 @@ HTTP/1.1 (httpx, one connection pool per client) and leaves the image's manifest
 layers verified in the store; it returns the image's `ImageContent`. It touches nothing else:
 recording the pull (the ledger event, the in-flight lease) is the caller's business.
 
+The client is this module; what it stands on has a module each: `storage.registryoptions`
+(`RegistryOptions`, read from the environment), `storage.credentials` (Docker's config and
+credential helpers), `storage.registryauth` (challenges and tokens), `storage.registryhttp`
+(reading answers), `storage.redact` (values fit for a message), `storage.pullstore` (the
+store as a pull sees it: blob locks, partials of dead pulls), `storage.oci` (manifests and the
+nested-index walk) and `domain.platforms` (which index entry a platform takes).
+
 Decisions (each pinned by ``tests/test_registry_client.py``, ``tests/test_registry_safety.py``
 or ``tests/test_pull.py``):
 
@@ -13,46 +20,38 @@ or ``tests/test_pull.py``):
   (``host[:port]`` exactly as the reference spells it) is spoken to over plain HTTP; there is
   no "HTTPS without verification" mode: a registry with a self-signed certificate is reached by
   giving its CA as `ca_bundle`. ``docker.io`` is served by ``registry-1.docker.io``.
-- **Auth**: every request goes out anonymously first. A 401's ``WWW-Authenticate`` challenge
-  decides what follows: ``Basic`` sends the credentials we have for the registry host (from
-  `RegistryOptions.credentials`); ``Bearer`` fetches a token from the challenge's realm
-  (``service``, ``scope=repository:<repo>:pull``, Basic credentials when we have some,
-  ``token`` or ``access_token`` in the answer) and caches it per (host, scope) until its
-  ``expires_in`` (default 60 s) passes; later requests send it up front, and a 401 despite a
-  token fetches a fresh one once. A 401 after that, or a 403, is a `RegistryAuthError`.
-  Credentials travel over TLS, or over plain HTTP only to a host that is itself in the insecure
-  list: a token realm on ``http://`` at a host not listed is refused (`RegistryAuthError`,
-  nothing sent) when we have credentials, and asked anonymously when we have none (the
+- **Auth** (`storage.registryauth`): every request goes out anonymously first; a 401's
+  ``WWW-Authenticate`` challenge decides what follows (Basic, or a Bearer token cached per
+  host and scope); a 401 after a fresh token, or a 403, is a `RegistryAuthError`. The client
+  gives `RegistryAuth` a way to send a token request (`RegistryAuth` never reaches into the
+  client) and asks it for the credentials of a host. Credentials travel over TLS, or over
+  plain HTTP only to a host that is itself in the insecure list (`plain_http_allowed`; the
   registry being insecure says nothing about where its realm is). Redirects never carry
   ``Authorization`` to another origin (httpx drops it). Nothing here logs a credential, a token
   or a URL's query string, and no error message holds one.
-- **Credentials from the environment** (`options_from_environment`) must name their registry
-  (``IMAGELEDGER_REGISTRY_HOST``): a user and password sent to whichever registry asks would go
-  to any host a reference names. Without it they are refused (`RegistryConfigError`).
+- **Credentials from the environment** (`storage.registryoptions`) must name their registry
+  (``IMAGELEDGER_REGISTRY_HOST``), or they are refused (`RegistryConfigError`).
 - **Manifests**: ``Accept`` lists the four media types (OCI index and manifest, Docker manifest
   list and v2 schema 2), since distribution 2.8 answers 404 for OCI content or downgrades Docker
   content to schema 1 otherwise. The ``Content-Type`` must be one of them (schema 1 is refused
   by name); the body is read up to `MAX_MANIFEST_SIZE` whatever ``Content-Length`` says; its
   digest is computed here and must equal the pinned digest and ``Docker-Content-Digest``. An
-  index resolves to the entry for the requested platform (os/architecture/variant, else
-  os/architecture with a compatible variant), attestations skipped, nested indexes followed;
-  the chosen manifest is fetched by digest and checked against its descriptor.
+  index resolves to the entry for the requested platform (`storage.oci.choose_index_entry`:
+  os/architecture/variant, else os/architecture with a compatible variant), attestations
+  skipped, nested indexes followed (`storage.oci.index_manifests`, at most `MAX_INDEX_DEPTH`
+  deep); the chosen manifest is fetched by digest and checked against its descriptor.
 - **Blobs**: the config, then the layers (at most `max_concurrent_layers` at once), each
   streamed through the store's `BlobWriter`, which hashes while writing and lands nothing
   that does not verify. A blob already stored with the descriptor's size is not fetched. A
   broken or short transfer resumes with ``Range: bytes=<offset>-`` (a 200 answer restarts the
   blob), and so does a blob a killed pull left half written: its partial file (in ``tmp/`` or
-  a dead lease's work directory) is copied into the new writer first (`_adopt_partial`); if
+  a dead lease's work directory) is copied into the new writer first (`adopt_partial`); if
   the result does not verify, the blob is downloaded again whole, once. Connection errors,
   429 and 5xx are retried with exponential backoff, honouring ``Retry-After``. Redirects
   (registries send blob GETs to object storage) are followed; the ``Authorization`` header is
-  never sent to another host. Each blob's check-then-download happens under an exclusive
-  ``flock`` on ``<root>/tmp/locks/<hex>.lock``, so concurrent pulls of one blob (threads or
-  processes) download it once: the waiter then finds it stored. The holder removes the lock
-  file before releasing it (waiters check the inode they locked is still the path's), so locks
-  do not pile up; the locks' directory and files are opened through `storage.home.Dir` (never
-  through a link: a link, FIFO or device planted in their place is a `HomeDamagedError`
-  naming it).
+  never sent to another host. Each blob's check-then-download happens under its download
+  lock (`storage.pullstore.blob_lock`, an exclusive ``flock``), so concurrent pulls of one
+  blob (threads or processes) download it once: the waiter then finds it stored.
 - **Waits are bounded**: `RegistryOptions.timeout` is the read timeout (no byte for that long:
   a stall, retried once, then ``no data for N s from HOST``); `RegistryOptions.deadline`
   bounds the whole pull (a trickle, endless retries: ``the pull's deadline of N s passed``).

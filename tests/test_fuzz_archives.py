@@ -35,8 +35,8 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from imageledger.domain.errors import ImageLedgerError
-from imageledger.storage.archives import ArchiveError, load
+from imageledger.domain.errors import ArchiveError, ImageLedgerError
+from imageledger.storage.archives import load
 from imageledger.storage.blobs import BlobStore
 from imageledger.tools.imagebuild import (
     BuiltImage,

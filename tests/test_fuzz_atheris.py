@@ -45,12 +45,15 @@ def _targets() -> dict[str, Callable[[bytes], None]]:
     atheris = _sibling("atheris")
 
     with atheris.instrument_imports(include=["imageledger"]):
-        from imageledger.domain.errors import ImageLedgerError, InvalidReferenceError
+        from imageledger.domain.errors import (
+            ImageLedgerError,
+            InvalidReferenceError,
+            ManifestError,
+        )
         from imageledger.domain.reference import parse_reference
         from imageledger.storage.archives import load
         from imageledger.storage.blobs import BlobStore
         from imageledger.storage.oci import (
-            ManifestError,
             parse_config,
             parse_index,
             parse_manifest,

@@ -19,14 +19,17 @@ import pytest
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from imageledger.domain.errors import ImageLedgerError, InvalidReferenceError
+from imageledger.domain.errors import (
+    ImageLedgerError,
+    InvalidPlatformError,
+    InvalidReferenceError,
+    ManifestError,
+)
 from imageledger.domain.model import INDEX_TYPES, MANIFEST_TYPES, OCI_CONFIG, OCI_MANIFEST, Platform
 from imageledger.domain.reference import Reference, canonical, parse_reference, validate_digest
 from imageledger.storage.oci import (
     MAX_MANIFEST_SIZE,
     OCI_LAYER,
-    InvalidPlatformError,
-    ManifestError,
     parse_config,
     parse_index,
     parse_json,
