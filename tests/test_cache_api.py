@@ -49,6 +49,7 @@ from imageledger import (
 )
 from imageledger.cache import internals
 from imageledger.projections.views import FORMAT as VIEWS_FORMAT
+from imageledger.projections.views import ViewState
 from imageledger.storage.viewstore import packer
 from imageledger.tools.imagebuild import (
     BuiltImage,
@@ -1499,3 +1500,37 @@ def test_index_json_is_rewritten_only_when_what_it_shows_changes(
     cache.remove("a:2")
     assert identity() != after_load
     assert "docker.io/library/a:2" not in index.read_text()
+
+
+def test_use_and_release_cost_one_read_and_one_write_whatever_the_cache_holds(
+    cache: ImageCache, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What a runtime calls on every sandbox start and stop reads the views once, commits
+    once, and neither rewrites index.json nor walks the cached references (issue 9: a use
+    once rebuilt the whole index from every manifest)."""
+    names = tuple(f"many:{i}" for i in range(300))
+    cache.load(build_docker_archive(tmp_path / "many.tar", [ImageSpec(names=names)]).path)
+    parts = internals(cache)
+    calls: dict[str, int] = {"snapshot": 0, "append": 0, "refresh": 0, "references": 0}
+    real_snapshot, real_append = parts.ledger.snapshot, parts.ledger.append
+    real_refresh, real_references = parts.index.refresh, ViewState.references
+
+    def counted(name: str, real: Any) -> Any:
+        def call(*args: Any, **kwargs: Any) -> Any:
+            calls[name] += 1
+            return real(*args, **kwargs)
+
+        return call
+
+    monkeypatch.setattr(parts.ledger, "snapshot", counted("snapshot", real_snapshot))
+    monkeypatch.setattr(parts.ledger, "append", counted("append", real_append))
+    monkeypatch.setattr(parts.index, "refresh", counted("refresh", real_refresh))
+    monkeypatch.setattr(ViewState, "references", counted("references", real_references))
+    index_before = (cache.home / "index.json").read_bytes()
+    handle = cache.use("many:7", "sandbox-1")
+    assert calls == {"snapshot": 1, "append": 1, "refresh": 0, "references": 0}
+    assert handle == cache.get("many:7")  # the handle is what the views now hold
+    calls.update(dict.fromkeys(calls, 0))
+    assert cache.release("sandbox-1") == 1
+    assert calls == {"snapshot": 1, "append": 1, "refresh": 0, "references": 0}
+    assert (cache.home / "index.json").read_bytes() == index_before
