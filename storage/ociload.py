@@ -109,8 +109,9 @@ def _load_manifest(
 def _platform_manifests(
     source: Source, store: BlobAccess, entry: IndexEntry, what: str
 ) -> list[IndexEntry]:
-    """The platform manifests of index `entry` (listed by ``index.json``, depth 0) and of the
-    indexes it nests, that the archive holds (no attestation)."""
+    """The platform manifests of index `entry` and of the indexes it nests, that the archive
+    holds (no attestation). ``index.json`` is depth 0, so `entry`'s own index is depth 1, as
+    a registry's top-level index is."""
 
     def fetch(index: IndexEntry) -> list[IndexEntry]:
         if not source.blob(index.digest, MAX_MANIFEST_SIZE):
