@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Any, Final, Literal
+from typing import Final, Generic, Literal, Protocol, TypeVar
 
 # Media types (OCI image spec and Docker's v2 schema 2).
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -109,9 +109,11 @@ class LoadedImage:
     names: tuple[str, ...]
 
 
-@dataclass(frozen=True)
-class ImageHandle:
-    """The seed API's handle: a read-only view of one cached reference.
+@dataclass(frozen=True, eq=False)
+class CachedImage:
+    """One cached reference as the seed API's handle shows it: the value both APIs' handles
+    carry. Handles compare and hash by these fields alone, whichever API they came from (a
+    handle from the asyncio API equals the blocking API's handle of the same state).
 
     Not slotted, unlike the other values: list() builds thousands at a time by handing each a
     ready field map as its `__dict__` (see `ViewState.handles`)."""
@@ -124,18 +126,53 @@ class ImageHandle:
     size_bytes: int
     created_at: datetime | None
     last_used_at: datetime | None
-    # The cache that answered (blocking or asyncio); not part of the value.
-    _owner: Any = field(default=None, compare=False, repr=False)
 
-    def inspect(self) -> Any:
-        """The image's details (awaitable when the handle came from the asyncio API)."""
+    def _values(self) -> tuple[object, ...]:
+        return (
+            self.reference,
+            self.manifest_digest,
+            self.architecture,
+            self.os,
+            self.layer_count,
+            self.size_bytes,
+            self.created_at,
+            self.last_used_at,
+        )
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, CachedImage):
+            return NotImplemented
+        return self._values() == other._values()
+
+    def __hash__(self) -> int:
+        return hash(self._values())
+
+
+class HandleOwner(Protocol):
+    """What a blocking handle calls back: the cache that answered."""
+
+    def inspect(self, reference: str) -> ImageDetail[ImageHandle]: ...
+
+    def remove(self, reference: str, force: bool = False) -> None: ...
+
+
+@dataclass(frozen=True, eq=False)
+class ImageHandle(CachedImage):
+    """The blocking API's handle (`ImageCache`): `inspect()` and `remove()` act on the cache
+    it came from. The asyncio API's is `imageledger.aio.AsyncImageHandle`."""
+
+    # The cache that answered; not part of the value.
+    _owner: HandleOwner | None = field(default=None, compare=False, repr=False)
+
+    def inspect(self) -> ImageDetail[ImageHandle]:
+        """The image's details, as the cache holds them now."""
         return self._require_owner().inspect(self.reference)
 
-    def remove(self, force: bool = False) -> Any:
-        """Remove this reference (semantics 6-7; awaitable from the asyncio API)."""
-        return self._require_owner().remove(self.reference, force)
+    def remove(self, force: bool = False) -> None:
+        """Remove this reference (semantics 6-7)."""
+        self._require_owner().remove(self.reference, force)
 
-    def _require_owner(self) -> Any:
+    def _require_owner(self) -> HandleOwner:
         if self._owner is None:
             msg = "this handle was not obtained from a cache"
             raise RuntimeError(msg)
@@ -154,11 +191,19 @@ class ImageLayer:
     position: int
 
 
-@dataclass(frozen=True, slots=True)
-class ImageDetail:
-    """`inspect()`: the handle plus config and layers (bottom to top)."""
+# Covariant: a detail is read-only, so a detail of either API's handle is a detail of a
+# `CachedImage`.
+H_co = TypeVar("H_co", bound=CachedImage, covariant=True)
+# A handle class, for functions that make handles of the class they are given.
+H = TypeVar("H", bound=CachedImage)
 
-    handle: ImageHandle
+
+@dataclass(frozen=True, slots=True)
+class ImageDetail(Generic[H_co]):
+    """`inspect()`: the handle (of the API that answered) plus config and layers (bottom to
+    top)."""
+
+    handle: H_co
     config: ImageConfig
     layers: tuple[ImageLayer, ...]
 

@@ -22,8 +22,8 @@ from imageledger.domain.errors import LedgerCorruptError
 from imageledger.domain.model import (
     BlobRecord,
     DeletedBlob,
+    H,
     ImageContent,
-    ImageHandle,
     LoadedImage,
     ManifestRecord,
     Platform,
@@ -89,10 +89,10 @@ class CacheState(Protocol):
     def references(self) -> Iterator[ReferenceRecord]:
         """Newest first by created_at, ties by ledger position, newest first."""
 
-    def handles(self, memo: dict[bytes, ImageHandle] | None = None) -> Iterator[ImageHandle]:
-        """`references()` as handles (the list() fast path). `memo` maps encoded rows to the
-        handles made from them: rows found there are not decoded again, and once the scan
-        is done it holds exactly this scan's rows."""
+    def handles(self, memo: dict[bytes, H], cls: type[H]) -> Iterator[H]:
+        """`references()` as handles of class `cls` (the list() fast path). `memo` maps
+        encoded rows to the handles made from them: rows found there are not decoded again,
+        and once the scan is done it holds exactly this scan's rows."""
 
     def manifest(self, digest: str) -> ManifestRecord | None: ...
 

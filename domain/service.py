@@ -47,6 +47,7 @@ from imageledger.domain.model import (
     Actor,
     BlobProblem,
     DeletedBlob,
+    H,
     HistoryEntry,
     ImageContent,
     ImageDetail,
@@ -146,18 +147,18 @@ class ImageCacheService:
         return record.handle()
 
     def list(
-        self, known: int | None, memo: dict[bytes, ImageHandle]
-    ) -> tuple[int, builtins.list[ImageHandle] | None]:
-        """(position, every handle newest first), in one snapshot; the handles are None when
-        the position is still `known` (the caller's last list is still right). `memo` as for
-        `CacheState.handles`."""
+        self, known: int | None, memo: dict[bytes, H], cls: type[H]
+    ) -> tuple[int, builtins.list[H] | None]:
+        """(position, every handle newest first, of class `cls`), in one snapshot; the
+        handles are None when the position is still `known` (the caller's last list is still
+        right). `memo` as for `CacheState.handles`."""
         with self.snapshot() as state:
             position = state.position
             if position == known:
                 return position, None
-            return position, builtins.list(state.handles(memo))
+            return position, builtins.list(state.handles(memo, cls))
 
-    def inspect(self, reference: str) -> ImageDetail:
+    def inspect(self, reference: str) -> ImageDetail[ImageHandle]:
         ref = canonical(reference)
         with self.snapshot() as state:
             record = state.reference(ref)

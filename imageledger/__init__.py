@@ -6,7 +6,7 @@ exported here and derives from `ImageLedgerError` (the hierarchy is in `domain.e
 """
 
 from imageledger._version import __version__
-from imageledger.aio import Image
+from imageledger.aio import AsyncImageHandle, Image
 from imageledger.cache import ImageCache, default_home
 from imageledger.domain.errors import (
     CacheClosedError,
@@ -32,6 +32,7 @@ from imageledger.domain.errors import (
 )
 from imageledger.domain.model import (
     BlobProblem,
+    CachedImage,
     HistoryEntry,
     ImageConfig,
     ImageDetail,
@@ -56,8 +57,10 @@ from imageledger.storage.registry import (
 )
 
 __all__ = [
+    "AsyncImageHandle",
     "BlobProblem",
     "CacheClosedError",
+    "CachedImage",
     "ContentCorruptError",
     "ContentMissingError",
     "DigestMismatchError",

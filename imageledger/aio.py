@@ -13,11 +13,35 @@ import dataclasses
 import os
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from typing import BinaryIO, ClassVar, Literal
 
 from imageledger.cache import ImageCache
-from imageledger.domain.model import ImageDetail, ImageHandle, ImagePruneReport
+from imageledger.domain.model import CachedImage, ImageDetail, ImagePruneReport
 from imageledger.storage.registry import PullProgress, RegistryOptions
+
+
+@dataclass(frozen=True, eq=False)
+class AsyncImageHandle(CachedImage):
+    """The asyncio API's handle: `await handle.inspect()`, `await handle.remove()`. Equal to
+    the blocking API's handle of the same state (`CachedImage`)."""
+
+    # The asyncio owner of the cache that answered; not part of the value.
+    _owner: _AsyncOwner | None = field(default=None, compare=False, repr=False)
+
+    async def inspect(self) -> ImageDetail[AsyncImageHandle]:
+        """The image's details, as the cache holds them now."""
+        return await self._require_owner().inspect(self.reference)
+
+    async def remove(self, force: bool = False) -> None:
+        """Remove this reference (semantics 6-7)."""
+        await self._require_owner().remove(self.reference, force)
+
+    def _require_owner(self) -> _AsyncOwner:
+        if self._owner is None:
+            msg = "this handle was not obtained from a cache"
+            raise RuntimeError(msg)
+        return self._owner
 
 
 class _AsyncOwner:
@@ -26,21 +50,23 @@ class _AsyncOwner:
     def __init__(self, cache: ImageCache) -> None:
         self.cache = cache
 
-    async def inspect(self, reference: str) -> ImageDetail:
+    async def inspect(self, reference: str) -> ImageDetail[AsyncImageHandle]:
         detail = await asyncio.to_thread(self.cache.inspect, reference)
-        return dataclasses.replace(detail, handle=self.bind(detail.handle))
+        return ImageDetail(self.bind(detail.handle), detail.config, detail.layers)
 
     async def remove(self, reference: str, force: bool = False) -> None:
         await asyncio.to_thread(self.cache.remove, reference, force)
 
-    def bind(self, handle: ImageHandle) -> ImageHandle:
-        """`handle` bound to this owner. A copy (the blocking cache shares its handles with
-        its callers), made the way `ViewState.handles` makes handles."""
-        copy = object.__new__(ImageHandle)
-        object.__setattr__(copy, "__dict__", {**handle.__dict__, "_owner": self})
-        return copy
+    def bind(self, handle: CachedImage) -> AsyncImageHandle:
+        """`handle`'s value as this owner's handle, made the way `ViewState.handles` makes
+        handles (the field map handed over at once)."""
+        fields = {name: getattr(handle, name) for name in _FIELDS}
+        made = object.__new__(AsyncImageHandle)
+        object.__setattr__(made, "__dict__", {**fields, "_owner": self})
+        return made
 
 
+_FIELDS = tuple(f.name for f in dataclasses.fields(CachedImage))
 _OWNERS: weakref.WeakKeyDictionary[ImageCache, _AsyncOwner] = weakref.WeakKeyDictionary()
 
 
@@ -66,17 +92,19 @@ class Image:
         return cls._default
 
     @classmethod
-    async def get(cls, reference: str, *, cache: ImageCache | None = None) -> ImageHandle:
+    async def get(cls, reference: str, *, cache: ImageCache | None = None) -> AsyncImageHandle:
         c = cls._cache(cache)
         return _owner(c).bind(await asyncio.to_thread(c.get, reference))
 
     @classmethod
-    async def list(cls, *, cache: ImageCache | None = None) -> builtins.list[ImageHandle]:
+    async def list(cls, *, cache: ImageCache | None = None) -> builtins.list[AsyncImageHandle]:
         c = cls._cache(cache)
-        return await asyncio.to_thread(c.list_for, _owner(c))
+        return await asyncio.to_thread(c.list_for, _owner(c), AsyncImageHandle)
 
     @classmethod
-    async def inspect(cls, reference: str, *, cache: ImageCache | None = None) -> ImageDetail:
+    async def inspect(
+        cls, reference: str, *, cache: ImageCache | None = None
+    ) -> ImageDetail[AsyncImageHandle]:
         return await _owner(cls._cache(cache)).inspect(reference)
 
     @classmethod
@@ -109,7 +137,7 @@ class Image:
         options: RegistryOptions | None = None,
         progress: Callable[[PullProgress], None] | None = None,
         cache: ImageCache | None = None,
-    ) -> ImageHandle:
+    ) -> AsyncImageHandle:
         c = cls._cache(cache)
         handle = await asyncio.to_thread(
             lambda: c.pull(reference, platform=platform, options=options, progress=progress)
@@ -124,7 +152,7 @@ class Image:
         tag: str | None = None,
         platform: str | None = None,
         cache: ImageCache | None = None,
-    ) -> builtins.list[ImageHandle]:
+    ) -> builtins.list[AsyncImageHandle]:
         c = cls._cache(cache)
         handles = await asyncio.to_thread(lambda: c.load(source, tag=tag, platform=platform))
         return [_owner(c).bind(h) for h in handles]
@@ -144,7 +172,7 @@ class Image:
     @classmethod
     async def use(
         cls, reference: str, holder: str, *, cache: ImageCache | None = None
-    ) -> ImageHandle:
+    ) -> AsyncImageHandle:
         c = cls._cache(cache)
         return _owner(c).bind(await asyncio.to_thread(c.use, reference, holder))
 
@@ -153,4 +181,4 @@ class Image:
         return await asyncio.to_thread(cls._cache(cache).release, holder)
 
 
-__all__ = ["Image"]
+__all__ = ["AsyncImageHandle", "Image"]

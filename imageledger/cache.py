@@ -23,6 +23,7 @@ from imageledger.domain.errors import HomeDamagedError, InvalidHomeError
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
     Actor,
+    H,
     HistoryEntry,
     ImageDetail,
     ImageHandle,
@@ -126,8 +127,8 @@ class ImageCache:
         )
         # list() memos, per owner the handles are bound to (this cache, or its asyncio
         # facade): the last list by ledger position, and handles by row (ViewState.handles).
-        self._list_memos: dict[object, tuple[int, builtins.list[ImageHandle]]] = {}
-        self._handle_memos: dict[object, dict[bytes, ImageHandle]] = {}
+        self._list_memos: dict[object, tuple[int, builtins.list[Any]]] = {}
+        self._handle_memos: dict[object, dict[bytes, Any]] = {}
         try:
             if not self._ledger.current():
                 self._service.writable(
@@ -149,10 +150,10 @@ class ImageCache:
 
     # -- queries --------------------------------------------------------------------------
 
-    def _bind(self, handle: ImageHandle, owner: object = None) -> ImageHandle:
+    def _bind(self, handle: ImageHandle) -> ImageHandle:
         # The handle was made for this call and is not shared yet: setting its owner in place
         # is safe, and four times cheaper than dataclasses.replace on the list() path.
-        object.__setattr__(handle, "_owner", owner or self)
+        object.__setattr__(handle, "_owner", self)
         return handle
 
     def get(self, reference: str) -> ImageHandle:
@@ -165,14 +166,15 @@ class ImageCache:
         Memoised per process while the ledger position is unchanged (handles are immutable),
         so a runtime listing on every sandbox start pays one read of the position when nothing
         changed; any commit, in any process, moves the position and invalidates it."""
-        return self.list_for(self)
+        return self.list_for(self, ImageHandle)
 
-    def list_for(self, owner: object) -> builtins.list[ImageHandle]:
-        """list() with handles whose `inspect()`/`remove()` call `owner` (this cache, or the
-        asyncio facade's owner: `imageledger.aio`)."""
+    def list_for(self, owner: object, cls: type[H]) -> builtins.list[H]:
+        """list() as handles of class `cls` whose `inspect()`/`remove()` call `owner` (this
+        cache, or the asyncio facade's owner: `imageledger.aio`). Each owner keeps its own
+        memos, so its handles stay its own (and the same objects while unchanged)."""
         memo = self._list_memos.get(owner)
         position, handles = self._service.list(
-            memo[0] if memo is not None else None, self._handle_memos.setdefault(owner, {})
+            memo[0] if memo is not None else None, self._handle_memos.setdefault(owner, {}), cls
         )
         if handles is None:
             assert memo is not None
@@ -183,7 +185,7 @@ class ImageCache:
         self._list_memos[owner] = (position, handles)
         return builtins.list(handles)
 
-    def inspect(self, reference: str) -> ImageDetail:
+    def inspect(self, reference: str) -> ImageDetail[ImageHandle]:
         detail = self._service.inspect(reference)
         return dataclasses.replace(detail, handle=self._bind(detail.handle))
 

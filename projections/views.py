@@ -39,10 +39,11 @@ from imageledger.domain.events import ImageLedger
 from imageledger.domain.history import mentions
 from imageledger.domain.model import (
     BlobRecord,
+    CachedImage,
     DeletedBlob,
+    H,
     ImageConfig,
     ImageContent,
-    ImageHandle,
     Layer,
     ManifestRecord,
     Platform,
@@ -52,7 +53,7 @@ from imageledger.domain.ports import ViewRecords, ViewTxn
 
 TABLES: Final = ("refs", "refs.order", "manifests", "blobs", "holders", "history", "meta")
 APPEND_ONLY: Final = ("history",)
-HANDLE_FIELDS: Final = tuple(f.name for f in fields(ImageHandle) if not f.name.startswith("_"))
+HANDLE_FIELDS: Final = tuple(f.name for f in fields(CachedImage))
 # 3: meta "shown", the position of the last event that changed what index.json shows.
 FORMAT: Final = 4
 _U64: Final = struct.Struct(">Q")
@@ -464,7 +465,7 @@ class ViewState:
                 **dict(zip(HANDLE_FIELDS, row, strict=True)),
             )
 
-    def handles(self, memo: dict[bytes, ImageHandle] | None = None) -> Iterator[ImageHandle]:
+    def handles(self, memo: dict[bytes, H], cls: type[H]) -> Iterator[H]:
         """list(): every handle, newest first, straight from one scan.
 
         Each row holds the handle's fields in order (its datetimes decoded by the C unpacker),
@@ -475,10 +476,8 @@ class ViewState:
         the scan plus a dictionary hit per reference. Handles are immutable, so sharing them
         between lists is safe; the memo may be shared between threads, as every entry it
         holds is right for its key whoever wrote it."""
-        previous: dict[bytes, ImageHandle] = {}
-        if memo is not None:
-            previous = memo.copy()
-            memo.clear()
+        previous = memo.copy()
+        memo.clear()
         new, set_dict, names, decode = object.__new__, object.__setattr__, HANDLE_FIELDS, None
         for key, data in self.view.scan_encoded("refs.order", reverse=True):
             handle = previous.get(data)
@@ -487,10 +486,9 @@ class ViewState:
                 row = decode(data)
                 if not _checked_handle(row):
                     raise _bad_row("refs.order", key)
-                handle = new(ImageHandle)
+                handle = new(cls)
                 set_dict(handle, "__dict__", dict(zip(names, row, strict=True)))
-            if memo is not None:
-                memo[data] = handle
+            memo[data] = handle
             yield handle
 
     def manifest(self, digest: str) -> ManifestRecord | None:

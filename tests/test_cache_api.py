@@ -33,6 +33,8 @@ from typing import Any
 import pytest
 
 from imageledger import (
+    AsyncImageHandle,
+    CachedImage,
     ContentCorruptError,
     DiskFullError,
     Image,
@@ -1165,7 +1167,7 @@ def test_the_asyncio_api(cache: ImageCache, home: Path, tmp_path: Path) -> None:
         )
         assert got == cache.get("async:1")
         assert listed == cache.list()
-        detail = await Image.inspect("async:1", cache=cache)
+        detail: ImageDetail[CachedImage] = await Image.inspect("async:1", cache=cache)
         assert detail == cache.inspect("async:1")
         assert (await Image.use("async:1", "sb", cache=cache)).reference == got.reference
         await Image.remove("async:2", cache=cache)  # an alias: only untags
@@ -1197,7 +1199,7 @@ def test_the_asyncio_api_defaults_to_imageledger_home(
     monkeypatch.setattr(Image, "_default", None)
     archive = docker_archive(tmp_path, spec("envhome:1"))
 
-    async def scenario() -> list[ImageHandle]:
+    async def scenario() -> list[AsyncImageHandle]:
         await Image.load(archive)
         return await Image.list()
 
@@ -1237,7 +1239,7 @@ def test_asyncio_and_blocking_lists_keep_their_own_handles_across_commits(
 
     async def scenario() -> None:
         first = await Image.list(cache=cache)
-        blocking = cache.list()
+        blocking: list[CachedImage] = [*cache.list()]
         assert first == blocking and all(a is not b for a, b in zip(first, blocking, strict=True))
         assert (await Image.list(cache=cache))[0] is first[0]  # nothing changed: the same
         clock.at(30)

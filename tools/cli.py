@@ -161,7 +161,7 @@ def handle_json(handle: ImageHandle) -> dict[str, Any]:
     }
 
 
-def detail_json(detail: ImageDetail) -> dict[str, Any]:
+def detail_json(detail: ImageDetail[ImageHandle]) -> dict[str, Any]:
     config = detail.config
     return {
         **handle_json(detail.handle),
