@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 import pytest
 
 from imageledger import DigestMismatchError, DiskFullError, ImageCache, ImageNotFoundError
+from imageledger.cache import internals
 from imageledger.domain.errors import RegistryAuthError
 from imageledger.storage.registryoptions import RegistryOptions
 from imageledger.tools.imagebuild import ImageSpec, build_image, build_oci_layout
@@ -70,7 +71,7 @@ def test_pull_gives_the_image_its_own_platform_and_a_cached_repull_downloads_not
         assert (handle.os, handle.architecture) == ("linux", "arm64")  # not this host's
         detail = handle.inspect()
         for layer in detail.layers:
-            assert cache.store.verify(layer.blob_digest)
+            assert internals(cache).store.verify(layer.blob_digest)
         blob_gets = flaky_registry.count("/v2/team/app/blobs/", "GET")
         again = cache.pull(reference, options=_options(registry))
         assert flaky_registry.count("/v2/team/app/blobs/", "GET") == blob_gets
@@ -101,7 +102,7 @@ def test_a_tampered_blob_is_refused_and_nothing_lands(
     with ImageCache(tmp_path / "home") as cache:
         with pytest.raises(DigestMismatchError):
             cache.pull(reference, options=_options(registry))
-        assert not cache.store.has(big)
+        assert not internals(cache).store.has(big)
         assert cache.list() == []
         assert [e.event for e in cache.history(reference)] == ["PullFailed"]
 
@@ -156,7 +157,7 @@ def test_prune_in_another_process_while_a_pull_is_in_flight_deletes_nothing_it_n
     with ImageCache(home) as cache:
         handle = cache.get(reference)
         for layer in handle.inspect().layers:
-            assert cache.store.verify(layer.blob_digest)
+            assert internals(cache).store.verify(layer.blob_digest)
         assert cache.rebuild(verify=True).identical
 
 
@@ -197,11 +198,11 @@ def test_a_crashed_pull_leaves_partials_the_next_prune_reclaims(
         assert cache.list() == []
         report = cache.prune()
         assert report.bytes_reclaimed > 0
-        assert list(cache.store.digests()) == []
+        assert list(internals(cache).store.digests()) == []
         assert not any(p.is_file() for p in tmp.rglob("*") if p.parent.name != "locks")
         handle = cache.pull(reference, options=_options(registry))
         for layer in handle.inspect().layers:
-            assert cache.store.verify(layer.blob_digest)
+            assert internals(cache).store.verify(layer.blob_digest)
 
 
 def _kill_a_pull_midway(
@@ -250,7 +251,7 @@ def test_the_pull_after_a_killed_one_resumes_the_layer_it_left(
     with ImageCache(home) as cache:
         handle = cache.pull(reference, options=_options(registry))
         for layer in handle.inspect().layers:
-            assert cache.store.verify(layer.blob_digest)
+            assert internals(cache).store.verify(layer.blob_digest)
     fetches = [
         r
         for r in flaky_registry.requests[before:]
