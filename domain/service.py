@@ -252,10 +252,10 @@ class ImageCacheService:
             held = self._held_manifest(ref.digest, store)
             if held is not None:
                 log.info("pull.offline", reference=str(ref))
-                return self.add_all([(str(ref), held, True)], source)[0]
+                return self.add_all([(ref, held, True)], source)[0]
             content = puller.pull(ref, store, platform)
             cached = not any(d in store.written for d, _ in content.blobs)
-            return self.add_all([(str(ref), content, cached)], source)[0]
+            return self.add_all([(ref, content, cached)], source)[0]
 
     def _held_manifest(self, digest: str | None, store: SourceStore) -> ImageContent | None:
         """The content of manifest `digest` if the cache holds it whole; each blob is claimed
@@ -346,7 +346,7 @@ class ImageCacheService:
             log.warning("pull.failure_not_recorded", error=str(error), why=str(unrecorded))
 
     def add_all(
-        self, images: Sequence[tuple[str, ImageContent, bool]], source: str
+        self, images: Sequence[tuple[Reference | str, ImageContent, bool]], source: str
     ) -> builtins.list[ImageHandle]:
         """Commit a pull or load of (reference, content, cached) whose blobs are all in the
         store (the caller's in-flight lease still protects them): one append, so an archive
@@ -354,8 +354,8 @@ class ImageCacheService:
         whatever the number of names."""
         items: builtins.list[tuple[str, ImageContent, bool]] = []
         for reference, content, cached in images:
-            ref = canonical(reference)
-            pinned = Reference.parse(ref).digest
+            parsed = reference if isinstance(reference, Reference) else Reference.parse(reference)
+            ref, pinned = str(parsed), parsed.digest
             if pinned is not None and pinned != content.manifest_digest:
                 msg = f"{ref} names manifest {pinned}, the content is {content.manifest_digest}"
                 raise DigestMismatchError(msg)

@@ -7,8 +7,10 @@ exported here and derives from `ImageLedgerError` (the hierarchy is in `domain.e
 
 from imageledger._version import __version__
 from imageledger.aio import AsyncImageHandle, Image
-from imageledger.cache import ImageCache, default_home
+from imageledger.cache import ImageCache, check_ledger, default_home
 from imageledger.domain.errors import (
+    ArchiveError,
+    BlobTooLargeError,
     CacheClosedError,
     ContentCorruptError,
     ContentMissingError,
@@ -22,13 +24,21 @@ from imageledger.domain.errors import (
     ImageNotFoundError,
     InvalidDestinationError,
     InvalidHomeError,
+    InvalidPlatformError,
     InvalidReferenceError,
     LedgerCorruptError,
     LedgerError,
     LedgerFullError,
     LedgerMissingError,
     LedgerReadOnlyError,
+    ManifestError,
+    NotInRegistryError,
     PlatformNotFoundError,
+    RegistryAuthError,
+    RegistryConfigError,
+    RegistryError,
+    RegistryManifestError,
+    RegistryTimeoutError,
 )
 from imageledger.domain.model import (
     BlobProblem,
@@ -45,20 +55,14 @@ from imageledger.domain.model import (
 )
 from imageledger.domain.reference import Reference, canonical
 from imageledger.domain.service import check_holder
-from imageledger.storage.oci import InvalidPlatformError
-from imageledger.storage.registry import (
-    NotInRegistryError,
-    PullProgress,
-    RegistryAuthError,
-    RegistryConfigError,
-    RegistryError,
-    RegistryOptions,
-    RegistryTimeoutError,
-)
+from imageledger.storage.registry import PullProgress
+from imageledger.storage.registryoptions import RegistryOptions, options_from_environment
 
 __all__ = [
+    "ArchiveError",
     "AsyncImageHandle",
     "BlobProblem",
+    "BlobTooLargeError",
     "CacheClosedError",
     "CachedImage",
     "ContentCorruptError",
@@ -88,6 +92,7 @@ __all__ = [
     "LedgerFullError",
     "LedgerMissingError",
     "LedgerReadOnlyError",
+    "ManifestError",
     "NotInRegistryError",
     "Platform",
     "PlatformNotFoundError",
@@ -97,11 +102,14 @@ __all__ = [
     "RegistryAuthError",
     "RegistryConfigError",
     "RegistryError",
+    "RegistryManifestError",
     "RegistryOptions",
     "RegistryTimeoutError",
     "StoreCheck",
     "__version__",
     "canonical",
     "check_holder",
+    "check_ledger",
     "default_home",
+    "options_from_environment",
 ]

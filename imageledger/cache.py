@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from imageledger._version import __version__
-from imageledger.domain.errors import HomeDamagedError, InvalidHomeError
+from imageledger.domain.errors import HomeDamagedError, InvalidHomeError, LedgerCorruptError
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
     Actor,
@@ -32,11 +32,13 @@ from imageledger.domain.model import (
     StoreCheck,
 )
 from imageledger.domain.service import ImageCacheService
+from imageledger.storage import layout
 from imageledger.storage.blobs import BlobStore
 from imageledger.storage.eventstore import LedgerStore
 from imageledger.storage.home import mark_home, open_home
 from imageledger.storage.indexfile import OciIndexFile
 from imageledger.storage.leases import InFlightLeases, StoreLock
+from imageledger.storage.ledgercheck import check_ledger as check_ledger_dir
 from imageledger.storage.lmdbenv import DURABILITY_MODES
 from imageledger.storage.oci import host_platform, parse_platform
 from imageledger.storage.registry import PullProgress, RegistryOptions
@@ -344,11 +346,24 @@ def internals(cache: ImageCache) -> Internals:
     return Internals(cache._service, cache._ledger, cache._store, cache._index)
 
 
+def check_ledger(home: str | os.PathLike[str]) -> LedgerCorruptError | None:
+    """Check the ledger of the home at `home` in a child process (LMDB's page structure, every
+    event decoding, views equal to a replay), before anything in this process opens it:
+    damage that would crash a reader (LMDB aborts on some damaged pages) is returned as
+    `LedgerCorruptError`, not died of. None when it is sound, or when there is no ledger
+    directory to check (a link planted at ``ledger/`` is not followed: opening the home
+    reports it as damage)."""
+    ledger = Path(home) / layout.LEDGER
+    if not ledger.is_dir() or ledger.is_symlink():
+        return None
+    return check_ledger_dir(ledger).error()
+
+
 def _writable(home: Path) -> bool:
     """Whether this user may change the home (root may, unless the file system is read-only;
     `access` answers both)."""
-    ledger = home / "ledger"
+    ledger = home / layout.LEDGER
     return os.access(home, os.W_OK) and (not ledger.exists() or os.access(ledger, os.W_OK))
 
 
-__all__ = ["ImageCache", "Internals", "default_home", "internals"]
+__all__ = ["ImageCache", "Internals", "check_ledger", "default_home", "internals"]

@@ -25,9 +25,9 @@ import os
 import secrets
 import stat
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from types import TracebackType
-from typing import Any, Self
+from typing import BinaryIO, Self
 
 from imageledger.domain.log import get_logger
 from imageledger.domain.ports import LiveLeases
@@ -218,9 +218,10 @@ class InFlightLeases:
 
 
 class LeasedStore:
-    """The blob store as a source sees it during one pull or load: every digest it touches is
-    claimed by the run's in-flight lease first (see the module docstring for why the order
-    matters). Everything else a source reads (`open`, `home`, ...) is the store's own."""
+    """The blob store as a source sees it during one pull or load (the registry's
+    `PullStore`, the archives' `BlobAccess`, the domain's `SourceStore`): every digest it
+    touches is claimed by the run's in-flight lease first (see the module docstring for why
+    the order matters), and its partial files go to the lease's work directory."""
 
     def __init__(
         self,
@@ -234,8 +235,10 @@ class LeasedStore:
         self._lease = lease
         self._leases = leases
         self.written: set[str] = set()
-        self.root = store.root
-        self.tmp = lease.work.path
+
+    @property
+    def home(self) -> Dir:
+        return self._store.home
 
     def scratch(self) -> Dir:
         return self._lease.work.sub("")
@@ -257,18 +260,40 @@ class LeasedStore:
         self._claim(digest)
         return self._store.size(digest)
 
-    def write(self, digest: str, chunks: Any, **kwargs: Any) -> int:
+    def open(self, digest: str) -> BinaryIO:
         self._claim(digest)
-        kwargs.setdefault("work", self._lease.work)
-        size = self._store.write(digest, chunks, **kwargs)
-        self.written.add(digest)
-        return size
+        return self._store.open(digest)
 
-    def writer(self, digest: str, **kwargs: Any) -> BlobWriter:
+    def read(self, digest: str) -> bytes:
         self._claim(digest)
-        kwargs.setdefault("work", self._lease.work)
+        return self._store.read(digest)
+
+    def write(
+        self,
+        digest: str,
+        chunks: Iterable[bytes],
+        *,
+        size: int | None = None,
+        max_size: int | None = None,
+    ) -> int:
+        self._claim(digest)
+        written = self._store.write(
+            digest, chunks, size=size, max_size=max_size, work=self._lease.work
+        )
         self.written.add(digest)
-        return self._store.writer(digest, **kwargs)
+        return written
+
+    def writer(
+        self, digest: str, *, size: int | None = None, max_size: int | None = None
+    ) -> BlobWriter:
+        self._claim(digest)
+        self.written.add(digest)
+        return self._store.writer(digest, size=size, max_size=max_size, work=self._lease.work)
+
+    def write_bytes(self, data: bytes, digest: str | None = None) -> str:
+        digest = digest or f"sha256:{hashlib.sha256(data).hexdigest()}"
+        self.write(digest, [data], size=len(data))
+        return digest
 
     def delete(self, digest: str) -> int:
         """A failed or partial run cleans up what it wrote, unless another live pull or load
@@ -277,14 +302,6 @@ class LeasedStore:
             if digest in self._leases.live(exclude=self._lease.id).digests or self._known(digest):
                 return 0
             return self._store.delete(digest)
-
-    def write_bytes(self, data: bytes, digest: str | None = None) -> str:
-        digest = digest or f"sha256:{hashlib.sha256(data).hexdigest()}"
-        self.write(digest, [data], size=len(data))
-        return digest
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._store, name)
 
 
 def _tidy(leases: Dir, name: str) -> None:

@@ -25,24 +25,28 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any, Final, NoReturn
 
-from imageledger import check_holder
-from imageledger.cache import ImageCache, default_home
-from imageledger.domain.errors import (
+from imageledger import (
+    ArchiveError,
     DigestMismatchError,
     HomeDamagedError,
     HomeNotFoundError,
+    ImageCache,
+    ImageDetail,
+    ImageHandle,
     ImageInUseError,
     ImageLedgerError,
     ImageNotFoundError,
+    ImagePruneReport,
     InvalidReferenceError,
     LedgerCorruptError,
+    ManifestError,
+    PullProgress,
+    canonical,
+    check_holder,
+    check_ledger,
+    default_home,
+    options_from_environment,
 )
-from imageledger.domain.model import ImageDetail, ImageHandle, ImagePruneReport
-from imageledger.domain.reference import canonical
-from imageledger.storage.archives import ArchiveError
-from imageledger.storage.ledgercheck import check_ledger
-from imageledger.storage.oci import ManifestError
-from imageledger.storage.registry import PullProgress, options_from_environment
 from imageledger.tools.logs import configure_logging, printable
 from imageledger.tools.progress import Progress
 
@@ -646,12 +650,9 @@ def _run(args: argparse.Namespace) -> int:
         if args.command == "verify" and os.fspath(home):
             # The ledger first, in a child process, before this one opens it: damage that
             # would crash a reader (LMDB aborts on some damaged pages) is reported, not died of.
-            # (A link at ledger/ is not followed here: opening the home reports it as damage.)
-            ledger = Path(home) / "ledger"
-            if ledger.is_dir() and not ledger.is_symlink():
-                found = check_ledger(ledger).error()
-                if found is not None:
-                    raise found
+            found = check_ledger(home)
+            if found is not None:
+                raise found
         with ImageCache(home, create=args.command in _CREATING) as cache:
             return int(args.run(cache, args))
     except BrokenPipeError:
