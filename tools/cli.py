@@ -254,11 +254,9 @@ def cmd_images(cache: ImageCache, args: argparse.Namespace) -> int:
 
 
 def cmd_inspect(cache: ImageCache, args: argparse.Namespace) -> int:
-    detail = cache.inspect(args.reference)
-    if args.json:
-        _print_json(detail_json(detail))
-    else:
-        print(json.dumps(detail_json(detail), indent=2))
+    # JSON with or without --json, as `docker image inspect` prints (--json is accepted, as on
+    # every command a program reads).
+    _print_json(detail_json(cache.inspect(args.reference)))
     return EXIT_OK
 
 
