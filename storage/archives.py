@@ -160,6 +160,6 @@ def load(
     return images
 
 
-# ArchiveError is re-exported from domain.errors only until tools/cli.py (and the tests that
-# spell it `archives.ArchiveError`) import it from there.
+# ArchiveError (domain.errors) is re-exported only until tests/test_load_failures.py stops
+# spelling it `archives.ArchiveError`.
 __all__ = ["DEFAULT_MAX_ENTRY_SIZE", "ArchiveError", "ArchiveFormat", "load", "save"]

@@ -552,11 +552,7 @@ __all__ = [
     "BlobAccess",
     "Descriptor",
     "IndexEntry",
-    # Re-exported from domain.errors only until imageledger/__init__.py (InvalidPlatformError)
-    # and tools/cli.py (ManifestError) import them from there.
-    "InvalidPlatformError",
     "Manifest",
-    "ManifestError",
     "canonical_json",
     "choose_index_entry",
     "describe_image",

@@ -898,20 +898,15 @@ class RegistryClient:
         return content
 
 
-# The errors (domain.errors) and the options (storage.registryoptions) are re-exported only
-# until their importers (imageledger/__init__.py, imageledger/cache.py, imageledger/aio.py,
-# storage/sources.py, tools/cli.py, tools/bench_pull.py, tests/test_home_safety.py) import
-# them from where they live.
+# RegistryOptions, environment_fingerprint and options_from_environment live in
+# storage.registryoptions; they are re-exported here only until imageledger/cache.py,
+# imageledger/aio.py, storage/sources.py, tools/bench_pull.py and tests/test_home_safety.py
+# import them from there.
 __all__ = [
     "MANIFEST_ACCEPT",
-    "NotInRegistryError",
     "PullProgress",
-    "RegistryAuthError",
     "RegistryClient",
-    "RegistryConfigError",
-    "RegistryError",
     "RegistryOptions",
-    "RegistryTimeoutError",
     "environment_fingerprint",
     "options_from_environment",
 ]
