@@ -60,10 +60,10 @@ from imageledger.domain.model import (
     RebuildReport,
     StoreCheck,
 )
+from imageledger.domain.platforms import choose_platform
 from imageledger.domain.policies import (
     MAX_BYTES,
     MAX_SECONDS,
-    choose_platform,
     content_freed,
     keep_patterns,
     plan_prune,

@@ -18,7 +18,8 @@ from typing import BinaryIO, ClassVar, Literal
 
 from imageledger.cache import ImageCache
 from imageledger.domain.model import CachedImage, ImageDetail, ImagePruneReport
-from imageledger.storage.registry import PullProgress, RegistryOptions
+from imageledger.storage.registry import PullProgress
+from imageledger.storage.registryoptions import RegistryOptions
 
 
 @dataclass(frozen=True, eq=False)

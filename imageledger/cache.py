@@ -41,7 +41,8 @@ from imageledger.storage.leases import InFlightLeases, StoreLock
 from imageledger.storage.ledgercheck import check_ledger as check_ledger_dir
 from imageledger.storage.lmdbenv import DURABILITY_MODES
 from imageledger.storage.oci import host_platform, parse_platform
-from imageledger.storage.registry import PullProgress, RegistryOptions
+from imageledger.storage.registry import PullProgress
+from imageledger.storage.registryoptions import RegistryOptions
 from imageledger.storage.sources import ArchiveFiles, Registries
 
 log = get_logger(__name__)

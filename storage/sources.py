@@ -21,9 +21,8 @@ from imageledger.domain.reference import Reference
 from imageledger.storage import archives
 from imageledger.storage.blobs import BlobStore
 from imageledger.storage.leases import LeasedStore
-from imageledger.storage.registry import (
-    PullProgress,
-    RegistryClient,
+from imageledger.storage.registry import PullProgress, RegistryClient
+from imageledger.storage.registryoptions import (
     RegistryOptions,
     environment_fingerprint,
     options_from_environment,

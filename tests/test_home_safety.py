@@ -32,7 +32,7 @@ from imageledger.domain.errors import (
     InvalidHomeError,
     LedgerMissingError,
 )
-from imageledger.storage.registry import RegistryOptions
+from imageledger.storage.registryoptions import RegistryOptions
 from imageledger.tools.imagebuild import ImageSpec, build_docker_archive, build_image
 
 if TYPE_CHECKING:

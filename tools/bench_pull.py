@@ -44,7 +44,7 @@ from typing import Any, Final
 
 from imageledger.cache import ImageCache
 from imageledger.storage.oci import host_platform
-from imageledger.storage.registry import RegistryOptions
+from imageledger.storage.registryoptions import RegistryOptions
 from imageledger.tools import localregistry
 from imageledger.tools.bench_ledger import (
     cpu_counts,
