@@ -43,7 +43,6 @@ from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
 
 import lmdb
-import structlog
 
 from imageledger.domain.errors import (
     LedgerCorruptError,
@@ -51,8 +50,9 @@ from imageledger.domain.errors import (
     LedgerFullError,
     LedgerReadOnlyError,
 )
+from imageledger.domain.log import get_logger
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 T = TypeVar("T")
 

@@ -6,6 +6,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import structlog
@@ -144,3 +145,52 @@ def test_library_logs_nothing_to_stdout_from_the_cli_process() -> None:
     assert done.stdout == ""
     assert "t0ps3cret" not in done.stderr
     assert json.loads(done.stderr)["token"] == REDACTED
+
+
+_EMBEDDER = """
+import sys
+from imageledger import ImageCache
+from imageledger.tools.imagebuild import ImageSpec, build_docker_archive
+from pathlib import Path
+
+work = Path(sys.argv[1])
+archive = build_docker_archive(work / "a.tar", [ImageSpec(names=("emb:1",))]).path
+with ImageCache(work / "home") as cache:
+    cache.load(archive)              # logs at info
+    cache.use("emb:1", "sandbox-1")
+    cache.prune(keep=["nothing-matches-this"])   # logs a warning: a keep pattern matched nothing
+"""
+
+
+def test_an_embedder_that_configured_nothing_gets_nothing_on_stdout(tmp_path: Path) -> None:
+    """The library never configures logging (issue 9): unconfigured, structlog would print
+    every level to stdout, into the embedder's own output. Its lines go to the standard
+    library's logging instead, whose default shows warnings on stderr and nothing below."""
+    done = subprocess.run(
+        [sys.executable, "-c", _EMBEDDER, str(tmp_path)],
+        check=False,
+        capture_output=True,
+        text=True,
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert "prune.keep_unmatched" in done.stderr  # the warning, on stderr
+    assert "archive.loaded" not in done.stderr  # info: below the default level
+
+
+def test_an_embedder_that_configured_structlog_gets_the_library_lines(tmp_path: Path) -> None:
+    code = (
+        "import structlog, logging\n"
+        "structlog.configure(processors=[structlog.processors.JSONRenderer()],\n"
+        "    logger_factory=structlog.PrintLoggerFactory(file=__import__('sys').stderr))\n"
+        + _EMBEDDER
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, str(tmp_path)], check=False, capture_output=True, text=True
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    events = [
+        json.loads(line)["event"] for line in done.stderr.splitlines() if line.startswith("{")
+    ]
+    assert "archive.loaded" in events and "prune.keep_unmatched" in events
