@@ -22,10 +22,6 @@ from imageledger.domain.model import (
     ReferenceRecord,
     RemovedReference,
 )
-
-# `choose_platform` moved to domain.platforms (the one platform matcher): re-exported here
-# only until imageledger/cache.py imports it from there.
-from imageledger.domain.platforms import choose_platform as choose_platform  # noqa: PLC0414
 from imageledger.domain.ports import CacheState
 from imageledger.domain.reference import DEFAULT_REGISTRY, Reference, parse_reference
 

@@ -137,12 +137,7 @@ from imageledger.storage.registryhttp import (
     retry_after,
     tls_failure,
 )
-from imageledger.storage.registryoptions import (
-    MAX_BACKOFF,
-    RegistryOptions,
-    environment_fingerprint,
-    options_from_environment,
-)
+from imageledger.storage.registryoptions import MAX_BACKOFF, RegistryOptions
 
 log = structlog.get_logger(__name__)
 
@@ -898,15 +893,4 @@ class RegistryClient:
         return content
 
 
-# RegistryOptions, environment_fingerprint and options_from_environment live in
-# storage.registryoptions; they are re-exported here only until imageledger/cache.py,
-# imageledger/aio.py, storage/sources.py, tools/bench_pull.py and tests/test_home_safety.py
-# import them from there.
-__all__ = [
-    "MANIFEST_ACCEPT",
-    "PullProgress",
-    "RegistryClient",
-    "RegistryOptions",
-    "environment_fingerprint",
-    "options_from_environment",
-]
+__all__ = ["MANIFEST_ACCEPT", "PullProgress", "RegistryClient"]
