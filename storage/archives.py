@@ -29,9 +29,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import BinaryIO, Final
 
-import structlog
-
 from imageledger.domain.errors import ArchiveError, InvalidReferenceError
+from imageledger.domain.log import get_logger
 from imageledger.domain.model import ImageContent, LoadedImage
 from imageledger.domain.reference import parse_reference
 from imageledger.storage.archivesave import ArchiveFormat, save
@@ -40,7 +39,7 @@ from imageledger.storage.dockerload import docker_repo_tags, load_docker, parse_
 from imageledger.storage.oci import BlobAccess
 from imageledger.storage.ociload import load_oci, read_layout
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_MAX_ENTRY_SIZE: Final = 64 * 1024**3
 """Largest archive entry (a layer) accepted by default: 64 GiB."""
@@ -160,6 +159,4 @@ def load(
     return images
 
 
-# ArchiveError (domain.errors) is re-exported only until tests/test_load_failures.py stops
-# spelling it `archives.ArchiveError`.
-__all__ = ["DEFAULT_MAX_ENTRY_SIZE", "ArchiveError", "ArchiveFormat", "load", "save"]
+__all__ = ["DEFAULT_MAX_ENTRY_SIZE", "ArchiveFormat", "load", "save"]

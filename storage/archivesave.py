@@ -20,9 +20,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import IO, BinaryIO, Final, Literal
 
-import structlog
-
 from imageledger.domain.errors import ArchiveError, ContentCorruptError, ManifestError
+from imageledger.domain.log import get_logger
 from imageledger.domain.model import OCI_INDEX, ImageContent, Platform
 from imageledger.domain.reference import parse_reference, validate_digest
 from imageledger.storage.oci import (
@@ -33,7 +32,7 @@ from imageledger.storage.oci import (
     describe_image,
 )
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 ArchiveFormat = Literal["docker", "oci"]
 _LAYOUT_VERSION: Final = "1.0.0"

@@ -47,20 +47,20 @@ class BlobStore:
     def path(self, digest: str) -> Path:
         """Where blob `digest` lives (for messages: the store never opens a blob by name)."""
         algorithm, _, hexdigest = validate_digest(digest).partition(":")
-        return self.root / "blobs" / algorithm / hexdigest
+        return self.root / layout.BLOBS / algorithm / hexdigest
 
     @property
     def tmp(self) -> Path:
         """Where ``tmp/`` is (for messages and tests: files there are made by `scratch`)."""
-        return self.root / "tmp"
+        return self.root / layout.TMP
 
     def scratch(self) -> Dir:
         """``tmp/``, opened anew (the caller closes it): work files of a load go there."""
-        return self.home.sub("tmp", create=True)
+        return self.home.sub(layout.TMP, create=True)
 
     def _algorithm_dir(self, digest: str, *, create: bool = False) -> tuple[Dir, str]:
         algorithm, _, hexdigest = validate_digest(digest).partition(":")
-        return self.home.sub(f"blobs/{algorithm}", create=create), hexdigest
+        return self.home.sub(f"{layout.BLOBS}/{algorithm}", create=create), hexdigest
 
     def has(self, digest: str) -> bool:
         return self.size(digest) is not None
@@ -180,14 +180,14 @@ class BlobStore:
         with contextlib.suppress(FileNotFoundError), self.home.sub(layout.BLOBS) as blobs:
             for algorithm, st in blobs.entries():
                 if not stat.S_ISDIR(st.st_mode) and algorithm not in _ALGORITHMS:
-                    found.append(_stray(f"blobs/{algorithm}", blobs.tree_size(algorithm)))
+                    found.append(_stray(f"{layout.BLOBS}/{algorithm}", blobs.tree_size(algorithm)))
                     continue
                 with blobs.sub(algorithm) as directory:
                     for name, entry in directory.entries():
                         ok = stat.S_ISREG(entry.st_mode) and _is_digest(f"{algorithm}:{name}")
                         if not ok:
                             size = directory.tree_size(name)
-                            found.append(_stray(f"blobs/{algorithm}/{name}", size))
+                            found.append(_stray(f"{layout.BLOBS}/{algorithm}/{name}", size))
         return found
 
     def delete_entry(self, entry: DeletedBlob) -> int:
@@ -282,7 +282,7 @@ class BlobWriter:
         self._algorithm = algorithm
         self._name = hexdigest
         # Its own descriptor of the work directory: the caller's may close first.
-        self._work = (work or store.home).sub("" if work is not None else "tmp", create=True)
+        self._work = (work or store.home).sub("" if work is not None else layout.TMP, create=True)
         self._partial = f"{hexdigest}.{secrets.token_hex(4)}{PARTIAL_SUFFIX}"
         self.partial = self._work.path / self._partial  # for messages
         self._hasher = hashlib.new(algorithm)
@@ -321,7 +321,9 @@ class BlobWriter:
             if actual != self.digest:
                 msg = f"blob {self.digest}: content hashes to {actual}"
                 raise DigestMismatchError(msg)
-            with self._store.home.sub(f"blobs/{self._algorithm}", create=True) as directory:
+            with self._store.home.sub(
+                f"{layout.BLOBS}/{self._algorithm}", create=True
+            ) as directory:
                 self._work.replace(self._partial, directory, self._name)
                 directory.fsync()
             self._work.close()

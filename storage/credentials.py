@@ -21,11 +21,10 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, Final
 
-import structlog
-
+from imageledger.domain.log import get_logger
 from imageledger.domain.reference import DEFAULT_REGISTRY
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 _DOCKER_HUB_ALIASES: Final = frozenset(
     {"docker.io", "index.docker.io", "registry-1.docker.io", "registry.hub.docker.com"}

@@ -12,9 +12,8 @@ from __future__ import annotations
 import contextlib
 from collections.abc import Iterable, Iterator
 
-import structlog
-
 from imageledger.domain.errors import ArchiveError, InvalidReferenceError, ManifestError
+from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
     INDEX_TYPES,
     MANIFEST_TYPES,
@@ -37,7 +36,7 @@ from imageledger.storage.oci import (
     read_small_blob,
 )
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 def _entry_names(entry: IndexEntry) -> list[str]:

@@ -25,13 +25,13 @@ import time
 from collections.abc import Callable, Iterator
 from typing import Final, Protocol
 
-import structlog
-
 from imageledger.domain.errors import HomeDamagedError, RegistryError, RegistryTimeoutError
+from imageledger.domain.log import get_logger
+from imageledger.storage import layout
 from imageledger.storage.home import Dir
 from imageledger.storage.oci import BlobAccess
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 
 class BlobWriting(Protocol):
@@ -131,7 +131,7 @@ def blob_lock(
     def default_cancelled() -> BaseException:
         return RegistryError(f"waiting for another pull of {digest}: cancelled")
 
-    with store.home.sub("tmp/locks", create=True) as locks:
+    with store.home.sub(f"{layout.TMP}/{layout.LOCKS}", create=True) as locks:
         while True:
             fd = locks.open_lock(name)
             try:
@@ -197,10 +197,10 @@ def _dead_partials(home: Dir, digest: str, size: int) -> list[tuple[int, str, st
                 found.append((st.st_size, relative, name))
 
     try:
-        with home.sub("tmp") as tmp:
+        with home.sub(layout.TMP) as tmp:
             scan(tmp, "")
             for name, st in tmp.entries():
-                if stat.S_ISDIR(st.st_mode) and name not in ("leases", "locks"):
+                if stat.S_ISDIR(st.st_mode) and name not in layout.TMP_OWN:
                     with contextlib.suppress(OSError, HomeDamagedError), tmp.sub(name) as work:
                         scan(work, name)
     except (OSError, HomeDamagedError):
@@ -222,7 +222,7 @@ def adopt_partial(store: PullStore, digest: str, size: int, writer: BlobWriting)
     for _, relative, name in _dead_partials(store.home, digest, size):
         try:
             with (
-                store.home.sub(f"tmp/{relative}" if relative else "tmp") as directory,
+                store.home.sub(layout.work_dir(relative) if relative else layout.TMP) as directory,
                 directory.open_read(name) as source,
             ):
                 while writer.offset < size:

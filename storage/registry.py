@@ -79,7 +79,6 @@ from types import TracebackType
 from typing import Final, Self
 
 import httpx
-import structlog
 
 from imageledger._version import __version__
 from imageledger.domain.errors import (
@@ -93,6 +92,7 @@ from imageledger.domain.errors import (
     RegistryManifestError,
     RegistryTimeoutError,
 )
+from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
     DOCKER_LIST,
     DOCKER_MANIFEST,
@@ -139,7 +139,7 @@ from imageledger.storage.registryhttp import (
 )
 from imageledger.storage.registryoptions import MAX_BACKOFF, RegistryOptions
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 MANIFEST_ACCEPT: Final = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
 SCHEMA1_TYPES: Final = (

@@ -24,14 +24,14 @@ from typing import Final
 from urllib.parse import urlsplit
 
 import httpx
-import structlog
 
 from imageledger.domain.errors import RegistryAuthError, RegistryError, RegistryTimeoutError
+from imageledger.domain.log import get_logger
 from imageledger.storage.credentials import Credentials
 from imageledger.storage.redact import safe_host, safe_url
 from imageledger.storage.registryhttp import RegistryTarget, error_detail, read_bounded
 
-log = structlog.get_logger(__name__)
+log = get_logger(__name__)
 
 DEFAULT_TOKEN_LIFETIME: Final = 60
 MAX_TOKEN_RESPONSE: Final = 1024 * 1024

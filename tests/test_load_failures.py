@@ -18,6 +18,7 @@ import pytest
 from imageledger import ImageCache
 from imageledger.cache import internals
 from imageledger.domain.errors import (
+    ArchiveError,
     DigestMismatchError,
     ImageNotFoundError,
     PlatformNotFoundError,
@@ -150,7 +151,7 @@ def test_an_interrupted_load_keeps_nothing_and_is_recorded(
 def test_every_failed_load_is_recorded(cache: ImageCache, tmp_path: Path) -> None:
     (tmp_path / "garbage.tar").write_bytes(b"not a tar at all" * 100)
     for _ in range(3):
-        with pytest.raises(archives.ArchiveError):
+        with pytest.raises(ArchiveError):
             cache.load(tmp_path / "garbage.tar")
     assert len(failures(cache)) == 3
 
