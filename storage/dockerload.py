@@ -16,14 +16,19 @@ from dataclasses import dataclass
 from typing import Final
 
 from imageledger.domain.errors import ArchiveError, ManifestError
-from imageledger.domain.model import OCI_CONFIG, OCI_MANIFEST, ImageContent, LoadedImage
+from imageledger.domain.model import (
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
+    OCI_MANIFEST,
+    ImageContent,
+    LoadedImage,
+)
 from imageledger.storage.archivesources import TarSource, once
 from imageledger.storage.oci import (
     MAX_INDEX_ENTRIES,
     MAX_LAYERS,
-    OCI_LAYER,
-    OCI_LAYER_GZIP,
-    OCI_LAYER_ZSTD,
     BlobAccess,
     canonical_json,
     describe_image,

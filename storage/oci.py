@@ -32,10 +32,10 @@ from imageledger.domain.errors import (
     ManifestError,
 )
 from imageledger.domain.model import (
-    DOCKER_CONFIG,
+    CONFIG_TYPES,
     INDEX_TYPES,
     MANIFEST_TYPES,
-    OCI_CONFIG,
+    UNCOMPRESSED_LAYER_TYPES,
     ImageConfig,
     ImageContent,
     Layer,
@@ -55,12 +55,6 @@ it lists at depth 2, and so on; a layout's ``index.json`` (an archive's table of
 a registry's tags are) is depth 0. Indexes nested more than this deep are refused: real
 images nest one level at most, and a chain of indexes must end."""
 
-OCI_LAYER: Final = "application/vnd.oci.image.layer.v1.tar"
-OCI_LAYER_GZIP: Final = "application/vnd.oci.image.layer.v1.tar+gzip"
-OCI_LAYER_ZSTD: Final = "application/vnd.oci.image.layer.v1.tar+zstd"
-DOCKER_LAYER_GZIP: Final = "application/vnd.docker.image.rootfs.diff.tar.gzip"
-UNCOMPRESSED_LAYER_TYPES: Final = (OCI_LAYER, "application/vnd.docker.image.rootfs.diff.tar")
-CONFIG_TYPES: Final = (OCI_CONFIG, DOCKER_CONFIG)
 
 ANNOTATION_REF_NAME: Final = "org.opencontainers.image.ref.name"
 ANNOTATION_CONTAINERD_NAME: Final = "io.containerd.image.name"
@@ -546,9 +540,6 @@ __all__ = [
     "MAX_INDEX_ENTRIES",
     "MAX_LAYERS",
     "MAX_MANIFEST_SIZE",
-    "OCI_LAYER",
-    "OCI_LAYER_GZIP",
-    "OCI_LAYER_ZSTD",
     "BlobAccess",
     "Descriptor",
     "IndexEntry",

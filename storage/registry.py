@@ -94,19 +94,20 @@ from imageledger.domain.errors import (
 )
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
+    CONFIG_TYPES,
     DOCKER_LIST,
     DOCKER_MANIFEST,
     INDEX_TYPES,
     MANIFEST_TYPES,
     OCI_INDEX,
     OCI_MANIFEST,
+    SCHEMA1_TYPES,
     ImageContent,
     Platform,
 )
 from imageledger.domain.reference import DEFAULT_REGISTRY, Reference, validate_digest
 from imageledger.storage.credentials import normalize_host
 from imageledger.storage.oci import (
-    CONFIG_TYPES,
     MAX_MANIFEST_SIZE,
     Descriptor,
     IndexEntry,
@@ -142,10 +143,6 @@ from imageledger.storage.registryoptions import MAX_BACKOFF, RegistryOptions
 log = get_logger(__name__)
 
 MANIFEST_ACCEPT: Final = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
-SCHEMA1_TYPES: Final = (
-    "application/vnd.docker.distribution.manifest.v1+json",
-    "application/vnd.docker.distribution.manifest.v1+prettyjws",
-)
 PROGRESS_STEP: Final = 1 << 20
 """Bytes between two "blob-bytes" progress events of one blob. (Blobs are written in the
 chunks the connection delivers, 64 KiB: re-chunking into bigger writes only adds a copy.)"""

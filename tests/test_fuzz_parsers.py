@@ -25,11 +25,17 @@ from imageledger.domain.errors import (
     InvalidReferenceError,
     ManifestError,
 )
-from imageledger.domain.model import INDEX_TYPES, MANIFEST_TYPES, OCI_CONFIG, OCI_MANIFEST, Platform
+from imageledger.domain.model import (
+    INDEX_TYPES,
+    MANIFEST_TYPES,
+    OCI_CONFIG,
+    OCI_LAYER,
+    OCI_MANIFEST,
+    Platform,
+)
 from imageledger.domain.reference import Reference, canonical, parse_reference, validate_digest
 from imageledger.storage.oci import (
     MAX_MANIFEST_SIZE,
-    OCI_LAYER,
     parse_config,
     parse_index,
     parse_json,

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 
 from imageledger.domain.errors import ContentMissingError, ImageLedgerError, ManifestError
-from imageledger.domain.model import DOCKER_LIST, OCI_INDEX, OCI_MANIFEST, Platform
+from imageledger.domain.model import DOCKER_LIST, OCI_INDEX, OCI_LAYER, OCI_MANIFEST, Platform
 from imageledger.storage.blobs import BlobStore
 from imageledger.storage.oci import (
     MAX_MANIFEST_SIZE,
-    OCI_LAYER,
     canonical_json,
     describe_image,
     parse_config,
