@@ -126,6 +126,10 @@ class ImageCacheService:
 
     # ------------------------------------------------------------------ queries
 
+    def close(self) -> None:
+        """Refuse every use case from now on (the facade then closes the adapters)."""
+        self.closed = True
+
     def check_open(self) -> None:
         if self.closed:
             msg = f"the cache at {self.home} is closed"

@@ -319,7 +319,7 @@ class ImageCache:
     def close(self) -> None:
         self._registries.close()
         if not self._service.closed:
-            self._service.closed = True
+            self._service.close()
             self._ledger.close()
             self._home.close()
 
