@@ -4,54 +4,53 @@ The cache home is itself an OCI image layout: every cached reference is one mani
 named by its canonical reference in ``org.opencontainers.image.ref.name`` (so
 ``skopeo inspect oci:$HOME:docker.io/library/alpine:3.19`` finds it). Sorted by reference and
 serialised canonically, so the same views always give the same bytes.
+
+Each reference's entry is kept in the views as the JSON bytes it contributes (`index_entry`,
+folded with the event that names the reference), so writing the index joins ready bytes in
+key order: no manifest is read or decoded, and no JSON is built for 10,000 references to
+write one file.
 """
 
 from __future__ import annotations
 
 import json
+from collections.abc import Iterable
 from typing import Any
 
-from imageledger.domain.model import OCI_INDEX, ManifestRecord
-from imageledger.projections.views import ViewState
+from imageledger.domain.model import OCI_INDEX, ImageContent
 
 REF_NAME = "org.opencontainers.image.ref.name"
 POSITION = "io.imageledger.position"
 
 
-def oci_index(state: ViewState) -> bytes:
-    entries: list[dict[str, Any]] = []
-    # One read per manifest, not per reference: a manifest row lists all its references, so
-    # reading it again for each of N aliases would make one index write O(N^2).
-    manifests: dict[str, ManifestRecord | None] = {}
-    for record in sorted(state.references(), key=lambda r: r.reference):
-        digest = record.manifest_digest
-        if digest not in manifests:
-            manifests[digest] = state.manifest(digest)
-        manifest = manifests[digest]
-        if manifest is None:
-            continue
-        content = manifest.content
-        platform: dict[str, str] = {
-            "architecture": content.platform.architecture,
-            "os": content.platform.os,
-        }
-        if content.platform.variant:
-            platform["variant"] = content.platform.variant
-        entries.append(
-            {
-                "mediaType": content.manifest_media_type,
-                "digest": content.manifest_digest,
-                "size": content.manifest_size,
-                "platform": platform,
-                "annotations": {REF_NAME: record.reference},
-            }
-        )
-    index = {
-        "schemaVersion": 2,
-        "mediaType": OCI_INDEX,
-        "manifests": entries,
-        # The last position that changed what this shows (not the ledger's head: a use or a
-        # release changes nothing here, so it must not need a rewrite).
-        "annotations": {POSITION: str(state.shown)},
+def _json(value: Any) -> bytes:
+    return json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+
+
+def index_entry(reference: str, content: ImageContent) -> bytes:
+    """The descriptor of `reference`'s manifest in index.json, as canonical JSON bytes."""
+    platform: dict[str, str] = {
+        "architecture": content.platform.architecture,
+        "os": content.platform.os,
     }
-    return json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
+    if content.platform.variant:
+        platform["variant"] = content.platform.variant
+    return _json(
+        {
+            "mediaType": content.manifest_media_type,
+            "digest": content.manifest_digest,
+            "size": content.manifest_size,
+            "platform": platform,
+            "annotations": {REF_NAME: reference},
+        }
+    )
+
+
+def oci_index(entries: Iterable[bytes], shown: int) -> bytes:
+    """index.json from the entries in reference order: the same bytes as
+    ``json.dumps(index, sort_keys=True, separators=(",", ":"))`` of the whole document.
+    `shown` is the last position that changed what it shows (not the ledger's head: a use or
+    a release changes nothing here, so it must not need a rewrite)."""
+    head = _json({"annotations": {POSITION: str(shown)}})[:-1]  # without the closing brace
+    tail = _json({"mediaType": OCI_INDEX, "schemaVersion": 2})[1:]  # without the opening one
+    return b"".join((head, b',"manifests":[', b",".join(entries), b"],", tail))

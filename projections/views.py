@@ -17,6 +17,8 @@ Tables (keys are bytes; values plain data):
 - ``history``: reference + NUL + position (8 bytes) -> true: which events concern a reference;
   the entries are made from those events in the log when asked for (`reference_entries`), so
   the log stays the one record of who did what (`domain.history`)
+- ``index``: reference -> its entry in index.json, as the canonical JSON bytes it adds there
+  (`projections.index`), so that writing index.json only joins them
 - ``meta``: b"position", b"version", b"modified", b"format" -> int
 
 `FORMAT` numbers the layout above; views written by another layout are rebuilt from the log on
@@ -50,12 +52,22 @@ from imageledger.domain.model import (
     ReferenceRecord,
 )
 from imageledger.domain.ports import ViewRecords, ViewTxn
+from imageledger.projections.index import index_entry
 
-TABLES: Final = ("refs", "refs.order", "manifests", "blobs", "holders", "history", "meta")
+TABLES: Final = (
+    "refs",
+    "refs.order",
+    "manifests",
+    "blobs",
+    "holders",
+    "history",
+    "index",
+    "meta",
+)
 APPEND_ONLY: Final = ("history",)
 HANDLE_FIELDS: Final = tuple(f.name for f in fields(CachedImage))
 # 3: meta "shown", the position of the last event that changed what index.json shows.
-FORMAT: Final = 4
+FORMAT: Final = 5
 _U64: Final = struct.Struct(">Q")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -182,6 +194,7 @@ def _pulled(view: ViewRecords, event: ImageLedger.ImagePulled, position: int, at
         ref["s"] = content.size_bytes
     ref["u"] = at
     _put_ref(view, reference, ref, event.timestamp)
+    view.put("index", reference.encode(), index_entry(reference, content))
 
 
 def _put_ref(view: ViewRecords, reference: str, ref: dict[str, Any], used: datetime) -> None:
@@ -218,6 +231,7 @@ def _drop_reference(view: ViewRecords, reference: str) -> None:
         return
     view.delete("refs", reference.encode())
     view.delete("refs.order", _U64.pack(ref["c"]) + _U64.pack(ref["p"]))
+    view.delete("index", reference.encode())
     _untag(view, reference, ref["m"])
 
 
@@ -512,6 +526,13 @@ class ViewState:
     def holder(self, holder: str) -> tuple[tuple[str, str], ...]:
         key = holder.encode()
         return _checked_leases(key, self.view.get("holders", key) or [])
+
+    def index_entries(self) -> Iterator[bytes]:
+        """Every reference's index.json entry, in reference order (`projections.index`)."""
+        for key, entry in self.view.scan("index"):
+            if type(entry) is not bytes:
+                raise _bad_row("index", key)
+            yield entry
 
     def history(self, reference: str) -> Iterator[int]:
         """The log positions of `reference`'s events, oldest first (`reference_entries`

@@ -43,7 +43,7 @@ class OciIndexFile:
                 shown = home.file_size(layout.INDEX) is not None
                 if not force and written >= position and shown:
                     return
-                data = oci_index(state)
+                data = oci_index(state.index_entries(), position)
             # Every index write holds this lock, so a temporary file left now is a crashed
             # writer's: sweep it.
             for name, _ in home.entries():

@@ -214,6 +214,32 @@ class CacheMachine(RuleBasedStateMachine):
                     self.cache.get(name)
 
     @invariant()
+    def index_json_lists_every_reference_of_the_model(self) -> None:
+        """index.json (joined from per-reference bytes the folds keep) is the canonical OCI
+        index of the model's references, in reference order, each with its manifest."""
+        images = {c.manifest_digest: c for c in self.images.values()}
+        entries = []
+        for reference in sorted(self.model.refs):
+            content = images[self.model.refs[reference].manifest]
+            platform = {"architecture": content.platform.architecture, "os": content.platform.os}
+            if content.platform.variant:
+                platform["variant"] = content.platform.variant
+            entries.append(
+                {
+                    "annotations": {"org.opencontainers.image.ref.name": reference},
+                    "digest": content.manifest_digest,
+                    "mediaType": content.manifest_media_type,
+                    "platform": platform,
+                    "size": content.manifest_size,
+                }
+            )
+        data = (self.cache.home / "index.json").read_bytes()
+        index = json.loads(data)
+        assert index["manifests"] == entries
+        assert index["mediaType"] == "application/vnd.oci.image.index.v1+json"
+        assert data == json.dumps(index, sort_keys=True, separators=(",", ":")).encode()
+
+    @invariant()
     def disk_holds_exactly_the_live_content(self) -> None:
         images = {c.manifest_digest: c for c in self.images.values()}
         live = {d for m in self.model.present for d, _ in images[m].blobs}

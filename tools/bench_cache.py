@@ -1,5 +1,7 @@
 """Benchmark of the image cache's hot paths and of rebuild.
 
+- what index.json adds to a command that changes it: `remove` of one alias at 10 and at N
+  references (goal: < 20 ms more at N);
 - `use` and `release` latency (p50/p99) at 10 and at N references, as a runtime calls them on
   every sandbox start and stop: default durability, index.json kept as for any user (goal:
   the same cost at both sizes);
@@ -206,6 +208,34 @@ def bench_use(home: Path, refs: int, rounds: int) -> dict[str, Any]:
     }
 
 
+def bench_index(home: Path, refs: int, rounds: int) -> dict[str, Any]:
+    """What keeping index.json costs a command that changes what it shows: `remove` of one
+    alias (an untag: no blob is deleted), durable, index.json rewritten as for any user. The
+    difference between 10 and N references is the index's share."""
+    setup = ImageCache(home, durability="nosync")
+    try:
+        _append_events_pulls(setup, refs)
+    finally:
+        setup.close()
+    cache = ImageCache(home)
+    try:
+        names = [h.reference for h in cache.list()]
+        removes = []
+        for i in range(min(rounds, refs)):
+            t0 = time.perf_counter()
+            cache.remove(names[(i * 7919) % refs])
+            removes.append(time.perf_counter() - t0)
+        size = (home / "index.json").stat().st_size
+    finally:
+        cache.close()
+    return {
+        "refs": refs,
+        "index_bytes": size,
+        "remove_p50_ms": round(_percentile(removes, 0.5) * 1e3, 2),
+        "remove_p99_ms": round(_percentile(removes, 0.99) * 1e3, 2),
+    }
+
+
 def bench_rebuild(home: Path, events: int, refs: int) -> dict[str, Any]:
     cache = ImageCache(home, durability="nosync")
     try:
@@ -242,6 +272,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         use_small = bench_use(base / "use-small", 10, args.use_rounds)
         use_large = bench_use(base / "use-large", args.refs, args.use_rounds)
+        index_small = bench_index(base / "index-small", 10, 10)
+        index_large = bench_index(base / "index-large", args.refs, 30)
         reads = bench_reads(base / "reads", args.refs, args.rounds)
         rebuild = bench_rebuild(base / "rebuild", args.events, args.refs)
     finally:
@@ -250,10 +282,14 @@ def main(argv: list[str] | None = None) -> int:
         "python": platform.python_version(),
         "machine": platform.machine(),
         "use": [use_small, use_large],
+        "index": [index_small, index_large],
         "reads": reads,
         "rebuild": rebuild,
         "goals": {
             "get_p99_under_50us": reads["get_p99_us"] < 50,
+            "index_json_adds_under_20ms": index_large["remove_p50_ms"]
+            - index_small["remove_p50_ms"]
+            < 20,
             "list_10k_under_20ms": reads["list_p99_ms"] < 20,
             "list_10k_after_commit_under_20ms": reads["list_after_commit_p99_ms"] < 20,
             "list_10k_first_in_process_under_20ms": reads["list_first_p99_ms"] < 20,
@@ -268,6 +304,12 @@ def main(argv: list[str] | None = None) -> int:
             print(
                 f"use   p50 {use['use_p50_ms']} ms   p99 {use['use_p99_ms']} ms   release p50 "
                 f"{use['release_p50_ms']} ms   ({use['refs']} refs, durable, index.json on)"
+            )
+        for index in result["index"]:
+            print(
+                f"remove (untag, index.json rewritten) p50 {index['remove_p50_ms']} ms   p99 "
+                f"{index['remove_p99_ms']} ms   ({index['refs']} refs, index.json "
+                f"{index['index_bytes']} bytes)"
             )
         print(
             f"get   p50 {reads['get_p50_us']} us   p99 {reads['get_p99_us']} us   "
