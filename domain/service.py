@@ -16,10 +16,12 @@ more. No call goes from here back to a facade.
 from __future__ import annotations
 
 import builtins
+import collections
 import contextlib
 import dataclasses
 import operator
 import random
+import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
@@ -123,6 +125,12 @@ class ImageCacheService:
         self.home = home
         self.read_only = read_only
         self.closed = False
+        # Threads of this process decide and append one at a time, in arrival order: each
+        # decision reads the views the previous one left, so they never conflict and retry
+        # each other (which at 8 threads put p99 of a use+release near 150 ms), and none
+        # waits behind more than the threads that came before it. Other processes still
+        # can conflict; their conflicts are retried below.
+        self._deciding = _FairLock()
 
     # ------------------------------------------------------------------ queries
 
@@ -226,15 +234,20 @@ class ImageCacheService:
         """Decide on a snapshot, append as the next versions; on a conflict, decide again.
         One read and one write transaction when nobody else appends meanwhile."""
         for attempt in range(_MAX_ATTEMPTS):
-            now = self.clock()
-            with self.snapshot() as state:
-                batch = Batch(state.version, self.actor, now)
-                result = decide(state, batch, now)
-            if not batch.events:
-                return result
-            try:
-                self.ledger.append(batch.events)
-            except RecordConflictError:
+            with self._deciding:
+                now = self.clock()
+                with self.snapshot() as state:
+                    batch = Batch(state.version, self.actor, now)
+                    result = decide(state, batch, now)
+                if not batch.events:
+                    return result
+                try:
+                    self.ledger.append(batch.events)
+                except RecordConflictError:
+                    conflicted = True
+                else:
+                    conflicted = False
+            if conflicted:
                 time.sleep(random.uniform(0, 0.0005 * min(attempt + 1, 20)))
                 continue
             if any(isinstance(event, _SHOWN) for event in batch.events):
@@ -615,6 +628,46 @@ class ImageCacheService:
         if not verify:
             self.index.refresh(force=True)
         return report
+
+
+class _FairLock:
+    """A lock granted in the order it was asked for (`threading.Lock` lets a releasing thread
+    take it straight back, so one thread can starve the others)."""
+
+    def __init__(self) -> None:
+        self._mutex = threading.Lock()
+        self._held = False
+        self._waiting: collections.deque[threading.Event] = collections.deque()
+
+    def __enter__(self) -> None:
+        with self._mutex:
+            if not self._held:
+                self._held = True
+                return
+            turn = threading.Event()
+            self._waiting.append(turn)
+        try:
+            turn.wait()  # the releasing thread hands the lock over: _held stays true
+        except BaseException:
+            # Interrupted while waiting (Ctrl-C, SIGTERM in the CLI): leave the queue, or, if
+            # the lock was handed over meanwhile, pass it on, so nobody waits for us forever.
+            with self._mutex:
+                if turn.is_set():
+                    self._hand_over()
+                else:
+                    self._waiting.remove(turn)
+            raise
+
+    def __exit__(self, *exc: object) -> None:
+        with self._mutex:
+            self._hand_over()
+
+    def _hand_over(self) -> None:
+        """Give the lock to the longest waiter, or free it (call holding the mutex)."""
+        if self._waiting:
+            self._waiting.popleft().set()
+        else:
+            self._held = False
 
 
 def _policy(

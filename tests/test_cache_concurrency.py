@@ -551,3 +551,41 @@ def test_processes_rebuilding_at_once_leave_identical_views(tmp_path: Path) -> N
         assert cache.rebuild(verify=True).identical
         assert cache.list() == listed
         assert cache.history() == history
+
+
+def test_threads_of_one_process_never_conflict_and_all_of_them_commit(tmp_path: Path) -> None:
+    """Threads of one process take turns to decide and append (in arrival order), so none of
+    their appends is refused as a conflict and retried; every use and release lands."""
+    home = tmp_path / "home"
+    with ImageCache(home, durability="nosync") as cache:
+        cache.load(build_docker_archive(tmp_path / "a.tar", [ImageSpec(names=("t:1",))]).path)
+        ledger = internals(cache).ledger
+        real_append = ledger.append
+        refused: list[int] = []
+
+        def counting(events: Any) -> None:
+            try:
+                real_append(events)
+            except Exception:
+                refused.append(1)
+                raise
+
+        ledger.append = counting  # type: ignore[method-assign]
+        errors: list[BaseException] = []
+
+        def run(n: int) -> None:
+            try:
+                for i in range(25):
+                    cache.use("t:1", f"sb-{n}-{i}")
+                    assert cache.release(f"sb-{n}-{i}") == 1
+            except BaseException as e:
+                errors.append(e)
+
+        threads = [threading.Thread(target=run, args=(n,)) for n in range(8)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join()
+        assert errors == [] and refused == []
+        events = [e.event for e in cache.history("t:1")]
+        assert events.count("ImageUsed") == events.count("HolderReleased") == 200

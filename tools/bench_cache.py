@@ -21,17 +21,23 @@ import argparse
 import asyncio
 import json
 import platform
+import resource
 import shutil
 import sys
 import tempfile
+import threading
 import time
+import uuid
+from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import msgpack
+
 from imageledger.aio import Image
 from imageledger.cache import ImageCache, current_actor, internals
-from imageledger.domain.events import Batch
+from imageledger.domain.events import Batch, ImageLedger
 from imageledger.domain.model import (
     OCI_MANIFEST,
     ImageConfig,
@@ -41,6 +47,7 @@ from imageledger.domain.model import (
     PrunePolicy,
     RemovedReference,
 )
+from imageledger.storage.eventstore import LedgerApplication
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
@@ -109,12 +116,18 @@ def bench_reads(home: Path, refs: int, rounds: int) -> dict[str, Any]:
         _append_events_pulls(cache, refs)
         names = [h.reference for h in cache.list()]
         assert len(names) == refs, (len(names), refs)
-        get_samples = []
+        get_samples, dict_samples = [], []
+        # The peer: a dict lookup of the same names, timed the same way (the floor of any
+        # in-process get).
+        table = {h.reference: h for h in cache.list()}
         for i in range(rounds):
             name = names[(i * 7919) % refs]
             t0 = time.perf_counter()
             cache.get(name)
             get_samples.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()
+            table.get(name)
+            dict_samples.append(time.perf_counter() - t0)
         list_samples, after_commit, first_samples = [], [], []
         for i in range(max(rounds // 1000, 20)):
             t0 = time.perf_counter()
@@ -140,6 +153,7 @@ def bench_reads(home: Path, refs: int, rounds: int) -> dict[str, Any]:
         "async_list_p99_ms": round(_percentile(async_samples, 0.99) * 1e3, 2),
         "get_p50_us": round(_percentile(get_samples, 0.5) * 1e6, 1),
         "get_p99_us": round(_percentile(get_samples, 0.99) * 1e6, 1),
+        "dict_get_p99_us": round(_percentile(dict_samples, 0.99) * 1e6, 2),
         "list_p50_ms": round(_percentile(list_samples, 0.5) * 1e3, 2),
         "list_p99_ms": round(_percentile(list_samples, 0.99) * 1e3, 2),
         "list_after_commit_p50_ms": round(_percentile(after_commit, 0.5) * 1e3, 2),
@@ -177,9 +191,12 @@ def _append_events_pulls(cache: ImageCache, refs: int) -> None:
         ledger.append(events.events)
 
 
-def bench_use(home: Path, refs: int, rounds: int) -> dict[str, Any]:
-    """use() and release() as a runtime calls them on every sandbox start and stop: the
-    default durability (every commit synced), index.json kept by the cache as always."""
+def bench_use(home: Path, refs: int, rounds: int, threads: int = 1) -> dict[str, Any]:
+    """A durable `use` then `release` through the API, as a runtime calls them on every
+    sandbox start and stop: the default durability (every commit synced), index.json kept by
+    the cache as always. `threads` run the pair at once, each with its own holders. Beside
+    it, the peer: eventsourcing's SQLite module appending the same two events per pair, each
+    thread on its own aggregate (no conflicts to retry: the peer's easiest case)."""
     setup = ImageCache(home, durability="nosync")
     try:
         _append_events_pulls(setup, refs)
@@ -188,24 +205,77 @@ def bench_use(home: Path, refs: int, rounds: int) -> dict[str, Any]:
     cache = ImageCache(home)
     try:
         names = [h.reference for h in cache.list()]
-        uses, releases = [], []
-        for i in range(rounds):
-            name = names[(i * 7919) % refs]
+
+        def ours(thread: int, i: int) -> float:
+            name, holder = names[(i * 7919 + thread) % refs], f"sandbox-{thread}-{i}"
             t0 = time.perf_counter()
-            cache.use(name, holder=f"sandbox-{i}")
-            uses.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()
-            cache.release(f"sandbox-{i}")
-            releases.append(time.perf_counter() - t0)
+            cache.use(name, holder=holder)
+            cache.release(holder)
+            return time.perf_counter() - t0
+
+        pairs = _in_threads(ours, threads, rounds)
     finally:
         cache.close()
+    peer = _sqlite_pairs(home.parent / f"{home.name}-sqlite", names, threads, rounds)
     return {
         "refs": refs,
-        "use_p50_ms": round(_percentile(uses, 0.5) * 1e3, 3),
-        "use_p99_ms": round(_percentile(uses, 0.99) * 1e3, 3),
-        "release_p50_ms": round(_percentile(releases, 0.5) * 1e3, 3),
-        "release_p99_ms": round(_percentile(releases, 0.99) * 1e3, 3),
+        "threads": threads,
+        "use_release_p50_ms": round(_percentile(pairs, 0.5) * 1e3, 3),
+        "use_release_p99_ms": round(_percentile(pairs, 0.99) * 1e3, 3),
+        "sqlite_p50_ms": round(_percentile(peer, 0.5) * 1e3, 3),
+        "sqlite_p99_ms": round(_percentile(peer, 0.99) * 1e3, 3),
     }
+
+
+def _in_threads(pair: Callable[[int, int], float], threads: int, rounds: int) -> list[float]:
+    """`rounds` calls of `pair(thread, i)` in each of `threads` threads started together."""
+    samples: list[float] = []
+    lock = threading.Lock()
+    start = threading.Barrier(threads)
+
+    def run(thread: int) -> None:
+        start.wait()
+        mine = [pair(thread, i) for i in range(rounds)]
+        with lock:
+            samples.extend(mine)
+
+    workers = [threading.Thread(target=run, args=(t,)) for t in range(threads)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join()
+    return samples
+
+
+def _sqlite_pairs(workdir: Path, names: list[str], threads: int, rounds: int) -> list[float]:
+    """The peer of `bench_use`: the same ImageUsed and HolderReleased events, encoded by the
+    same transcoder, saved by eventsourcing's SQLite module (WAL, its default pragmas)."""
+    workdir.mkdir(parents=True, exist_ok=True)
+    env = {"PERSISTENCE_MODULE": "eventsourcing.sqlite", "SQLITE_DBNAME": str(workdir / "db")}
+    app = LedgerApplication(env=env)
+    actor = current_actor()
+    digest = _content(0).manifest_digest
+    try:
+
+        def pair(thread: int, i: int) -> float:
+            owner = uuid.uuid5(uuid.NAMESPACE_URL, f"bench-peer-{thread}")
+            name, holder = names[(i * 7919 + thread) % len(names)], f"sandbox-{thread}-{i}"
+            at = datetime.now(UTC)
+            base: dict[str, Any] = {"originator_id": owner, "timestamp": at, "actor": actor}
+            # eventsourcing makes the event classes dataclasses through a metaclass, which
+            # type checkers do not see: the fields go in as a typed-as-Any map.
+            use: dict[str, Any] = {"reference": name, "manifest_digest": digest, "holder": holder}
+            release: dict[str, Any] = {"holder": holder, "leases": ((name, digest),)}
+            used = ImageLedger.ImageUsed(**base, originator_version=2 * i + 1, **use)
+            released = ImageLedger.HolderReleased(**base, originator_version=2 * i + 2, **release)
+            t0 = time.perf_counter()
+            app.save(used)
+            app.save(released)
+            return time.perf_counter() - t0
+
+        return _in_threads(pair, threads, rounds)
+    finally:
+        app.close()
 
 
 def bench_index(home: Path, refs: int, rounds: int) -> dict[str, Any]:
@@ -236,20 +306,41 @@ def bench_index(home: Path, refs: int, rounds: int) -> dict[str, Any]:
     }
 
 
+def _read_and_decode(cache: ImageCache) -> float:
+    """The ceiling of a rebuild: read every stored event from the log and msgpack-decode its
+    state in C (no transcoding hooks, no domain object, no fold). Seconds taken."""
+    views = internals(cache).ledger.views
+    t0 = time.perf_counter()
+    after = 0
+    while batch := views.read_log(after, 5000):
+        for notification in batch:
+            msgpack.unpackb(notification.state, strict_map_key=False)
+        after = batch[-1].id
+    return time.perf_counter() - t0
+
+
 def bench_rebuild(home: Path, events: int, refs: int) -> dict[str, Any]:
     cache = ImageCache(home, durability="nosync")
     try:
         t0 = time.perf_counter()
         append_mixed_events(cache, events, refs)
         append_s = time.perf_counter() - t0
+        ceiling_s = _read_and_decode(cache)
         t0 = time.perf_counter()
+        peak_before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         report = cache.rebuild()
         rebuild_s = time.perf_counter() - t0
+        peak_after = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
         verified = cache.rebuild(verify=True).identical
     finally:
         cache.close()
     return {
         "events": report.events,
+        "ceiling_events_per_s": round(report.events / ceiling_s),
+        # The process's peak RSS after the rebuild (KiB -> MiB): it includes the setup's
+        # appends; peak_grew says whether the rebuild itself raised it.
+        "peak_rss_mib": round(peak_after / 1024),
+        "peak_grew_mib": round((peak_after - peak_before) / 1024),
         "append_events_per_s": round(events / append_s),
         "rebuild_seconds": round(rebuild_s, 2),
         "rebuild_events_per_s": round(report.events / rebuild_s),
@@ -270,8 +361,11 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     base = Path(tempfile.mkdtemp(prefix="imageledger-bench-", dir=args.dir))
     try:
-        use_small = bench_use(base / "use-small", 10, args.use_rounds)
-        use_large = bench_use(base / "use-large", args.refs, args.use_rounds)
+        uses = [
+            bench_use(base / f"use-{refs}-{threads}", refs, args.use_rounds // threads, threads)
+            for threads in (1, 8)
+            for refs in (10, args.refs)
+        ]
         index_small = bench_index(base / "index-small", 10, 10)
         index_large = bench_index(base / "index-large", args.refs, 30)
         reads = bench_reads(base / "reads", args.refs, args.rounds)
@@ -281,7 +375,7 @@ def main(argv: list[str] | None = None) -> int:
     result: dict[str, Any] = {
         "python": platform.python_version(),
         "machine": platform.machine(),
-        "use": [use_small, use_large],
+        "use": uses,
         "index": [index_small, index_large],
         "reads": reads,
         "rebuild": rebuild,
@@ -302,8 +396,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"python {result['python']} on {result['machine']}")
         for use in result["use"]:
             print(
-                f"use   p50 {use['use_p50_ms']} ms   p99 {use['use_p99_ms']} ms   release p50 "
-                f"{use['release_p50_ms']} ms   ({use['refs']} refs, durable, index.json on)"
+                f"use+release p50 {use['use_release_p50_ms']} ms   p99 "
+                f"{use['use_release_p99_ms']} ms   (sqlite p50 {use['sqlite_p50_ms']} ms   p99 "
+                f"{use['sqlite_p99_ms']} ms)   {use['refs']} refs, {use['threads']} threads"
             )
         for index in result["index"]:
             print(
@@ -313,6 +408,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         print(
             f"get   p50 {reads['get_p50_us']} us   p99 {reads['get_p99_us']} us   "
+            f"(dict lookup p99 {reads['dict_get_p99_us']} us)   "
             f"({reads['refs']} refs; goal p99 < 50 us)"
         )
         print(
@@ -332,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(
             f"rebuild {rebuild['events']} events in {rebuild['rebuild_seconds']} s = "
-            f"{rebuild['rebuild_events_per_s']} events/s (goal >= 100000); "
+            f"{rebuild['rebuild_events_per_s']} events/s (goal >= 100000; reading and decoding "
+            f"alone {rebuild['ceiling_events_per_s']} events/s; peak RSS "
+            f"{rebuild['peak_rss_mib']} MiB); "
             f"identical={rebuild['rebuilt_identical']}"
         )
         print(f"append (for setup) {rebuild['append_events_per_s']} events/s")
