@@ -1,7 +1,11 @@
 """Where images come from and go to, as the application service sees them: registries (the
 domain's `Puller`, with the client pool the pulls of one cache share) and archives (`Archives`:
 OCI layouts and docker archives, read and written). A full disk is the package's
-`DiskFullError` here, whatever the source was doing."""
+`DiskFullError` here, whatever the source was doing.
+
+The registry client (with httpx) and the archive readers and writers are imported by the
+methods that use them: the cache wires this module for every command, and a `use` or an
+`images` must not pay for loading them."""
 
 from __future__ import annotations
 
@@ -12,21 +16,18 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
-from typing import Final, Literal
+from typing import TYPE_CHECKING, Final, Literal
 
 from imageledger.domain.errors import DiskFullError, ImageLedgerError, InvalidDestinationError
 from imageledger.domain.model import ImageContent, LoadedImage, Platform
 from imageledger.domain.ports import ArchiveDestination, ArchiveSource, SourceStore
 from imageledger.domain.reference import Reference
-from imageledger.storage import archives
 from imageledger.storage.blobs import BlobStore
 from imageledger.storage.leases import LeasedStore
-from imageledger.storage.registry import PullProgress, RegistryClient
-from imageledger.storage.registryoptions import (
-    RegistryOptions,
-    environment_fingerprint,
-    options_from_environment,
-)
+
+if TYPE_CHECKING:
+    from imageledger.storage.registry import PullProgress, RegistryClient
+    from imageledger.storage.registryoptions import RegistryOptions
 
 _CLIENT_MAX_AGE: Final = 600.0  # s
 
@@ -84,6 +85,12 @@ class Registries:
 
     @contextlib.contextmanager
     def client(self, options: RegistryOptions | None) -> Iterator[RegistryClient]:
+        from imageledger.storage.registry import RegistryClient
+        from imageledger.storage.registryoptions import (
+            environment_fingerprint,
+            options_from_environment,
+        )
+
         key = options if options is not None else environment_fingerprint()
         with self._lock:
             shared = self._client
@@ -145,6 +152,8 @@ class ArchiveFiles:
 
     def load(self, source: ArchiveSource, store: SourceStore) -> list[LoadedImage]:
         assert isinstance(store, LeasedStore)  # the one SourceStore: InFlightLeases.bringing
+        from imageledger.storage import archives
+
         with disk_space(self.home):
             return archives.load(
                 Path(os.fsdecode(source)) if isinstance(source, str | os.PathLike) else source,
@@ -158,6 +167,8 @@ class ArchiveFiles:
         *,
         format: Literal["docker", "oci"],
     ) -> None:
+        from imageledger.storage import archives
+
         if not isinstance(destination, str | os.PathLike):
             with disk_space("the output stream"):
                 archives.save(images, self.store, destination, format=format)

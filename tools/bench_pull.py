@@ -340,7 +340,8 @@ def _print_text(
 # --------------------------------------------------------------------------- main
 
 
-def _at_least_one(text: str) -> int:
+def at_least_one(text: str) -> int:
+    """A positive integer argument (public: bench_cli parses its counts the same way)."""
     try:
         value = int(text)
     except ValueError:
@@ -363,9 +364,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="where to make the (temporary, removed) working directory; default a fresh "
         "temporary directory not on a memory filesystem",
     )
-    parser.add_argument("--rounds", type=_at_least_one, default=5, help="rounds (5)")
-    parser.add_argument("--size-mib", type=_at_least_one, default=200, help="image size (200)")
-    parser.add_argument("--layers", type=_at_least_one, default=4, help="layers (4)")
+    parser.add_argument("--rounds", type=at_least_one, default=5, help="rounds (5)")
+    parser.add_argument("--size-mib", type=at_least_one, default=200, help="image size (200)")
+    parser.add_argument("--layers", type=at_least_one, default=4, help="layers (4)")
     parser.add_argument("--skopeo", default="skopeo", help="the skopeo executable (skopeo)")
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser

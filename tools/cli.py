@@ -19,36 +19,26 @@ import re
 import signal
 import sys
 import threading
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import datetime
 from pathlib import Path
-from typing import Any, Final, NoReturn
+from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from imageledger import (
-    ArchiveError,
-    DigestMismatchError,
-    HomeDamagedError,
-    HomeNotFoundError,
-    ImageCache,
-    ImageDetail,
-    ImageHandle,
-    ImageInUseError,
-    ImageLedgerError,
-    ImageNotFoundError,
-    ImagePruneReport,
-    InvalidReferenceError,
-    LedgerCorruptError,
-    ManifestError,
-    PullProgress,
-    canonical,
-    check_holder,
-    check_ledger,
-    default_home,
-    options_from_environment,
-)
 from imageledger.tools.logs import configure_logging, printable
 from imageledger.tools.progress import Progress
+
+if TYPE_CHECKING:
+    # Imported where they are used instead: loading the package's modules is most of what a
+    # short command costs (see the `imageledger` package docstring), and a command loads
+    # only what it runs.
+    from imageledger import (
+        ImageCache,
+        ImageDetail,
+        ImageHandle,
+        ImagePruneReport,
+        PullProgress,
+    )
 
 EXIT_OK = 0
 EXIT_FAILURE = 1
@@ -208,6 +198,28 @@ def _print_json(value: Any) -> None:
     print(json.dumps(value, indent=2, sort_keys=False))
 
 
+Scalar = str | int | float | bool | None
+
+# What json.dumps(indent=2) puts between the members of an object nested in a list, and
+# between two such objects.
+_MEMBERS: Final = ",\n    "
+_BETWEEN_ROWS: Final = "\n  },\n  {\n    "
+
+
+def rows_json(rows: Sequence[Mapping[str, Scalar]]) -> str:
+    """Exactly ``json.dumps(rows, indent=2)`` for a list of non-empty objects of scalars
+    (what `images --json` prints), about four times faster: with `indent`, the standard
+    library encodes in Python, value by value (~150 ms for 10,000 handles); without it, in C.
+    So the rows are encoded in C with the indented object's member separator, and only the
+    seams between rows are rewritten: ``},`` + separator + ``{`` occurs nowhere else, because
+    a member is followed by a quoted key, never by ``{``, and an encoded string never holds a
+    raw newline. tests/test_cli_json.py checks the equality on arbitrary rows."""
+    if not rows:
+        return "[]"
+    flat = json.dumps(rows, separators=(_MEMBERS, ": "))
+    return "[\n  {\n    " + flat[2:-2].replace("}" + _MEMBERS + "{", _BETWEEN_ROWS) + "\n  }\n]"
+
+
 def _say(text: str) -> None:
     """Print one human-readable line, control characters escaped (see `printable`)."""
     print(printable(text))
@@ -233,7 +245,7 @@ def _short(digest: str) -> str:
 def cmd_images(cache: ImageCache, args: argparse.Namespace) -> int:
     handles = cache.list()
     if args.json:
-        _print_json([handle_json(h) for h in handles])
+        print(rows_json([handle_json(h) for h in handles]))
         return EXIT_OK
     _table(
         [
@@ -272,6 +284,8 @@ def cmd_load(cache: ImageCache, args: argparse.Namespace) -> int:
 
 
 def cmd_pull(cache: ImageCache, args: argparse.Namespace) -> int:
+    from imageledger import options_from_environment
+
     options = options_from_environment(
         insecure=args.insecure_registry,
         ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
@@ -332,6 +346,8 @@ def cmd_release(cache: ImageCache, args: argparse.Namespace) -> int:
 
 
 def cmd_rm(cache: ImageCache, args: argparse.Namespace) -> int:
+    from imageledger import ImageLedgerError
+
     removed: list[str] = []
     try:
         for reference in args.references:
@@ -475,9 +491,14 @@ def cmd_demo(cache: ImageCache | None, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(cache: ImageCache | None, args: argparse.Namespace) -> int:
-    from imageledger.tools import bench_cache, bench_ledger, bench_pull
+    from imageledger.tools import bench_cache, bench_cli, bench_ledger, bench_pull
 
-    benches = {"ledger": bench_ledger.main, "cache": bench_cache.main, "pull": bench_pull.main}
+    benches = {
+        "ledger": bench_ledger.main,
+        "cache": bench_cache.main,
+        "pull": bench_pull.main,
+        "cli": bench_cli.main,
+    }
     if not args.rest or args.rest[0] not in benches:
         msg = f"bench: choose one of {', '.join(benches)}"
         raise UsageError(msg)
@@ -634,6 +655,15 @@ _CREATING: Final = frozenset({"load", "pull"})
 
 
 def _run(args: argparse.Namespace) -> int:
+    from imageledger import (
+        ImageCache,
+        ImageLedgerError,
+        canonical,
+        check_holder,
+        check_ledger,
+        default_home,
+    )
+
     try:
         if not getattr(args, "needs_cache", True):
             return int(args.run(None, args))
@@ -669,6 +699,18 @@ def _run(args: argparse.Namespace) -> int:
 def exit_code(error: BaseException) -> int:
     """The documented exit code of a failure: one class of failure, one code, whichever
     command meets it."""
+    from imageledger import (
+        ArchiveError,
+        DigestMismatchError,
+        HomeDamagedError,
+        HomeNotFoundError,
+        ImageInUseError,
+        ImageNotFoundError,
+        InvalidReferenceError,
+        LedgerCorruptError,
+        ManifestError,
+    )
+
     if isinstance(error, ImageNotFoundError | HomeNotFoundError):
         return EXIT_NOT_FOUND
     if isinstance(error, ImageInUseError):

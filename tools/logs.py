@@ -8,6 +8,10 @@ embedder's back. `configure_logging()` gives the command line what the project p
 - the level from ``IMAGELEDGER_LOG_LEVEL`` (debug, info, warning, error; default warning);
 - credentials never reach a line: values under secret-looking keys are replaced, and passwords
   in URLs and ``Authorization``-style tokens inside any string are masked, at any depth.
+
+structlog is imported by `configure_logging`, not by this module: importing structlog loads
+asyncio (and rich, where it is installed), and `printable`, which every line of the command
+line's output goes through, must not cost that.
 """
 
 from __future__ import annotations
@@ -18,8 +22,6 @@ import re
 import sys
 from collections.abc import Mapping, MutableMapping
 from typing import Any, Final, TextIO
-
-import structlog
 
 REDACTED: Final = "[redacted]"
 
@@ -96,6 +98,8 @@ def configure_logging(
 
     `json` defaults to "stream is not a TTY", `stream` to stderr, `level` to `log_level()`.
     """
+    import structlog
+
     out = stream if stream is not None else sys.stderr
     as_json = not out.isatty() if json is None else json
     renderer: Any = (

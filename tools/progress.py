@@ -1,5 +1,8 @@
 """Progress bars for long work (pulls, rebuilds): a bar on a terminal, structured log events
-otherwise, so embedders and log readers see progress without a terminal."""
+otherwise, so embedders and log readers see progress without a terminal.
+
+structlog is imported when a line is logged (at most eleven times a task), not with the module:
+the command line imports this module for every command, and structlog brings asyncio with it."""
 
 from __future__ import annotations
 
@@ -7,10 +10,6 @@ import sys
 import time
 from types import TracebackType
 from typing import Self, TextIO
-
-import structlog
-
-log = structlog.get_logger(__name__)
 
 
 class Progress:
@@ -41,7 +40,11 @@ class Progress:
         decile = int(fraction * 10)
         if decile > self._logged:
             self._logged = decile
-            log.info("progress", task=self.label, done=done, total=total, unit=self.unit)
+            import structlog
+
+            structlog.get_logger(__name__).info(
+                "progress", task=self.label, done=done, total=total, unit=self.unit
+            )
 
     def __enter__(self) -> Self:
         return self
