@@ -48,7 +48,7 @@ from imageledger.cache import ImageCache, current_actor, internals
 from imageledger.domain.events import Batch
 from imageledger.domain.model import OCI_MANIFEST, ImageConfig, ImageContent, Layer, Platform
 from imageledger.tools.bench_ledger import cpu_counts, filesystem_of, load_average, scratch_dir
-from imageledger.tools.bench_pull import at_least_one
+from imageledger.tools.bench_pull import at_least_one, child_environment, imageledger_command
 from imageledger.tools.imagebuild import ImageSpec, build_docker_archive, build_image
 
 GOAL_INSPECT_RATIO: Final = 4.0
@@ -127,20 +127,6 @@ def small_home(work: Path) -> Path:
 
 
 # --------------------------------------------------------------------------- one command
-
-
-def imageledger_command() -> list[str]:
-    """The console script next to this interpreter, as a user runs it; the module otherwise."""
-    script = Path(sys.executable).with_name("imageledger")
-    if script.is_file() and os.access(script, os.X_OK):
-        return [str(script)]
-    return [sys.executable, "-m", "imageledger.tools.cli"]
-
-
-def child_environment() -> dict[str, str]:
-    env = dict(os.environ)
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    return env
 
 
 def run_timed(command: Sequence[str], env: dict[str, str]) -> tuple[float, bytes]:

@@ -7,20 +7,31 @@ Run as ``python -m imageledger.tools.bench_pull`` (or ``imageledger bench pull``
 2. starts a throwaway plain-HTTP registry (``imageledger.tools.localregistry``) and pushes the
    image to it as ``HOST/bench/big:1`` with ``skopeo copy`` (skopeo keeps gzip layers as
    they are, so the registry serves exactly the built blobs);
-3. runs ``--rounds`` rounds, each timing both clients once, interleaved (odd rounds
-   imageledger first, even rounds skopeo first):
+3. runs ``--rounds`` rounds, each timing every client once, interleaved (the order rotates
+   from round to round):
 
-   - imageledger: ``ImageCache(fresh home)`` + ``pull(ref, options=RegistryOptions(insecure=
-     {HOST}))`` + ``close()``, in this process: a cold pull, every blob downloaded, checked
-     against its digest and size, fsynced and recorded in the ledger;
+   - ``cli`` (imageledger through the command line, the figure of issue 10): ``imageledger
+     --home FRESH pull HOST/bench/big:1 --insecure-registry HOST --json``, a process started
+     as a user starts it (the console script ``pip`` installed), its stderr a pseudo-terminal
+     by default (``--cli-stderr tty``: the progress bar draws as at a terminal; ``pipe``: as
+     in a script, JSON log lines instead), logging as configured by the environment; wall
+     time from exec to exit;
+   - ``process`` (imageledger in process): ``ImageCache(fresh home)`` + ``pull(ref,
+     options=RegistryOptions(insecure={HOST}))`` + ``close()`` in this process, its modules
+     already loaded;
    - skopeo: ``skopeo copy --src-tls-verify=false docker://HOST/bench/big:1 oci:DIR:big``
      into a fresh directory (a process per round, as one would run it).
+
+   Both imageledger clients make a cold pull: every blob downloaded, checked against its
+   digest and size, fsynced and recorded in the ledger. ``--modes`` picks them (both by
+   default).
 
    Before each timed pull the previous round's output is removed and ``sync()`` is called
    (untimed), so neither client pays for the other's writeback.
 
 Reported: the per-round times, their medians, the median of the per-round ratios
-imageledger/skopeo and whether it meets the goal (ratio <= 1.0); the header gives the CPUs, the
+imageledger/skopeo for each imageledger client and whether it meets the goal (ratio <= 1.0;
+judged on the command line when it was measured); the header gives the CPUs, the
 Python, skopeo and registry versions and the filesystem of the working directory. Everything
 (registry, temporary directories) is cleaned up on exit, Ctrl-C included.
 """
@@ -31,11 +42,13 @@ import argparse
 import json
 import os
 import platform
+import pty
 import resource
 import shutil
 import statistics
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -64,7 +77,12 @@ TAG: Final = "1"
 LAYOUT_NAME: Final = "big"
 SKOPEO_TIMEOUT: Final = 600.0
 IMAGELEDGER: Final = "imageledger"
+"""imageledger in this process."""
+CLI: Final = "imageledger-cli"
+"""imageledger through its command line, a process."""
 SKOPEO: Final = "skopeo"
+MODES: Final = {"cli": CLI, "process": IMAGELEDGER}
+CLI_TIMEOUT: Final = 600.0
 
 
 class BenchError(RuntimeError):
@@ -199,6 +217,96 @@ def pull_imageledger(home: Path, reference: str, host: str, expected: str) -> Ti
     return Timing(elapsed, cpu)
 
 
+def imageledger_command() -> list[str]:
+    """The console script next to this interpreter, as a user runs it; the module otherwise."""
+    script = Path(sys.executable).with_name("imageledger")
+    if script.is_file() and os.access(script, os.X_OK):
+        return [str(script)]
+    return [sys.executable, "-m", "imageledger.tools.cli"]
+
+
+def child_environment() -> dict[str, str]:
+    """This process's environment for a measured command, but for ``PYTHONDONTWRITEBYTECODE``:
+    an installed package has its bytecode compiled (pip does it at install time), and a
+    figure of the command line is not one of Python's compiler."""
+    env = dict(os.environ)
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    return env
+
+
+def warm_up() -> None:
+    """Compile and cache the bytecode of what a pull imports (untimed; see
+    `child_environment`)."""
+    code = "import imageledger.tools.cli, imageledger.cache, imageledger.storage.registry"
+    subprocess.run(
+        [sys.executable, "-c", code], env=child_environment(), check=True, timeout=CLI_TIMEOUT
+    )
+
+
+def _drain(fd: int) -> None:
+    """Read a pseudo-terminal's output until its last writer closes it (as a terminal
+    would display it; the bytes are dropped)."""
+    try:
+        while os.read(fd, 65536):
+            pass
+    except OSError:  # EIO: every slave end is closed
+        pass
+    finally:
+        os.close(fd)
+
+
+def pull_cli(home: Path, reference: str, host: str, expected: str, *, tty: bool) -> Timing:
+    """``imageledger --home HOME pull REFERENCE --insecure-registry HOST --json``, timed from
+    exec to exit (CPU: the process); stderr a pseudo-terminal when `tty` (read by a thread,
+    as a terminal reads it), else a pipe read as it comes; checks the manifest digest."""
+    command = [
+        *imageledger_command(),
+        "--home",
+        str(home),
+        "pull",
+        reference,
+        "--insecure-registry",
+        host,
+        "--json",
+    ]
+    master, slave = pty.openpty() if tty else (-1, -1)
+    reader = threading.Thread(target=_drain, args=(master,), daemon=True) if tty else None
+    cpu = _cpu_seconds(resource.RUSAGE_CHILDREN)
+    began = time.perf_counter()
+    try:
+        process = subprocess.Popen(
+            command,
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=slave if tty else subprocess.PIPE,
+            env=child_environment(),
+        )
+    finally:
+        if tty:
+            os.close(slave)
+    if reader is not None:
+        reader.start()
+    try:
+        out, err = process.communicate(timeout=CLI_TIMEOUT)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+    elapsed = time.perf_counter() - began
+    cpu = _cpu_seconds(resource.RUSAGE_CHILDREN) - cpu
+    if reader is not None:
+        reader.join(timeout=10)
+    if process.returncode != 0:
+        detail = (err or b"").decode(errors="replace")[-2000:]
+        msg = f"{' '.join(command)} exited {process.returncode}: {detail}"
+        raise BenchError(msg)
+    digest = json.loads(out)["manifest_digest"]
+    if digest != expected:
+        msg = f"imageledger (command line) pulled {digest}, the registry has {expected}"
+        raise BenchError(msg)
+    return Timing(elapsed, cpu)
+
+
 def pull_skopeo(
     skopeo: str, scratch: Path, destination: Path, reference: str, expected: str
 ) -> Timing:
@@ -231,54 +339,54 @@ def pull_skopeo(
 
 @dataclass
 class Round:
+    """One round: the timing of each client, in the order they ran."""
+
     number: int
-    first: str
-    imageledger: Timing
-    skopeo: Timing
+    order: tuple[str, ...]
+    timings: dict[str, Timing]
 
-    @property
-    def imageledger_seconds(self) -> float:
-        return self.imageledger.seconds
+    def ratio(self, tool: str) -> float:
+        return self.timings[tool].seconds / self.timings[SKOPEO].seconds
 
-    @property
-    def skopeo_seconds(self) -> float:
-        return self.skopeo.seconds
-
-    @property
-    def ratio(self) -> float:
-        return self.imageledger.seconds / self.skopeo.seconds
+    def imageledger_tools(self) -> list[str]:
+        return [tool for tool in (CLI, IMAGELEDGER) if tool in self.timings]
 
     def to_json(self) -> dict[str, Any]:
-        return {
-            "round": self.number,
-            "first": self.first,
-            "imageledger_seconds": round(self.imageledger_seconds, 4),
-            "skopeo_seconds": round(self.skopeo_seconds, 4),
-            "ratio": round(self.ratio, 4),
-            "imageledger_cpu_seconds": round(self.imageledger.cpu_seconds, 4),
-            "skopeo_cpu_seconds": round(self.skopeo.cpu_seconds, 4),
-        }
+        row: dict[str, Any] = {"round": self.number, "order": list(self.order)}
+        for tool, timing in self.timings.items():
+            row[f"{tool}_seconds"] = round(timing.seconds, 4)
+            row[f"{tool}_cpu_seconds"] = round(timing.cpu_seconds, 4)
+        for tool in self.imageledger_tools():
+            row[f"{tool}_ratio"] = round(self.ratio(tool), 4)
+        return row
 
 
 def summarize(rounds: Sequence[Round], image_bytes: int) -> dict[str, Any]:
-    imageledger = statistics.median(r.imageledger_seconds for r in rounds)
-    skopeo = statistics.median(r.skopeo_seconds for r in rounds)
-    ratio = statistics.median(r.ratio for r in rounds)
-    return {
-        "imageledger_median_seconds": round(imageledger, 4),
-        "skopeo_median_seconds": round(skopeo, 4),
-        "imageledger_median_mib_per_s": round(image_bytes / MIB / imageledger, 1),
-        "skopeo_median_mib_per_s": round(image_bytes / MIB / skopeo, 1),
-        "median_ratio": round(ratio, 4),
-        "imageledger_median_cpu_seconds": round(
-            statistics.median(r.imageledger.cpu_seconds for r in rounds), 4
-        ),
-        "skopeo_median_cpu_seconds": round(
-            statistics.median(r.skopeo.cpu_seconds for r in rounds), 4
-        ),
-        "goal_ratio": GOAL_RATIO,
-        "goal_met": ratio <= GOAL_RATIO,
-    }
+    """Medians (and the spread: min, max) per client, the median per-round ratio of each
+    imageledger client to skopeo, and the goal, judged on the command line when measured."""
+    summary: dict[str, Any] = {}
+    for tool in rounds[0].timings:
+        seconds = [r.timings[tool].seconds for r in rounds]
+        median = statistics.median(seconds)
+        summary[tool] = {
+            "median_seconds": round(median, 4),
+            "min_seconds": round(min(seconds), 4),
+            "max_seconds": round(max(seconds), 4),
+            "median_mib_per_s": round(image_bytes / MIB / median, 1),
+            "median_cpu_seconds": round(
+                statistics.median(r.timings[tool].cpu_seconds for r in rounds), 4
+            ),
+        }
+        if tool != SKOPEO:
+            ratios = [r.ratio(tool) for r in rounds]
+            summary[tool]["median_ratio"] = round(statistics.median(ratios), 4)
+            summary[tool]["min_ratio"] = round(min(ratios), 4)
+            summary[tool]["max_ratio"] = round(max(ratios), 4)
+    judged = rounds[0].imageledger_tools()[0]
+    summary["goal_ratio"] = GOAL_RATIO
+    summary["goal_judged_on"] = judged
+    summary["goal_met"] = summary[judged]["median_ratio"] <= GOAL_RATIO
+    return summary
 
 
 def _print_text(
@@ -304,36 +412,43 @@ def _print_text(
         f"image          {image['layers']} gzip layers of random bytes, {image['blob_mib']:.1f} "
         f"MiB of blobs ({image['size_mib']} MiB of files); {image['manifest_digest']}"
     )
+    print(f"cli stderr     {facts['cli_stderr']}; command {' '.join(facts['cli_command'])}")
     print()
-    header = (
-        f"{'round':>6}  {'first':11}  {'imageledger s':>13}  {'skopeo s':>9}  {'ratio':>6}  "
-        f"{'imageledger cpu s':>17}  {'skopeo cpu s':>12}"
+    tools = list(rounds[0].timings)
+    header = f"{'round':>6}  " + "  ".join(
+        f"{tool + ' s':>18}  {'ratio':>6}  {'cpu s':>6}" for tool in tools
     )
     print(header)
     print("-" * len(header))
     for r in rounds:
-        print(
-            f"{r.number:>6}  {r.first:11}  {r.imageledger_seconds:>13.3f}  "
-            f"{r.skopeo_seconds:>9.3f}  {r.ratio:>6.3f}  "
-            f"{r.imageledger.cpu_seconds:>17.3f}  {r.skopeo.cpu_seconds:>12.3f}"
-        )
+        cells = []
+        for tool in tools:
+            ratio = f"{r.ratio(tool):>6.3f}" if tool != SKOPEO else " " * 6
+            cells.append(
+                f"{r.timings[tool].seconds:>18.3f}  {ratio}  {r.timings[tool].cpu_seconds:>6.2f}"
+            )
+        print(f"{r.number:>6}  " + "  ".join(cells))
     print("-" * len(header))
-    print(
-        f"{'median':>6}  {'':11}  {summary['imageledger_median_seconds']:>13.3f}  "
-        f"{summary['skopeo_median_seconds']:>9.3f}  {summary['median_ratio']:>6.3f}  "
-        f"{summary['imageledger_median_cpu_seconds']:>17.3f}  "
-        f"{summary['skopeo_median_cpu_seconds']:>12.3f}"
-    )
+    for key in ("median", "min", "max"):
+        cells = []
+        for tool in tools:
+            ratio = summary[tool].get(f"{key}_ratio")
+            shown = f"{ratio:>6.3f}" if ratio is not None else " " * 6
+            cpu = summary[tool]["median_cpu_seconds"] if key == "median" else None
+            cpu_shown = f"{cpu:>6.2f}" if cpu is not None else " " * 6
+            cells.append(f"{summary[tool][f'{key}_seconds']:>18.3f}  {shown}  {cpu_shown}")
+        print(f"{key:>6}  " + "  ".join(cells))
     print()
     print(
-        f"throughput     imageledger {summary['imageledger_median_mib_per_s']:.0f} MiB/s, "
-        f"skopeo {summary['skopeo_median_mib_per_s']:.0f} MiB/s (medians; ratio column: "
-        "imageledger s / skopeo s)"
+        "throughput     "
+        + ", ".join(f"{tool} {summary[tool]['median_mib_per_s']:.0f} MiB/s" for tool in tools)
+        + " (medians; ratio: the client's s / skopeo's s in the same round)"
     )
     met = "met" if summary["goal_met"] else "NOT met"
+    judged = summary["goal_judged_on"]
     print(
-        f"ratio          imageledger/skopeo, median of per-round ratios: "
-        f"{summary['median_ratio']:.3f}; goal <= {GOAL_RATIO:g}: {met}"
+        f"ratio          {judged}/skopeo, median of per-round ratios: "
+        f"{summary[judged]['median_ratio']:.3f}; goal <= {GOAL_RATIO:g}: {met}"
     )
 
 
@@ -352,6 +467,16 @@ def at_least_one(text: str) -> int:
     return value
 
 
+def modes(text: str) -> list[str]:
+    """``cli``, ``process`` or both, comma-separated: the imageledger clients to time."""
+    names = [name.strip() for name in text.split(",") if name.strip()]
+    unknown = [name for name in names if name not in MODES]
+    if not names or unknown:
+        msg = f"modes: choose from {', '.join(MODES)}, comma-separated; got {text!r}"
+        raise argparse.ArgumentTypeError(msg)
+    return [MODES[name] for name in dict.fromkeys(names)]
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m imageledger.tools.bench_pull",
@@ -368,6 +493,20 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--size-mib", type=at_least_one, default=200, help="image size (200)")
     parser.add_argument("--layers", type=at_least_one, default=4, help="layers (4)")
     parser.add_argument("--skopeo", default="skopeo", help="the skopeo executable (skopeo)")
+    parser.add_argument(
+        "--modes",
+        type=modes,
+        default=[CLI, IMAGELEDGER],
+        help="imageledger clients to time beside skopeo: cli (the command line, a process), "
+        "process (in this process), comma-separated (cli,process)",
+    )
+    parser.add_argument(
+        "--cli-stderr",
+        choices=("tty", "pipe"),
+        default="tty",
+        help="the command line's stderr: a pseudo-terminal (a user at a terminal: the "
+        "progress bar draws) or a pipe (a script: JSON log lines) (tty)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
@@ -390,6 +529,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[Roun
         "max_concurrent_layers": RegistryOptions().max_concurrent_layers,
         "work_dir": str(work),
         "filesystem": filesystem_of(work),
+        "cli_stderr": args.cli_stderr,
+        "cli_command": imageledger_command(),
     }
     if shutil.which(args.skopeo) is None:
         msg = f"{args.skopeo} is not installed (apt-get install skopeo)"
@@ -415,26 +556,30 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[Roun
             msg = f"the registry has {digest}, the built manifest is {image['manifest_digest']}"
             raise BenchError(msg)
         shutil.rmtree(work / "layout")
+        if CLI in args.modes:
+            warm_up()
+        tools = [*args.modes, SKOPEO]
         for number in range(1, args.rounds + 1):
-            home = work / f"imageledger-r{number}"
-            destination = work / f"skopeo-r{number}"
-            order = [IMAGELEDGER, SKOPEO] if number % 2 else [SKOPEO, IMAGELEDGER]
+            shift = (number - 1) % len(tools)
+            order = tuple(tools[shift:] + tools[:shift])
             timings: dict[str, Timing] = {}
             for tool in order:
+                output = work / f"{tool}-r{number}"
                 os.sync()  # untimed: nobody pays for the previous pull's writeback
                 if tool == IMAGELEDGER:
-                    timings[tool] = pull_imageledger(home, reference, registry.host, digest)
-                else:
-                    timings[tool] = pull_skopeo(
-                        args.skopeo, scratch, destination, reference, digest
+                    timings[tool] = pull_imageledger(output, reference, registry.host, digest)
+                elif tool == CLI:
+                    timings[tool] = pull_cli(
+                        output, reference, registry.host, digest, tty=args.cli_stderr == "tty"
                     )
-            shutil.rmtree(home)
-            shutil.rmtree(destination)
-            result = Round(number, order[0], timings[IMAGELEDGER], timings[SKOPEO])
+                else:
+                    timings[tool] = pull_skopeo(args.skopeo, scratch, output, reference, digest)
+                shutil.rmtree(output)
+            result = Round(number, order, {tool: timings[tool] for tool in tools})
             rounds.append(result)
             _progress(
-                f"round {number}/{args.rounds}: imageledger {result.imageledger_seconds:.3f} s, "
-                f"skopeo {result.skopeo_seconds:.3f} s, ratio {result.ratio:.3f}"
+                f"round {number}/{args.rounds}: "
+                + ", ".join(f"{tool} {timings[tool].seconds:.3f} s" for tool in tools)
             )
     facts["load_average_at_end"] = load_average()
     report = {
@@ -444,6 +589,8 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[Roun
             "size_mib": args.size_mib,
             "layers": args.layers,
             "skopeo": args.skopeo,
+            "modes": args.modes,
+            "cli_stderr": args.cli_stderr,
         },
         "image": image,
         "rounds": [r.to_json() for r in rounds],
