@@ -23,7 +23,9 @@ Reported: per round the three wall times and ``inspect / pass``; medians, spread
 and the goals of issue 10: inspect's median per-round ratio <= 4, images' median < 250 ms.
 The header gives the CPUs and the load average at the start and the end (other work on the
 machine is the main noise), and which of the optional modules that slow every import
-(``rich``: structlog loads it when it is installed) are installed.
+(rich, click, pygments, zstandard: installed by the test extra, loaded by structlog and httpx
+when present) are installed; ``--hide-test-extras`` runs the commands as from a plain
+install (see `bench_pull.hide_test_extras`).
 """
 
 from __future__ import annotations
@@ -48,7 +50,13 @@ from imageledger.cache import ImageCache, current_actor, internals
 from imageledger.domain.events import Batch
 from imageledger.domain.model import OCI_MANIFEST, ImageConfig, ImageContent, Layer, Platform
 from imageledger.tools.bench_ledger import cpu_counts, filesystem_of, load_average, scratch_dir
-from imageledger.tools.bench_pull import at_least_one, child_environment, imageledger_command
+from imageledger.tools.bench_pull import (
+    TEST_EXTRAS_LOADED,
+    at_least_one,
+    child_environment,
+    hide_test_extras,
+    imageledger_command,
+)
 from imageledger.tools.imagebuild import ImageSpec, build_docker_archive, build_image
 
 GOAL_INSPECT_RATIO: Final = 4.0
@@ -204,7 +212,10 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         "platform": platform.platform(),
         "cpus": cpu_counts(),
         "load_average_at_start": load_average(),
-        "rich_installed": importlib.util.find_spec("rich") is not None,
+        "test_extras_installed": [
+            name for name in TEST_EXTRAS_LOADED if importlib.util.find_spec(name) is not None
+        ],
+        "test_extras_hidden": args.hide_test_extras,
         "bytecode_writes_disabled_in_caller": bool(os.environ.get("PYTHONDONTWRITEBYTECODE")),
         "work_dir": str(work),
         "filesystem": filesystem_of(work),
@@ -219,7 +230,8 @@ def run(args: argparse.Namespace, work: Path) -> dict[str, Any]:
         INSPECT: [*imageledger, "--home", str(small), "inspect", REFERENCE, "--json"],
         IMAGES: [*imageledger, "--home", str(big), "images", "--json"],
     }
-    env = child_environment()
+    hidden = hide_test_extras(work / "hidden") if args.hide_test_extras else None
+    env = child_environment(hidden)
     for tool in TOOLS:  # the warm-up; also checks what the commands print
         _, out = run_timed(commands[tool], env)
         if tool == INSPECT and json.loads(out)["reference"] != REFERENCE:
@@ -255,7 +267,11 @@ def _print_text(report: dict[str, Any]) -> None:
         f"load average   at start {facts['load_average_at_start']}, "
         f"at end {facts['load_average_at_end']}"
     )
-    print(f"rich           {'installed' if facts['rich_installed'] else 'not installed'}")
+    installed = ", ".join(facts["test_extras_installed"]) or "none"
+    hidden = (
+        " (hidden from the commands: --hide-test-extras)" if facts["test_extras_hidden"] else ""
+    )
+    print(f"test extras    installed and loaded by the commands' dependencies: {installed}{hidden}")
     print()
     header = f"{'round':>5}  {'pass ms':>8}  {'inspect ms':>10}  {'ratio':>6}  {'images ms':>9}"
     print(header)
@@ -294,6 +310,12 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--dir", type=Path, default=None, help="where to make the work dir")
     parser.add_argument("--rounds", type=at_least_one, default=11, help="rounds (11)")
     parser.add_argument("--refs", type=at_least_one, default=10_000, help="references (10000)")
+    parser.add_argument(
+        "--hide-test-extras",
+        action="store_true",
+        help="run the commands as from a plain install: hide rich, click, pygments and "
+        "zstandard, which the test extra installs and the dependencies load when present",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 

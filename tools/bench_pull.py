@@ -225,21 +225,45 @@ def imageledger_command() -> list[str]:
     return [sys.executable, "-m", "imageledger.tools.cli"]
 
 
-def child_environment() -> dict[str, str]:
+TEST_EXTRAS_LOADED: Final = ("rich", "click", "pygments", "zstandard")
+"""Packages of the test extra (import-linter's rich and click, zstandard) that the command
+line's dependencies load when they are installed (structlog renders with rich, httpx loads
+its own command line and zstd decoder): absent from a plain ``pip install imageledger``."""
+
+
+def hide_test_extras(directory: Path) -> Path:
+    """A directory that, first on ``PYTHONPATH``, makes `TEST_EXTRAS_LOADED` look not
+    installed (each a module that raises ImportError, which their importers expect): what a
+    user of a plain install runs, measured in a development environment."""
+    directory.mkdir(parents=True, exist_ok=True)
+    for name in TEST_EXTRAS_LOADED:
+        (directory / f"{name}.py").write_text(
+            f"raise ImportError('{name} is hidden by the benchmark (--hide-test-extras)')\n"
+        )
+    return directory
+
+
+def child_environment(hidden: Path | None = None) -> dict[str, str]:
     """This process's environment for a measured command, but for ``PYTHONDONTWRITEBYTECODE``:
     an installed package has its bytecode compiled (pip does it at install time), and a
-    figure of the command line is not one of Python's compiler."""
+    figure of the command line is not one of Python's compiler. With `hidden` (see
+    `hide_test_extras`) first on ``PYTHONPATH``."""
     env = dict(os.environ)
     env.pop("PYTHONDONTWRITEBYTECODE", None)
+    if hidden is not None:
+        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(hidden), env.get("PYTHONPATH")]))
     return env
 
 
-def warm_up() -> None:
+def warm_up(hidden: Path | None) -> None:
     """Compile and cache the bytecode of what a pull imports (untimed; see
     `child_environment`)."""
     code = "import imageledger.tools.cli, imageledger.cache, imageledger.storage.registry"
     subprocess.run(
-        [sys.executable, "-c", code], env=child_environment(), check=True, timeout=CLI_TIMEOUT
+        [sys.executable, "-c", code],
+        env=child_environment(hidden),
+        check=True,
+        timeout=CLI_TIMEOUT,
     )
 
 
@@ -255,7 +279,9 @@ def _drain(fd: int) -> None:
         os.close(fd)
 
 
-def pull_cli(home: Path, reference: str, host: str, expected: str, *, tty: bool) -> Timing:
+def pull_cli(
+    home: Path, reference: str, host: str, expected: str, *, tty: bool, hidden: Path | None
+) -> Timing:
     """``imageledger --home HOME pull REFERENCE --insecure-registry HOST --json``, timed from
     exec to exit (CPU: the process); stderr a pseudo-terminal when `tty` (read by a thread,
     as a terminal reads it), else a pipe read as it comes; checks the manifest digest."""
@@ -279,7 +305,7 @@ def pull_cli(home: Path, reference: str, host: str, expected: str, *, tty: bool)
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=slave if tty else subprocess.PIPE,
-            env=child_environment(),
+            env=child_environment(hidden),
         )
     finally:
         if tty:
@@ -412,7 +438,8 @@ def _print_text(
         f"image          {image['layers']} gzip layers of random bytes, {image['blob_mib']:.1f} "
         f"MiB of blobs ({image['size_mib']} MiB of files); {image['manifest_digest']}"
     )
-    print(f"cli stderr     {facts['cli_stderr']}; command {' '.join(facts['cli_command'])}")
+    hidden = ", test extras hidden" if facts["test_extras_hidden_from_cli"] else ""
+    print(f"cli            {' '.join(facts['cli_command'])}; stderr {facts['cli_stderr']}{hidden}")
     print()
     tools = list(rounds[0].timings)
     header = f"{'round':>6}  " + "  ".join(
@@ -507,6 +534,11 @@ def build_parser() -> argparse.ArgumentParser:
         help="the command line's stderr: a pseudo-terminal (a user at a terminal: the "
         "progress bar draws) or a pipe (a script: JSON log lines) (tty)",
     )
+    parser.add_argument(
+        "--hide-test-extras",
+        action="store_true",
+        help="run the command line as from a plain install (see hide_test_extras)",
+    )
     parser.add_argument("--json", action="store_true", help="print one JSON object on stdout")
     return parser
 
@@ -531,6 +563,7 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[Roun
         "filesystem": filesystem_of(work),
         "cli_stderr": args.cli_stderr,
         "cli_command": imageledger_command(),
+        "test_extras_hidden_from_cli": args.hide_test_extras,
     }
     if shutil.which(args.skopeo) is None:
         msg = f"{args.skopeo} is not installed (apt-get install skopeo)"
@@ -556,8 +589,9 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[Roun
             msg = f"the registry has {digest}, the built manifest is {image['manifest_digest']}"
             raise BenchError(msg)
         shutil.rmtree(work / "layout")
+        hidden = hide_test_extras(work / "hidden") if args.hide_test_extras else None
         if CLI in args.modes:
-            warm_up()
+            warm_up(hidden)
         tools = [*args.modes, SKOPEO]
         for number in range(1, args.rounds + 1):
             shift = (number - 1) % len(tools)
@@ -570,7 +604,12 @@ def run(args: argparse.Namespace, work: Path) -> tuple[dict[str, Any], list[Roun
                     timings[tool] = pull_imageledger(output, reference, registry.host, digest)
                 elif tool == CLI:
                     timings[tool] = pull_cli(
-                        output, reference, registry.host, digest, tty=args.cli_stderr == "tty"
+                        output,
+                        reference,
+                        registry.host,
+                        digest,
+                        tty=args.cli_stderr == "tty",
+                        hidden=hidden,
                     )
                 else:
                     timings[tool] = pull_skopeo(args.skopeo, scratch, output, reference, digest)
