@@ -13,6 +13,7 @@ not a terminal).
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import re
@@ -633,6 +634,25 @@ def _terminate(signum: int, _frame: object) -> None:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """Run one command and return its exit code.
+
+    `argv` None means that this process is the command (the console script, ``python -m``):
+    then, once the command is done, every object is frozen out of the cyclic garbage
+    collector (`gc.freeze`). The interpreter's exit would otherwise walk every object the
+    imports made, ~40 ms of a ~240 ms `inspect` on the benchmark machine, to free memory
+    that the ending process gives back anyway; nothing waits on that collection, because
+    the cache and every file the command opened are closed by then (the `with` in `_run`),
+    and exit still flushes stdout and stderr, runs atexit handlers and joins threads.
+    Callers that pass `argv` (tests, embedders) go on living: their collector is left alone.
+    """
+    try:
+        return _main(argv)
+    finally:
+        if argv is None:
+            gc.freeze()
+
+
+def _main(argv: Sequence[str] | None) -> int:
     configure_logging()
     if threading.current_thread() is threading.main_thread():
         # The command line owns its process; the library never installs handlers.
