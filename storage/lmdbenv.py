@@ -6,7 +6,9 @@ process anyway, so every recorder and view that names the same path gets the sam
 
 - **group commit**: writers in this process queue their work; one of them (the leader) runs the
   whole queue in one write transaction, each item in a nested transaction so one item's
-  `IntegrityError` rolls back only that item, and pays one fsync for all of them;
+  `IntegrityError` rolls back only that item, and pays the flushes for all of them. Before it
+  commits, the leader *gathers*: it waits until the writers the previous batch released are
+  back, bounded (see "Why the group commit gathers" below);
 - **map growth**: on `MapFullError` the map doubles (up to `max_map_size`) and the batch is
   retried; a map grown by another process is adopted (`MapResizedError`). Resizing needs no
   transaction open in the process, so every transaction holds a shared lock that a resize
@@ -29,6 +31,32 @@ and a cursor that steps onto a neighbouring page does not check that page's type
 asserts it is a leaf (``mdb_cursor_next``/``mdb_cursor_prev`` after ``mdb_cursor_sibling``),
 so a scan that crosses into a zeroed or overwritten page aborts the process (SIGABRT). That is
 why `storage.ledgercheck` reads the whole ledger in a child process.
+
+Why the group commit gathers, and why ``sync`` is LMDB's own durable commit again
+-------------------------------------------------------------------------------------
+Measured with ``python -m imageledger.tools.bench_ledger --batch-stats`` on the 2-vCPU VM of
+docs/benchmarks.md (eventsourcing's save path costs ~50-65 us of GIL time per append, a durable
+LMDB commit ~300-600 us of flushes that hold no GIL). Before, the leader committed whatever was
+queued the moment it could and, in ``sync`` mode, acknowledged batch N only after commit N+1's
+data flush (meta sync pipelined). At 8 writer threads that split the writers into three groups
+(one committing, one waiting for the next flush, one preparing its next append): 2.3-2.5 appends
+per commit, ~4.0-4.3k appends/s, the leader busy 90% of the time, much of it waiting for the GIL
+behind preparing writers. Gathering instead waits until everyone released by the last batch is
+back: 7.8 appends per commit (median 8 of 8), ~4.9-5.4k appends/s in the same runs (+20-30%),
+and the leader is no longer fighting preparing writers for the GIL. With everyone in one batch
+there is no next commit to carry the previous batch's meta page, so the pipelining bought
+nothing but a second flush call and a second GIL round trip; LMDB's own ``metasync`` commit
+(data flush, then the meta page through its synchronous descriptor) does the same two flushes
+inside one call, and is LMDB's standard durability argument. A lone writer never gathers (it
+released only itself, and it is back): at 1 thread the figure is unchanged (~2.1k/s).
+
+Variants measured and dropped (8 threads, same runs): gathering with the pipelined meta sync
+kept (~4.6-5.7k/s, 5.4 appends per commit: the writers waiting for the next flush cannot be
+gathered); waits bounded by 2x the last commit or a flat 2 ms instead of 1x (no better, within
+noise); no gathering with LMDB's metasync (~3.8k/s, batches of 3.5). A leader commits one batch,
+its own, then hands the lead to the oldest queued writer, so no caller's thread is kept
+committing for others (the old leader kept leading until the queue ran dry, which under steady
+load could be for ever).
 """
 
 from __future__ import annotations
@@ -56,9 +84,28 @@ log = get_logger(__name__)
 
 T = TypeVar("T")
 
-CommitObserver = Callable[[int, float], None]
-"""Told, after each group commit, how many writes the batch held and how many seconds the
-leader spent committing it (see `LedgerEnv.commit_observer`)."""
+
+@dataclass(frozen=True)
+class BatchReport:
+    """One group commit, as `LedgerEnv.commit_observer` is told of it.
+
+    size: the writes the batch held; seconds: the leader's time committing it (the writes'
+    functions and LMDB's commit with its flushes); expected: how many writers the leader
+    gathered for before it committed (0: it did not wait); gathered: whether they all came
+    before the bound (True when it did not wait); waited: seconds spent gathering."""
+
+    size: int
+    seconds: float
+    expected: int
+    gathered: bool
+    waited: float
+
+
+CommitObserver = Callable[[BatchReport], None]
+"""Told after each group commit (see `LedgerEnv.commit_observer`)."""
+
+GATHER_CAP: Final = 0.002
+"""The longest a leader waits for writers it expects back (seconds); see `LedgerEnv._take`."""
 
 Durability = Literal["sync", "nometasync", "nosync"]
 DURABILITY_MODES: Final[tuple[str, ...]] = ("sync", "nometasync", "nosync")
@@ -191,13 +238,17 @@ class _Pending:
         self.done = False
         self.result: Any = None
         self.error: BaseException | None = None
-        self.wake = threading.Event()  # set when done, or when it should lead the next batch
+        # Released once while its writer waits: when the write is done, or when the writer is
+        # to lead. A bare lock rather than an Event: one C call to wake and one to wait, where
+        # an Event takes a Condition and a fresh waiter lock per wait.
+        self.wake = threading.Lock()
+        self.wake.acquire()
 
 
 def _ack(items: list[_Pending]) -> None:
     for item in items:
         item.done = True
-        item.wake.set()
+        item.wake.release()
 
 
 def check_size(path: Path, env: lmdb.Environment) -> None:
@@ -229,19 +280,29 @@ class LedgerEnv:
         self._lock = _SharedExclusiveLock()
         self._dbs: dict[bytes, Any] = {}
         self._dbs_lock = threading.Lock()
+        # The group commit's state, guarded by _queue_lock: the queue; whether a writer leads
+        # (commits) it; the wake-up of a leader gathering, released by the writer whose arrival
+        # completes what it waits for; how many writers that is; how many writers arrived since
+        # the last batch was acknowledged, and how many that batch released (they are expected
+        # back); how long the last commit took (what gathering may cost at most).
         self._queue_lock = threading.Lock()
-        self._commit_lock = threading.Lock()
         self._pending: list[_Pending] = []
+        self._leading = False
+        self._gather: Any = None
+        self._want = 0
+        self._arrived = 0
+        self._returning = 0
+        self._last_commit = 0.0
         self._listeners: set[threading.Event] = set()
         self._listeners_lock = threading.Lock()
         self._poller: threading.Thread | None = None
         self._closed = False
         self.unlocked = False  # see _open
-        # An extension point for benchmarks and tests, which need the batch sizes and the
-        # leader's busy time of the group commit and cannot see them from outside: set it to a
-        # `CommitObserver` to be called on the committing thread after every batch (committed
-        # or rolled back), and back to None to stop. It runs while other writers wait on the
-        # leader, so it must be quick and must not raise; None (the default) costs nothing.
+        # An extension point for benchmarks and tests, which need the batch sizes, the
+        # leader's busy time and its gathering of the group commit and cannot see them from
+        # outside: set it to a `CommitObserver` to be called on the committing thread after
+        # every batch (committed or rolled back) with its `BatchReport`, and back to None to
+        # stop. It runs while the batch's writers wait, so it must be quick and must not raise.
         self.commit_observer: CommitObserver | None = None
         self.env = self._open()
 
@@ -273,8 +334,10 @@ class LedgerEnv:
                 max_readers=self.config.max_readers,
                 subdir=True,
                 sync=durability != "nosync",
-                # In sync mode the group commit makes the meta page durable itself (see _lead).
-                metasync=False,
+                # LMDB's own durable commit: the data pages are flushed, then the meta page is
+                # written through a synchronous descriptor (see the module docstring for why
+                # the group commit no longer pipelines that second flush).
+                metasync=durability == "sync",
                 lock=not self.unlocked,
                 readonly=readonly,
                 create=not readonly,
@@ -407,8 +470,9 @@ class LedgerEnv:
         """Run `fn` in a write transaction and commit it durably (per the durability mode).
 
         `fn` runs in a nested transaction inside a batch that other threads' writes share, so
-        it must touch nothing but the transaction it is given; if it raises, its changes alone
-        are rolled back and its exception is raised here once the batch has committed.
+        it must touch nothing but the transaction it is given, and may run more than once (a
+        batch is run again after the map grows); if it raises, its changes alone are rolled
+        back and its exception is raised here once the batch has committed.
         """
         self._check_usable()
         if self.config.readonly:
@@ -417,20 +481,18 @@ class LedgerEnv:
         item = _Pending(fn)
         with self._queue_lock:
             self._pending.append(item)
-        while not item.done:
-            if self._commit_lock.acquire(blocking=False):
-                try:
-                    self._lead()
-                finally:
-                    self._commit_lock.release()
-                # Writers that queued after the last batch was taken may have found the lock
-                # held and gone to sleep: wake the oldest to lead.
-                with self._queue_lock:
-                    if self._pending:
-                        self._pending[0].wake.set()
-            else:
-                item.wake.wait()
-                item.wake.clear()
+            self._arrived += 1
+            lead = not self._leading
+            if lead:
+                self._leading = True
+            elif self._gather is not None and self._arrived >= self._want:
+                self._gather.release()
+                self._gather = None
+        if not lead:
+            item.wake.acquire()
+            lead = not item.done
+        if lead:
+            self._lead(item)
         if item.error is not None:
             # Damage met by this write (or by the batch it was part of) names the ledger.
             error = as_damage(self.path, item.error)
@@ -439,50 +501,71 @@ class LedgerEnv:
             raise item.error
         return item.result  # type: ignore[no-any-return]
 
-    def _lead(self) -> None:
-        """Commit queued batches back to back until the queue is empty.
-
-        In ``sync`` mode the environment runs with LMDB's meta-page sync off and a batch is
-        acknowledged only once it is durable: commit N+1's data sync also flushes commit N's
-        meta page, so under load each commit costs one flush, not two; when the queue runs
-        dry, one explicit sync makes the last batch durable. A crash can only undo a batch
-        nobody was told had committed.
-        """
-        deferred = self.config.durability == "sync"
-        unacked: list[_Pending] = []
-        taken: list[_Pending] = []
+    def _lead(self, own: _Pending) -> None:
+        """Commit one batch, the one holding `own`, then hand the lead to the oldest writer
+        queued meanwhile: no thread commits for others longer than its own write takes."""
+        batch: list[_Pending] = []
         try:
-            while True:
-                with self._queue_lock:
-                    batch, self._pending = self._pending, []
-                if not batch:
-                    break
-                taken.extend(batch)
-                observer = self.commit_observer
-                began = time.perf_counter() if observer is not None else 0.0
-                committed = self._commit(batch)
-                if observer is not None:
-                    observer(len(batch), time.perf_counter() - began)
-                self._notify()
-                if not deferred or not committed:
-                    _ack(batch)
-                    continue
-                _ack(unacked)  # made durable by this commit's data sync
-                unacked = batch
-            if unacked:
-                try:
-                    with self._lock.shared():
-                        self.env.sync(True)
-                except lmdb.Error as e:
-                    for item in unacked:
-                        item.error = LedgerError(f"{self.path}: cannot sync the ledger: {e}")
-                _ack(unacked)
+            batch, expected, gathered, waited = self._take()
+            began = time.perf_counter()
+            self._commit(batch)
+            self._last_commit = took = time.perf_counter() - began
+            observer = self.commit_observer
+            if observer is not None:
+                observer(BatchReport(len(batch), took, expected, gathered, waited))
+            self._notify()
+            with self._queue_lock:
+                self._arrived = 0
+                self._returning = len(batch)
+            _ack(batch)
         except BaseException as e:
-            for item in taken:
-                if not item.done:
-                    item.error = item.error or e
-            _ack(taken)
+            with self._queue_lock:
+                if own in self._pending:  # interrupted while gathering: never taken
+                    self._pending.remove(own)
+                    batch.append(own)
+            failed = [item for item in batch if not item.done]
+            for item in failed:
+                item.error = item.error or e
+            _ack(failed)
             raise
+        finally:
+            with self._queue_lock:
+                if self._pending:
+                    self._pending[0].wake.release()
+                else:
+                    self._leading = False
+
+    def _take(self) -> tuple[list[_Pending], int, bool, float]:
+        """The next batch: the queue, once the writers the last batch released are back.
+
+        The writers of one batch usually come back together (a thread that appends tends to
+        append again), so the leader waits until as many writers have arrived since the last
+        acknowledgement as it released, but never longer than the last commit took (a
+        straggler left out waits for one more commit, no longer than the others would have
+        waited for it) nor `GATHER_CAP`. A lone writer releases only itself and is back
+        already: it never waits. A writer whose company stopped writing waits once, at most
+        the bound: the batch it then commits alone releases one writer.
+
+        Returns the batch, how many writers were waited for (0: none), whether they all came,
+        and the seconds waited."""
+        with self._queue_lock:
+            want = self._returning
+            if self._arrived >= want:
+                batch, self._pending = self._pending, []
+                return batch, 0, True, 0.0
+            gather = threading.Lock()
+            gather.acquire()
+            self._gather = gather
+            self._want = want
+        began = time.perf_counter()
+        try:
+            gathered = gather.acquire(timeout=min(self._last_commit, GATHER_CAP))
+        finally:
+            with self._queue_lock:
+                self._gather = None
+        with self._queue_lock:
+            batch, self._pending = self._pending, []
+        return batch, want, gathered, time.perf_counter() - began
 
     def _commit(self, batch: list[_Pending]) -> bool:
         """Commit the batch (growing or adopting the map as needed); False if nothing was."""
