@@ -165,3 +165,25 @@ def test_every_export_is_declared_for_type_checkers_and_loaded_from_its_module()
 def test_an_unknown_name_is_an_attribute_error() -> None:
     with pytest.raises(AttributeError, match="no attribute 'ImageCach'"):
         _ = imageledger.ImageCach  # type: ignore[attr-defined]
+
+
+def test_only_the_process_command_freezes_the_collector(home: Path) -> None:
+    """`main()` as the console script calls it freezes the collector for a fast exit;
+    `main(argv)`, as a test or an embedder calls it, leaves the caller's collector alone."""
+    probe = (
+        "import contextlib, gc, io, sys\n"
+        "from imageledger.tools.cli import main\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        f"    assert main(['--home', {str(home)!r}, 'images']) == 0\n"
+        "    after_argv = gc.get_freeze_count()\n"
+        f"    sys.argv = ['imageledger', '--home', {str(home)!r}, 'images']\n"
+        "    assert main() == 0\n"
+        "print(after_argv, gc.get_freeze_count())\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    after_argv, after_command = map(int, done.stdout.split())
+    assert after_argv == 0
+    assert after_command > 0
