@@ -35,28 +35,33 @@ why `storage.ledgercheck` reads the whole ledger in a child process.
 Why the group commit gathers, and why ``sync`` is LMDB's own durable commit again
 -------------------------------------------------------------------------------------
 Measured with ``python -m imageledger.tools.bench_ledger --batch-stats`` on the 2-vCPU VM of
-docs/benchmarks.md (eventsourcing's save path costs ~50-65 us of GIL time per append, a durable
-LMDB commit ~300-600 us of flushes that hold no GIL). Before, the leader committed whatever was
-queued the moment it could and, in ``sync`` mode, acknowledged batch N only after commit N+1's
-data flush (meta sync pipelined). At 8 writer threads that split the writers into three groups
-(one committing, one waiting for the next flush, one preparing its next append): 2.3-2.5 appends
-per commit, ~4.0-4.3k appends/s, the leader busy 90% of the time, much of it waiting for the GIL
-behind preparing writers. Gathering instead waits until everyone released by the last batch is
-back: 7.8 appends per commit (median 8 of 8), ~4.9-5.4k appends/s in the same runs (+20-30%),
-and the leader is no longer fighting preparing writers for the GIL. With everyone in one batch
-there is no next commit to carry the previous batch's meta page, so the pipelining bought
-nothing but a second flush call and a second GIL round trip; LMDB's own ``metasync`` commit
-(data flush, then the meta page through its synchronous descriptor) does the same two flushes
-inside one call, and is LMDB's standard durability argument. A lone writer never gathers (it
-released only itself, and it is back): at 1 thread the figure is unchanged (~2.1k/s).
+docs/benchmarks.md ("Issue 10: the leader gathers"): eventsourcing's save path costs ~60-90 us
+of GIL time per append with the thread switches, a durable LMDB commit ~550 us of flushes that
+hold no GIL. Before, the leader committed whatever was queued the moment it could and, in
+``sync`` mode, acknowledged batch N only after commit N+1's data flush (meta sync pipelined).
+At 8 writer threads that split the writers into three groups (one committing, one waiting for
+the next flush, one preparing its next append): 2.3-2.4 appends per commit, the leader busy
+94% of the time, much of it waiting for the GIL behind preparing writers. Gathering waits
+until everyone the last batch released is back: 7.8 appends per commit (median 8 of 8), and
+over three alternating runs of the whole benchmark 4033 -> 4800 appends/s at 8 threads
+(medians; LMDB/SQLite 1.68x -> 2.05x), 2155 -> 2215 at 1 thread (a lone writer never gathers:
+it released only itself, and it is back). With everyone in one batch there is no next commit
+to carry the previous batch's meta page, so the pipelining bought only a second flush call and
+a second GIL round trip; LMDB's ``metasync`` commit (data flush, then the meta page through its
+synchronous descriptor) does the same two flushes in one call, and is LMDB's own durability
+argument.
 
-Variants measured and dropped (8 threads, same runs): gathering with the pipelined meta sync
-kept (~4.6-5.7k/s, 5.4 appends per commit: the writers waiting for the next flush cannot be
-gathered); waits bounded by 2x the last commit or a flat 2 ms instead of 1x (no better, within
-noise); no gathering with LMDB's metasync (~3.8k/s, batches of 3.5). A leader commits one batch,
-its own, then hands the lead to the oldest queued writer, so no caller's thread is kept
-committing for others (the old leader kept leading until the queue ran dry, which under steady
-load could be for ever).
+The bound, at most one commit's duration (and `GATHER_CAP`): a straggler left out waits for
+one more commit, so waiting longer for it than a commit takes costs the batch more than it
+saves the straggler. 2x and 4x measured 2-3% faster, within the noise, and would double what a
+writer whose company left may wait. Measured and dropped (8 threads, same sessions): gathering
+with the pipelined meta sync kept (5.4-6.6 per commit: the batch waiting for the next flush
+cannot be gathered; slower), metasync without gathering (3.5 per commit, ~3.8k/s), gathering
+half the writers so one half prepares while the other flushes (the halves do not hold), waking
+the batch as a chain (+3-9%, but a writer interrupted before passing the wake-up on would
+strand the rest of its batch). A leader commits one batch, its own, then hands the lead to the
+oldest queued writer, so no caller's thread keeps committing for others (the old leader led
+until the queue ran dry, which under steady load could be for ever).
 """
 
 from __future__ import annotations
