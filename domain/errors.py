@@ -10,6 +10,7 @@ in one place (as httpx's ``_exceptions.py`` does)::
     │   ├── LedgerCorruptError (also eventsourcing's InterfaceError)
     │   │   └── LedgerMissingError
     │   ├── LedgerFullError (also eventsourcing's OperationalError)
+    │   ├── LedgerFormatError
     │   └── LedgerReadOnlyError
     ├── DiskFullError (also OSError)
     ├── InvalidReferenceError (also ValueError)
@@ -161,6 +162,27 @@ class PlatformNotFoundError(ImageNotFoundError):
         self.reference = reference
         self.wanted = wanted
         self.offered = offered
+
+
+class LedgerFormatError(LedgerError):
+    """The ledger stores its events in another format than this imageledger reads: format 1
+    (imageledger before the format was settled) is rewritten by ``imageledger migrate``; a
+    higher number was written by a newer imageledger. Nothing of it was read."""
+
+    def __init__(self, path: object, found: int | str) -> None:
+        self.path = path
+        self.found = found
+        if found == 1:
+            msg = (
+                f"{path}: the ledger is in format 1 (written by an older imageledger); "
+                "run `imageledger migrate` to rewrite it into format 2 (docs/FORMAT.md)"
+            )
+        else:
+            msg = (
+                f"{path}: the ledger is in format {found}, which this imageledger does not "
+                "read (a newer imageledger wrote it); use that version"
+            )
+        super().__init__(msg)
 
 
 class LedgerReadOnlyError(LedgerError):

@@ -11,7 +11,9 @@ typed events numbered V+1, V+2, ... that the application saves (eventsourcing's
 fresher views" (the service retries; callers never see it).
 
 Events carry only value types from `domain.model` (frozen dataclasses of str/int/tuples and
-datetimes), registered with the transcoder by `TRANSCODINGS`, so their encoding is canonical.
+datetimes), which the ledger stores as plain arrays in a documented order (format 2:
+`storage.ledgerformat`, docs/FORMAT.md). `TRANSCODINGS` registers them with the generic
+transcoder of format 1, which `imageledger migrate` still reads.
 """
 
 from __future__ import annotations

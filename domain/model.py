@@ -9,7 +9,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from datetime import datetime
-from typing import Final, Generic, Literal, Protocol, TypeVar
+from typing import Any, Final, Generic, Literal, Protocol, TypeVar
 
 # Media types (OCI image spec and Docker's v2 schema 2): the one place they are spelled.
 OCI_INDEX = "application/vnd.oci.image.index.v1+json"
@@ -421,3 +421,35 @@ class RebuildReport:
     @property
     def identical(self) -> bool:
         return all(live == rebuilt for live, rebuilt in self.tables.values())
+
+
+# ---- value types as plain arrays: the ledger's stored format (docs/FORMAT.md) and the views
+
+
+def config_to_array(config: ImageConfig) -> list[Any]:
+    """[digest, env, cmd, entrypoint, working_dir, user, labels as [key, value] pairs,
+    stop_signal]: lists and nil for absent values."""
+    return [
+        config.digest,
+        list(config.env),
+        None if config.cmd is None else list(config.cmd),
+        None if config.entrypoint is None else list(config.entrypoint),
+        config.working_dir,
+        config.user,
+        [list(label) for label in config.labels],
+        config.stop_signal,
+    ]
+
+
+def config_from_array(array: list[Any]) -> ImageConfig:
+    digest, env, cmd, entrypoint, working_dir, user, labels, stop_signal = array
+    return ImageConfig(
+        digest,
+        tuple(env),
+        None if cmd is None else tuple(cmd),
+        None if entrypoint is None else tuple(entrypoint),
+        working_dir,
+        user,
+        tuple((key, value) for key, value in labels),
+        stop_signal,
+    )

@@ -18,7 +18,7 @@ from typing import Any, BinaryIO, Literal, Protocol
 
 from eventsourcing.domain import DomainEventProtocol
 
-from imageledger.domain.errors import LedgerCorruptError
+from imageledger.domain.errors import LedgerError
 from imageledger.domain.model import (
     BlobRecord,
     DeletedBlob,
@@ -149,7 +149,7 @@ class Ledger(Protocol):
         """Replay the log into fresh views and compare them with the live ones; unless
         `verify`, make them live (one rebuild at a time per home)."""
 
-    def check(self) -> LedgerCorruptError | None:
+    def check(self) -> LedgerError | None:
         """Check the stored ledger where damage cannot crash this process (a child)."""
 
 

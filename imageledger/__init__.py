@@ -39,6 +39,7 @@ if TYPE_CHECKING:
         InvalidReferenceError,
         LedgerCorruptError,
         LedgerError,
+        LedgerFormatError,
         LedgerFullError,
         LedgerMissingError,
         LedgerReadOnlyError,
@@ -66,6 +67,7 @@ if TYPE_CHECKING:
     )
     from imageledger.domain.reference import Reference, canonical
     from imageledger.domain.service import check_holder
+    from imageledger.storage.migrate import MigrationReport, migrate
     from imageledger.storage.registry import PullProgress
     from imageledger.storage.registryoptions import RegistryOptions, options_from_environment
 
@@ -74,6 +76,8 @@ _LAZY: dict[str, str] = {
     "Image": "imageledger.aio",
     "ImageCache": "imageledger.cache",
     "check_ledger": "imageledger.cache",
+    "migrate": "imageledger.storage.migrate",
+    "MigrationReport": "imageledger.storage.migrate",
     "default_home": "imageledger.cache",
     "ArchiveError": "imageledger.domain.errors",
     "BlobTooLargeError": "imageledger.domain.errors",
@@ -94,6 +98,7 @@ _LAZY: dict[str, str] = {
     "InvalidReferenceError": "imageledger.domain.errors",
     "LedgerCorruptError": "imageledger.domain.errors",
     "LedgerError": "imageledger.domain.errors",
+    "LedgerFormatError": "imageledger.domain.errors",
     "LedgerFullError": "imageledger.domain.errors",
     "LedgerMissingError": "imageledger.domain.errors",
     "LedgerReadOnlyError": "imageledger.domain.errors",
@@ -173,10 +178,12 @@ __all__ = [
     "InvalidReferenceError",
     "LedgerCorruptError",
     "LedgerError",
+    "LedgerFormatError",
     "LedgerFullError",
     "LedgerMissingError",
     "LedgerReadOnlyError",
     "ManifestError",
+    "MigrationReport",
     "NotInRegistryError",
     "Platform",
     "PlatformNotFoundError",
@@ -195,5 +202,6 @@ __all__ = [
     "check_holder",
     "check_ledger",
     "default_home",
+    "migrate",
     "options_from_environment",
 ]

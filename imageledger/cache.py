@@ -19,7 +19,7 @@ from pathlib import Path
 from typing import Any, BinaryIO, Literal
 
 from imageledger._version import __version__
-from imageledger.domain.errors import HomeDamagedError, InvalidHomeError, LedgerCorruptError
+from imageledger.domain.errors import HomeDamagedError, InvalidHomeError, LedgerError
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
     Actor,
@@ -347,13 +347,13 @@ def internals(cache: ImageCache) -> Internals:
     return Internals(cache._service, cache._ledger, cache._store, cache._index)
 
 
-def check_ledger(home: str | os.PathLike[str]) -> LedgerCorruptError | None:
+def check_ledger(home: str | os.PathLike[str]) -> LedgerError | None:
     """Check the ledger of the home at `home` in a child process (LMDB's page structure, every
     event decoding, views equal to a replay), before anything in this process opens it:
     damage that would crash a reader (LMDB aborts on some damaged pages) is returned as
-    `LedgerCorruptError`, not died of. None when it is sound, or when there is no ledger
-    directory to check (a link planted at ``ledger/`` is not followed: opening the home
-    reports it as damage)."""
+    `LedgerCorruptError`, not died of; a ledger in another format, as `LedgerFormatError`.
+    None when it is sound, or when there is no ledger directory to check (a link planted at
+    ``ledger/`` is not followed: opening the home reports it as damage)."""
     ledger = Path(home) / layout.LEDGER
     if not ledger.is_dir() or ledger.is_symlink():
         return None

@@ -19,6 +19,9 @@ Tables (keys are bytes; values plain data):
   the log stays the one record of who did what (`domain.history`)
 - ``index``: reference -> its entry in index.json, as the canonical JSON bytes it adds there
   (`projections.index`), so that writing index.json only joins them
+- ``configs``: config digest -> the config (`config_to_array`), for every config the log ever
+  carried: the ledger stores a config's content only in the first event that brings it, so
+  an event read alone resolves the digest it names here (`storage.ledgerformat`)
 - ``meta``: b"position", b"version", b"modified", b"format" -> int
 
 `FORMAT` numbers the layout above; views written by another layout are rebuilt from the log on
@@ -50,6 +53,8 @@ from imageledger.domain.model import (
     ManifestRecord,
     Platform,
     ReferenceRecord,
+    config_from_array,
+    config_to_array,
 )
 from imageledger.domain.ports import ViewRecords, ViewTxn
 from imageledger.projections.index import index_entry
@@ -62,12 +67,13 @@ TABLES: Final = (
     "holders",
     "history",
     "index",
+    "configs",
     "meta",
 )
 APPEND_ONLY: Final = ("history",)
 HANDLE_FIELDS: Final = tuple(f.name for f in fields(CachedImage))
 # 3: meta "shown", the position of the last event that changed what index.json shows.
-FORMAT: Final = 5
+FORMAT: Final = 6
 _U64: Final = struct.Struct(">Q")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -98,21 +104,11 @@ def _without(items: list[Any], item: Any) -> list[Any]:
 
 
 def content_to_plain(content: ImageContent) -> dict[str, Any]:
-    c = content.config
     return {
         "digest": content.manifest_digest,
         "media_type": content.manifest_media_type,
         "size": content.manifest_size,
-        "config": [
-            c.digest,
-            list(c.env),
-            None if c.cmd is None else list(c.cmd),
-            None if c.entrypoint is None else list(c.entrypoint),
-            c.working_dir,
-            c.user,
-            [list(pair) for pair in c.labels],
-            c.stop_signal,
-        ],
+        "config": config_to_array(content.config),
         "config_size": content.config_size,
         "platform": [content.platform.os, content.platform.architecture, content.platform.variant],
         "layers": [
@@ -123,21 +119,11 @@ def content_to_plain(content: ImageContent) -> dict[str, Any]:
 
 
 def content_from_plain(plain: dict[str, Any]) -> ImageContent:
-    digest, env, cmd, entrypoint, working_dir, user, labels, stop_signal = plain["config"]
     return ImageContent(
         manifest_digest=plain["digest"],
         manifest_media_type=plain["media_type"],
         manifest_size=plain["size"],
-        config=ImageConfig(
-            digest=digest,
-            env=tuple(env),
-            cmd=None if cmd is None else tuple(cmd),
-            entrypoint=None if entrypoint is None else tuple(entrypoint),
-            working_dir=working_dir,
-            user=user,
-            labels=tuple((k, v) for k, v in labels),
-            stop_signal=stop_signal,
-        ),
+        config=config_from_array(plain["config"]),
         config_size=plain["config_size"],
         platform=Platform(*plain["platform"]),
         layers=tuple(Layer(*layer) for layer in plain["layers"]),
@@ -195,6 +181,9 @@ def _pulled(view: ViewRecords, event: ImageLedger.ImagePulled, position: int, at
     ref["u"] = at
     _put_ref(view, reference, ref, event.timestamp)
     view.put("index", reference.encode(), index_entry(reference, content))
+    config = content.config.digest.encode()
+    if view.get("configs", config) is None:
+        view.put("configs", config, config_to_array(content.config))
 
 
 def _put_ref(view: ViewRecords, reference: str, ref: dict[str, Any], used: datetime) -> None:
@@ -526,6 +515,17 @@ class ViewState:
     def holder(self, holder: str) -> tuple[tuple[str, str], ...]:
         key = holder.encode()
         return _checked_leases(key, self.view.get("holders", key) or [])
+
+    def config(self, digest: str) -> ImageConfig | None:
+        """A config the log has carried (see the ``configs`` table)."""
+        key = digest.encode()
+        row = self.view.get("configs", key)
+        if row is None:
+            return None
+        try:
+            return config_from_array(row)
+        except _ROW_ERRORS as e:
+            raise _bad_row("configs", key, e) from None
 
     def index_entries(self) -> Iterator[bytes]:
         """Every reference's index.json entry, in reference order (`projections.index`)."""

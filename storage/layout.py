@@ -18,6 +18,10 @@ from typing import Final
 
 MARKER: Final = "imageledger-home"
 LEDGER: Final = "ledger"
+# While `imageledger migrate` runs: the new ledger it writes, and the old one once replaced
+# (both gone when it succeeds).
+LEDGER_MIGRATING: Final = "ledger.migrating"
+LEDGER_FORMAT1: Final = "ledger.format1"
 OCI_LAYOUT: Final = "oci-layout"
 INDEX: Final = "index.json"
 INDEX_POSITION: Final = "index.position"
@@ -36,6 +40,8 @@ OWN_NAMES: Final = frozenset(
     {
         MARKER,
         LEDGER,
+        LEDGER_MIGRATING,
+        LEDGER_FORMAT1,
         BLOBS,
         TMP,
         ARTIFACTS,

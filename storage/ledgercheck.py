@@ -31,13 +31,13 @@ import signal
 import subprocess
 import sys
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final
 
 import lmdb
 
-from imageledger.domain.errors import LedgerCorruptError
+from imageledger.domain.errors import LedgerCorruptError, LedgerError, LedgerFormatError
 from imageledger.storage.lmdbenv import RECOVERY, as_damage, check_size, damaged
 
 _RESULT: Final = "ledgercheck-result: "
@@ -51,10 +51,19 @@ class LedgerCheck:
     ok: bool
     events: int
     problem: str | None
+    # The stored format, when it is not the one this imageledger reads (then nothing was
+    # decoded: bytes of another format are not damage).
+    other_format: int | str | None = None
+    path: str = field(default="", compare=False)  # the ledger checked (for the error)
 
-    def error(self) -> LedgerCorruptError | None:
-        """The problem as the package's error for a damaged ledger (None when `ok`)."""
-        return None if self.ok else LedgerCorruptError(self.problem or "the ledger is damaged")
+    def error(self) -> LedgerError | None:
+        """The problem as the package's error (None when `ok`): `LedgerFormatError` for a
+        ledger in another format, `LedgerCorruptError` for a damaged one."""
+        if self.ok:
+            return None
+        if self.other_format is not None:
+            return LedgerFormatError(self.path, self.other_format)
+        return LedgerCorruptError(self.problem or "the ledger is damaged")
 
 
 def check_ledger(ledger_dir: Path, *, timeout: float | None = None) -> LedgerCheck:
@@ -81,7 +90,13 @@ def check_ledger(ledger_dir: Path, *, timeout: float | None = None) -> LedgerChe
     for line in reversed(done.stdout.decode("utf-8", "replace").splitlines()):
         if line.startswith(_RESULT):
             found = json.loads(line[len(_RESULT) :])
-            return LedgerCheck(bool(found["ok"]), int(found["events"]), found["problem"])
+            return LedgerCheck(
+                bool(found["ok"]),
+                int(found["events"]),
+                found["problem"],
+                found.get("other_format"),
+                str(ledger_dir),
+            )
     if done.returncode < 0:
         try:
             name = signal.Signals(-done.returncode).name
@@ -170,8 +185,9 @@ def _check_copy(ledger_dir: Path, copy: Path) -> LedgerCheck:
     # cache decodes them, and the replay is the cache's (imported here, in the child only).
     from imageledger.projections.runner import rebuild
     from imageledger.projections.views import TABLES
-    from imageledger.storage.eventstore import LedgerApplication
+    from imageledger.storage.eventstore import LedgerApplication, stored_format
     from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory, check_log
+    from imageledger.storage.ledgerformat import FORMAT_VERSION
     from imageledger.storage.viewstore import LMDBViews
 
     env = {
@@ -183,6 +199,10 @@ def _check_copy(ledger_dir: Path, copy: Path) -> LedgerCheck:
     try:
         recorder = app.recorder
         assert isinstance(recorder, LMDBApplicationRecorder)
+        found = stored_format(recorder.env, bool(recorder.max_notification_id()))
+        if found not in (None, FORMAT_VERSION):
+            problem = str(LedgerFormatError(ledger_dir, found if found is not None else 1))
+            return LedgerCheck(False, 0, problem, found, str(ledger_dir))
         views = LMDBViews(recorder.env, recorder, TABLES)
         events = check_log(recorder)
         report = rebuild(views, app.mapper.to_domain_event, verify_only=True)
@@ -254,7 +274,14 @@ def main(argv: list[str] | None = None) -> int:
         print("usage: python -m imageledger.storage.ledgercheck LEDGER_DIR", file=sys.stderr)
         return 2
     result = _child(Path(args[0]))
-    line = json.dumps({"ok": result.ok, "events": result.events, "problem": result.problem})
+    line = json.dumps(
+        {
+            "ok": result.ok,
+            "events": result.events,
+            "problem": result.problem,
+            "other_format": result.other_format,
+        }
+    )
     print(_RESULT + line, flush=True)
     return 0
 

@@ -3,9 +3,8 @@ file system that keeps written data in memory until it is fsynced and drops it a
 power is cut. A writer appending from two threads is SIGKILLed and the power cut at the same
 instant; what is left on the backing directory is exactly what the disk would hold.
 
-`sync` (the default) must lose no append it acknowledged: it does not sync LMDB's meta page
-and acknowledges a commit only after the next data flush (or an explicit sync) has made it
-durable. `nometasync` acknowledges after the data flush alone, and does lose the last commit
+`sync` (the default) must lose no append it acknowledged: it acknowledges a commit only after
+LMDB's durable commit (data and meta page flushed) has returned. `nometasync` acknowledges after the data flush alone, and does lose the last commit
 here (every run while this was written), as documented; `nosync` loses everything it was
 never asked to flush. Those two are the controls: the harness really drops what was not
 synced, and the `sync` test would see a lost acknowledgement.

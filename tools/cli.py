@@ -451,6 +451,28 @@ def cmd_rebuild(cache: ImageCache, args: argparse.Namespace) -> int:
     return EXIT_OK if report.identical else EXIT_FAILURE
 
 
+def cmd_migrate(cache: ImageCache | None, args: argparse.Namespace) -> int:
+    from imageledger import default_home, migrate
+
+    home = args.home if args.home is not None else default_home()
+    with Progress("migrate", unit="events") as progress:
+        report = migrate(home, progress=progress.update)
+    if args.json:
+        _print_json(
+            {
+                "migrated": report.migrated,
+                "events": report.events,
+                "from_format": report.from_format,
+                "to_format": report.to_format,
+            }
+        )
+    elif report.migrated:
+        _say(f"migrated {report.events} events from format {report.from_format} to format 2")
+    else:
+        _say("the ledger is already in format 2: nothing to migrate")
+    return EXIT_OK
+
+
 def cmd_verify(cache: ImageCache, args: argparse.Namespace) -> int:
     with Progress("verify", unit="bytes") as progress:
         check = cache.verify(repair=args.repair, progress=progress.update, ledger=False)
@@ -613,6 +635,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete damaged blobs, so that the next pull or load fetches them again",
     )
     add("df", cmd_df, "disk usage by kind and what prune would reclaim")
+    migrate = add(
+        "migrate", cmd_migrate, "rewrite a ledger of an older format into format 2 (FORMAT.md)"
+    )
+    migrate.set_defaults(needs_cache=False)
     demo = add(
         "demo", cmd_demo, "build a small image and walk it through the cache", json_flag=False
     )
