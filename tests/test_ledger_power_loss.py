@@ -4,8 +4,9 @@ power is cut. A writer appending from two threads is SIGKILLed and the power cut
 instant; what is left on the backing directory is exactly what the disk would hold.
 
 `sync` (the default) must lose no append it acknowledged: it acknowledges a commit only after
-LMDB's durable commit (data and meta page flushed) has returned. `nometasync` acknowledges after the data flush alone, and does lose the last commit
-here (every run while this was written), as documented; `nosync` loses everything it was
+LMDB's durable commit (data and meta page flushed) has returned. `nometasync` acknowledges
+after the data flush alone, and does lose the last commit here (every run while this was
+written), as documented; `nosync` loses everything it was
 never asked to flush. Those two are the controls: the harness really drops what was not
 synced, and the `sync` test would see a lost acknowledgement.
 """
