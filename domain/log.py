@@ -12,9 +12,8 @@ way, and an embedder that configured `logging` gets the lines there.
 from __future__ import annotations
 
 import logging
+import sys
 from typing import Any, Final
-
-import structlog
 
 _LEVELS: Final = {
     "debug": logging.DEBUG,
@@ -33,7 +32,11 @@ class Logger:
         self.name = name
 
     def _emit(self, method: str, event: str, fields: dict[str, Any]) -> None:
-        if structlog.is_configured():
+        # A process that never imported structlog cannot have configured it: the library does
+        # not import it either (it costs a command-line query tens of milliseconds, asyncio
+        # included), and goes straight to the standard library.
+        structlog = sys.modules.get("structlog")
+        if structlog is not None and structlog.is_configured():
             getattr(structlog.get_logger(self.name), method)(event, **fields)
             return
         logger = logging.getLogger(self.name)

@@ -16,7 +16,7 @@ import socket
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from imageledger._version import __version__
 from imageledger.domain.errors import HomeDamagedError, InvalidHomeError, LedgerError
@@ -41,9 +41,11 @@ from imageledger.storage.leases import InFlightLeases, StoreLock
 from imageledger.storage.ledgercheck import check_ledger as check_ledger_dir
 from imageledger.storage.lmdbenv import DURABILITY_MODES
 from imageledger.storage.oci import host_platform, parse_platform
-from imageledger.storage.registry import PullProgress
-from imageledger.storage.registryoptions import RegistryOptions
 from imageledger.storage.sources import ArchiveFiles, Registries
+
+if TYPE_CHECKING:  # the registry client (and httpx) load only for a pull
+    from imageledger.storage.registry import PullProgress
+    from imageledger.storage.registryoptions import RegistryOptions
 
 log = get_logger(__name__)
 
