@@ -371,26 +371,38 @@ class LedgerEnv:
         return env
 
     def _check_format(self, env: lmdb.Environment) -> None:
+        """That `env` is an imageledger ledger (its meta database names the format), making
+        an empty one so. The check and the making each read in one transaction: processes
+        opening a new ledger at once must not see one's half-made state (the meta database
+        created, or another database, before the format is written) as a foreign one."""
+        main = env.open_db(None)
         with env.begin() as txn:
             has_meta = txn.get(_META_DB) is not None
-        if has_meta:
-            try:
-                meta = env.open_db(_META_DB, create=False)
-            except lmdb.Error as e:
-                msg = f"{self.path}: holds an LMDB environment that is not a ledger ({e})"
-                raise LedgerCorruptError(msg) from e
-            with env.begin(db=meta) as txn:
-                found = txn.get(_FORMAT_KEY)
-            if found != FORMAT:
-                msg = f"{self.path}: ledger format {found!r} is not {FORMAT!r}"
+            entries = txn.stat(main)["entries"]
+        if not has_meta:
+            if entries or self.config.readonly:
+                msg = f"{self.path}: holds an LMDB environment that is not an imageledger ledger"
                 raise LedgerCorruptError(msg)
-            return
-        if env.stat()["entries"] or self.config.readonly:
-            msg = f"{self.path}: holds an LMDB environment that is not an imageledger ledger"
+            with env.begin(write=True) as txn:  # one writer at a time: made once, whole
+                if txn.get(_META_DB) is None:
+                    if txn.stat(main)["entries"]:
+                        msg = (
+                            f"{self.path}: holds an LMDB environment that is not an imageledger"
+                            " ledger"
+                        )
+                        raise LedgerCorruptError(msg)
+                    meta = env.open_db(_META_DB, txn=txn, create=True)
+                    txn.put(_FORMAT_KEY, FORMAT, db=meta)
+        try:
+            meta = env.open_db(_META_DB, create=False)
+        except lmdb.Error as e:
+            msg = f"{self.path}: holds an LMDB environment that is not a ledger ({e})"
+            raise LedgerCorruptError(msg) from e
+        with env.begin(db=meta) as txn:
+            found = txn.get(_FORMAT_KEY)
+        if found != FORMAT:
+            msg = f"{self.path}: ledger format {found!r} is not {FORMAT!r}"
             raise LedgerCorruptError(msg)
-        meta = env.open_db(_META_DB, create=True)
-        with env.begin(db=meta, write=True) as txn:
-            txn.put(_FORMAT_KEY, FORMAT)
 
     def db(self, name: str, *, create: bool = True) -> Any:
         """The handle of named database `name` (created when missing and `create`).
