@@ -522,8 +522,14 @@ def cmd_bench(cache: ImageCache | None, args: argparse.Namespace) -> int:
         "pull": bench_pull.main,
         "cli": bench_cli.main,
     }
-    if not args.rest or args.rest[0] not in benches:
-        msg = f"bench: choose one of {', '.join(benches)}"
+    if not args.rest:
+        # No benchmark named: all of them, and one table of the figures and their goals.
+        from imageledger.tools import bench_all
+
+        flags = [flag for flag, on in (("--quick", args.quick), ("--json", args.json)) if on]
+        return bench_all.main(flags)
+    if args.rest[0] not in benches:
+        msg = f"bench: choose one of {', '.join(benches)}, or none for all of them"
         raise UsageError(msg)
     return benches[args.rest[0]](args.rest[1:])
 
@@ -645,6 +651,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--keep", action="store_true", help="keep the demo home")
     demo.set_defaults(needs_cache=False)
     bench = add("bench", cmd_bench, "benchmarks (see docs/benchmarks.md)", json_flag=False)
+    bench.add_argument("--quick", action="store_true", help="with no benchmark named: short runs")
+    bench.add_argument("--json", action="store_true", help="with no benchmark named: JSON")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(needs_cache=False)
     return parser
