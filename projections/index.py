@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from json.encoder import encode_basestring_ascii as _string
 from typing import Any
 
 from imageledger.domain.model import OCI_INDEX, ImageContent
@@ -28,22 +29,20 @@ def _json(value: Any) -> bytes:
 
 
 def index_entry(reference: str, content: ImageContent) -> bytes:
-    """The descriptor of `reference`'s manifest in index.json, as canonical JSON bytes."""
-    platform: dict[str, str] = {
-        "architecture": content.platform.architecture,
-        "os": content.platform.os,
-    }
-    if content.platform.variant:
-        platform["variant"] = content.platform.variant
-    return _json(
-        {
-            "mediaType": content.manifest_media_type,
-            "digest": content.manifest_digest,
-            "size": content.manifest_size,
-            "platform": platform,
-            "annotations": {REF_NAME: reference},
-        }
-    )
+    """The descriptor of `reference`'s manifest in index.json, as canonical JSON bytes: what
+    ``json.dumps(entry, sort_keys=True, separators=(",", ":"))`` gives, written out directly
+    (keys in sorted order, strings through json's own C escaper): every pull folds one, and
+    json.dumps cost a fifth of a replay."""
+    platform = content.platform
+    variant = f',"variant":{_string(platform.variant)}' if platform.variant else ""
+    return (
+        f'{{"annotations":{{"{REF_NAME}":{_string(reference)}}},'
+        f'"digest":{_string(content.manifest_digest)},'
+        f'"mediaType":{_string(content.manifest_media_type)},'
+        f'"platform":{{"architecture":{_string(platform.architecture)},'
+        f'"os":{_string(platform.os)}{variant}}},'
+        f'"size":{int(content.manifest_size)}}}'
+    ).encode()
 
 
 def oci_index(entries: Iterable[bytes], shown: int) -> bytes:
