@@ -135,7 +135,9 @@ class LedgerMapper(Mapper[UUID]):
         self._pack = msgpack.Packer(use_bin_type=True, datetime=True).pack
         self._pack_lock = threading.Lock()  # a Packer is not thread-safe
         self._batch = _Batch()
-        self._known: dict[str, ImageConfig] = {}  # configs decoded from the log
+        # Configs this mapper has read or written, to resolve a digest when decoding (a
+        # config is fixed by its digest); never to decide what an event stores.
+        self._known: dict[str, ImageConfig] = {}
         self._actors: dict[tuple[Any, ...], Actor] = {}
         self._contents: dict[tuple[Any, ...], ImageContent] = {}
 
@@ -183,14 +185,24 @@ class LedgerMapper(Mapper[UUID]):
         return value
 
     def _config_field(self, config: ImageConfig) -> list[Any] | str:
+        """The config as the event stores it: by digest when the log already holds it (an
+        earlier event of this append carries it, or a committed one: the views' `configs`),
+        else in full. Only what is committed decides, never what this mapper has seen (an
+        append it encoded may have been rolled back), so a digest is never stored without a
+        full config before it in the log."""
         carried = self._batch.configs
-        if config.digest in self._known or self.configs(config.digest) is not None:
-            return config.digest
-        if carried is not None:
-            if config.digest in carried:
-                return config.digest
-            carried.add(config.digest)
-        return config_to_array(config)
+        if carried is not None and config.digest in carried:
+            stored: list[Any] | str = config.digest
+        elif self.configs(config.digest) is not None:
+            stored = config.digest
+        else:
+            if carried is not None:
+                carried.add(config.digest)
+            stored = config_to_array(config)
+        # Decoding this event (the append folds it at once) resolves the digest from here,
+        # without reading the views inside the append's own transaction.
+        self._known.setdefault(config.digest, config)
+        return stored
 
     # -------------------------------------------------------------- decoding
 

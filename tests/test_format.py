@@ -360,3 +360,32 @@ def test_migrate_finishes_a_run_killed_between_its_renames(tmp_path: Path) -> No
     with ImageCache(home) as cache:
         assert [h.reference for h in cache.list()] == ["docker.io/fixture/copy:1"]
         assert len(cache.history()) == 12
+
+
+def test_a_config_seen_only_in_a_rolled_back_append_is_stored_in_full_again() -> None:
+    """What decides that an event names its config by digest is what the log holds (an
+    earlier event of the same append, or the views of committed ones), never what the mapper
+    has seen: an append that was encoded and folded, then rolled back, left nothing in the
+    log, so the next event must carry the config itself."""
+    actor = Actor(user="u", uid=0, pid=1, host="h", version="0")
+    content = ImageContent(
+        "sha256:" + "a" * 64,
+        "application/vnd.oci.image.manifest.v1+json",
+        10,
+        ImageConfig("sha256:" + "b" * 64, env=("A=1",)),
+        5,
+        Platform("linux", "amd64"),
+        (),
+    )
+    mapper = LedgerMapper()  # its views hold no config: nothing is committed
+    first = Batch(0, actor, BASE)
+    first.pulled("docker.io/library/a:1", "archive:x", content, False)
+    with mapper.batch():
+        stored = [mapper.to_stored_event(e) for e in first.events]
+    mapper.to_domain_event(stored[1])  # the append's fold decodes it; then it rolls back
+    again = Batch(0, actor, BASE)
+    again.pulled("docker.io/library/a:1", "archive:x", content, False)
+    with mapper.batch():
+        retried = mapper.to_stored_event(again.events[1])
+    config = msgpack.unpackb(retried.state, timestamp=3)[4][3]
+    assert isinstance(config, list) and config[0] == content.config.digest
