@@ -22,11 +22,11 @@ from pathlib import Path
 
 from eventsourcing.utils import get_topic
 
-from imageledger.domain.errors import LedgerCorruptError, LedgerFormatError
+from imageledger.domain.errors import LedgerCorruptError, LedgerFormatError, LedgerMissingError
 from imageledger.domain.log import get_logger
 from imageledger.storage import layout
 from imageledger.storage.eventstore import FormatOneApplication, LedgerStore
-from imageledger.storage.home import Dir
+from imageledger.storage.home import Dir, mark_home, open_home
 from imageledger.storage.leases import StoreLock
 from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory
 
@@ -54,8 +54,11 @@ def migrate(
 ) -> MigrationReport:
     """Rewrite the ledger of the home at `home_path` into format 2 (see the module docstring).
     `progress(events done, events in all)`."""
-    home = Dir.at(home_path)
+    home = _open(home_path)
     try:
+        # Marked before anything moves: a home made before markers, killed between the two
+        # renames below, must still be recognised as a home by the run that resumes it.
+        mark_home(home)
         with StoreLock(home)():
             _finish_interrupted_swap(home)
             try:
@@ -76,6 +79,25 @@ def migrate(
             return MigrationReport(events=events, from_format=1)
     finally:
         home.close()
+
+
+def _open(home_path: str | Path) -> Dir:
+    """The home, as every command opens it (never a directory that is not a home: `migrate`
+    writes there). A home a killed run left without ``ledger/`` (between its two renames) is
+    one `open_home` refuses as missing its ledger: the finished copy beside it goes in place
+    first."""
+    try:
+        return open_home(home_path, create=False)
+    except LedgerMissingError:
+        bare = Dir.at(home_path)
+        try:
+            if bare.stat(layout.LEDGER) is not None or bare.stat(layout.LEDGER_MIGRATING) is None:
+                raise
+            bare.replace(layout.LEDGER_MIGRATING, bare, layout.LEDGER)
+            bare.fsync()
+        finally:
+            bare.close()
+    return open_home(home_path, create=False)
 
 
 def _finish_interrupted_swap(home: Dir) -> None:

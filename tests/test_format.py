@@ -389,3 +389,18 @@ def test_a_config_seen_only_in_a_rolled_back_append_is_stored_in_full_again() ->
         retried = mapper.to_stored_event(again.events[1])
     config = msgpack.unpackb(retried.state, timestamp=3)[4][3]
     assert isinstance(config, list) and config[0] == content.config.digest
+
+
+def test_migrate_never_writes_in_a_directory_that_is_not_a_home(tmp_path: Path) -> None:
+    other = tmp_path / "papers"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    done = subprocess.run(
+        [sys.executable, "-m", "imageledger.tools.cli", "--home", str(other), "migrate"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 2, done.stderr
+    assert "not an imageledger home" in done.stderr and "Traceback" not in done.stderr
+    assert sorted(p.name for p in other.iterdir()) == ["notes.txt"]
