@@ -191,20 +191,26 @@ def _append_events_pulls(cache: ImageCache, refs: int) -> None:
         ledger.append(events.events)
 
 
-def bench_use(home: Path, refs: int, rounds: int, threads: int = 1) -> dict[str, Any]:
-    """A durable `use` then `release` through the API, as a runtime calls them on every
-    sandbox start and stop: the default durability (every commit synced), index.json kept by
-    the cache as always. `threads` run the pair at once, each with its own holders. Beside
-    it, the peer: eventsourcing's SQLite module appending the same two events per pair, each
-    thread on its own aggregate (no conflicts to retry: the peer's easiest case)."""
+def _durable_cache(home: Path, refs: int) -> tuple[ImageCache, list[str]]:
+    """A cache of `refs` references (appended quickly, unsynced), reopened as a user opens
+    it: default durability, index.json kept; and its references."""
     setup = ImageCache(home, durability="nosync")
     try:
         _append_events_pulls(setup, refs)
     finally:
         setup.close()
     cache = ImageCache(home)
+    return cache, [h.reference for h in cache.list()]
+
+
+def bench_use(home: Path, refs: int, rounds: int, threads: int = 1) -> dict[str, Any]:
+    """A durable `use` then `release` through the API, as a runtime calls them on every
+    sandbox start and stop: the default durability (every commit synced), index.json kept by
+    the cache as always. `threads` run the pair at once, each with its own holders. Beside
+    it, the peer: eventsourcing's SQLite module appending the same two events per pair, each
+    thread on its own aggregate (no conflicts to retry: the peer's easiest case)."""
+    cache, names = _durable_cache(home, refs)
     try:
-        names = [h.reference for h in cache.list()]
 
         def ours(thread: int, i: int) -> float:
             name, holder = names[(i * 7919 + thread) % refs], f"sandbox-{thread}-{i}"
@@ -282,14 +288,8 @@ def bench_index(home: Path, refs: int, rounds: int) -> dict[str, Any]:
     """What keeping index.json costs a command that changes what it shows: `remove` of one
     alias (an untag: no blob is deleted), durable, index.json rewritten as for any user. The
     difference between 10 and N references is the index's share."""
-    setup = ImageCache(home, durability="nosync")
+    cache, names = _durable_cache(home, refs)
     try:
-        _append_events_pulls(setup, refs)
-    finally:
-        setup.close()
-    cache = ImageCache(home)
-    try:
-        names = [h.reference for h in cache.list()]
         removes = []
         for i in range(min(rounds, refs)):
             t0 = time.perf_counter()
