@@ -15,6 +15,9 @@ import logging
 import sys
 from typing import Any, Final
 
+STRUCTURED: Final = "imageledger_structured"
+"""The attribute of a standard-library log record that holds the line's ``(event, fields)``."""
+
 _LEVELS: Final = {
     "debug": logging.DEBUG,
     "info": logging.INFO,
@@ -43,7 +46,9 @@ class Logger:
         level = _LEVELS[method]
         if logger.isEnabledFor(level):
             detail = " ".join(f"{key}={value!r}" for key, value in fields.items())
-            logger.log(level, "%s %s", event, detail)
+            # The event and its fields ride along on the record (`STRUCTURED`), so that a
+            # handler which renders structured lines (the command line's) gets them whole.
+            logger.log(level, "%s %s", event, detail, extra={STRUCTURED: (event, fields)})
 
     def debug(self, event: str, **fields: Any) -> None:
         self._emit("debug", event, fields)

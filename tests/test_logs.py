@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -194,3 +195,37 @@ def test_an_embedder_that_configured_structlog_gets_the_library_lines(tmp_path: 
         json.loads(line)["event"] for line in done.stderr.splitlines() if line.startswith("{")
     ]
     assert "archive.loaded" in events and "prune.keep_unmatched" in events
+
+
+def test_the_command_line_configures_structlog_at_the_first_line_and_loses_none_of_it() -> None:
+    """`configure_logging_on_first_line` (what the CLI calls) loads nothing until a line
+    passes the level; that first line then comes out as a configured structlog line, fields
+    and redaction included, and so do the ones after it."""
+    code = (
+        "import sys\n"
+        "from imageledger.tools.logs import configure_logging_on_first_line\n"
+        "from imageledger.domain.log import get_logger\n"
+        "configure_logging_on_first_line()\n"
+        "log = get_logger('imageledger.storage.x')\n"
+        "log.debug('below.level', n=0)\n"
+        "assert 'structlog' not in sys.modules\n"
+        "log.warning('first.line', n=1, token='t0ps3cret')\n"
+        "assert 'structlog' in sys.modules\n"
+        "log.warning('second.line', n=2)\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "IMAGELEDGER_LOG_LEVEL": "warning"},
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout == ""
+    assert "t0ps3cret" not in done.stderr
+    lines = [json.loads(line) for line in done.stderr.splitlines()]
+    assert [(x["event"], x["n"], x["level"]) for x in lines] == [
+        ("first.line", 1, "warning"),
+        ("second.line", 2, "warning"),
+    ]
+    assert lines[0]["token"] == REDACTED

@@ -26,7 +26,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
-from imageledger.tools.logs import configure_logging, printable
+from imageledger.tools.logs import configure_logging_on_first_line, printable
 from imageledger.tools.progress import Progress
 
 if TYPE_CHECKING:
@@ -687,7 +687,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _main(argv: Sequence[str] | None) -> int:
-    configure_logging()
+    configure_logging_on_first_line()
     if threading.current_thread() is threading.main_thread():
         # The command line owns its process; the library never installs handlers.
         signal.signal(signal.SIGTERM, _terminate)

@@ -1,8 +1,9 @@
 """Progress bars for long work (pulls, rebuilds): a bar on a terminal, structured log events
 otherwise, so embedders and log readers see progress without a terminal.
 
-structlog is imported when a line is logged (at most eleven times a task), not with the module:
-the command line imports this module for every command, and structlog brings asyncio with it."""
+Lines go through the library's logger (`imageledger.domain.log`), never structlog directly: the
+command line configures structlog only when a first line is logged (`tools.logs`), and an
+embedder that configured nothing gets them on the standard library's logging, not stdout."""
 
 from __future__ import annotations
 
@@ -10,6 +11,10 @@ import sys
 import time
 from types import TracebackType
 from typing import Self, TextIO
+
+from imageledger.domain.log import get_logger
+
+_log = get_logger(__name__)
 
 
 class Progress:
@@ -40,9 +45,7 @@ class Progress:
         decile = int(fraction * 10)
         if decile > self._logged:
             self._logged = decile
-            import structlog
-
-            structlog.get_logger(__name__).info(
+            _log.info(
                 "progress", task=self.label, done=done, total=total, unit=self.unit
             )
 
