@@ -138,7 +138,9 @@ class LedgerStore:
         self._mapper = self._app.ledger_mapper
         self._mapper.configs = self._config
         self._decode = checked_decoder(self._mapper.to_domain_event, self.path)
-        self.views.attach(folder(self._decode))
+        # The fold names a damaged entry itself (`runner.undecodable`), and the views' host
+        # the ledger: it takes the mapper's decoder as it is, one frame less an event.
+        self.views.attach(folder(self._mapper.to_domain_event))
         try:
             self._check_format(read_only)
         except BaseException:
@@ -187,7 +189,9 @@ class LedgerStore:
         self, *, verify: bool, progress: Callable[[int, int], None] | None
     ) -> RebuildReport:
         with self._rebuild_lock():
-            return rebuild(self.views, self._decode, verify_only=verify, progress=progress)
+            return rebuild(
+                self.views, self._mapper.to_domain_event, verify_only=verify, progress=progress
+            )
 
     def check(self) -> LedgerError | None:
         return check_ledger(self.path).error()
@@ -207,7 +211,7 @@ class LedgerStore:
                 found = state.format
             if found != VIEWS_FORMAT and self.views.head():
                 log.warning("views.format_changed", found=found, wanted=VIEWS_FORMAT)
-                rebuild(self.views, self._decode, verify_only=False)
+                rebuild(self.views, self._mapper.to_domain_event, verify_only=False)
 
     def close(self) -> None:
         self._app.close()

@@ -109,15 +109,24 @@ _from_bytes: Final = int.from_bytes
 _UNKNOWN: Final = SafeUUID.unknown
 
 
+_last_uuid: tuple[bytes, UUID] = (b"", UUID(int=0))
+
+
 def _uuid(raw: bytes) -> UUID:
     # What UUID(bytes=raw) builds, without its argument checks (the 16 bytes are ours): half
-    # the cost, and reading the log back makes one per entry.
+    # the cost, and reading the log back makes one per entry. A UUID is immutable and a log
+    # usually has one originator (imageledger's has), so the last one is reused.
+    global _last_uuid  # noqa: PLW0603 - a one-entry memo, replaced whole (thread-safe)
+    last_raw, last = _last_uuid
+    if raw == last_raw:
+        return last
     if len(raw) != 16:
         msg = f"ledger entry has a {len(raw)}-byte originator id"
         raise LedgerCorruptError(msg)
     uuid = _new(UUID)
     _set(uuid, "int", _from_bytes(raw, "big"))
     _set(uuid, "is_safe", _UNKNOWN)
+    _last_uuid = (raw, uuid)
     return uuid
 
 

@@ -212,10 +212,9 @@ class LedgerMapper(Mapper[UUID]):
         if cls is None:
             raise self._damaged(stored_event, f"unknown event type {name[:100]!r}")
         try:
-            state = msgpack.unpackb(stored_event.state, timestamp=3, strict_map_key=True)
-            fields = FIELDS[name]
-            if type(state) is not list or len(state) != len(fields) + 2:
-                msg = f"its state is not an array of {len(fields) + 2} fields"
+            state = _unpack(stored_event.state, timestamp=3, strict_map_key=True)
+            if type(state) is not list or len(state) != _LENGTHS[name]:
+                msg = f"its state is not an array of {_LENGTHS[name]} fields"
                 raise ValueError(msg)
             timestamp = state[0]
             if type(timestamp) is not datetime:
@@ -227,10 +226,7 @@ class LedgerMapper(Mapper[UUID]):
                 "timestamp": timestamp,
                 "actor": self._actor(state[1]),
             }
-            if cls is ImageLedger.Started:
-                values["originator_topic"] = _LEDGER_TOPIC
-            for field, value in zip(fields, state[2:], strict=True):
-                values[field] = _DECODERS[field](self, value)
+            _READERS[name](self, state, values)
         except UndecodableDataError as e:
             raise self._damaged(stored_event, str(e)) from e
         except (ValueError, TypeError, KeyError, IndexError, AttributeError) as e:
@@ -256,7 +252,13 @@ class LedgerMapper(Mapper[UUID]):
         actor = self._actors.get(key)
         if actor is None:
             user, uid, pid, host, version = plain
-            actor = Actor(_str(user), _int(uid), _int(pid), _str(host), _str(version))
+            actor = Actor(
+                _str(user, "actor"),
+                _int(uid, "actor"),
+                _int(pid, "actor"),
+                _str(host, "actor"),
+                _str(version, "actor"),
+            )
             if len(self._actors) < _MEMO_LIMIT:
                 self._actors[key] = actor
         return actor
@@ -269,11 +271,11 @@ class LedgerMapper(Mapper[UUID]):
         if content is not None:
             return content
         content = ImageContent(
-            manifest_digest=_str(digest),
-            manifest_media_type=_str(media_type),
-            manifest_size=_int(size),
+            manifest_digest=_str(digest, "content"),
+            manifest_media_type=_str(media_type, "content"),
+            manifest_size=_int(size, "content"),
             config=self._config(config),
-            config_size=_int(config_size),
+            config_size=_int(config_size, "content"),
             platform=Platform(*platform),
             layers=tuple(Layer(*layer) for layer in layers),
         )
@@ -294,80 +296,109 @@ class LedgerMapper(Mapper[UUID]):
         return known
 
 
-def _str(value: Any) -> str:
+def _wrong(field: str, value: Any, expected: str) -> TypeError:
+    return TypeError(f"{field}: expected {expected}, found {type(value).__name__}")
+
+
+def _str(value: Any, field: str) -> str:
     if type(value) is not str:
-        msg = f"expected a string, found {type(value).__name__}"
-        raise TypeError(msg)
+        raise _wrong(field, value, "a string")
     return value
 
 
-def _int(value: Any) -> int:
+def _int(value: Any, field: str) -> int:
     if type(value) is not int:
-        msg = f"expected an integer, found {type(value).__name__}"
-        raise TypeError(msg)
+        raise _wrong(field, value, "an integer")
     return value
 
 
-def _text(_mapper: LedgerMapper, value: Any) -> str:
-    return _str(value)
-
-
-def _flag(_mapper: LedgerMapper, value: Any) -> bool:
+def _flag(value: Any, field: str) -> bool:
     if type(value) is not bool:
-        msg = f"expected a boolean, found {type(value).__name__}"
-        raise TypeError(msg)
+        raise _wrong(field, value, "a boolean")
     return value
 
 
-def _count(_mapper: LedgerMapper, value: Any) -> int:
-    return _int(value)
+# One reader per event type: it checks and converts the fields after [timestamp, actor] in
+# the order of `FIELDS` into `values`. Spelled out rather than looped over a table of field
+# decoders: a replay decodes every event, and the loop cost more than the decoding (issue 10).
+Reader = Callable[["LedgerMapper", list[Any], dict[str, Any]], None]
 
 
-def _pairs(_mapper: LedgerMapper, value: Any) -> tuple[tuple[str, str], ...]:
-    return tuple((reference, digest) for reference, digest in value)
+def _read_started(_mapper: LedgerMapper, _state: list[Any], values: dict[str, Any]) -> None:
+    values["originator_topic"] = _LEDGER_TOPIC
 
 
-def _strings(_mapper: LedgerMapper, value: Any) -> tuple[str, ...]:
-    return tuple(_str(v) for v in value)
+def _read_pulled(mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
+    reference, source, content, cached = state[2:]
+    values["reference"] = _str(reference, "reference")
+    values["source"] = _str(source, "source")
+    values["content"] = mapper._content(content)
+    values["cached"] = _flag(cached, "cached")
 
 
-def _deleted_from(_mapper: LedgerMapper, value: Any) -> tuple[DeletedBlob, ...]:
-    return tuple(DeletedBlob(*d) for d in value)
+def _read_pull_failed(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
+    reference, source, error = state[2:]
+    values["reference"] = _str(reference, "reference")
+    values["source"] = _str(source, "source")
+    values["error"] = _str(error, "error")
 
 
-def _removed_from(_mapper: LedgerMapper, value: Any) -> tuple[RemovedReference, ...]:
-    return tuple(RemovedReference(*r) for r in value)
+def _read_used(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
+    reference, digest, holder = state[2:]
+    values["reference"] = _str(reference, "reference")
+    values["manifest_digest"] = _str(digest, "manifest_digest")
+    values["holder"] = _str(holder, "holder")
 
 
-def _policy_from(_mapper: LedgerMapper, value: Any) -> PrunePolicy:
-    dry_run, unused_for_seconds, keep, max_bytes = value
-    return PrunePolicy(dry_run, unused_for_seconds, tuple(keep), max_bytes)
+def _read_released(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
+    holder, leases = state[2:]
+    values["holder"] = _str(holder, "holder")
+    values["leases"] = tuple(
+        (_str(reference, "leases"), _str(digest, "leases")) for reference, digest in leases
+    )
 
 
-def _now(_mapper: LedgerMapper, value: Any) -> datetime:
-    if type(value) is not datetime:
-        msg = "a prune's time is not a MessagePack timestamp"
+def _read_removed(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
+    reference, digest, forced, deleted, reclaimed = state[2:]
+    values["reference"] = _str(reference, "reference")
+    values["manifest_digest"] = _str(digest, "manifest_digest")
+    values["forced"] = _flag(forced, "forced")
+    values["deleted"] = tuple(DeletedBlob(*d) for d in deleted)
+    values["bytes_reclaimed"] = _int(reclaimed, "bytes_reclaimed")
+
+
+def _read_refused(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
+    reference, digest, holders = state[2:]
+    values["reference"] = _str(reference, "reference")
+    values["manifest_digest"] = _str(digest, "manifest_digest")
+    values["holders"] = tuple(_str(holder, "holders") for holder in holders)
+
+
+def _read_pruned(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
+    policy, now, references, deleted, reclaimed = state[2:]
+    dry_run, unused_for_seconds, keep, max_bytes = policy
+    values["policy"] = PrunePolicy(dry_run, unused_for_seconds, tuple(keep), max_bytes)
+    if type(now) is not datetime:
+        msg = "now: a prune's time is not a MessagePack timestamp"
         raise TypeError(msg)
-    return value
+    values["now"] = now
+    values["references"] = tuple(RemovedReference(*r) for r in references)
+    values["deleted"] = tuple(DeletedBlob(*d) for d in deleted)
+    values["bytes_reclaimed"] = _int(reclaimed, "bytes_reclaimed")
 
 
-_DECODERS: Final[dict[str, Callable[[LedgerMapper, Any], Any]]] = {
-    "reference": _text,
-    "source": _text,
-    "error": _text,
-    "manifest_digest": _text,
-    "holder": _text,
-    "cached": _flag,
-    "forced": _flag,
-    "bytes_reclaimed": _count,
-    "content": LedgerMapper._content,
-    "leases": _pairs,
-    "holders": _strings,
-    "deleted": _deleted_from,
-    "references": _removed_from,
-    "policy": _policy_from,
-    "now": _now,
+_READERS: Final[dict[str, Reader]] = {
+    "Started": _read_started,
+    "ImagePulled": _read_pulled,
+    "PullFailed": _read_pull_failed,
+    "ImageUsed": _read_used,
+    "HolderReleased": _read_released,
+    "ImageRemoved": _read_removed,
+    "RemoveRefused": _read_refused,
+    "ImagesPruned": _read_pruned,
 }
+_LENGTHS: Final = {name: len(fields) + 2 for name, fields in FIELDS.items()}
+_unpack: Final = msgpack.unpackb
 
 
 class _NoTranscoder(Transcoder):
