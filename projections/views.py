@@ -178,9 +178,11 @@ def _pulled(view: ViewRecords, event: ImageLedger.ImagePulled, position: int, at
         ref["o"] = content.platform.os
         ref["n"] = len(content.layers)
         ref["s"] = content.size_bytes
+        # The reference's entry in index.json depends on nothing but the reference and its
+        # manifest: a pull that finds the reference on the same manifest leaves it as it is.
+        view.put("index", reference.encode(), index_entry(reference, content))
     ref["u"] = at
     _put_ref(view, reference, ref, event.timestamp)
-    view.put("index", reference.encode(), index_entry(reference, content))
     config = content.config.digest.encode()
     if view.get("configs", config) is None:
         view.put("configs", config, config_to_array(content.config))
