@@ -115,6 +115,9 @@ class ImageLedger(Aggregate):
         """The aggregate is never loaded or built: see the module docstring and `Batch`."""
 
 
+_SHOWN: Final = (ImageLedger.ImagePulled, ImageLedger.ImageRemoved, ImageLedger.ImagesPruned)
+
+
 class Batch:
     """The events one command appends, as the ledger's versions after `version`.
 
@@ -138,6 +141,12 @@ class Batch:
                     originator_id=LEDGER_ID, originator_version=1, timestamp=stamp, **started
                 )
             )
+
+    @property
+    def shown(self) -> bool:
+        """Whether the batch changes what index.json shows (semantics 14): it pulls, removes
+        or prunes references. A use, a release, a refusal or a failure leaves it as it is."""
+        return any(isinstance(event, _SHOWN) for event in self.events)
 
     def _add(self, event_class: type[ImageLedger.Event], **fields: Any) -> None:
         # eventsourcing makes each event class a dataclass through its metaclass, which type

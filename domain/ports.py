@@ -14,9 +14,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass
-from typing import Any, BinaryIO, Literal, Protocol
-
-from eventsourcing.domain import DomainEventProtocol
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypeAlias
 
 from imageledger.domain.errors import LedgerError
 from imageledger.domain.model import (
@@ -32,7 +30,10 @@ from imageledger.domain.model import (
 )
 from imageledger.domain.reference import Reference
 
-DomainEvent = DomainEventProtocol[Any]
+if TYPE_CHECKING:  # a query loads no eventsourcing (see `domain.history`)
+    from eventsourcing.domain import DomainEventProtocol
+
+    DomainEvent: TypeAlias = DomainEventProtocol[Any]
 ArchiveSource = str | os.PathLike[str] | BinaryIO
 ArchiveDestination = str | os.PathLike[str] | BinaryIO
 
@@ -130,6 +131,12 @@ class Snapshot(CacheState, Protocol):
         """The log positions of `reference`'s events, oldest first."""
 
 
+class AppendConflict(Exception):  # noqa: N818 - a signal between the ledger and the service
+    """`Ledger.append` found one of its versions taken by another writer: the service decides
+    again on a fresh snapshot. It never leaves the service (after too many attempts the
+    service raises `LedgerError`), which is why it is not part of `domain.errors`."""
+
+
 class Ledger(Protocol):
     """The event log and the views folded from it in the same transaction."""
 
@@ -137,7 +144,7 @@ class Ledger(Protocol):
 
     def append(self, events: Sequence[DomainEvent]) -> None:
         """Save `events` (the ledger's next versions) and fold them into the views, in one
-        transaction; `RecordConflictError` if another writer took one of the versions."""
+        transaction; `AppendConflict` if another writer took one of the versions."""
 
     def events(self, reference: str | None) -> list[tuple[int, DomainEvent]]:
         """(position, event) of every event of `reference` (by the views' history index,

@@ -25,9 +25,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from datetime import UTC, datetime
-from typing import Any, Final, Literal, TypeVar
-
-from eventsourcing.persistence import RecordConflictError
+from typing import TYPE_CHECKING, Any, Final, Literal, TypeVar
 
 from imageledger.domain.errors import (
     CacheClosedError,
@@ -42,7 +40,6 @@ from imageledger.domain.errors import (
     LedgerReadOnlyError,
     PlatformNotFoundError,
 )
-from imageledger.domain.events import Batch, ImageLedger
 from imageledger.domain.history import ledger_entry, reference_entries
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
@@ -72,6 +69,7 @@ from imageledger.domain.policies import (
     unmatched_keep,
 )
 from imageledger.domain.ports import (
+    AppendConflict,
     ArchiveDestination,
     Archives,
     ArchiveSource,
@@ -86,15 +84,15 @@ from imageledger.domain.ports import (
 )
 from imageledger.domain.reference import Reference, canonical
 
+if TYPE_CHECKING:
+    from imageledger.domain.events import Batch
+
 log = get_logger(__name__)
 
 T = TypeVar("T")
 
 _MAX_ATTEMPTS: Final = 200
 _HOLDER_MAX: Final = 256
-# The events that change what index.json shows (semantics 14): the references and their
-# manifests. A use, a release, a refusal or a failure leaves it as it is.
-_SHOWN: Final = (ImageLedger.ImagePulled, ImageLedger.ImageRemoved, ImageLedger.ImagesPruned)
 
 
 class ImageCacheService:
@@ -233,6 +231,10 @@ class ImageCacheService:
     def _commit(self, decide: Callable[[Snapshot, Batch, datetime], T]) -> T:
         """Decide on a snapshot, append as the next versions; on a conflict, decide again.
         One read and one write transaction when nobody else appends meanwhile."""
+        # The events, and eventsourcing under them, load with the first command that records
+        # something: a query never needs them (see `domain.history`).
+        from imageledger.domain.events import Batch
+
         for attempt in range(_MAX_ATTEMPTS):
             with self._deciding:
                 now = self.clock()
@@ -243,14 +245,14 @@ class ImageCacheService:
                     return result
                 try:
                     self.ledger.append(batch.events)
-                except RecordConflictError:
+                except AppendConflict:
                     conflicted = True
                 else:
                     conflicted = False
             if conflicted:
                 time.sleep(random.uniform(0, 0.0005 * min(attempt + 1, 20)))
                 continue
-            if any(isinstance(event, _SHOWN) for event in batch.events):
+            if batch.shown:
                 self.index.refresh()
             return result
         msg = f"could not append after {_MAX_ATTEMPTS} attempts: the ledger is too contended"

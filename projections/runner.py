@@ -9,10 +9,7 @@ from __future__ import annotations
 import gc
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import Any, Protocol
-
-from eventsourcing.domain import DomainEventProtocol
-from eventsourcing.persistence import Notification
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from imageledger.domain.errors import LedgerCorruptError
 from imageledger.domain.log import get_logger
@@ -22,8 +19,12 @@ from imageledger.projections.views import APPEND_ONLY, TABLES, apply, mark
 
 log = get_logger(__name__)
 
-Decode = Callable[[Notification], DomainEventProtocol[Any]]
-Fold = Callable[[ViewRecords, Sequence[Notification]], None]
+if TYPE_CHECKING:  # a query loads no eventsourcing (see `domain.history`)
+    from eventsourcing.domain import DomainEventProtocol
+    from eventsourcing.persistence import Notification
+
+    Decode: TypeAlias = Callable[[Notification], DomainEventProtocol[Any]]
+    Fold: TypeAlias = Callable[[ViewRecords, Sequence[Notification]], None]
 Progress = Callable[[int, int], None]
 
 

@@ -37,10 +37,9 @@ from bisect import bisect_left
 from collections.abc import Iterator
 from dataclasses import fields
 from datetime import UTC, datetime, timedelta
-from typing import Any, Final
+from typing import TYPE_CHECKING, Any, Final
 
 from imageledger.domain.errors import LedgerCorruptError
-from imageledger.domain.events import ImageLedger
 from imageledger.domain.history import mentions
 from imageledger.domain.model import (
     BlobRecord,
@@ -58,6 +57,9 @@ from imageledger.domain.model import (
 )
 from imageledger.domain.ports import ViewRecords, ViewTxn
 from imageledger.projections.index import index_entry
+
+if TYPE_CHECKING:
+    from imageledger.domain.events import ImageLedger
 
 TABLES: Final = (
     "refs",
@@ -135,7 +137,7 @@ def content_from_plain(plain: dict[str, Any]) -> ImageContent:
 
 def apply(view: ViewRecords, event: Any, position: int) -> None:
     """Fold one ledger event, at log `position`, into the views (see `mark` for meta)."""
-    handler = _HANDLERS.get(type(event))
+    handler = _HANDLERS.get(type(event).__name__)
     if handler is not None:
         handler(view, event, position, micros(event.timestamp))
     suffix = b"\0" + _U64.pack(position)
@@ -290,12 +292,13 @@ def _pruned(view: ViewRecords, event: ImageLedger.ImagesPruned, position: int, a
     _drop_content(view, event.deleted)
 
 
-_HANDLERS: Final[dict[type[Any], Any]] = {
-    ImageLedger.ImagePulled: _pulled,
-    ImageLedger.ImageUsed: _used,
-    ImageLedger.HolderReleased: _released,
-    ImageLedger.ImageRemoved: _removed,
-    ImageLedger.ImagesPruned: _pruned,
+# By the event class's name, its stored topic (see `domain.history` for why not the class).
+_HANDLERS: Final[dict[str, Any]] = {
+    "ImagePulled": _pulled,
+    "ImageUsed": _used,
+    "HolderReleased": _released,
+    "ImageRemoved": _removed,
+    "ImagesPruned": _pruned,
 }
 
 

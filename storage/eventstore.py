@@ -21,13 +21,14 @@ from typing import Any, Final
 
 from eventsourcing.application import Application
 from eventsourcing.domain import DomainEventProtocol
-from eventsourcing.persistence import Mapper, Transcoder
+from eventsourcing.persistence import Mapper, RecordConflictError, Transcoder
 from eventsourcing.utils import get_topic
 
 from imageledger.domain.errors import LedgerError, LedgerFormatError
 from imageledger.domain.events import TRANSCODINGS
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import ImageConfig, RebuildReport
+from imageledger.domain.ports import AppendConflict
 from imageledger.projections.runner import folder, rebuild
 from imageledger.projections.views import FORMAT as VIEWS_FORMAT
 from imageledger.projections.views import TABLES, ViewState
@@ -155,8 +156,11 @@ class LedgerStore:
             yield ViewState(view)
 
     def append(self, events: Sequence[DomainEventProtocol[Any]]) -> None:
-        with self._mapper.batch():
-            self._app.save(*events)
+        try:
+            with self._mapper.batch():
+                self._app.save(*events)
+        except RecordConflictError as e:
+            raise AppendConflict(str(e)) from e
 
     def _config(self, digest: str) -> ImageConfig | None:
         """A config the views hold (the mapper resolves configs named by digest with it)."""

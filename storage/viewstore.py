@@ -16,15 +16,18 @@ import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from itertools import islice
-from typing import Any, Final, cast
+from typing import TYPE_CHECKING, Any, Final, cast
 
 import lmdb
 import msgpack
-from eventsourcing.persistence import Notification
 
 from imageledger.domain.errors import LedgerCorruptError
-from imageledger.storage.ledger import LMDBApplicationRecorder
 from imageledger.storage.lmdbenv import LedgerEnv, as_damage
+
+if TYPE_CHECKING:  # a query loads no eventsourcing (see `domain.history`)
+    from eventsourcing.persistence import Notification
+
+    from imageledger.storage.ledger import LMDBApplicationRecorder
 
 NAMESPACES: Final = ("a", "b")
 _ACTIVE: Final = b"views.active"
