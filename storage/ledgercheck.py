@@ -185,9 +185,9 @@ def _check_copy(ledger_dir: Path, copy: Path) -> LedgerCheck:
     # cache decodes them, and the replay is the cache's (imported here, in the child only).
     from imageledger.projections.runner import rebuild
     from imageledger.projections.views import TABLES
-    from imageledger.storage.eventstore import LedgerApplication, stored_format
+    from imageledger.storage.eventstore import FORMAT_VERSION, stored_format
     from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory, check_log
-    from imageledger.storage.ledgerformat import FORMAT_VERSION
+    from imageledger.storage.ledgerapp import LedgerApplication
     from imageledger.storage.viewstore import LMDBViews
 
     env = {
@@ -199,11 +199,11 @@ def _check_copy(ledger_dir: Path, copy: Path) -> LedgerCheck:
     try:
         recorder = app.recorder
         assert isinstance(recorder, LMDBApplicationRecorder)
-        found = stored_format(recorder.env, bool(recorder.max_notification_id()))
+        found = stored_format(recorder.env, lambda: bool(recorder.max_notification_id()))
         if found not in (None, FORMAT_VERSION):
             problem = str(LedgerFormatError(ledger_dir, found if found is not None else 1))
             return LedgerCheck(False, 0, problem, found, str(ledger_dir))
-        views = LMDBViews(recorder.env, recorder, TABLES)
+        views = LMDBViews(recorder.env, TABLES, lambda: recorder)
         events = check_log(recorder)
         report = rebuild(views, app.mapper.to_domain_event, verify_only=True)
     finally:

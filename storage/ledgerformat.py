@@ -52,8 +52,6 @@ from imageledger.domain.model import (
 )
 from imageledger.storage.transcoder import UndecodableDataError
 
-FORMAT_VERSION: Final = 2
-
 # The stored topic of each event class: its short name, stable whatever the Python module.
 CLASSES: Final[dict[str, type[Any]]] = {
     "Started": ImageLedger.Started,
@@ -411,4 +409,4 @@ class _NoTranscoder(Transcoder):
         raise NotImplementedError
 
 
-__all__ = ["CLASSES", "FIELDS", "FORMAT_VERSION", "TOPICS", "LedgerMapper"]
+__all__ = ["CLASSES", "FIELDS", "TOPICS", "LedgerMapper"]

@@ -25,10 +25,11 @@ from eventsourcing.utils import get_topic
 from imageledger.domain.errors import LedgerCorruptError, LedgerFormatError, LedgerMissingError
 from imageledger.domain.log import get_logger
 from imageledger.storage import layout
-from imageledger.storage.eventstore import FormatOneApplication, LedgerStore
+from imageledger.storage.eventstore import LedgerStore
 from imageledger.storage.home import Dir, mark_home, open_home
 from imageledger.storage.leases import StoreLock
 from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory
+from imageledger.storage.ledgerapp import FormatOneApplication
 
 log = get_logger(__name__)
 

@@ -142,13 +142,21 @@ def _successor(prefix: bytes) -> bytes | None:
 
 
 class LMDBViews:
-    """The view tables of one ledger; `tables` names them (the projection's TABLES)."""
+    """The view tables of one ledger; `tables` names them (the projection's TABLES).
+
+    `recorder` gives the recorder of the ledger's log, for what reads the log (history, the
+    head, rebuilds) or folds into the views (appends): it is asked only then, so that the
+    views can be read without making the application that keeps the log (and loading
+    eventsourcing: see `storage.eventstore`)."""
 
     def __init__(
-        self, env: LedgerEnv, recorder: LMDBApplicationRecorder, tables: Sequence[str]
+        self,
+        env: LedgerEnv,
+        tables: Sequence[str],
+        recorder: Callable[[], LMDBApplicationRecorder],
     ) -> None:
         self.env = env
-        self.recorder = recorder
+        self._recorder = recorder
         self.tables = tuple(tables)
         self._meta = env.db("views.meta")
         self._dbs = {
@@ -208,13 +216,13 @@ class LMDBViews:
 
     def log_at(self, view: LMDBViewTxn, positions: Iterable[int]) -> list[Notification]:
         """The log entries at `positions`, in the snapshot `view` reads."""
-        return list(self.recorder.entries_at(view.txn, positions))
+        return list(self._recorder().entries_at(view.txn, positions))
 
     def head(self) -> int:
-        return self.recorder.max_notification_id() or 0
+        return self._recorder().max_notification_id() or 0
 
     def read_log(self, after: int, limit: int) -> Sequence[Notification]:
-        return self.recorder.select_notifications(after, limit, inclusive_of_start=False)
+        return self._recorder().select_notifications(after, limit, inclusive_of_start=False)
 
     def finish(
         self,
@@ -230,7 +238,7 @@ class LMDBViews:
 
         def finish(txn: lmdb.Transaction) -> dict[str, tuple[str, str]]:
             view = self.in_txn(txn, namespace)
-            fold(view, list(self.recorder.entries_after(txn, after)))
+            fold(view, list(self._recorder().entries_after(txn, after)))
             view.flush()
             live = self.active(txn)
             compared = {
@@ -267,4 +275,4 @@ class LMDBViews:
             fold(view, notifications)
             view.flush()
 
-        self.recorder.attach(project)
+        self._recorder().attach(project)

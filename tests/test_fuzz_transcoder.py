@@ -34,7 +34,7 @@ from imageledger.domain.model import (
     RemovedReference,
 )
 from imageledger.storage import transcoder as tmod
-from imageledger.storage.eventstore import ledger_transcoder
+from imageledger.storage.ledgerapp import ledger_transcoder
 from imageledger.storage.transcoder import (
     MsgpackTranscoder,
     StoredEventMapper,

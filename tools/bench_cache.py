@@ -47,7 +47,7 @@ from imageledger.domain.model import (
     PrunePolicy,
     RemovedReference,
 )
-from imageledger.storage.eventstore import LedgerApplication
+from imageledger.storage.ledgerapp import LedgerApplication
 
 LAYER = "application/vnd.oci.image.layer.v1.tar+gzip"
 
