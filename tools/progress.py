@@ -45,9 +45,7 @@ class Progress:
         decile = int(fraction * 10)
         if decile > self._logged:
             self._logged = decile
-            _log.info(
-                "progress", task=self.label, done=done, total=total, unit=self.unit
-            )
+            _log.info("progress", task=self.label, done=done, total=total, unit=self.unit)
 
     def __enter__(self) -> Self:
         return self
