@@ -131,7 +131,7 @@ class Snapshot(CacheState, Protocol):
         """The log positions of `reference`'s events, oldest first."""
 
 
-class AppendConflict(Exception):  # noqa: N818 - a signal between the ledger and the service
+class AppendConflict(Exception):
     """`Ledger.append` found one of its versions taken by another writer: the service decides
     again on a fresh snapshot. It never leaves the service (after too many attempts the
     service raises `LedgerError`), which is why it is not part of `domain.errors`."""
