@@ -7,9 +7,9 @@ in one place (as httpx's ``_exceptions.py`` does)::
 
     ImageLedgerError
     ├── LedgerError
-    │   ├── LedgerCorruptError (also eventsourcing's InterfaceError)
+    │   ├── LedgerCorruptError
     │   │   └── LedgerMissingError
-    │   ├── LedgerFullError (also eventsourcing's OperationalError)
+    │   ├── LedgerFullError
     │   ├── LedgerFormatError
     │   └── LedgerReadOnlyError
     ├── DiskFullError (also OSError)
@@ -38,13 +38,16 @@ in one place (as httpx's ``_exceptions.py`` does)::
     │   ├── RegistryManifestError
     │   └── NotInRegistryError
     └── RegistryConfigError (also ValueError)
+
+None of them derives from eventsourcing's errors, so that this module (and with it a query)
+loads without eventsourcing. The LMDB persistence module (`storage.ledger`), whose callers may
+be written against eventsourcing's interface, raises `LedgerCorruptError` and `LedgerFullError`
+as subclasses that are also eventsourcing's `InterfaceError` and `OperationalError`.
 """
 
 from __future__ import annotations
 
 from typing import Any
-
-from eventsourcing.persistence import InterfaceError, OperationalError
 
 
 class ImageLedgerError(Exception):
@@ -55,12 +58,12 @@ class LedgerError(ImageLedgerError):
     """The ledger (the LMDB environment holding the event log and views) cannot be used."""
 
 
-class LedgerCorruptError(LedgerError, InterfaceError):
+class LedgerCorruptError(LedgerError):
     """The path holds something that is not a readable ledger (a file, a foreign or damaged
     LMDB environment). Its data is not touched (LMDB may create an empty lock file beside it)."""
 
 
-class LedgerFullError(LedgerError, OperationalError):
+class LedgerFullError(LedgerError):
     """The ledger's map reached its configured maximum (or the disk is full); the append that
     needed the space was rolled back whole, and what was committed before is intact."""
 

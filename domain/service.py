@@ -535,7 +535,7 @@ class ImageCacheService:
 
             unmatched: builtins.list[str] = []
 
-            def decide(state: Snapshot, batch: Batch, now: datetime) -> Any:
+            def decide(state: Snapshot, now: datetime) -> Any:
                 known = {blob.digest for blob in state.blobs()}
                 orphans = [
                     DeletedBlob(d, "orphan", self.store.size(d) or 0, "not in the ledger")
@@ -546,12 +546,22 @@ class ImageCacheService:
                 unmatched[:] = unmatched_keep(
                     policy.keep, (r.reference for r in state.references())
                 )
-                if not policy.dry_run:
-                    batch.pruned(policy, now, plan.references, plan.deleted, plan.bytes)
                 return plan
 
-            plan = self._commit(decide)
-            unlinked = plan.bytes if policy.dry_run else self._unlink(plan.deleted)
+            def record(state: Snapshot, batch: Batch, now: datetime) -> Any:
+                plan = decide(state, now)
+                batch.pruned(policy, now, plan.references, plan.deleted, plan.bytes)
+                return plan
+
+            if policy.dry_run:
+                # A plan only: read on one snapshot, nothing recorded (not even the first
+                # event of an empty ledger), and no event class loaded for it.
+                with self.snapshot() as state:
+                    plan = decide(state, self.clock())
+                unlinked = plan.bytes
+            else:
+                plan = self._commit(record)
+                unlinked = self._unlink(plan.deleted)
         for pattern in unmatched:
             log.warning("prune.keep_unmatched", pattern=pattern[:200], length=len(pattern))
         return ImagePruneReport.of(

@@ -33,6 +33,7 @@ the record. Versions are stored offset by 2**63 so that negative versions sort t
 
 from __future__ import annotations
 
+import functools
 import struct
 import threading
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -49,8 +50,10 @@ from eventsourcing.persistence import (
     ApplicationRecorder,
     InfrastructureFactory,
     IntegrityError,
+    InterfaceError,
     ListenNotifySubscription,
     Notification,
+    OperationalError,
     ProcessRecorder,
     StoredEvent,
     Subscription,
@@ -58,18 +61,59 @@ from eventsourcing.persistence import (
     TrackingRecorder,
     WaitInterruptedError,
 )
-from eventsourcing.utils import Environment, EnvType, resolve_topic, strtobool
+from eventsourcing.utils import Environment, EnvType, resolve_topic
 
-from imageledger.domain.errors import LedgerCorruptError
+from imageledger.domain import errors
+from imageledger.storage import settings
 from imageledger.storage.lmdbenv import (
-    DURABILITY_MODES,
-    Durability,
-    EnvConfig,
     LedgerEnv,
     damaged,
     open_env,
     release_env,
 )
+from imageledger.storage.settings import Settings
+
+
+class LedgerCorruptError(errors.LedgerCorruptError, InterfaceError):
+    """A damaged ledger (`imageledger.LedgerCorruptError`, whose name it keeps) as this
+    persistence module reports it: also eventsourcing's `InterfaceError`, the type its
+    persistence modules raise for it."""
+
+
+class LedgerFullError(errors.LedgerFullError, OperationalError):
+    """A full ledger (`imageledger.LedgerFullError`, whose name it keeps) as this persistence
+    module reports it: also eventsourcing's `OperationalError`."""
+
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _persistence_errors(method: F) -> F:
+    """`method` raising the ledger's errors as eventsourcing's own types too.
+
+    The domain's errors do not derive from eventsourcing's (`domain.errors` must load without
+    it: a query never needs eventsourcing); code written against eventsourcing's interface
+    catches `InterfaceError` and `OperationalError`, so the module's entry points raise
+    subclasses that are both. Subclasses with a meaning of their own (a missing ledger, an
+    undecodable value) pass through as they are."""
+
+    @functools.wraps(method)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return method(*args, **kwargs)
+        except (InterfaceError, OperationalError):
+            raise
+        except errors.LedgerCorruptError as e:
+            if type(e) is not errors.LedgerCorruptError:
+                raise
+            raise LedgerCorruptError(*e.args) from e
+        except errors.LedgerFullError as e:
+            if type(e) is not errors.LedgerFullError:
+                raise
+            raise LedgerFullError(*e.args) from e
+
+    return cast(F, wrapper)
+
 
 _U64: Final = struct.Struct(">Q")
 _VERSION_OFFSET: Final = 1 << 63
@@ -225,6 +269,7 @@ class LMDBAggregateRecorder(LMDBRecorder, AggregateRecorder):
     def create_table(self) -> None:
         self._db(self.db_name)
 
+    @_persistence_errors
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
@@ -243,6 +288,7 @@ class LMDBAggregateRecorder(LMDBRecorder, AggregateRecorder):
             self.env.write(insert)
         return None
 
+    @_persistence_errors
     def select_events(
         self,
         originator_id: UUID | str,
@@ -338,6 +384,7 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
         self._db("log")
         self._db("log.index")
 
+    @_persistence_errors
     def insert_events(
         self, stored_events: Sequence[StoredEvent], **kwargs: Any
     ) -> Sequence[int] | None:
@@ -386,6 +433,7 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
             ids.append(last)
         return ids
 
+    @_persistence_errors
     def select_events(
         self,
         originator_id: UUID | str,
@@ -401,6 +449,7 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
             ids = _scan_sequence(txn, index_db, originator_id, gt, lte, desc, limit)
             return [StoredEvent(*_unpack(_get(txn, packed_id, log_db))) for packed_id in ids]
 
+    @_persistence_errors
     def select_notifications(
         self,
         start: int | None,
@@ -433,6 +482,7 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
                     break
         return found
 
+    @_persistence_errors
     def max_notification_id(self) -> int | None:
         log_db = self._db("log")
         with self.env.read() as txn:
@@ -528,6 +578,7 @@ class LMDBTrackingRecorder(LMDBRecorder, TrackingRecorder):
     def create_table(self) -> None:
         self._db("tracking")
 
+    @_persistence_errors
     def insert_tracking(self, tracking: Tracking) -> None:
         record = self._tracking_writer(tracking)
         self.env.write(record)
@@ -551,6 +602,7 @@ class LMDBTrackingRecorder(LMDBRecorder, TrackingRecorder):
 
         return record
 
+    @_persistence_errors
     def max_tracking_id(self, application_name: str) -> int | None:
         db = self._db("tracking")
         with self.env.read() as txn:
@@ -603,19 +655,20 @@ class LMDBProcessRecorder(LMDBTrackingRecorder, LMDBApplicationRecorder, Process
 class LMDBFactory(InfrastructureFactory[LMDBTrackingRecorder]):
     """Builds the recorders of one application on its ledger (see the module docstring)."""
 
-    LMDB_PATH = "LMDB_PATH"
-    LMDB_MAP_SIZE = "LMDB_MAP_SIZE"
-    LMDB_MAX_MAP_SIZE = "LMDB_MAX_MAP_SIZE"
-    LMDB_DURABILITY = "LMDB_DURABILITY"
-    LMDB_POLL_INTERVAL = "LMDB_POLL_INTERVAL"
+    LMDB_PATH = settings.LMDB_PATH
+    LMDB_MAP_SIZE = settings.LMDB_MAP_SIZE
+    LMDB_MAX_MAP_SIZE = settings.LMDB_MAX_MAP_SIZE
+    LMDB_DURABILITY = settings.LMDB_DURABILITY
+    LMDB_POLL_INTERVAL = settings.LMDB_POLL_INTERVAL
     CREATE_TABLE = "CREATE_TABLE"
-    LMDB_READONLY = "LMDB_READONLY"
+    LMDB_READONLY = settings.LMDB_READONLY
 
     aggregate_recorder_class = LMDBAggregateRecorder
     application_recorder_class = LMDBApplicationRecorder
     tracking_recorder_class = LMDBTrackingRecorder
     process_recorder_class = LMDBProcessRecorder
 
+    @_persistence_errors
     def __init__(self, env: Environment | EnvType | None):
         super().__init__(env)
         path = self.env.get(self.LMDB_PATH)
@@ -623,63 +676,24 @@ class LMDBFactory(InfrastructureFactory[LMDBTrackingRecorder]):
             keys = ", ".join(self.env.create_keys(self.LMDB_PATH))
             msg = f"LMDB ledger path not found in environment with keys: {keys}"
             raise OSError(msg)
-        defaults = EnvConfig()
-        durability = self.env.get(self.LMDB_DURABILITY, defaults.durability)
-        if durability not in DURABILITY_MODES:
-            msg = f"{self.LMDB_DURABILITY}={durability!r}: use one of {', '.join(DURABILITY_MODES)}"
-            raise OSError(msg)
-        config = EnvConfig(
-            map_size=self._int(self.LMDB_MAP_SIZE, defaults.map_size),
-            max_map_size=self._int(self.LMDB_MAX_MAP_SIZE, defaults.max_map_size),
-            durability=cast(Durability, durability),
-            poll_interval=self._seconds(self.LMDB_POLL_INTERVAL, defaults.poll_interval),
-            readonly=bool(strtobool(self.env.get(self.LMDB_READONLY, "no") or "no")),
-        )
-        if config.max_map_size < config.map_size:
-            msg = (
-                f"{self.LMDB_MAX_MAP_SIZE}={config.max_map_size} is below "
-                f"{self.LMDB_MAP_SIZE}={config.map_size}"
-            )
-            raise OSError(msg)
+        # Read as `LedgerStore` reads them before it makes its application (storage.settings).
+        self._settings = Settings(self.env.name, dict(self.env))
+        config = self._settings.env_config()
         self.ledger = open_env(path, config)
         self._closed = False
         name = self.env.name.lower()
         self.namespace = f"{name}." if name else ""
 
-    def _int(self, key: str, default: int) -> int:
-        value = (self.env.get(key) or "").strip()
-        if not value:
-            return default
-        try:
-            number = int(value)
-        except ValueError:
-            number = -1
-        if number <= 0:
-            msg = f"{key}={value!r}: expected a positive number of bytes"
-            raise OSError(msg)
-        return number
-
-    def _seconds(self, key: str, default: float) -> float:
-        value = (self.env.get(key) or "").strip()
-        if not value:
-            return default
-        try:
-            seconds = float(value)
-        except ValueError:
-            seconds = -1.0
-        if not 0 < seconds < 3600:
-            msg = f"{key}={value!r}: expected a number of seconds between 0 and 3600"
-            raise OSError(msg)
-        return seconds
-
     def _create(self) -> bool:
-        return bool(strtobool(self.env.get(self.CREATE_TABLE, "yes") or "yes"))
+        return self._settings.flag(self.CREATE_TABLE, True)
 
+    @_persistence_errors
     def aggregate_recorder(self, purpose: str = "events") -> AggregateRecorder:
         return self.aggregate_recorder_class(
             self.ledger, self.namespace, purpose=purpose, create=self._create()
         )
 
+    @_persistence_errors
     def application_recorder(self) -> ApplicationRecorder:
         cls: type[LMDBApplicationRecorder] = self.application_recorder_class
         topic = self.env.get(self.APPLICATION_RECORDER_TOPIC)
@@ -688,6 +702,7 @@ class LMDBFactory(InfrastructureFactory[LMDBTrackingRecorder]):
             assert issubclass(cls, LMDBApplicationRecorder)
         return cls(self.ledger, self.namespace, create=self._create())
 
+    @_persistence_errors
     def tracking_recorder(
         self, tracking_recorder_class: type[LMDBTrackingRecorder] | None = None
     ) -> LMDBTrackingRecorder:
@@ -698,6 +713,7 @@ class LMDBFactory(InfrastructureFactory[LMDBTrackingRecorder]):
         assert cls is not None and issubclass(cls, LMDBTrackingRecorder)
         return cls(self.ledger, self.namespace, create=self._create())
 
+    @_persistence_errors
     def process_recorder(self) -> ProcessRecorder:
         cls: type[LMDBProcessRecorder] = self.process_recorder_class
         topic = self.env.get(self.PROCESS_RECORDER_TOPIC)

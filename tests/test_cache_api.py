@@ -754,6 +754,15 @@ def test_prune_default_dry_run_reports_what_the_real_prune_does(
     assert report_summary(cache.prune()) == (0, 0, 0, 0, 0, 0)
 
 
+def test_a_dry_run_records_nothing_even_in_a_new_home(tmp_path: Path) -> None:
+    """A plan is a query: on a home that has recorded nothing yet, `prune(dry_run=True)` and
+    `df()` leave the ledger empty (it used to record the ledger's first event, `Started`)."""
+    with ImageCache(tmp_path / "home") as fresh:
+        assert fresh.prune(dry_run=True).dry_run
+        fresh.df()
+        assert fresh.history() == []
+
+
 def test_prune_unused_for_keeps_recently_used(
     cache: ImageCache, clock: Clock, tmp_path: Path
 ) -> None:

@@ -97,6 +97,34 @@ def test_a_query_loads_neither_the_asyncio_facade_nor_the_archive_code(
     assert loaded_after(run_query(home, *command), NOT_FOR_A_QUERY) == []
 
 
+@pytest.mark.parametrize(
+    "command", [("images", "--json"), ("inspect", "imports/app:1", "--json"), ("df",)]
+)
+def test_a_query_loads_neither_eventsourcing_nor_the_events(
+    home: Path, command: tuple[str, ...]
+) -> None:
+    """A query reads the views only: the application that keeps the log, its persistence
+    module, the mapper and the event classes (eventsourcing under them all) load with the
+    first command that appends or reads the log (`storage.eventstore`)."""
+    watched = (
+        "eventsourcing",
+        "imageledger.domain.events",
+        "imageledger.storage.ledger",
+        "imageledger.storage.ledgerapp",
+        "imageledger.storage.ledgerformat",
+    )
+    assert loaded_after(run_query(home, *command), watched) == []
+
+
+def test_history_still_reads_the_log(home: Path) -> None:
+    """The other side: a command that reads the log makes the application when it needs it."""
+    probe = run_query(home, "history", "--json")
+    assert loaded_after(probe, ("eventsourcing", "imageledger.storage.ledgerapp")) == [
+        "eventsourcing",
+        "imageledger.storage.ledgerapp",
+    ]
+
+
 def test_a_query_does_not_load_httpx(home: Path) -> None:
     watched = ("httpx", "imageledger.storage.registry")
     assert loaded_after(run_query(home, "inspect", "imports/app:1", "--json"), watched) == []
