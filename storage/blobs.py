@@ -13,11 +13,13 @@ outside the store.
 from __future__ import annotations
 
 import contextlib
+import functools
 import hashlib
 import os
 import secrets
 import stat
-from collections.abc import Iterable, Iterator
+import sys
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path, PurePosixPath
 from typing import BinaryIO, Final
 
@@ -31,6 +33,60 @@ from imageledger.storage.home import Dir
 log = get_logger(__name__)
 
 PARTIAL_SUFFIX: Final = ".part"
+WRITE_SIZE: Final = 1 << 20
+"""Bytes a `BlobWriter` gathers before it hashes and writes them, in one call each. A
+download delivers 64 KiB chunks (httpcore's reads); hashing and writing each on its own
+costs two releases and re-acquisitions of the GIL per chunk, and with four layers
+downloading at once on two cores the threads spent much of their time waiting for it. On the
+benchmark machine (200 MiB in 4 layers, in process, interleaved rounds) gathering 1 MiB
+took a pull from ~0.47-0.50 to ~0.39-0.40 s at the same CPU time (the copy into the buffer
+costs ~20 ms per 200 MiB); 256 KiB gave ~0.42 s. What is gathered is counted in
+`BlobWriter.offset` (a resume asks for what follows it: the gathered bytes are in memory,
+not lost); a process killed meanwhile leaves its partial file at most this much shorter than
+what it had received, and the next pull fetches that again."""
+WRITEBACK_STEP: Final = 8 << 20
+"""Bytes a `BlobWriter` writes between two requests to the kernel to start writing them to
+the disk (`start_writeback`). Without them, a big blob's pages stay dirty in the page cache
+until `BlobWriter.commit` fsyncs it, and the whole blob is written to the disk while the pull
+waits (on the benchmark machine ~0.1 s for 200 MiB, after the download); with them, the disk
+writes while the download goes on, and the fsync finds little left to do (in process,
+interleaved: ~0.56 -> ~0.50 s). 8 MiB: small enough to keep the disk busy, large enough
+that the requests (one per 8 writes) cost nothing measurable."""
+
+_SYNC_FILE_RANGE_WRITE: Final = 2
+"""``SYNC_FILE_RANGE_WRITE`` (linux/fs.h): start writeback of the range's dirty pages, and
+do not wait for it."""
+
+
+@functools.cache
+def _sync_file_range() -> Callable[[int, int, int, int], int] | None:
+    """libc's ``sync_file_range`` (Linux), looked up once; None elsewhere or when it cannot be
+    called. ctypes is imported only by a writer of a blob big enough to want it."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        import ctypes
+
+        function = ctypes.CDLL(None, use_errno=True).sync_file_range
+    except (ImportError, OSError, AttributeError):
+        return None
+    function.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
+    function.restype = ctypes.c_int
+    call: Callable[[int, int, int, int], int] = function
+    return call
+
+
+def start_writeback(fd: int, offset: int, length: int) -> bool:
+    """Ask the kernel to start writing `length` bytes of `fd` from `offset` to the disk, and
+    return at once (``sync_file_range(SYNC_FILE_RANGE_WRITE)``; False where there is no such
+    call or it failed). Durability is unchanged: this only moves the disk's work earlier, and
+    nothing counts on it; the blob is still fsynced before it is renamed into place (a crash
+    before that fsync leaves a partial file, as before). ctypes releases the GIL around the
+    call, so the other downloads go on meanwhile."""
+    call = _sync_file_range()
+    if call is None:
+        return False
+    return call(fd, offset, length, _SYNC_FILE_RANGE_WRITE) == 0
 
 
 class BlobStore:
@@ -291,7 +347,12 @@ class BlobWriter:
         except BaseException:
             self._work.close()
             raise
-        self.offset = 0
+        self.offset = 0  # bytes accepted by `write`: in the file, or gathered (`WRITE_SIZE`)
+        self._buffer: bytearray | None = None  # where chunks are gathered (`WRITE_SIZE`)
+        self._gathered = 0  # bytes of it in use
+        self._in_file = 0  # bytes hashed and written to the file
+        self._written_back = 0  # bytes whose writeback was started (`start_writeback`)
+        self._writeback = True
 
     def write(self, chunk: bytes) -> None:
         if self._file is None:
@@ -301,8 +362,44 @@ class BlobWriter:
         if self.limit is not None and self.offset > self.limit:
             msg = f"blob {self.digest}: more than the announced {self.limit} bytes"
             raise BlobTooLargeError(msg)
-        self._hasher.update(chunk)
-        self._file.write(chunk)
+        size = len(chunk)
+        if self._gathered + size > WRITE_SIZE:
+            self._write_gathered()
+        if size >= WRITE_SIZE:  # big enough on its own: no copy
+            self._hash_and_write(chunk)
+            return
+        if self._buffer is None:
+            # One buffer per writer, never bigger than the blob (`write` refused more than
+            # `limit` above): gathering into it, rather than joining the chunks, allocates
+            # nothing per write (a 1 MiB join is above glibc's mmap threshold until that
+            # adapts, and 4 MiB joins cost a page fault per 4 KiB: measured, +0.2 s sys).
+            wanted = WRITE_SIZE if self.limit is None else min(WRITE_SIZE, max(self.limit, 1))
+            self._buffer = bytearray(wanted)
+        # A copy: a caller's reused buffer (``readinto``) may change once we return.
+        self._buffer[self._gathered : self._gathered + size] = chunk
+        self._gathered += size
+        if self._gathered >= WRITE_SIZE:
+            self._write_gathered()
+
+    def _write_gathered(self) -> None:
+        if self._buffer is None or not self._gathered:
+            return
+        with memoryview(self._buffer) as view, view[: self._gathered] as data:
+            self._hash_and_write(data)
+        self._gathered = 0
+
+    def _hash_and_write(self, data: bytes | memoryview) -> None:
+        """Hash and write `data` in one call each; start the writeback of every
+        `WRITEBACK_STEP` written."""
+        assert self._file is not None
+        self._hasher.update(data)
+        self._file.write(data)
+        self._in_file += len(data)
+        if self._writeback and self._in_file - self._written_back >= WRITEBACK_STEP:
+            self._file.flush()
+            length = self._in_file - self._written_back
+            self._writeback = start_writeback(self._file.fileno(), self._written_back, length)
+            self._written_back = self._in_file
 
     def commit(self) -> int:
         """Verify size and digest, fsync, move into place, fsync the directory; the size."""
@@ -310,6 +407,7 @@ class BlobWriter:
             msg = f"blob {self.digest}: the writer is closed"
             raise ValueError(msg)
         try:
+            self._write_gathered()
             self._file.flush()
             os.fsync(self._file.fileno())
             self._file.close()
@@ -333,6 +431,8 @@ class BlobWriter:
         return self.offset
 
     def abort(self) -> None:
+        self._buffer = None
+        self._gathered = 0
         if self._file is not None:
             self._file.close()
             self._file = None
