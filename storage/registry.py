@@ -40,7 +40,7 @@ or ``tests/test_pull.py``):
   os/architecture/variant, else os/architecture with a compatible variant), attestations
   skipped, nested indexes followed (`storage.oci.index_manifests`, at most `MAX_INDEX_DEPTH`
   deep); the chosen manifest is fetched by digest and checked against its descriptor.
-- **Blobs**: the config, then the layers (at most `max_concurrent_layers` at once), each
+- **Blobs**: the layers (at most `max_concurrent_layers` at once) and meanwhile the config, each
   streamed through the store's `BlobWriter`, which hashes while writing and lands nothing
   that does not verify. A blob already stored with the descriptor's size is not fetched. A
   broken or short transfer resumes with ``Range: bytes=<offset>-`` (a 200 answer restarts the
@@ -68,15 +68,17 @@ or ``tests/test_pull.py``):
 from __future__ import annotations
 
 import contextlib
+import os
 import random
 import ssl
+import sys
 import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass
 from types import TracebackType
-from typing import Final, Self
+from typing import Any, Final, Self
 
 import httpx
 
@@ -144,8 +146,8 @@ log = get_logger(__name__)
 
 MANIFEST_ACCEPT: Final = ", ".join((OCI_INDEX, OCI_MANIFEST, DOCKER_LIST, DOCKER_MANIFEST))
 PROGRESS_STEP: Final = 1 << 20
-"""Bytes between two "blob-bytes" progress events of one blob. (Blobs are written in the
-chunks the connection delivers, 64 KiB: re-chunking into bigger writes only adds a copy.)"""
+"""Bytes between two "blob-bytes" progress events of one blob. (The connection delivers 64
+KiB chunks; the store's writer gathers them into bigger writes, `blobs.WRITE_SIZE`.)"""
 DOCKER_HUB_API: Final = "registry-1.docker.io"
 MAX_RETRY_AFTER: Final = 60.0
 """The longest ``Retry-After`` a pull waits out: a registry asking for more fails the pull at
@@ -189,6 +191,55 @@ class _Emitter:
                 self._callback(PullProgress(event, digest, done, total))
 
 
+# ---- TLS ---------------------------------------------------------------------------------------
+
+
+class _TrustContext(ssl.SSLContext):
+    """``ssl.create_default_context()``, whose trust store (the system's CA certificates) is
+    loaded when the first TLS connection is made rather than when the client is made.
+
+    Loading it costs ~25-30 ms on the benchmark machine (parsing a few hundred PEM
+    certificates), paid by every pull through the command line even when the registry, its
+    token realm and its redirects are all plain HTTP (`RegistryOptions.insecure`). Nothing is
+    verified less: httpcore makes every TLS connection through `wrap_socket` (or `wrap_bio`,
+    TLS in a proxy tunnel), and both load the store first; ``verify_mode`` is
+    ``CERT_REQUIRED`` and ``check_hostname`` on from the start (``PROTOCOL_TLS_CLIENT``), so
+    a connection that somehow skipped the load would fail verification, never pass it.
+    What `ssl.create_default_context` does besides loading (``SSLKEYLOGFILE``) is done here."""
+
+    def __new__(cls) -> _TrustContext:
+        return super().__new__(cls, ssl.PROTOCOL_TLS_CLIENT)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.verify_mode = ssl.CERT_REQUIRED
+        self.check_hostname = True
+        self._trust_lock = threading.Lock()
+        self._trusted = False
+        # create_default_context's other step: honour SSLKEYLOGFILE (a debugging aid).
+        keylog = os.environ.get("SSLKEYLOGFILE")
+        if keylog and not sys.flags.ignore_environment:
+            self.keylog_filename = keylog
+
+    def load_trust(self) -> None:
+        """Load the system's CA certificates, once (threads making their first connections
+        at the same time wait for one load)."""
+        if self._trusted:
+            return
+        with self._trust_lock:
+            if not self._trusted:
+                self.load_default_certs(ssl.Purpose.SERVER_AUTH)
+                self._trusted = True
+
+    def wrap_socket(self, *args: Any, **kwargs: Any) -> ssl.SSLSocket:
+        self.load_trust()
+        return super().wrap_socket(*args, **kwargs)
+
+    def wrap_bio(self, *args: Any, **kwargs: Any) -> ssl.SSLObject:
+        self.load_trust()
+        return super().wrap_bio(*args, **kwargs)
+
+
 # ---- the client ------------------------------------------------------------------------------
 
 
@@ -197,10 +248,13 @@ class RegistryClient:
 
     def __init__(self, options: RegistryOptions | None = None) -> None:
         self.options = options if options is not None else RegistryOptions()
-        context = ssl.create_default_context()
+        context = _TrustContext()
         if self.options.ca_bundle is not None:
+            # Given: checked now, so that a bundle that cannot be used fails the pull before
+            # anything is sent (and the system's trust store is then loaded too).
             bundle = self.options.ca_bundle
             try:
+                context.load_trust()
                 context.load_verify_locations(cafile=str(bundle))
             except OSError as e:  # ssl.SSLError too: no certificate in it, or a bad one
                 reason = getattr(e, "reason", None) or e.strerror or type(e).__name__
@@ -777,34 +831,51 @@ class RegistryClient:
             writer.abort()
             raise
 
-    def _fetch_layers(
+    def _fetch_blobs(
         self,
         target: RegistryTarget,
         store: PullStore,
+        config: Descriptor,
         layers: list[Descriptor],
         emit: _Emitter,
     ) -> None:
+        """Fetch the config and the layers: the layers in a pool (at most
+        `RegistryOptions.max_concurrent_layers` at once), the config in this thread meanwhile
+        (it used to be fetched before the layers started: a round trip, a write and two
+        fsyncs that every pull waited for in line). The first failure stops the others."""
         cancel = threading.Event()
         workers = min(self.options.max_concurrent_layers, len(layers))
-        if workers == 0:
-            return
-        pool = ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imageledger-pull")
+        pool = (
+            ThreadPoolExecutor(max_workers=workers, thread_name_prefix="imageledger-pull")
+            if workers
+            else None
+        )
         futures: list[Future[None]] = []
+        failed: BaseException | None = None
         try:
-            futures = [
-                pool.submit(self._fetch_blob, target, store, layer, emit, cancel)
-                for layer in layers
-            ]
-            wait(futures, return_when=FIRST_EXCEPTION)
+            if pool is not None:
+                futures = [
+                    pool.submit(self._fetch_blob, target, store, layer, emit, cancel)
+                    for layer in layers
+                ]
+            try:
+                self._fetch_blob(target, store, config, emit, cancel)
+            except Exception as error:  # the layers are stopped, then this is raised
+                failed = error
+            else:
+                wait(futures, return_when=FIRST_EXCEPTION)
         finally:
             cancel.set()  # all done, or one failed (or we were interrupted): stop the others
-            pool.shutdown(wait=True, cancel_futures=True)
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
         errors = [
             e
             for f in futures
             if not f.cancelled() and (e := f.exception()) is not None
             if not isinstance(e, _Cancelled)
         ]
+        if failed is not None:
+            raise failed
         if errors:
             raise errors[0]
 
@@ -865,12 +936,10 @@ class RegistryClient:
                 f" larger than the {MAX_MANIFEST_SIZE} byte limit"
             )
             raise RegistryManifestError(msg)
-        cancel = threading.Event()
-        self._fetch_blob(target, store, manifest.config, emit, cancel)
         unique: dict[str, Descriptor] = {}
         for layer in manifest.layers:
             unique.setdefault(layer.digest, layer)
-        self._fetch_layers(target, store, list(unique.values()), emit)
+        self._fetch_blobs(target, store, manifest.config, list(unique.values()), emit)
         with self._lock(target, store, digest, None):
             if not (store.has(digest) and store.size(digest) == len(body)):
                 store.write_bytes(body, digest)

@@ -12,6 +12,7 @@ import hashlib
 import http.server
 import json
 import logging
+import ssl
 import subprocess
 import sys
 import threading
@@ -322,6 +323,60 @@ def test_tls_with_the_test_ca(tmp_path: Path, registry_tls: Registry, store: Blo
         _pull(registry, BlobStore(tmp_path / "untrusted"), "secure/app:1", backoff=1.0)
     assert not isinstance(caught.value, RegistryAuthError)
     assert time.monotonic() - started < 1.0  # a certificate that does not verify is not retried
+
+
+def test_the_trust_store_is_loaded_only_for_a_tls_connection(
+    tmp_path: Path,
+    registry: Registry,
+    registry_tls: Registry,
+    store: BlobStore,
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    """The system's CA certificates (~25 ms to load) are loaded by the first TLS connection,
+    not by every client: a pull over plain HTTP never loads them, and a pull over TLS with
+    no CA bundle verifies against them (``SSL_CERT_FILE`` stands in for the system's store)."""
+    loads: list[int] = []
+    real = ssl.SSLContext.load_default_certs
+
+    def counting(context: ssl.SSLContext, purpose: ssl.Purpose = ssl.Purpose.SERVER_AUTH) -> None:
+        loads.append(1)
+        real(context, purpose)
+
+    monkeypatch.setattr(ssl.SSLContext, "load_default_certs", counting)
+    plain = _publish(tmp_path, registry, "plain/app:1", [_spec("plain")]).images[0]
+    assert _pull(registry, store, "plain/app:1").manifest_digest == plain.manifest_digest
+    assert loads == []
+    assert registry_tls.ca_cert is not None
+    secure = _publish(tmp_path, registry_tls, "secure/lazy:1", [_spec("lazy")]).images[0]
+    monkeypatch.setenv("SSL_CERT_FILE", str(registry_tls.ca_cert))
+    with RegistryClient(_options(registry_tls)) as client:
+        assert loads == []
+        for _ in range(2):
+            content = client.pull(
+                Reference.parse(f"{registry_tls.host}/secure/lazy:1"),
+                BlobStore(tmp_path / "lazy"),
+                platform=AMD64,
+            )
+            assert content.manifest_digest == secure.manifest_digest
+    assert loads == [1]  # once per client, whatever the connections
+
+
+def test_a_config_that_fails_stops_the_layers_and_is_the_error(
+    tmp_path: Path, flaky_registry: FlakyRegistry, store: BlobStore
+) -> None:
+    """The config is fetched while the layers download (no longer before them): its failure
+    is still the pull's error, and nothing of the pull lands but whole, verified blobs."""
+    registry, upstream = flaky_registry.registry, flaky_registry.upstream
+    spec = _spec("cfg", _noise(b"cfg-a", 300_000), _noise(b"cfg-b", 300_000))
+    built = _publish(tmp_path, upstream, "app/badconfig:1", [spec]).images[0]
+    flaky_registry.corrupt_blob(built.config_digest)
+    with pytest.raises(DigestMismatchError, match=built.config_digest):
+        _pull(registry, store, "app/badconfig:1")
+    assert not store.has(built.config_digest)
+    assert not store.has(built.manifest_digest)
+    for digest in store.digests():
+        assert store.verify(digest)
+    _no_partials(store)
 
 
 # ---- the flaky proxy -----------------------------------------------------------------------
