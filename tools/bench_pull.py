@@ -267,12 +267,18 @@ def warm_up(hidden: Path | None) -> None:
     )
 
 
-def _drain(fd: int) -> None:
+TTY_TAIL: Final = 4000
+"""Bytes of the command line's terminal output kept for the message of a failed pull."""
+
+
+def _drain(fd: int, tail: bytearray) -> None:
     """Read a pseudo-terminal's output until its last writer closes it (as a terminal
-    would display it; the bytes are dropped)."""
+    would display it); keep its last `TTY_TAIL` bytes in `tail` (a failed pull's error is
+    there, not in a pipe)."""
     try:
-        while os.read(fd, 65536):
-            pass
+        while chunk := os.read(fd, 65536):
+            tail += chunk
+            del tail[:-TTY_TAIL]
     except OSError:  # EIO: every slave end is closed
         pass
     finally:
@@ -296,7 +302,8 @@ def pull_cli(
         "--json",
     ]
     master, slave = pty.openpty() if tty else (-1, -1)
-    reader = threading.Thread(target=_drain, args=(master,), daemon=True) if tty else None
+    shown = bytearray()
+    reader = threading.Thread(target=_drain, args=(master, shown), daemon=True) if tty else None
     cpu = _cpu_seconds(resource.RUSAGE_CHILDREN)
     began = time.perf_counter()
     try:
@@ -323,7 +330,7 @@ def pull_cli(
     if reader is not None:
         reader.join(timeout=10)
     if process.returncode != 0:
-        detail = (err or b"").decode(errors="replace")[-2000:]
+        detail = (err or bytes(shown)).decode(errors="replace")[-2000:]
         msg = f"{' '.join(command)} exited {process.returncode}: {detail}"
         raise BenchError(msg)
     digest = json.loads(out)["manifest_digest"]
