@@ -165,6 +165,11 @@ def _pulled(view: ViewRecords, event: ImageLedger.ImagePulled, position: int, at
             record = view.get("blobs", blob.encode()) or {"kind": kind, "size": size, "users": []}
             record["users"] = _insert(record["users"], digest)
             view.put("blobs", blob.encode(), record)
+        # Configs are never forgotten: one a manifest in the views names is in `configs`
+        # since that manifest came, so only a manifest new to the views can bring one.
+        config = content.config.digest.encode()
+        if view.get("configs", config) is None:
+            view.put("configs", config, config_to_array(content.config))
     manifest["refs"] = _insert(manifest["refs"], reference)
     manifest["u"] = at
     view.put("manifests", digest.encode(), manifest)
@@ -185,9 +190,6 @@ def _pulled(view: ViewRecords, event: ImageLedger.ImagePulled, position: int, at
         view.put("index", reference.encode(), index_entry(reference, content))
     ref["u"] = at
     _put_ref(view, reference, ref, event.timestamp)
-    config = content.config.digest.encode()
-    if view.get("configs", config) is None:
-        view.put("configs", config, config_to_array(content.config))
 
 
 def _put_ref(view: ViewRecords, reference: str, ref: dict[str, Any], used: datetime) -> None:
