@@ -168,7 +168,7 @@ def test_a_crashed_pull_leaves_partials_the_next_prune_reclaims(
     reference = _push_image(registry, tmp_path, "team/crash")
     big = _big_layer(registry, reference, tmp_path)
     home = tmp_path / "home"
-    stall = flaky_registry.stall_blob(big, after=1 << 20)
+    stall = flaky_registry.stall_blob(big, after=2 << 20)  # past a gathered write
     child = subprocess.Popen(
         [
             sys.executable,
@@ -186,6 +186,12 @@ def test_a_crashed_pull_leaves_partials_the_next_prune_reclaims(
     )
     try:
         stall.wait_reached(TIMEOUT)
+        # The writer gathers up to `WRITE_SIZE` in memory before it writes: kill the pull
+        # once what it received is on the disk, as a pull killed mid-download leaves it.
+        deadline = time.monotonic() + TIMEOUT
+        while not any(p.stat().st_size > 0 for p in (home / "tmp").rglob("*.part") if p.is_file()):
+            assert time.monotonic() < deadline, "the pull wrote nothing of the big layer"
+            time.sleep(0.01)
         child.send_signal(signal.SIGKILL)
         child.wait(TIMEOUT)
     finally:
