@@ -18,7 +18,10 @@ mix``, alternately that and one subsequent event on the aggregate just created. 
 runs ``--rounds`` times for ``--seconds`` each, rounds interleaved across configurations so that
 background noise spreads over all of them; the median is reported. For the LMDB rows the number
 of write transactions (LMDB's ``last_txnid``) is read before and after, which gives the appends
-carried per durable commit (the group-commit batch size).
+carried per durable commit (the group-commit batch size). Every row also gives the process's
+CPU time and context switches per append (all threads: at 8 writers the serial part of a cycle
+is CPU under the GIL and thread wake-ups), and ``--batch-stats`` the leader's time per commit
+split into gathering, the writes' functions and LMDB's commit itself (page writes and flushes).
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ import contextlib
 import json
 import os
 import platform
+import resource
 import shutil
 import sqlite3
 import statistics
@@ -215,6 +219,9 @@ class Measurement:
     gathers: int = 0  # commits whose leader waited for the writers it expected back
     gathers_short: int = 0  # of those, waits that ended at the bound, not all back
     gather_seconds: float = 0.0
+    syncing_seconds: float = 0.0  # of leader_seconds, inside LMDB's commit (writes, flushes)
+    cpu_seconds: float = 0.0  # the process's CPU time (user + system) over the timed part
+    context_switches: int = 0  # the process's voluntary + involuntary ones over it
 
     @property
     def rate(self) -> float:
@@ -248,6 +255,8 @@ class Row:
             "appends_per_second_rounds": [round(m.rate, 1) for m in self.rounds],
             "appends": [m.appends for m in self.rounds],
             "seconds": [round(m.seconds, 4) for m in self.rounds],
+            "cpu_us_per_append": _per_append(self.rounds, 1e6, "cpu_seconds"),
+            "context_switches_per_append": _per_append(self.rounds, 1.0, "context_switches"),
         }
         per_commit = self.per_commit()
         if per_commit is not None:
@@ -259,7 +268,34 @@ class Row:
             busy = [m.leader_seconds / m.seconds for m in self.rounds if m.leader_seconds]
             out["leader_busy_fraction"] = [round(b, 3) for b in busy]
             out["gathering"] = _gather_summary(self.rounds, len(batches))
+            out["leader_us_per_commit"] = _leader_split(self.rounds, len(batches))
         return out
+
+
+def _per_append(rounds: list[Measurement], scale: float, attribute: str) -> float:
+    """A process-wide cost (CPU time, context switches) over all rounds, per append: at 8
+    threads the serial part of a group commit cycle is CPU under the GIL and thread wake-ups,
+    which these two show."""
+    appends = sum(m.appends for m in rounds)
+    total = sum(float(getattr(m, attribute)) for m in rounds)
+    return round(total / appends * scale, 2) if appends else 0.0
+
+
+def _leader_split(rounds: list[Measurement], commits: int) -> dict[str, float]:
+    """The leader's mean time per commit, split into the writes' functions (GIL held) and
+    LMDB's commit itself (page writes and the two flushes, no GIL held), and its mean wait
+    for writers before it."""
+    busy = sum(m.leader_seconds or 0.0 for m in rounds)
+    syncing = sum(m.syncing_seconds for m in rounds)
+    waited = sum(m.gather_seconds for m in rounds)
+    if not commits:
+        return {"committing": 0.0, "lmdb_commit": 0.0, "functions": 0.0, "gathering": 0.0}
+    return {
+        "committing": round(busy / commits * 1e6, 1),
+        "lmdb_commit": round(syncing / commits * 1e6, 1),
+        "functions": round((busy - syncing) / commits * 1e6, 1),
+        "gathering": round(waited / commits * 1e6, 1),
+    }
 
 
 def _gather_summary(rounds: list[Measurement], commits: int) -> dict[str, Any]:
@@ -294,15 +330,32 @@ def _batch_summary(batches: list[int]) -> dict[str, Any]:
 # --------------------------------------------------------------------------- running
 
 
+@dataclass(frozen=True)
+class Timed:
+    """What `_timed` measured: calls completed, wall seconds, and the process's CPU seconds and
+    context switches over the same span."""
+
+    calls: int
+    seconds: float
+    cpu_seconds: float
+    context_switches: int
+
+
+def _usage() -> tuple[float, int]:
+    used = resource.getrusage(resource.RUSAGE_SELF)
+    return used.ru_utime + used.ru_stime, used.ru_nvcsw + used.ru_nivcsw
+
+
 def _timed(
     writers: Sequence[Callable[[], None]],
     seconds: float,
     warmup: int,
     on_start: Callable[[], None] = lambda: None,
     on_stop: Callable[[], None] = lambda: None,
-) -> tuple[int, float]:
+) -> Timed:
     """Run every writer in its own thread for `seconds` after `warmup` untimed calls each; the
-    number of calls completed and the wall time from the start until the last one returned."""
+    number of calls completed and the wall time from the start until the last one returned
+    (with the process's CPU time and context switches over that span)."""
     n = len(writers)
     counts = [0] * n
     errors: list[BaseException] = []
@@ -337,6 +390,7 @@ def _timed(
         with contextlib.suppress(threading.BrokenBarrierError):
             ready.wait()
         on_start()
+        cpu_before, switches_before = _usage()
         began = time.perf_counter()
         go.set()
         stop.wait(seconds)
@@ -347,10 +401,11 @@ def _timed(
         for t in threads:
             t.join()
     elapsed = time.perf_counter() - began
+    cpu_after, switches_after = _usage()
     on_stop()
     if errors:
         raise errors[0]
-    return sum(counts), elapsed
+    return Timed(sum(counts), elapsed, cpu_after - cpu_before, switches_after - switches_before)
 
 
 class _BatchRecorder:
@@ -363,6 +418,7 @@ class _BatchRecorder:
         self.recording = False
         self.sizes: list[int] = []
         self.busy = 0.0
+        self.syncing = 0.0
         self.gathers = 0  # commits whose leader waited for writers it expected back
         self.short = 0  # of those, the ones whose wait ended at the bound
         self.waited = 0.0
@@ -372,6 +428,7 @@ class _BatchRecorder:
         if self.recording:
             self.sizes.append(report.size)
             self.busy += report.seconds
+            self.syncing += report.syncing
             if report.expected:
                 self.gathers += 1
                 self.short += not report.gathered
@@ -404,19 +461,22 @@ def _measure_app(
 
         writers = [_AppWriter(app, i, args.workload) for i in range(threads)]
         try:
-            appends, elapsed = _timed(writers, args.seconds, args.warmup, on_start, on_stop)
+            timed = _timed(writers, args.seconds, args.warmup, on_start, on_stop)
         finally:
             if batches is not None:
                 batches.detach()
         return Measurement(
-            appends,
-            elapsed,
+            timed.calls,
+            timed.seconds,
             commits=txnids[1] - txnids[0] if len(txnids) == 2 else None,
             batches=batches.sizes if batches is not None else None,
             leader_seconds=batches.busy if batches is not None else None,
             gathers=batches.gathers if batches is not None else 0,
             gathers_short=batches.short if batches is not None else 0,
             gather_seconds=batches.waited if batches is not None else 0.0,
+            syncing_seconds=batches.syncing if batches is not None else 0.0,
+            cpu_seconds=timed.cpu_seconds,
+            context_switches=timed.context_switches,
         )
     finally:
         app.close()
@@ -433,8 +493,14 @@ def _measure_raw(threads: int, workdir: Path, args: argparse.Namespace) -> Measu
             txnids.append(int(env.info()["last_txnid"]))
 
         writers = [_RawWriter(env, i) for i in range(threads)]
-        appends, elapsed = _timed(writers, args.seconds, args.warmup, txnid, txnid)
-        return Measurement(appends, elapsed, commits=txnids[1] - txnids[0])
+        timed = _timed(writers, args.seconds, args.warmup, txnid, txnid)
+        return Measurement(
+            timed.calls,
+            timed.seconds,
+            commits=txnids[1] - txnids[0],
+            cpu_seconds=timed.cpu_seconds,
+            context_switches=timed.context_switches,
+        )
     finally:
         env.close()
 
@@ -620,14 +686,23 @@ def _print_text(
     for note in summary["notes"]:
         print(f"note           {note}")
     print()
-    header = f"{'backend':52} {'threads':>7} {'appends/s':>10}  {'rounds':26} {'per commit':>10}"
+    header = (
+        f"{'backend':52} {'threads':>7} {'appends/s':>10}  {'rounds':26} {'per commit':>10}"
+        f" {'cpu us':>7} {'switches':>8}"
+    )
     print(header)
     print("-" * len(header))
     for row in rows:
         rounds = " ".join(f"{m.rate:.0f}" for m in row.rounds)
         per_commit = row.per_commit()
         pc = f"{per_commit:.2f}" if per_commit is not None else "-"
-        print(f"{row.backend.label:52} {row.threads:>7} {row.median:>10.0f}  {rounds:26} {pc:>10}")
+        cpu = _per_append(row.rounds, 1e6, "cpu_seconds")
+        switches = _per_append(row.rounds, 1.0, "context_switches")
+        print(
+            f"{row.backend.label:52} {row.threads:>7} {row.median:>10.0f}  {rounds:26} {pc:>10}"
+            f" {cpu:>7.0f} {switches:>8.1f}"
+        )
+    print("(cpu us, switches: the process's CPU time and context switches per append, all threads)")
     print()
     for row in rows:
         batches = [b for m in row.rounds for b in (m.batches or [])]
@@ -635,12 +710,16 @@ def _print_text(
             s = _batch_summary(batches)
             busy = [m.leader_seconds / m.seconds for m in row.rounds if m.leader_seconds]
             g = _gather_summary(row.rounds, len(batches))
+            split = _leader_split(row.rounds, len(batches))
             print(
                 f"group commits  {row.backend.label}, {row.threads} threads: {s['commits']} "
                 f"commits, batch mean {s['mean']:.2f} median {s['median']:g} p90 {s['p90']} max "
                 f"{s['max']}; leader busy {statistics.fmean(busy):.0%} of the wall time; "
                 f"gathered before {g['fraction_gathered']:.0%} of commits (mean wait "
-                f"{g['mean_wait_us']:.0f} us, {g['ended_at_bound']} ended at the bound)"
+                f"{g['mean_wait_us']:.0f} us, {g['ended_at_bound']} ended at the bound); per "
+                f"commit {split['committing']:.0f} us committing = {split['functions']:.0f} us "
+                f"functions + {split['lmdb_commit']:.0f} us LMDB commit, after "
+                f"{split['gathering']:.0f} us gathering"
             )
     ratio = summary["ratio"]
     if ratio is None:
@@ -704,8 +783,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--batch-stats",
         action="store_true",
         help=(
-            "record every LMDB group commit's batch size, the leader's busy time and how "
-            "often and how long it gathered writers"
+            "record every LMDB group commit's batch size, the leader's busy time (the writes' "
+            "functions and LMDB's commit apart) and how often and how long it gathered writers"
         ),
     )
     parser.add_argument(
