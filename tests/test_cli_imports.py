@@ -201,3 +201,24 @@ def test_only_the_process_command_freezes_the_collector(home: Path) -> None:
     after_argv, after_command = map(int, done.stdout.split())
     assert after_argv == 0
     assert after_command > 0
+
+
+def test_the_command_keeps_httpx_from_loading_its_own_command_line(home: Path) -> None:
+    """As the process's command, the CLI marks `httpx._main` absent (it loads rich, click and
+    pygments when they are installed); httpx itself still imports and works."""
+    probe = (
+        "import contextlib, io, sys\n"
+        "from imageledger.tools.cli import main\n"
+        f"sys.argv = ['imageledger', '--home', {str(home)!r}, 'images']\n"
+        "with contextlib.redirect_stdout(io.StringIO()):\n"
+        "    assert main() == 0\n"
+        "import httpx\n"
+        "assert sys.modules['httpx._main'] is None\n"
+        "assert httpx.Client and httpx.URL('http://x/').host == 'x'\n"
+        "print(sorted(m for m in ('rich', 'click', 'pygments') if m in sys.modules))\n"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", probe], capture_output=True, text=True, timeout=120, check=False
+    )
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.split("\n")[-2] == "[]"

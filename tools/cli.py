@@ -679,6 +679,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     and exit still flushes stdout and stderr, runs atexit handlers and joins threads.
     Callers that pass `argv` (tests, embedders) go on living: their collector is left alone.
     """
+    if argv is None:
+        # httpx's package imports its own command line (`httpx._main`: rich, click, pygments)
+        # whenever those happen to be installed, 30-40 ms of every pull's start; its
+        # `__init__` falls back to a stub when that import fails, as on a plain install. This
+        # process never runs httpx's command line, so it marks the module as absent.
+        sys.modules.setdefault("httpx._main", None)  # type: ignore[arg-type]
     try:
         return _main(argv)
     finally:
