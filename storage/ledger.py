@@ -380,6 +380,15 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
         for position in positions:
             yield _notification(_get(txn, _U64.pack(position), log_db), position)
 
+    def records_after(self, txn: lmdb.Transaction, after: int) -> Iterator[tuple[int, bytes]]:
+        """(position, log record) after notification `after`, read in the open `txn`: the
+        stored bytes themselves, never decoded (the audit log's leaves: docs/FORMAT.md)."""
+        cursor: Any = txn.cursor(db=self._db("log"))
+        if not cursor.set_range(_U64.pack(after + 1)):
+            return
+        for key, value in cursor:
+            yield _position(key), bytes(value)
+
     def create_table(self) -> None:
         self._db("log")
         self._db("log.index")
