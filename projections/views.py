@@ -86,8 +86,20 @@ def micros(at: datetime) -> int:
     return (delta.days * 86_400 + delta.seconds) * 1_000_000 + delta.microseconds
 
 
+_MOMENTS: dict[int, datetime] = {}
+_MOMENTS_LIMIT: Final = 65_536
+
+
 def from_micros(us: int) -> datetime:
-    return _EPOCH + timedelta(microseconds=us)
+    """The instant `us` microseconds after the epoch. A replay rebuilds a reference's row at
+    every pull of it, each with its creation time: the instants repeat, and a datetime is
+    immutable, so the last few thousand are kept (a tenth of the cost of making one)."""
+    at = _MOMENTS.get(us)
+    if at is None:
+        if len(_MOMENTS) >= _MOMENTS_LIMIT:
+            _MOMENTS.clear()
+        at = _MOMENTS[us] = _EPOCH + timedelta(microseconds=us)
+    return at
 
 
 def _insert(items: list[Any], item: Any) -> list[Any]:
