@@ -158,9 +158,13 @@ class LMDBViews:
         self.env = env
         self._recorder = recorder
         self.tables = tuple(tables)
-        self._meta = env.db("views.meta")
+        names = [f"views.{ns}.{table}" for ns in NAMESPACES for table in self.tables]
+        meta, *handles = env.dbs(["views.meta", *names])
+        self._meta = meta
+        by_name = dict(zip(names, handles, strict=True))
         self._dbs = {
-            ns: {table: env.db(f"views.{ns}.{table}") for table in self.tables} for ns in NAMESPACES
+            ns: {table: by_name[f"views.{ns}.{table}"] for table in self.tables}
+            for ns in NAMESPACES
         }
 
     def active(self, txn: lmdb.Transaction) -> str:
