@@ -754,6 +754,19 @@ def test_prune_default_dry_run_reports_what_the_real_prune_does(
     assert report_summary(cache.prune()) == (0, 0, 0, 0, 0, 0)
 
 
+def test_a_new_home_is_made_in_a_handful_of_ledger_commits(tmp_path: Path) -> None:
+    """Each LMDB commit of a durable ledger is an fsync: the views' twenty-odd databases are
+    created in one (a first pull paid ~25 commits before its download)."""
+    import lmdb
+
+    ImageCache(tmp_path / "home").close()
+    env = lmdb.open(str(tmp_path / "home" / "ledger"), readonly=True, lock=False, max_dbs=64)
+    try:
+        assert env.info()["last_txnid"] <= 8
+    finally:
+        env.close()
+
+
 def test_a_dry_run_records_nothing_even_in_a_new_home(tmp_path: Path) -> None:
     """A plan is a query: on a home that has recorded nothing yet, `prune(dry_run=True)` and
     `df()` leave the ledger empty (it used to record the ledger's first event, `Started`)."""
