@@ -6,6 +6,7 @@ boundaries), and the tile paths and tile sets the spec gives as examples."""
 from __future__ import annotations
 
 import base64
+import contextlib
 import json
 from collections.abc import Callable, Iterator
 from functools import cache
@@ -19,6 +20,7 @@ from hypothesis import strategies as st
 from imageledger.domain.merkle import (
     EMPTY_ROOT,
     HASH_SIZE,
+    MAX_ENTRY_SIZE,
     ProofError,
     TileError,
     TileRef,
@@ -26,6 +28,7 @@ from imageledger.domain.merkle import (
     append,
     consistency_proof_size,
     entries_path,
+    entry_bundle,
     inclusion_proof_size,
     leaf_hash,
     node_hash,
@@ -511,3 +514,33 @@ def _spans() -> Iterator[tuple[int, int]]:
 def test_tiles_since_are_the_new_ones(since: int, size: int) -> None:
     new = list(tiles_for_size(size, since))
     assert set(new) == set(tiles_for_size(size)) - set(tiles_for_size(since))
+
+
+def test_entry_bundle() -> None:
+    assert entry_bundle([b"", b"ab", b"\x00" * 300]) == (
+        b"\x00\x00" + b"\x00\x02ab" + b"\x01\x2c" + b"\x00" * 300
+    )
+    assert entry_bundle([b"x" * MAX_ENTRY_SIZE])[:2] == b"\xff\xff"
+    with pytest.raises(ValueError, match="entry 1 of the bundle is 65536 bytes"):
+        entry_bundle([b"", b"x" * (MAX_ENTRY_SIZE + 1)])
+
+
+_hashes = st.binary(min_size=0, max_size=40) | st.binary(min_size=32, max_size=32)
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    a=st.integers(-2, 2**64),
+    b=st.integers(-2, 2**64),
+    proof=st.lists(_hashes, max_size=70),
+    x=_hashes,
+    y=_hashes,
+)
+def test_verifiers_fail_only_with_proof_error(
+    a: int, b: int, proof: list[bytes], x: bytes, y: bytes
+) -> None:
+    """Whatever a peer sends, a verifier answers None or ProofError, never another error."""
+    with contextlib.suppress(ProofError):
+        verify_inclusion(a, b, x, proof, y)
+    with contextlib.suppress(ProofError):
+        verify_consistency(a, b, proof, x, y)
