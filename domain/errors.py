@@ -37,7 +37,14 @@ in one place (as httpx's ``_exceptions.py`` does)::
     │   ├── RegistryTimeoutError
     │   ├── RegistryManifestError
     │   └── NotInRegistryError
-    └── RegistryConfigError (also ValueError)
+    ├── RegistryConfigError (also ValueError)
+    └── AuditError
+        ├── AuditKeyError
+        ├── AuditVerificationError
+        │   └── ProofError (also ValueError)
+        ├── AuditInputError (also ValueError)
+        │   └── NoteError
+        └── TileError (also ValueError)
 
 None of them derives from eventsourcing's errors, so that this module (and with it a query)
 loads without eventsourcing. The LMDB persistence module (`storage.ledger`), whose callers may
@@ -254,3 +261,40 @@ class NotInRegistryError(RegistryError, ImageNotFoundError):
 
     def __reduce__(self) -> tuple[Any, ...]:
         return (type(self), (self.reference, self.detail))
+
+
+class AuditError(ImageLedgerError):
+    """The audit log (the Merkle tree over the ledger, its signed checkpoints) cannot do what
+    was asked."""
+
+
+class AuditKeyError(AuditError):
+    """The audit signing key is missing, unreadable, malformed, readable by others, or made
+    for another log. The message names where the key is, never what it holds."""
+
+
+class AuditVerificationError(AuditError):
+    """What was verified is not what was signed: a stored event, the tree, a checkpoint, a
+    proof or an export does not match (the command line exits 5). The message names the first
+    bad position or checkpoint."""
+
+
+class AuditInputError(AuditError, ValueError):
+    """Malformed audit input: a proof, a checkpoint, a key string or an export that cannot be
+    read at all (the command line exits 2)."""
+
+
+class NoteError(AuditInputError):
+    """A signed note, a checkpoint or a key string that cannot be used (`domain.note`). Its
+    message is one line that never quotes a key string or key material."""
+
+
+class ProofError(AuditVerificationError, ValueError):
+    """A Merkle proof, or the sizes and hashes it is checked against, do not verify
+    (`domain.merkle`): the message is one line saying which check failed, never a hash dump."""
+
+
+class TileError(AuditError, ValueError):
+    """Stored tiles that do not hold what the asked tree size needs (missing, short, longer
+    than the size says, not whole hashes): a store out of step with its size, which no retry
+    fixes (`domain.merkle`; storage reports it as damage)."""

@@ -22,8 +22,7 @@ below it is full (the spec forbids hashing a partial tile into the level above).
 size s therefore stores `s // 256**L` hashes at level L: that count is how every function
 here knows what exists, and nothing else about the tree is stored.
 
-`ProofError` is defined here for now; it is meant to move into domain/errors.py with the rest
-of the caller-visible errors when the log is wired into the ledger.
+Its errors (`ProofError`, `TileError`) live in domain/errors.py with every other.
 """
 
 from __future__ import annotations
@@ -31,6 +30,8 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
+
+from imageledger.domain.errors import ProofError, TileError
 
 __all__ = [
     "EMPTY_ROOT",
@@ -74,20 +75,6 @@ EMPTY_ROOT = hashlib.sha256(b"").digest()
 
 _LEAF_PREFIX = b"\x00"
 _NODE_PREFIX = b"\x01"
-
-
-class ProofError(ValueError):
-    """A proof, or the sizes and hashes it is checked against, do not verify.
-
-    A ValueError because what failed is the caller's input, never this process's state; the
-    message is one line saying which check failed, never a hash dump.
-    """
-
-
-class TileError(ValueError):
-    """The stored tiles do not hold what the asked tree size needs (missing, short, longer
-    than the size says, or not a whole number of hashes): a store out of step with the size
-    the caller believes it has, which no retry fixes."""
 
 
 TileRead = Callable[[int, int], bytes]

@@ -50,6 +50,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from imageledger.domain.errors import NoteError
+
 __all__ = [
     "ALG_ED25519",
     "MAX_SIGNATURES",
@@ -62,13 +64,6 @@ __all__ = [
     "sign",
     "verify",
 ]
-
-
-class NoteError(ValueError):
-    """A key string, note or checkpoint is malformed, or a note does not verify.
-
-    Its message is one line and never holds key material nor a key string.
-    """
 
 
 ALG_ED25519: Final = 0x01

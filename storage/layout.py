@@ -8,6 +8,7 @@ blobs/<alg>/<hex>       verified content
 tmp/<lease>/            an in-flight pull's or load's work directory (partial files)
 tmp/leases/<id>.lease   in-flight leases; tmp/locks/ per-blob download locks
 artifacts/              materialized artifacts (fsmeta, VMDK)
+audit/signer.key        the audit log's signing key (0600 in a 0700 directory)
 store.lock              serialises deletes against pull commits across processes
 rebuild.lock            one rebuild of the views at a time
 """
@@ -31,6 +32,8 @@ TMP: Final = "tmp"
 LEASES: Final = "leases"  # under tmp/
 LOCKS: Final = "locks"  # under tmp/
 ARTIFACTS: Final = "artifacts"
+AUDIT: Final = "audit"
+AUDIT_KEY: Final = "signer.key"  # under audit/
 STORE_LOCK: Final = "store.lock"
 REBUILD_LOCK: Final = "rebuild.lock"
 
@@ -45,6 +48,7 @@ OWN_NAMES: Final = frozenset(
         BLOBS,
         TMP,
         ARTIFACTS,
+        AUDIT,
         OCI_LAYOUT,
         INDEX,
         INDEX_POSITION,
