@@ -13,9 +13,10 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypeAlias
 
+from imageledger.domain import merkle
 from imageledger.domain.errors import LedgerError
 from imageledger.domain.model import (
     BlobRecord,
@@ -30,8 +31,10 @@ from imageledger.domain.model import (
 )
 from imageledger.domain.reference import Reference
 
-if TYPE_CHECKING:  # a query loads no eventsourcing (see `domain.history`)
+if TYPE_CHECKING:  # a query loads neither eventsourcing (see `domain.history`) nor crypto
     from eventsourcing.domain import DomainEventProtocol
+
+    from imageledger.domain import note
 
     DomainEvent: TypeAlias = DomainEventProtocol[Any]
 ArchiveSource = str | os.PathLike[str] | BinaryIO
@@ -158,6 +161,64 @@ class Ledger(Protocol):
 
     def check(self) -> LedgerError | None:
         """Check the stored ledger where damage cannot crash this process (a child)."""
+
+
+@dataclass
+class TreeReplay:
+    """The audit tree recomputed from the log's stored records (`AuditLog.replay`)."""
+
+    size: int = 0
+    roots: dict[int, bytes] = field(default_factory=dict)
+    """The root at each size the replay was asked for (the checkpoints' sizes)."""
+    stored_digest: str = ""
+    digest: str = ""
+    """SHA-256 over the stored tiles and over the replayed ones."""
+    first_bad: int | None = None
+    """The first log position where the log and the stored tree disagree, if any."""
+    problem: str = ""
+
+
+class AuditState(Protocol):
+    """One consistent read of the audit tree and its checkpoints."""
+
+    @property
+    def size(self) -> int:
+        """The tree's size: the number of events it covers."""
+
+    def tiles(self) -> merkle.Tiles: ...
+
+    def checkpoints(self) -> list[tuple[int, bytes]]:
+        """(size, signed note) of every kept checkpoint, smallest first."""
+
+    def last_checkpoint(self) -> tuple[int, bytes] | None: ...
+
+    def record(self, position: int) -> bytes:
+        """The stored record at log `position` (the leaf's data)."""
+
+
+class AuditLog(Protocol):
+    """The ledger as a transparency log (storage/tlog.py, kept in the ledger's transactions)."""
+
+    def origin(self) -> str:
+        """The log's origin, made and kept the first time it is asked for."""
+
+    def audit_state(self) -> AbstractContextManager[AuditState]: ...
+
+    def keep_checkpoint(self, size: int, note: bytes, expect_last: int | None) -> bool:
+        """Keep a signed checkpoint unless another was kept since the one at `expect_last`."""
+
+    def replay(self, at_sizes: Sequence[int]) -> TreeReplay:
+        """The tree recomputed from every stored record, compared with the stored one."""
+
+
+class AuditKeys(Protocol):
+    """Where the audit log's signing key is kept (storage/auditkey.py)."""
+
+    @property
+    def where(self) -> str:
+        """Where the key is (a path; never its content)."""
+
+    def signer(self, origin: str, *, create: bool) -> note.Signer: ...
 
 
 class BlobStore(Protocol):

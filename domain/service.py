@@ -111,6 +111,7 @@ class ImageCacheService:
         actor: Actor,
         home: str,
         read_only: bool = False,
+        after_append: Callable[[], None] | None = None,
     ) -> None:
         self.ledger = ledger
         self.store = store
@@ -122,6 +123,8 @@ class ImageCacheService:
         self.actor = actor
         self.home = home
         self.read_only = read_only
+        # Called after each committed append (the audit log signs a checkpoint now and then).
+        self.after_append = after_append
         self.closed = False
         # Threads of this process decide and append one at a time, in arrival order: each
         # decision reads the views the previous one left, so they never conflict and retry
@@ -254,6 +257,8 @@ class ImageCacheService:
                 continue
             if batch.shown:
                 self.index.refresh()
+            if self.after_append is not None:
+                self.after_append()
             return result
         msg = f"could not append after {_MAX_ATTEMPTS} attempts: the ledger is too contended"
         raise LedgerError(msg)

@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from imageledger._version import __version__
+from imageledger.domain.audit import DEFAULT_INTERVAL, AuditService
 from imageledger.domain.errors import HomeDamagedError, InvalidHomeError, LedgerError
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
@@ -33,6 +34,7 @@ from imageledger.domain.model import (
 )
 from imageledger.domain.service import ImageCacheService
 from imageledger.storage import layout
+from imageledger.storage.auditkey import AuditKeys
 from imageledger.storage.blobs import BlobStore
 from imageledger.storage.eventstore import LedgerStore
 from imageledger.storage.home import mark_home, open_home
@@ -42,6 +44,7 @@ from imageledger.storage.ledgercheck import check_ledger as check_ledger_dir
 from imageledger.storage.lmdbenv import DURABILITY_MODES
 from imageledger.storage.oci import host_platform, parse_platform
 from imageledger.storage.sources import ArchiveFiles, Registries
+from imageledger.storage.tlog import LedgerAudit
 
 if TYPE_CHECKING:  # the registry client (and httpx) load only for a pull
     from imageledger.storage.registry import PullProgress
@@ -91,8 +94,15 @@ class ImageCache:
         clock: Clock | None = None,
         durability: Literal["sync", "nometasync", "nosync"] | None = None,
         create: bool = True,
+        audit_key: str | os.PathLike[str] | None = None,
+        audit_interval: float = DEFAULT_INTERVAL,
     ) -> None:
         """Open the cache at `home` (default `default_home()`).
+
+        The ledger is an audit log (`audit`): the checkpoints it signs use the key in the home
+        (made on first use), or the key file `audit_key` (else ``$IMAGELEDGER_AUDIT_KEY``);
+        while the log grows, this cache signs a checkpoint at most every `audit_interval`
+        seconds.
 
         `create=False` is for callers that only read: a missing or empty home is then
         `HomeNotFoundError` instead of a new, empty cache (a mistyped path must not look
@@ -118,6 +128,12 @@ class ImageCache:
         lock = StoreLock(self._home, readonly=self.read_only)
         self._index = OciIndexFile(self._home, self._ledger)
         self._registries = Registries(self.home)
+        self.audit = AuditService(
+            LedgerAudit(self._ledger.tree, self._ledger.records),
+            AuditKeys(self._home, audit_key),
+            writable=not self.read_only,
+            interval=audit_interval,
+        )
         self._service = ImageCacheService(
             ledger=self._ledger,
             store=store,
@@ -129,6 +145,7 @@ class ImageCache:
             actor=current_actor(),
             home=str(self.home),
             read_only=self.read_only,
+            after_append=self.audit.after_append,
         )
         # list() memos, per owner the handles are bound to (this cache, or its asyncio
         # facade): the last list by ledger position, and handles by row (ViewState.handles).

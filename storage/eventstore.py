@@ -16,6 +16,7 @@ are never decoded as if they were format 2.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -34,6 +35,7 @@ from imageledger.storage.leases import StoreLock
 from imageledger.storage.ledgercheck import check_ledger
 from imageledger.storage.lmdbenv import LedgerEnv, open_env, release_env
 from imageledger.storage.settings import LMDB_DURABILITY, LMDB_PATH, LMDB_READONLY, Settings
+from imageledger.storage.tlog import Records, TreeStore
 from imageledger.storage.viewstore import LMDBViews
 
 if TYPE_CHECKING:
@@ -102,6 +104,7 @@ class LedgerStore:
         self._app_lock = threading.RLock()  # attaching the fold asks for the recorder
         try:
             self.views = LMDBViews(self._env, TABLES, self._recorder)
+            self.tree = TreeStore(self._env)
             self._check_format(read_only)
         except BaseException:
             release_env(self._env)
@@ -128,6 +131,9 @@ class LedgerStore:
                     # views' host the ledger: it takes the mapper's decoder as it is, one
                     # frame less an event.
                     self.views.attach(folder(mapper.to_domain_event))
+                    # ... and the audit log's tree, from the stored records themselves.
+                    recorder = self._recorder()
+                    recorder.attach(lambda txn, _new: self.tree.fold(txn, recorder.records_after))
                 except BaseException:
                     self._app = None
                     app.close()
@@ -140,6 +146,10 @@ class LedgerStore:
         recorder = self._application().recorder
         assert isinstance(recorder, LMDBApplicationRecorder)
         return recorder
+
+    def records(self) -> Records:
+        """The reader of the log's stored records, undecoded (the audit log's leaves)."""
+        return self._recorder().records_after
 
     def _ledger_mapper(self) -> LedgerMapper:
         self._application()
@@ -194,7 +204,12 @@ class LedgerStore:
     ) -> RebuildReport:
         decode = self._ledger_mapper().to_domain_event
         with self._rebuild_lock():
-            return rebuild(self.views, decode, verify_only=verify, progress=progress)
+            report = rebuild(self.views, decode, verify_only=verify, progress=progress)
+            # The audit tree is derived from the log too: replayed, compared, and (unless
+            # only verifying) replaced where it differs.
+            tree = self.tree.replay(self._recorder().records_after, repair=not verify)
+        tables = {**report.tables, "audit.tiles": (tree.stored_digest, tree.digest)}
+        return dataclasses.replace(report, tables=tables)
 
     def check(self) -> LedgerError | None:
         return check_ledger(self.path).error()

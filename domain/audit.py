@@ -1,0 +1,281 @@
+"""The audit log's use cases: sign checkpoints, verify the whole log offline, prove inclusion
+and consistency (issue 11).
+
+The ledger is a transparency log: every stored event is a leaf of an RFC 9162 Merkle tree
+(`domain.merkle`, kept by storage in the append's own transaction), and the tree's state is
+published as C2SP checkpoints in signed notes (`domain.note`). The rules this service keeps:
+
+- Before a checkpoint is signed, the tree is proven consistent with the last checkpoint this
+  log signed (an RFC 9162 consistency proof from the stored tree, verified against both
+  roots): a log that is not an extension of its signed history is never signed again, and
+  the error says so. Every signed checkpoint is kept.
+- Verifying recomputes every leaf from the stored records, the whole tree from them, and
+  checks every kept checkpoint against it: its signature (this log's key, or the one given),
+  its origin, its size (never beyond the log) and its root. The first bad position is named.
+- Signing is cheap but not free (a proof, an Ed25519 signature, a durable write): an embedder
+  appending a thousand times a second gets one checkpoint per `interval` at most
+  (`after_append`), while the command line signs once before it exits (`checkpoint`).
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from imageledger.domain import merkle
+from imageledger.domain.errors import (
+    AuditError,
+    AuditVerificationError,
+    NoteError,
+    ProofError,
+)
+from imageledger.domain.log import get_logger
+
+if TYPE_CHECKING:
+    from imageledger.domain import note
+    from imageledger.domain.ports import AuditKeys, AuditLog
+
+log = get_logger(__name__)
+
+DEFAULT_INTERVAL = 5.0
+"""Seconds between two checkpoints an embedder's appends sign (see `AuditService`)."""
+
+
+@dataclass(frozen=True)
+class SignedCheckpoint:
+    """A checkpoint of the log and the signed note that publishes it."""
+
+    origin: str
+    size: int
+    root: bytes
+    note: str
+    new: bool
+    """Whether this call signed it (False: the log had not grown since the last one)."""
+
+
+@dataclass(frozen=True)
+class AuditReport:
+    """What `AuditService.verify` checked, all of it sound (a failure raises instead)."""
+
+    origin: str
+    events: int
+    root: bytes
+    checkpoints: int
+    key: str
+    """The verifier key the checkpoints' signatures were checked with."""
+
+
+class AuditService:
+    """The audit log of one home (see the module docstring)."""
+
+    def __init__(
+        self,
+        log: AuditLog,
+        keys: AuditKeys,
+        *,
+        writable: bool,
+        interval: float = DEFAULT_INTERVAL,
+        clock: Any = time.monotonic,
+    ) -> None:
+        self.log = log
+        self.keys = keys
+        self.writable = writable
+        self.interval = interval
+        self.clock = clock
+        self._lock = threading.Lock()
+        self._last_attempt: float | None = None
+
+    # ------------------------------------------------------------------ keys
+
+    def _signer(self, *, create: bool) -> note.Signer:
+        return self.keys.signer(self.log.origin(), create=create and self.writable)
+
+    def verifier_key(self) -> str:
+        """The public key that verifies this log's checkpoints, as a note verifier key string
+        (``<origin>+<key id>+<base64 key>``); the key is made if there is none yet."""
+        return self._signer(create=True).verifier().to_string()
+
+    # ------------------------------------------------------------------ signing
+
+    def checkpoint(self) -> SignedCheckpoint:
+        """Sign a checkpoint of the log as it is now, after proving it consistent with the
+        last one signed; the last one itself when the log has not grown since."""
+        from imageledger.domain import note
+
+        signer = self._signer(create=True)
+        verifier = signer.verifier()
+        origin = signer.name
+        while True:
+            with self.log.audit_state() as state:
+                size = state.size
+                tiles = state.tiles()
+                root = tiles.root(size)
+                last = state.last_checkpoint()
+                proof: list[bytes] = []
+                if last is not None and 0 < last[0] < size:
+                    proof = tiles.consistency_proof(last[0], size)
+            previous = None
+            if last is not None:
+                previous = self._open(last[1], verifier, origin, f"the checkpoint at {last[0]}")
+                if previous.size > size:
+                    msg = (
+                        f"the log holds {size} events but was signed at {previous.size}: "
+                        "it is not an extension of its signed history and is not signed again"
+                    )
+                    raise AuditVerificationError(msg)
+                if previous.size == size:
+                    if previous.root != root:
+                        msg = (
+                            f"the log at size {size} is not the one signed at that size: "
+                            "it is not signed again"
+                        )
+                        raise AuditVerificationError(msg)
+                    return SignedCheckpoint(origin, size, root, last[1].decode(), new=False)
+                if previous.size > 0:
+                    try:
+                        merkle.verify_consistency(previous.size, size, proof, previous.root, root)
+                    except ProofError as e:
+                        msg = (
+                            f"the log is not an extension of the checkpoint signed at size "
+                            f"{previous.size} ({e}): it is not signed again"
+                        )
+                        raise AuditVerificationError(msg) from None
+            body = note.Checkpoint(origin, size, root).body()
+            signed = note.sign(body, signer)
+            expect = last[0] if last is not None else None
+            if self.log.keep_checkpoint(size, signed.encode(), expect):
+                log.info("audit.checkpoint", size=size, origin=origin)
+                return SignedCheckpoint(origin, size, root, signed, new=True)
+            # Another process signed meanwhile: decide again against its checkpoint.
+
+    def after_append(self) -> None:
+        """Called after each append of this process: sign a checkpoint if none was attempted
+        for `interval` seconds. A failure is logged, never raised: the append it follows is
+        committed, and the next attempt waits for the interval too."""
+        if not self.writable:
+            return
+        now = self.clock()
+        with self._lock:
+            if self._last_attempt is not None and now - self._last_attempt < self.interval:
+                return
+            self._last_attempt = now
+        try:
+            self.checkpoint()
+        except AuditError as e:
+            log.warning("audit.checkpoint_failed", error=str(e))
+
+    @staticmethod
+    def _open(data: bytes, verifier: note.Verifier, origin: str, what: str) -> note.Checkpoint:
+        from imageledger.domain import note
+
+        try:
+            text = note.verify(data, verifier)
+            checkpoint = note.Checkpoint.parse(text)
+        except NoteError as e:
+            msg = f"{what} does not verify with the key given ({e})"
+            raise AuditVerificationError(msg) from None
+        if checkpoint.origin != origin:
+            msg = f"{what} is for the log {checkpoint.origin!r}, not this one ({origin!r})"
+            raise AuditVerificationError(msg)
+        if checkpoint.extensions:
+            msg = f"{what} has extension lines, which imageledger never signs"
+            raise AuditVerificationError(msg)
+        return checkpoint
+
+    # ------------------------------------------------------------------ verifying
+
+    def verify(self, verifier_key: str | None = None) -> AuditReport:
+        """Recompute every leaf, the tree and every kept checkpoint (see the module
+        docstring); `AuditVerificationError` naming the first bad position or checkpoint."""
+        from imageledger.domain import note
+
+        with self.log.audit_state() as state:
+            checkpoints = state.checkpoints()
+        verifier: note.Verifier | None = None
+        if verifier_key is not None:
+            verifier = note.Verifier.from_string(verifier_key.strip())
+        elif checkpoints:  # nothing signed yet: no key needed (and none is made)
+            verifier = self._signer(create=False).verifier()
+        origin = self.log.origin() if checkpoints else ""
+        replay = self.log.replay([size for size, _ in checkpoints])
+        if replay.first_bad is not None:
+            msg = f"position {replay.first_bad}: {replay.problem}"
+            raise AuditVerificationError(msg)
+        for size, data in checkpoints:
+            what = f"the checkpoint at size {size}"
+            assert verifier is not None
+            checkpoint = self._open(data, verifier, origin, what)
+            if checkpoint.size != size:
+                msg = f"{what} says size {checkpoint.size}"
+                raise AuditVerificationError(msg)
+            if size > replay.size:
+                msg = f"{what} is beyond the log, which holds {replay.size} events"
+                raise AuditVerificationError(msg)
+            if replay.roots.get(size) != checkpoint.root:
+                msg = (
+                    f"{what}: the log's first {size} events are not the ones that were "
+                    "signed (rewritten, or truncated and extended again)"
+                )
+                raise AuditVerificationError(msg)
+        with self.log.audit_state() as state:
+            root = state.tiles().root(replay.size) if replay.size <= state.size else b""
+        key = verifier.to_string() if verifier is not None else ""
+        return AuditReport(origin, replay.size, root, len(checkpoints), key)
+
+    # ------------------------------------------------------------------ proving
+
+    def _proof_size(self, size: int | None) -> int:
+        if size is not None:
+            return size
+        with self.log.audit_state() as state:
+            last = state.last_checkpoint()
+        if last is None:
+            msg = "no checkpoint is signed yet: give the tree size (or sign one first)"
+            raise AuditVerificationError(msg)
+        return last[0]
+
+    def prove_inclusion(self, position: int, size: int | None = None) -> dict[str, Any]:
+        """The RFC 9162 inclusion proof of the event at `position` (leaf position - 1) in the
+        tree of `size` events (default: the last checkpoint's)."""
+        size = self._proof_size(size)
+        with self.log.audit_state() as state:
+            if not 1 <= position <= size <= state.size:
+                msg = f"no event {position} in a tree of {size} events (the log holds {state.size})"
+                raise ValueError(msg)
+            tiles = state.tiles()
+            leaf = merkle.leaf_hash(state.record(position))
+            root = tiles.root(size)
+            hashes = tiles.inclusion_proof(position - 1, size)
+        merkle.verify_inclusion(position - 1, size, leaf, hashes, root)
+        return {
+            "leaf_index": position - 1,
+            "tree_size": size,
+            "leaf_hash": leaf.hex(),
+            "root_hash": root.hex(),
+            "hashes": [h.hex() for h in hashes],
+        }
+
+    def prove_consistency(self, first: int, second: int | None = None) -> dict[str, Any]:
+        """The RFC 9162 consistency proof from the tree of `first` events to that of `second`
+        (default: the last checkpoint's)."""
+        second = self._proof_size(second)
+        with self.log.audit_state() as state:
+            if not 0 < first <= second <= state.size:
+                msg = (
+                    f"no consistency proof from {first} to {second} events "
+                    f"(the log holds {state.size}; sizes start at 1)"
+                )
+                raise ValueError(msg)
+            tiles = state.tiles()
+            first_root, second_root = tiles.root(first), tiles.root(second)
+            hashes = tiles.consistency_proof(first, second)
+        merkle.verify_consistency(first, second, hashes, first_root, second_root)
+        return {
+            "first_size": first,
+            "second_size": second,
+            "first_root": first_root.hex(),
+            "second_root": second_root.hex(),
+            "hashes": [h.hex() for h in hashes],
+        }

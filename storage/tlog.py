@@ -1,0 +1,405 @@
+"""The ledger as a transparency log: its Merkle tree's tiles and its signed checkpoints, in the
+ledger's own LMDB environment.
+
+Every stored event is a leaf: the hash of its log record exactly as the log keeps it
+(docs/FORMAT.md; never a re-encoding), position p being leaf p - 1. The tree is stored as the
+C2SP tlog-tiles hash tiles (`domain.merkle`), folded in the same write transaction as the
+events it covers (`TreeStore.attach`), so that no committed event is ever outside it; an
+append costs about one hash per leaf and rewrites the rightmost tile of each level it reaches.
+
+Databases (beside the log, namespaced like it):
+
+- ``imageledger.tiles``: level (1 byte) + tile index (8 bytes, big-endian) -> the tile's hashes;
+- ``imageledger.audit``: ``size`` -> the tree's size (8 bytes, big-endian), ``origin`` -> the
+  log's origin (UTF-8), fixed the first time the log is signed;
+- ``imageledger.checkpoints``: tree size (8 bytes, big-endian) -> the signed checkpoint note
+  (UTF-8), every one ever signed, so that any two can be proven consistent later.
+
+The tiles are derived data (a replay of the log rebuilds them: `replay`); the origin and the
+checkpoints are not: they are what was published, and nothing here rewrites them.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import secrets
+import struct
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from contextlib import contextmanager
+from typing import Any, Final
+
+import lmdb
+
+from imageledger.domain import merkle
+from imageledger.domain.errors import LedgerCorruptError
+from imageledger.domain.ports import TreeReplay
+from imageledger.storage.lmdbenv import LedgerEnv
+
+TILES_DB: Final = "imageledger.tiles"
+AUDIT_DB: Final = "imageledger.audit"
+CHECKPOINTS_DB: Final = "imageledger.checkpoints"
+_U64: Final = struct.Struct(">Q")
+_SIZE: Final = b"size"
+_ORIGIN: Final = b"origin"
+
+Records = Callable[[lmdb.Transaction, int], Iterator[tuple[int, bytes]]]
+"""(position, stored record) of the log after a position, read in a transaction."""
+
+
+def _tile_key(level: int, index: int) -> bytes:
+    return bytes([level]) + _U64.pack(index)
+
+
+def new_origin() -> str:
+    """A log's origin: unique (128 random bits) and stable (stored once). The tlog-checkpoint
+    spec asks for a schema-less URL-like name without spaces or '+'."""
+    return f"imageledger.invalid/{secrets.token_hex(16)}"
+
+
+class _Digest:
+    """SHA-256 over tiles given level by level in index order, one running hash per level,
+    so a replay that completes tiles of several levels at once digests them in key order."""
+
+    def __init__(self) -> None:
+        self.levels: dict[int, Any] = {}
+
+    def add(self, level: int, index: int, data: bytes) -> None:
+        hasher = self.levels.get(level)
+        if hasher is None:
+            hasher = self.levels[level] = hashlib.sha256()
+        hasher.update(_tile_key(level, index) + _U64.pack(len(data)) + data)
+
+    def hexdigest(self) -> str:
+        total = hashlib.sha256()
+        for level in sorted(self.levels):
+            total.update(self.levels[level].digest())
+        return total.hexdigest()
+
+
+class TreeStore:
+    """The tree's tiles, the log's origin and its checkpoints (see the module docstring)."""
+
+    def __init__(self, env: LedgerEnv) -> None:
+        """The tree of the ledger `env`. A ledger opened read-only that never had one (made
+        before the audit log existed, and not written since) reads as an empty tree."""
+        self.env = env
+        names = [TILES_DB, AUDIT_DB, CHECKPOINTS_DB]
+        if env.config.readonly:
+            with env.read() as txn:  # named databases are keys of the main one
+                if any(txn.get(name.encode()) is None for name in names):
+                    names = []
+        handles = env.dbs(names)
+        self.present = bool(handles)
+        found: list[Any] = handles if handles else [None, None, None]
+        self._tiles, self._audit, self._checkpoints = found
+
+    # ------------------------------------------------------------------ folding
+
+    def fold(self, txn: lmdb.Transaction, records: Records) -> None:
+        """Add to the tree, in the append's transaction `txn`, every log record it does not
+        hold yet: the ones just appended, and on a ledger's first append since it was made by
+        a version without the audit log (or by one that does not keep it) the whole history
+        before them. A tree larger than the log is damage, reported, never extended."""
+        size = self.size(txn)
+        hashes: list[bytes] = []
+        for position, record in records(txn, size):
+            if position != size + len(hashes) + 1:
+                msg = (
+                    f"the log's entry {position} does not follow the audit tree's "
+                    f"{size + len(hashes)} leaves (`imageledger rebuild` replays it)"
+                )
+                raise LedgerCorruptError(msg)
+            hashes.append(merkle.leaf_hash(record))
+        if not hashes:
+            return
+        writes = merkle.append(size, hashes, self._reader(txn))
+        for (level, index), data in writes.items():
+            txn.put(_tile_key(level, index), data, db=self._tiles)
+        txn.put(_SIZE, _U64.pack(size + len(hashes)), db=self._audit)
+
+    def _reader(self, txn: lmdb.Transaction) -> merkle.TileRead:
+        tiles = self._tiles
+
+        def read(level: int, index: int) -> bytes:
+            if tiles is None:
+                return b""
+            data = txn.get(_tile_key(level, index), db=tiles)
+            return b"" if data is None else bytes(data)
+
+        return read
+
+    # ------------------------------------------------------------------ reading
+
+    def size(self, txn: lmdb.Transaction) -> int:
+        if not self.present:
+            return 0
+        value = txn.get(_SIZE, db=self._audit)
+        if value is None:
+            return 0
+        if len(value) != 8:
+            msg = f"the audit tree's size is {len(value)} bytes, not 8"
+            raise LedgerCorruptError(msg)
+        return int(_U64.unpack(value)[0])
+
+    def tiles(self, txn: lmdb.Transaction) -> merkle.Tiles:
+        """The stored tree, read in `txn` (roots and proofs)."""
+        return merkle.Tiles(self._reader(txn))
+
+    def stored_tiles(self, txn: lmdb.Transaction) -> Iterator[tuple[int, int, bytes]]:
+        """(level, index, hashes) of every stored tile, level by level, in index order."""
+        if not self.present:
+            return
+        cursor: Any = txn.cursor(db=self._tiles)
+        for key, value in cursor:
+            if len(key) != 9:
+                msg = f"an audit tile key is {len(key)} bytes, not 9"
+                raise LedgerCorruptError(msg)
+            yield key[0], _U64.unpack(key[1:])[0], bytes(value)
+
+    def origin(self, txn: lmdb.Transaction) -> str | None:
+        if not self.present:
+            return None
+        value = txn.get(_ORIGIN, db=self._audit)
+        return None if value is None else bytes(value).decode("utf-8", "replace")
+
+    def ensure_origin(self) -> str:
+        """The log's origin, made and stored the first time it is asked for."""
+        with self.env.read() as txn:
+            found = self.origin(txn)
+        if found is not None:
+            return found
+        made = new_origin().encode()
+
+        def put(txn: lmdb.Transaction) -> None:
+            txn.put(_ORIGIN, made, db=self._audit, overwrite=False)  # the first one stays
+
+        self.env.write(put)
+        with self.env.read() as txn:
+            stored = self.origin(txn)
+        assert stored is not None
+        return stored
+
+    def checkpoints(self, txn: lmdb.Transaction) -> Iterator[tuple[int, bytes]]:
+        """(size, signed note) of every kept checkpoint, smallest size first."""
+        if not self.present:
+            return
+        cursor: Any = txn.cursor(db=self._checkpoints)
+        for key, value in cursor:
+            if len(key) != 8:
+                msg = f"a checkpoint key is {len(key)} bytes, not 8"
+                raise LedgerCorruptError(msg)
+            yield _U64.unpack(key)[0], bytes(value)
+
+    def last_checkpoint(self, txn: lmdb.Transaction) -> tuple[int, bytes] | None:
+        if not self.present:
+            return None
+        cursor: Any = txn.cursor(db=self._checkpoints)
+        if not cursor.last():
+            return None
+        key, value = cursor.item()
+        return _U64.unpack(key)[0], bytes(value)
+
+    def keep_checkpoint(self, size: int, note: bytes, expect_last: int | None) -> bool:
+        """Store the checkpoint signed at `size`, if the last one kept is still the one at
+        `expect_last` (None: none) — another process may have signed meanwhile: then False,
+        and the caller decides again."""
+        stored = False
+
+        def put(txn: lmdb.Transaction) -> None:
+            nonlocal stored
+            last = self.last_checkpoint(txn)
+            if (last[0] if last is not None else None) != expect_last:
+                return
+            txn.put(_U64.pack(size), note, db=self._checkpoints)
+            stored = True
+
+        self.env.write(put)
+        return stored
+
+    @contextmanager
+    def read(self) -> Iterator[lmdb.Transaction]:
+        with self.env.read() as txn:
+            yield txn
+
+    # ------------------------------------------------------------------ replaying
+
+    def replay(
+        self,
+        records: Records,
+        *,
+        at_sizes: Iterable[int] = (),
+        repair: bool = False,
+        progress: Callable[[int], None] | None = None,
+    ) -> TreeReplay:
+        """The tree recomputed from every record of the log and compared with the stored
+        tiles (the first position that differs is named), in memory that does not grow with
+        the log: a full tile is compared and dropped once complete, only the rightmost tile of
+        each level is kept. The roots at `at_sizes` are recorded on the way (checkpoints are
+        checked against them). With `repair`, stored tiles that differ are replaced by the
+        log's (a `rebuild`), in one write transaction that replays the log again.
+        """
+        wanted = set(at_sizes)
+        result = TreeReplay()
+        mine: dict[tuple[int, int], bytes] = {}
+        differ: list[int] = []  # first differing positions
+        replayed = _Digest()
+        full = merkle.TILE_WIDTH * merkle.HASH_SIZE
+
+        def read(level: int, index: int) -> bytes:
+            return mine.get((level, index), b"")
+
+        def compare(level: int, index: int, data: bytes) -> None:
+            """Record the first position `data` (tile level/index, replayed) disagrees with
+            the stored tile at: the exact leaf at level 0, the tile's first leaf above."""
+            found = stored_read(level, index)
+            if found == data:
+                return
+            span = 1 << (merkle.TILE_HEIGHT * level)
+            for i in range(0, len(data), merkle.HASH_SIZE):
+                if found[i : i + merkle.HASH_SIZE] != data[i : i + merkle.HASH_SIZE]:
+                    differ.append((index * merkle.TILE_WIDTH + i // merkle.HASH_SIZE) * span + 1)
+                    return
+            differ.append((index * merkle.TILE_WIDTH + len(data) // merkle.HASH_SIZE) * span + 1)
+
+        with self.env.read() as txn:
+            stored_read = self._reader(txn)
+            stored_size = self.size(txn)
+            stored = _Digest()
+            for level, index, data in self.stored_tiles(txn):
+                stored.add(level, index, data)
+            result.stored_digest = stored.hexdigest()
+            batch: list[bytes] = []
+
+            def flush() -> None:
+                if not batch:
+                    return
+                writes = merkle.append(result.size, batch, read)
+                mine.update(writes)
+                result.size += len(batch)
+                batch.clear()
+                for (level, index), data in sorted(writes.items()):
+                    if len(data) == full:  # complete: compare, digest, forget
+                        compare(level, index, data)
+                        replayed.add(level, index, data)
+                        del mine[(level, index)]
+                if result.size in wanted:
+                    result.roots[result.size] = merkle.Tiles(read).root(result.size)
+
+            expected = 1
+            for position, record in records(txn, 0):
+                if position != expected:
+                    result.first_bad = expected
+                    result.problem = (
+                        f"the log has no entry {expected} (the next one is {position}): "
+                        "an event was deleted"
+                    )
+                    break
+                batch.append(merkle.leaf_hash(record))
+                expected += 1
+                if len(batch) == 4096 or result.size + len(batch) in wanted:
+                    flush()
+                    if progress is not None:
+                        progress(result.size)
+            flush()
+            if 0 in wanted:
+                result.roots[0] = merkle.EMPTY_ROOT
+            for (level, index), data in sorted(mine.items()):  # the partial tiles
+                compare(level, index, data)
+                replayed.add(level, index, data)
+            result.digest = replayed.hexdigest()
+            if differ and result.first_bad is None:
+                result.first_bad = min(differ)
+                result.problem = (
+                    f"the stored event at position {result.first_bad} is not the one the "
+                    "audit tree recorded when it was appended"
+                )
+            if stored_size != result.size and result.first_bad is None:
+                result.first_bad = min(stored_size, result.size) + 1
+                result.problem = (
+                    f"the audit tree holds {stored_size} leaves, the log {result.size} events"
+                )
+        if repair and result.digest != result.stored_digest:
+            self._rewrite(records)
+        return result
+
+    def _rewrite(self, records: Records) -> None:
+        """Replace the stored tiles with the log's, in one write transaction (appends wait)."""
+
+        def rewrite(txn: lmdb.Transaction) -> None:
+            txn.drop(self._tiles, delete=False)
+            mine: dict[tuple[int, int], bytes] = {}
+            size = 0
+            batch: list[bytes] = []
+
+            def read(level: int, index: int) -> bytes:
+                return mine.get((level, index), b"")
+
+            for _position, record in records(txn, 0):
+                batch.append(merkle.leaf_hash(record))
+                if len(batch) == 4096:
+                    mine.update(merkle.append(size, batch, read))
+                    size += len(batch)
+                    batch = []
+            mine.update(merkle.append(size, batch, read))
+            size += len(batch)
+            for (level, index), data in sorted(mine.items()):
+                txn.put(_tile_key(level, index), data, db=self._tiles)
+            txn.put(_SIZE, _U64.pack(size), db=self._audit)
+
+        self.env.write(rewrite)
+
+
+class _AuditState:
+    """`AuditState` over one read transaction."""
+
+    def __init__(self, tree: TreeStore, txn: lmdb.Transaction, records: Records) -> None:
+        self._tree = tree
+        self._txn = txn
+        self._records = records
+        self._size = tree.size(txn)
+
+    @property
+    def size(self) -> int:
+        return self._size
+
+    def tiles(self) -> merkle.Tiles:
+        return self._tree.tiles(self._txn)
+
+    def checkpoints(self) -> list[tuple[int, bytes]]:
+        return list(self._tree.checkpoints(self._txn))
+
+    def last_checkpoint(self) -> tuple[int, bytes] | None:
+        return self._tree.last_checkpoint(self._txn)
+
+    def record(self, position: int) -> bytes:
+        for found, record in self._records(self._txn, position - 1):
+            if found == position:
+                return record
+            break
+        msg = f"the log has no entry {position}"
+        raise LedgerCorruptError(msg)
+
+
+class LedgerAudit:
+    """The ledger as the audit service sees it (the domain's `AuditLog` port): the tree
+    store, and the log's stored records (`records()` gives the reader: it makes the
+    ledger's application, which only the audit's reading commands need)."""
+
+    def __init__(self, tree: TreeStore, records: Callable[[], Records]) -> None:
+        self.tree = tree
+        self._records = records
+
+    def origin(self) -> str:
+        return self.tree.ensure_origin()
+
+    @contextmanager
+    def audit_state(self) -> Iterator[_AuditState]:
+        records = self._records()
+        with self.tree.read() as txn:
+            yield _AuditState(self.tree, txn, records)
+
+    def keep_checkpoint(self, size: int, note: bytes, expect_last: int | None) -> bool:
+        return self.tree.keep_checkpoint(size, note, expect_last)
+
+    def replay(self, at_sizes: Sequence[int]) -> TreeReplay:
+        return self.tree.replay(self._records(), at_sizes=at_sizes)
