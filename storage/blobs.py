@@ -354,7 +354,7 @@ class BlobWriter:
         self._written_back = 0  # bytes whose writeback was started (`start_writeback`)
         self._writeback = True
 
-    def write(self, chunk: bytes) -> None:
+    def write(self, chunk: bytes | bytearray) -> None:
         if self._file is None:
             msg = f"blob {self.digest}: the writer is closed"
             raise ValueError(msg)
@@ -388,7 +388,7 @@ class BlobWriter:
             self._hash_and_write(data)
         self._gathered = 0
 
-    def _hash_and_write(self, data: bytes | memoryview) -> None:
+    def _hash_and_write(self, data: bytes | bytearray | memoryview) -> None:
         """Hash and write `data` in one call each; start the writeback of every
         `WRITEBACK_STEP` written."""
         assert self._file is not None

@@ -130,6 +130,15 @@ def positive_duration(text: str) -> int:
     return seconds
 
 
+def positive_int(text: str) -> int:
+    """A position or a tree size: a `non_negative` count that is not zero."""
+    value = non_negative(text)
+    if value == 0:
+        msg = f"invalid number {quoted(text)}: must be 1 or more"
+        raise argparse.ArgumentTypeError(msg)
+    return value
+
+
 def non_negative(text: str) -> int:
     """A count of bytes: a non-negative integer in ASCII digits, at most 19 of them (more is
     a typo, and thousands would hit `int`'s own digit limit with a foreign message)."""
@@ -451,6 +460,69 @@ def cmd_rebuild(cache: ImageCache, args: argparse.Namespace) -> int:
     return EXIT_OK if report.identical else EXIT_FAILURE
 
 
+def cmd_audit_key(cache: ImageCache, args: argparse.Namespace) -> int:
+    key = cache.audit.verifier_key()
+    if args.json:
+        _print_json({"verifier_key": key})
+    else:
+        print(key)
+    return EXIT_OK
+
+
+def cmd_audit_checkpoint(cache: ImageCache, args: argparse.Namespace) -> int:
+    signed = cache.audit.checkpoint()
+    if args.json:
+        _print_json(
+            {
+                "origin": signed.origin,
+                "size": signed.size,
+                "root_hash": signed.root.hex(),
+                "new": signed.new,
+                "note": signed.note,
+            }
+        )
+    else:
+        sys.stdout.write(signed.note)
+    return EXIT_OK
+
+
+def cmd_audit_verify(cache: ImageCache, args: argparse.Namespace) -> int:
+    with Progress("audit verify", unit="events"):
+        report = cache.audit.verify(args.key)
+    if args.json:
+        _print_json(
+            {
+                "verified": True,
+                "origin": report.origin,
+                "events": report.events,
+                "root_hash": report.root.hex(),
+                "checkpoints": report.checkpoints,
+                "verifier_key": report.key,
+            }
+        )
+    else:
+        _say(
+            f"verified {report.events} events and {report.checkpoints} signed checkpoints"
+            + (f" of {report.origin}" if report.origin else "")
+        )
+    return EXIT_OK
+
+
+def cmd_audit_prove(cache: ImageCache, args: argparse.Namespace) -> int:
+    if args.event is not None:
+        if args.first is not None or args.second is not None:
+            raise UsageError("give either --event [--size] or --from [--to]")
+        proof = cache.audit.prove_inclusion(args.event, args.size)
+    elif args.first is not None:
+        if args.size is not None:
+            raise UsageError("--size goes with --event; --to gives the second size")
+        proof = cache.audit.prove_consistency(args.first, args.second)
+    else:
+        raise UsageError("give --event N (inclusion) or --from S1 (consistency)")
+    _print_json(proof)
+    return EXIT_OK
+
+
 def cmd_migrate(cache: ImageCache | None, args: argparse.Namespace) -> int:
     from imageledger import default_home, migrate
 
@@ -641,6 +713,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete damaged blobs, so that the next pull or load fetches them again",
     )
     add("df", cmd_df, "disk usage by kind and what prune would reclaim")
+    audit = commands.add_parser(
+        "audit", help="the ledger as a transparency log: keys, checkpoints, verify, proofs"
+    )
+    audits = audit.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
+
+    def add_audit(name: str, run: Callable[..., int], help_: str) -> Any:
+        sub = audits.add_parser(name, help=help_)
+        sub.add_argument("--json", action="store_true", help="machine-readable output")
+        sub.set_defaults(run=run)
+        return sub
+
+    add_audit("key", cmd_audit_key, "print the verifier key of this log's checkpoints")
+    add_audit("checkpoint", cmd_audit_checkpoint, "sign a checkpoint of the log now")
+    audit_verify = add_audit(
+        "verify", cmd_audit_verify, "recompute every leaf, the tree and every checkpoint"
+    )
+    audit_verify.add_argument(
+        "--key", metavar="VKEY", help="verifier key to check the signatures with"
+    )
+    prove = add_audit("prove", cmd_audit_prove, "an RFC 9162 inclusion or consistency proof")
+    prove.add_argument("--event", type=positive_int, metavar="N", help="the event at position N")
+    prove.add_argument("--size", type=positive_int, metavar="S", help="in the tree of S events")
+    prove.add_argument("--from", dest="first", type=positive_int, metavar="S1")
+    prove.add_argument("--to", dest="second", type=positive_int, metavar="S2")
     migrate = add(
         "migrate", cmd_migrate, "rewrite a ledger of an older format into format 2 (FORMAT.md)"
     )
@@ -712,6 +808,19 @@ def _main(argv: Sequence[str] | None) -> int:
 # Commands that may make a home (they bring content); every other one only opens an existing
 # home: reading never creates one (a mistyped --home must not look like an empty cache).
 _CREATING: Final = frozenset({"load", "pull"})
+# Commands that append to the ledger: each signs a checkpoint of it before it exits.
+_APPENDING: Final = frozenset({"load", "pull", "use", "release", "rm", "prune"})
+
+
+def _sign(cache: ImageCache) -> None:
+    """Sign a checkpoint of what this command appended (nothing new: nothing signed). The
+    command itself succeeded: a failure to sign is one line on stderr, not its exit code."""
+    from imageledger import AuditError
+
+    try:
+        cache.audit.checkpoint()
+    except AuditError as e:
+        print(f"imageledger: warning: no checkpoint signed: {one_line(str(e))}", file=sys.stderr)
 
 
 def _run(args: argparse.Namespace) -> int:
@@ -742,7 +851,10 @@ def _run(args: argparse.Namespace) -> int:
             if found is not None:
                 raise found
         with ImageCache(home, create=args.command in _CREATING) as cache:
-            return int(args.run(cache, args))
+            code = int(args.run(cache, args))
+            if args.command in _APPENDING and not cache.read_only:
+                _sign(cache)
+            return code
     except BrokenPipeError:
         return EXIT_FAILURE
     except Terminated:
@@ -761,6 +873,7 @@ def exit_code(error: BaseException) -> int:
     command meets it."""
     from imageledger import (
         ArchiveError,
+        AuditVerificationError,
         DigestMismatchError,
         HomeDamagedError,
         HomeNotFoundError,
@@ -775,7 +888,7 @@ def exit_code(error: BaseException) -> int:
         return EXIT_NOT_FOUND
     if isinstance(error, ImageInUseError):
         return EXIT_IN_USE
-    if isinstance(error, LedgerCorruptError | HomeDamagedError):
+    if isinstance(error, LedgerCorruptError | HomeDamagedError | AuditVerificationError):
         return EXIT_DAMAGED
     if isinstance(error, InvalidReferenceError | ValueError):
         return EXIT_USAGE

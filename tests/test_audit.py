@@ -1,0 +1,394 @@
+"""The ledger as a transparency log (issue 11): the tree kept with the log, signed checkpoints,
+verification that finds a flipped byte, a deleted or reordered event and a rewritten history,
+proofs that RFC 9162 verifiers accept, and a key that never leaks.
+
+Damage is made the way an attacker with the files would make it: by editing the LMDB file
+directly (the cache closed), never through imageledger.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+import struct
+import subprocess
+import sys
+from collections.abc import Callable
+from contextlib import AbstractContextManager
+from pathlib import Path
+from typing import Any
+
+import lmdb
+import pytest
+
+from imageledger import (
+    AuditKeyError,
+    AuditVerificationError,
+    ImageCache,
+)
+from imageledger.domain import merkle, note
+from imageledger.tools.imagebuild import ImageSpec, build_docker_archive
+
+LOG_DB = b"imageledger.log"
+_U64 = struct.Struct(">Q")
+
+
+@pytest.fixture
+def archive(tmp_path: Path) -> Path:
+    spec = ImageSpec(layers=({"etc/app": b"app\n"},), names=("audit/app:1", "audit/app:2"))
+    return build_docker_archive(tmp_path / "app.tar", [spec]).path
+
+
+def _fill(home: Path, archive: Path, uses: int = 20) -> None:
+    with ImageCache(home, audit_interval=3600) as cache:
+        cache.load(archive)
+        for i in range(uses):
+            cache.use("audit/app:1", f"sandbox-{i}")
+            if i % 3 == 0:
+                cache.release(f"sandbox-{i}")
+
+
+def _records(home: Path) -> list[bytes]:
+    env = lmdb.open(str(home / "ledger"), max_dbs=64, readonly=True, lock=False)
+    try:
+        db = env.open_db(LOG_DB, create=False)
+        with env.begin(db=db) as txn:
+            return [bytes(v) for _k, v in txn.cursor()]
+    finally:
+        env.close()
+
+
+def _edit_log(home: Path, edit: Callable[[Any, Any], object]) -> None:
+    """Run `edit(txn, db)` on the home's log in a write transaction (the cache closed)."""
+    env = lmdb.open(str(home / "ledger"), max_dbs=64)
+    try:
+        db = env.open_db(LOG_DB, create=False)
+        with env.begin(write=True, db=db) as txn:
+            edit(txn, db)
+    finally:
+        env.close()
+
+
+def cli(
+    home: Path, *args: str, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imageledger.tools.cli", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+        env={**os.environ, **(env or {})},
+    )
+
+
+# ---------------------------------------------------------------- the tree and checkpoints
+
+
+def test_the_tree_covers_every_stored_record_and_checkpoints_verify(
+    tmp_path: Path, archive: Path
+) -> None:
+    home = tmp_path / "home"
+    _fill(home, archive)
+    records = _records(home)
+    with ImageCache(home) as cache:
+        signed = cache.audit.checkpoint()
+        assert signed.size == len(records)
+        # The root is RFC 9162's MTH over the stored records exactly (a naive recomputation).
+        assert signed.root == _naive_root([merkle.leaf_hash(r) for r in records])
+        verifier = note.Verifier.from_string(cache.audit.verifier_key())
+        checkpoint = note.Checkpoint.parse(note.verify(signed.note, verifier))
+        assert (checkpoint.origin, checkpoint.size, checkpoint.root) == (
+            signed.origin,
+            len(records),
+            signed.root,
+        )
+        assert verifier.name == signed.origin
+        # Nothing appended since: the same checkpoint, not a new one.
+        again = cache.audit.checkpoint()
+        assert (again.new, again.note) == (False, signed.note)
+        report = cache.audit.verify()
+        assert report.events == len(records) and report.root == signed.root
+        assert report.checkpoints >= 1
+        assert cache.rebuild(verify=True).identical
+
+
+def _naive_root(leaves: list[bytes]) -> bytes:
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    return merkle.node_hash(_naive_root(leaves[:k]), _naive_root(leaves[k:]))
+
+
+def test_proofs_are_what_rfc_9162_verifiers_accept(tmp_path: Path, archive: Path) -> None:
+    home = tmp_path / "home"
+    _fill(home, archive, uses=40)
+    records = _records(home)
+    with ImageCache(home) as cache:
+        signed = cache.audit.checkpoint()
+        for position in (1, 2, len(records) // 2, len(records)):
+            proof = cache.audit.prove_inclusion(position)
+            assert proof["tree_size"] == signed.size
+            assert proof["leaf_hash"] == merkle.leaf_hash(records[position - 1]).hex()
+            assert proof["root_hash"] == signed.root.hex()
+            merkle.verify_inclusion(
+                proof["leaf_index"],
+                proof["tree_size"],
+                bytes.fromhex(proof["leaf_hash"]),
+                [bytes.fromhex(h) for h in proof["hashes"]],
+                signed.root,
+            )
+        first = 5
+        proof = cache.audit.prove_consistency(first)
+        assert (
+            proof["first_root"] == _naive_root([merkle.leaf_hash(r) for r in records[:first]]).hex()
+        )
+        merkle.verify_consistency(
+            first,
+            signed.size,
+            [bytes.fromhex(h) for h in proof["hashes"]],
+            bytes.fromhex(proof["first_root"]),
+            signed.root,
+        )
+    done = cli(home, "audit", "prove", "--event", "3")
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["leaf_index"] == 2
+    for bad in (["--event", "0"], ["--event", str(len(records) + 5)], []):
+        done = cli(home, "audit", "prove", *bad)
+        assert done.returncode == 2, (bad, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_every_appending_command_signs_before_it_exits(tmp_path: Path, archive: Path) -> None:
+    home = tmp_path / "home"
+    assert cli(home, "load", str(archive)).returncode == 0
+    assert cli(home, "use", "audit/app:1", "--holder", "s1").returncode == 0
+    size = len(_records(home))
+    with ImageCache(home) as cache, cache_state(cache) as state:
+        assert state.last_checkpoint()[0] == size
+    key = cli(home, "audit", "key")
+    assert key.returncode == 0
+    [line] = key.stdout.splitlines()
+    assert note.Verifier.from_string(line).name.startswith("imageledger.invalid/")
+
+
+def test_an_embedder_signs_at_most_once_per_interval(tmp_path: Path, archive: Path) -> None:
+    home = tmp_path / "home"
+    with ImageCache(home, audit_interval=3600) as cache:
+        cache.load(archive)
+        for i in range(30):
+            cache.use("audit/app:1", f"s{i}")
+        with cache_state(cache) as state:
+            assert len(state.checkpoints()) == 1  # the first append's
+    with ImageCache(home, audit_interval=0) as cache:
+        for i in range(5):
+            cache.use("audit/app:1", f"t{i}")
+        with cache_state(cache) as state:
+            assert len(state.checkpoints()) == 1 + 5
+
+
+def cache_state(cache: ImageCache) -> AbstractContextManager[Any]:
+    return cache.audit.log.audit_state()
+
+
+# ---------------------------------------------------------------- damage is found
+
+
+def _verify_fails(home: Path, where: str) -> str:
+    with ImageCache(home) as cache, pytest.raises(AuditVerificationError) as caught:
+        cache.audit.verify()
+    assert where in str(caught.value), str(caught.value)
+    done = cli(home, "audit", "verify")
+    assert done.returncode == 5, done.stderr
+    [line] = done.stderr.strip().splitlines()
+    assert where in line and "Traceback" not in done.stderr
+    return line
+
+
+@pytest.mark.parametrize("offset", [-1, 20])
+def test_a_flipped_byte_in_a_stored_event_is_found_at_its_position(
+    tmp_path: Path, archive: Path, offset: int
+) -> None:
+    home = tmp_path / "home"
+    _fill(home, archive)
+    with ImageCache(home) as cache:
+        cache.audit.checkpoint()
+    position = 9
+
+    def flip(txn: lmdb.Transaction, db: object) -> None:
+        key = _U64.pack(position)
+        found = txn.get(key)
+        assert found is not None
+        value = bytearray(found)
+        value[offset] ^= 0x01
+        txn.put(key, bytes(value))
+
+    _edit_log(home, flip)
+    _verify_fails(home, f"position {position}")
+
+
+def test_a_deleted_event_is_found(tmp_path: Path, archive: Path) -> None:
+    home = tmp_path / "home"
+    _fill(home, archive)
+    _edit_log(home, lambda txn, db: txn.delete(_U64.pack(7)))
+    _verify_fails(home, "position 7")
+
+
+def test_reordered_events_are_found_at_the_first(tmp_path: Path, archive: Path) -> None:
+    home = tmp_path / "home"
+    _fill(home, archive)
+
+    def swap(txn: lmdb.Transaction, db: object) -> None:
+        a, b = txn.get(_U64.pack(6)), txn.get(_U64.pack(11))
+        assert a is not None and b is not None
+        txn.put(_U64.pack(6), b)
+        txn.put(_U64.pack(11), a)
+
+    _edit_log(home, swap)
+    _verify_fails(home, "position 6")
+
+
+def test_a_log_truncated_and_extended_again_is_never_signed_and_fails_verify(
+    tmp_path: Path, archive: Path
+) -> None:
+    """The attacker rewrites history consistently: deletes the tail, rebuilds views and tree
+    from what is left, and appends again. The new log agrees with itself; only the signed
+    checkpoint can tell, and it does."""
+    home = tmp_path / "home"
+    _fill(home, archive)
+    with ImageCache(home) as cache:
+        signed = cache.audit.checkpoint()
+    keep = signed.size - 5
+
+    def truncate(txn: lmdb.Transaction, db: object) -> None:
+        for position in range(keep + 1, signed.size + 1):
+            txn.delete(_U64.pack(position))
+
+    _edit_log(home, truncate)
+    # ... and the log's aggregate index, so that the versions can be taken again.
+    env = lmdb.open(str(home / "ledger"), max_dbs=64)
+    try:
+        index = env.open_db(b"imageledger.log.index", create=False)
+        with env.begin(write=True, db=index) as txn:
+            doomed = [k for k, v in txn.cursor() if _U64.unpack(v)[0] > keep]
+            for key in doomed:
+                txn.delete(key)
+    finally:
+        env.close()
+    with ImageCache(home, audit_interval=3600) as cache:
+        cache.rebuild()  # views and tree from what is left
+        for i in range(8):  # longer than before, so the size alone does not tell
+            cache.use("audit/app:2", f"forged-{i}")
+        with pytest.raises(AuditVerificationError, match=r"not an extension|not the one signed"):
+            cache.audit.checkpoint()
+    done = cli(home, "audit", "checkpoint")
+    assert done.returncode == 5 and "not signed again" in done.stderr
+    _verify_fails(home, f"checkpoint at size {signed.size}")
+
+
+def test_a_checkpoint_signed_by_another_key_fails_verify(tmp_path: Path, archive: Path) -> None:
+    home = tmp_path / "home"
+    _fill(home, archive)
+    other = note.generate_signer("someone.example/log")
+    done = cli(home, "audit", "verify", "--key", other.verifier().to_string())
+    assert done.returncode == 5, done.stderr
+    assert "does not verify" in done.stderr
+
+
+def test_an_old_ledger_without_a_tree_catches_up_on_its_next_append(
+    tmp_path: Path, archive: Path
+) -> None:
+    home = tmp_path / "home"
+    _fill(home, archive)
+    env = lmdb.open(str(home / "ledger"), max_dbs=64)
+    try:
+        for name in (b"imageledger.tiles", b"imageledger.audit", b"imageledger.checkpoints"):
+            db = env.open_db(name, create=False)
+            with env.begin(write=True) as txn:
+                txn.drop(db, delete=True)
+    finally:
+        env.close()
+    shutil.rmtree(home / "audit")  # a home made before the audit log had no key either
+    events = len(_records(home)) + 1
+    with ImageCache(home) as cache:
+        cache.use("audit/app:1", "late")
+        report = cache.audit.verify()
+        assert (report.events, report.checkpoints) == (events, 1)
+        assert cache.rebuild(verify=True).identical
+
+
+# ---------------------------------------------------------------- the key
+
+
+def _key_file(home: Path) -> Path:
+    return home / "audit" / "signer.key"
+
+
+def test_the_key_is_made_0600_and_never_printed(tmp_path: Path, archive: Path) -> None:
+    home = tmp_path / "home"
+    _fill(home, archive)
+    key = _key_file(home)
+    assert stat.S_IMODE(key.stat().st_mode) == 0o600
+    assert stat.S_IMODE(key.parent.stat().st_mode) == 0o700
+    secret = key.read_text().strip()
+    assert secret.startswith("PRIVATE+KEY+")
+    seed = secret.rsplit("+", 1)[1]
+    outputs = []
+    for args in (
+        ("audit", "key"),
+        ("audit", "checkpoint", "--json"),
+        ("audit", "verify", "--json"),
+        ("audit", "prove", "--event", "1"),
+        ("history", "--json"),
+        ("audit", "verify", "--key", "x+y+z"),
+    ):
+        done = cli(home, *args, env={"IMAGELEDGER_LOG_LEVEL": "debug"})
+        outputs += [done.stdout, done.stderr]
+    for text in outputs:
+        assert secret not in text and seed not in text and "PRIVATE+KEY" not in text
+
+
+def test_a_key_others_may_read_is_refused(tmp_path: Path, archive: Path) -> None:
+    home = tmp_path / "home"
+    _fill(home, archive)
+    _key_file(home).chmod(0o644)
+    with ImageCache(home) as cache, pytest.raises(AuditKeyError, match="chmod 600"):
+        cache.audit.checkpoint()
+    done = cli(home, "use", "audit/app:1", "--holder", "after")
+    assert done.returncode == 0  # the use is committed; the signature is what is refused
+    assert "no checkpoint signed" in done.stderr
+
+
+def test_an_operator_key_file_is_used_and_a_key_for_another_log_refused(
+    tmp_path: Path, archive: Path
+) -> None:
+    home = tmp_path / "home"
+    with ImageCache(home) as cache:
+        origin = cache.audit.log.origin()
+    operator = tmp_path / "keys" / "log.key"
+    operator.parent.mkdir()
+    signer = note.generate_signer(origin)
+    operator.write_text(signer.to_string() + "\n")
+    env = {"IMAGELEDGER_AUDIT_KEY": str(operator)}
+    assert cli(home, "load", str(archive), env=env).returncode == 0
+    key = cli(home, "audit", "key", env=env)
+    assert key.stdout.strip() == signer.verifier().to_string()
+    assert not _key_file(home).exists()
+    assert cli(home, "audit", "verify", "--key", key.stdout.strip()).returncode == 0
+    operator.write_text(note.generate_signer("other.example/log").to_string() + "\n")
+    done = cli(home, "audit", "checkpoint", env=env)
+    assert done.returncode == 1 and "is for the log" in done.stderr
+    assert "PRIVATE" not in done.stderr
+
+
+def test_malformed_keys_are_one_line_and_exit_2(tmp_path: Path, archive: Path) -> None:
+    home = tmp_path / "home"
+    _fill(home, archive)
+    for bad in ("", "a+b", "name+12345678+AAAA", "PRIVATE+KEY+x+00000000+AAAA"):
+        done = cli(home, "audit", "verify", "--key", bad)
+        assert done.returncode == 2, (bad, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
