@@ -38,7 +38,11 @@ from imageledger.domain.merkle import (
     verify_inclusion,
 )
 
-VECTORS = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "rfc6962"
+# The shared test vectors beside the repository (../shared/vectors/rfc6962) when they are
+# there; else the copy kept with the tests (tests/fixtures/rfc6962: the same files, unchanged,
+# with their licence), so that a clone anywhere runs them too.
+_SHARED = Path(__file__).resolve().parents[2] / "shared" / "vectors" / "rfc6962"
+VECTORS = _SHARED if _SHARED.is_dir() else Path(__file__).parent / "fixtures" / "rfc6962"
 
 # --- the transparency-dev vectors ------------------------------------------------------------
 
