@@ -26,8 +26,8 @@ from typing import TYPE_CHECKING, Any
 
 from imageledger.domain import merkle
 from imageledger.domain.errors import (
-    AuditError,
     AuditVerificationError,
+    ImageLedgerError,
     NoteError,
     ProofError,
 )
@@ -163,7 +163,7 @@ class AuditService:
             self._last_attempt = now
         try:
             self.checkpoint()
-        except AuditError as e:
+        except (ImageLedgerError, OSError) as e:  # a key that cannot be made, a full ledger
             log.warning("audit.checkpoint_failed", error=str(e))
 
     @staticmethod

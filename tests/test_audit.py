@@ -392,3 +392,20 @@ def test_malformed_keys_are_one_line_and_exit_2(tmp_path: Path, archive: Path) -
         done = cli(home, "audit", "verify", "--key", bad)
         assert done.returncode == 2, (bad, done.stderr)
         assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+
+
+def test_a_key_that_cannot_be_made_never_fails_the_command_it_follows(
+    tmp_path: Path, archive: Path
+) -> None:
+    """A file planted where the key's directory belongs: the use is committed and answered,
+    the signature is refused (a warning), and the damage is named, not obeyed."""
+    home = tmp_path / "home"
+    assert cli(home, "load", str(archive)).returncode == 0
+    shutil.rmtree(home / "audit")
+    (home / "audit").write_text("not a directory\n")
+    with ImageCache(home) as cache:
+        cache.use("audit/app:1", "api")  # signs on its first append: refused, not raised
+    done = cli(home, "use", "audit/app:1", "--holder", "cli")
+    assert done.returncode == 0, done.stderr
+    assert "no checkpoint signed" in done.stderr and "not a directory" in done.stderr
+    assert (home / "audit").read_text() == "not a directory\n"

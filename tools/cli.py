@@ -815,11 +815,11 @@ _APPENDING: Final = frozenset({"load", "pull", "use", "release", "rm", "prune"})
 def _sign(cache: ImageCache) -> None:
     """Sign a checkpoint of what this command appended (nothing new: nothing signed). The
     command itself succeeded: a failure to sign is one line on stderr, not its exit code."""
-    from imageledger import AuditError
+    from imageledger import ImageLedgerError
 
     try:
         cache.audit.checkpoint()
-    except AuditError as e:
+    except (ImageLedgerError, OSError) as e:
         print(f"imageledger: warning: no checkpoint signed: {one_line(str(e))}", file=sys.stderr)
 
 
