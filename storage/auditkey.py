@@ -23,12 +23,14 @@ import errno
 import os
 import stat
 from pathlib import Path
-from typing import Final
+from typing import TYPE_CHECKING, Final
 
-from imageledger.domain.errors import AuditKeyError
-from imageledger.domain.note import NoteError, Signer, generate_signer
+from imageledger.domain.errors import AuditKeyError, NoteError
 from imageledger.storage import layout
 from imageledger.storage.home import Dir
+
+if TYPE_CHECKING:  # the crypto loads when a key is read or made, not with every command
+    from imageledger.domain.note import Signer
 
 KEY_ENV: Final = "IMAGELEDGER_AUDIT_KEY"
 _MAX_KEY_FILE: Final = 4096
@@ -65,6 +67,8 @@ class AuditKeys:
                     raise AuditKeyError(msg)
                 return self._make(origin)
             text = found
+        from imageledger.domain.note import Signer
+
         try:
             signer = Signer.from_string(text.strip())
         except NoteError as e:
@@ -124,6 +128,8 @@ class AuditKeys:
     # ------------------------------------------------------------------ making
 
     def _make(self, origin: str) -> Signer:
+        from imageledger.domain.note import generate_signer
+
         signer = generate_signer(origin)
         data = (signer.to_string() + "\n").encode()
         with self.home.sub(layout.AUDIT, create=True) as directory:

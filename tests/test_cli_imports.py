@@ -105,8 +105,11 @@ def test_a_query_loads_neither_eventsourcing_nor_the_events(
 ) -> None:
     """A query reads the views only: the application that keeps the log, its persistence
     module, the mapper and the event classes (eventsourcing under them all) load with the
-    first command that appends or reads the log (`storage.eventstore`)."""
+    first command that appends or reads the log (`storage.eventstore`), and the audit key's
+    crypto when a key is read or made."""
     watched = (
+        "cryptography",
+        "imageledger.domain.note",
         "eventsourcing",
         "imageledger.domain.events",
         "imageledger.storage.ledger",
