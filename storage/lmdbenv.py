@@ -22,9 +22,6 @@ process anyway, so every recorder and view that names the same path gets the sam
   out of `read()`, `write()` and `db()` becomes one `LedgerCorruptError` naming the ledger and
   what to do (`damaged`); a data file shorter than its last used page is refused at open,
   before anything maps beyond its end (that read would be a SIGBUS, not an error);
-- **the data file written ahead**: once a process has committed a few times, data.mdb is
-  kept written (with zeros) ahead of LMDB's pages, so that a commit's flush does not also
-  commit a change of the file's size (see `LedgerEnv._reserve`); `close` cuts it back;
 - **observation**: the group commit's batch sizes and the leader's time in each commit are
   what a benchmark of it needs and cannot see from outside: `LedgerEnv.commit_observer` is the
   extension point for benchmarks and tests that reports them.
@@ -77,9 +74,13 @@ synchronous write), ~7.8 appends per commit, ~1.5 ms per cycle. Two measurements
 time goes: the process pinned to one CPU (``taskset``) does 6.1-7.0k appends/s instead of
 4.9-5.1k, its gathering 400 us instead of 715 (a hand-off to a thread asleep on the other,
 idle vCPU costs ~40 us here; `perf` puts ~20% of the process's samples in the kernel's wake-up
-and switch paths); and the data file written ahead takes ~50-70 us off the LMDB commit
-(fdatasync median 374 -> 317 us, meta write 167 -> 128 us under strace), a few percent of the
-cycle. Overlapping the next batch's preparation with a commit's flushes was measured in five
+and switch paths). Keeping data.mdb written with zeros ahead of LMDB's pages (so that a
+commit's fdatasync does not also journal a change of the file's size) took ~50-70 us off the
+LMDB commit (fdatasync median 374 -> 317 us, meta write 167 -> 128 us under strace) and was
+dropped all the same: each extension wrote 1-8 MiB of zeros inside a commit, which that
+commit's fdatasync then flushed, and a durable `use` + `release` at 10,000 references went
+from a p99 of 2-4 ms to ~6 ms (the hot path's tail is a goal, the few percent of a cycle are
+not). Overlapping the next batch's preparation with a commit's flushes was measured in five
 shapes and dropped: the next leader beginning its transaction while the batch before commits
 (4.7 per commit, no faster), a dedicated committer thread that acknowledges batch N just
 before flushing N+1 (3.9 per commit, no faster), two sticky lanes of writers alternating on
@@ -141,14 +142,6 @@ CommitObserver = Callable[[BatchReport], None]
 
 GATHER_CAP: Final = 0.002
 """The longest a leader waits for writers it expects back (seconds); see `LedgerEnv._take`."""
-
-RESERVE_AFTER: Final = 32
-"""Commits a process makes before it keeps data.mdb written ahead (see `LedgerEnv._reserve`):
-a command that appends a few times never pays for it."""
-RESERVE_MIN: Final = 1 << 20
-RESERVE_MAX: Final = 8 << 20
-"""How far ahead of its used pages data.mdb is kept: an eighth of the used size, within these
-bounds (bytes); it is extended when less than half of that is left."""
 
 Durability = Literal["sync", "nometasync", "nosync"]
 DURABILITY_MODES: Final[tuple[str, ...]] = ("sync", "nometasync", "nosync")
@@ -336,14 +329,6 @@ class LedgerEnv:
         self._arrived = 0
         self._returning = 0
         self._last_commit = 0.0
-        # The data file kept written ahead of LMDB's pages (see _reserve): a descriptor of
-        # data.mdb (None: not kept ahead), the page size, the size it was last seen to have,
-        # whether this process extended it, and the commits made (it starts after a few).
-        self._data_fd: int | None = None
-        self._psize = 4096
-        self._reserved_to = 0
-        self._extended = False
-        self._commits = 0
         self._syncing = 0.0
         self._listeners: set[threading.Event] = set()
         self._listeners_lock = threading.Lock()
@@ -415,12 +400,6 @@ class LedgerEnv:
         except BaseException:
             env.close()
             raise
-        if durability != "nosync" and not readonly:
-            self._psize = int(env.stat()["psize"])
-            try:
-                self._data_fd = os.open(path / "data.mdb", os.O_WRONLY | os.O_CLOEXEC)
-            except OSError as e:  # only a speed-up is lost
-                log.info("ledger.reserve_unavailable", path=str(path), error=str(e))
         return env
 
     def _check_format(self, env: lmdb.Environment) -> None:
@@ -694,9 +673,6 @@ class LedgerEnv:
         self._syncing = 0.0
         txn = env.begin(write=True)
         try:
-            self._commits += 1
-            if self._data_fd is not None and self._commits > RESERVE_AFTER:
-                self._reserve()
             for item in batch:
                 item.error = None
                 child = env.begin(write=True, parent=txn)
@@ -731,69 +707,6 @@ class LedgerEnv:
         except BaseException:
             txn.abort()
             raise
-
-    def _reserve(self) -> None:
-        """Keep data.mdb written (with zeros) ahead of the pages LMDB uses.
-
-        LMDB writes its new pages past the end of the file, so nearly every commit of a growing
-        ledger changes the file's size, and ext4 then turns the commit's fdatasync into a
-        journal commit too (measured at 8 writer threads on the benchmark's VM: fdatasync
-        median 374 -> 317 us, the meta page's synchronous write 167 -> 128 us, the whole LMDB
-        commit 510 -> 460 us, with the file written ahead). Written blocks, not `fallocate`:
-        writing into an unwritten extent changes the extent tree, which is journalled too.
-
-        Safe because it runs inside the write transaction, holding LMDB's writer lock: no
-        writer of any process is writing pages meanwhile, every page a committed transaction
-        uses lies below the file's current size (it was written), and only bytes at or beyond
-        that size are written; this transaction's own new pages are written by its commit,
-        after the zeros. A crash leaves zeros after the last used page, which LMDB never reads
-        (`check_size` wants the file at least as long as its pages, longer is fine); `close`
-        cuts them off again. Any OSError (a full disk) only stops the writing ahead."""
-        fd = self._data_fd
-        assert fd is not None
-        psize = self._psize
-        used = (int(self.env.info()["last_pgno"]) + 1) * psize
-        ahead = min(max(used // 8, RESERVE_MIN), RESERVE_MAX) // psize * psize
-        if self._reserved_to - used >= ahead // 2:
-            return  # the size last seen suffices: the file only grows while open
-        try:
-            size = os.fstat(fd).st_size
-            self._reserved_to = size
-            if size < used or size - used >= ahead // 2:
-                return  # another process wrote ahead (or the file is short: not ours to fix)
-            zeros = bytes(used + ahead - size)
-            written = 0
-            while written < len(zeros):
-                written += os.pwrite(fd, memoryview(zeros)[written:], size + written)
-            self._reserved_to = size + written
-            self._extended = True
-        except OSError as e:
-            log.info("ledger.reserve_stopped", path=str(self.path), error=str(e))
-            self._close_data_fd()
-
-    def _trim(self) -> None:
-        """Cut the zeros `_reserve` wrote after the last used page (at close: a ledger at rest
-        is as long as its pages). Under LMDB's writer lock, so that no writer of another
-        process has pages past that point; no snapshot uses a page past it. Best effort: a
-        ledger left longer is still whole."""
-        fd = self._data_fd
-        if fd is None or not self._extended:
-            return
-        try:
-            txn = self.env.begin(write=True)
-            try:
-                used = (int(self.env.info()["last_pgno"]) + 1) * self._psize
-                if os.fstat(fd).st_size > used:
-                    os.ftruncate(fd, used)
-            finally:
-                txn.abort()
-        except (lmdb.Error, OSError) as e:
-            log.info("ledger.trim_skipped", path=str(self.path), error=str(e))
-
-    def _close_data_fd(self) -> None:
-        fd, self._data_fd = self._data_fd, None
-        if fd is not None:
-            os.close(fd)
 
     def _grow(self) -> None:
         with self._lock.exclusive():
@@ -888,11 +801,7 @@ class LedgerEnv:
             self._closed = True
             self._listeners.clear()
         with self._lock.exclusive():
-            try:
-                self._trim()
-            finally:
-                self._close_data_fd()
-                self.env.close()
+            self.env.close()
 
 
 _registry: dict[tuple[int, Path], LedgerEnv] = {}
