@@ -19,8 +19,10 @@ published as C2SP checkpoints in signed notes (`domain.note`). The rules this se
 
 from __future__ import annotations
 
+import json
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
@@ -223,6 +225,54 @@ class AuditService:
             root = state.tiles().root(replay.size) if replay.size <= state.size else b""
         key = verifier.to_string() if verifier is not None else ""
         return AuditReport(origin, replay.size, root, len(checkpoints), key)
+
+    # ------------------------------------------------------------------ exporting
+
+    def export_jsonl(
+        self, write: Callable[[str], object], first: int = 1, last: int | None = None
+    ) -> SignedCheckpoint:
+        """The log from `first` to `last` (default: all of it) as JSON Lines, for SIEM tools:
+        one object per event (``position``, ``leaf_hash``, then every field of its stored
+        record, named as docs/FORMAT.md names them), then one line with the checkpoint that
+        covers the last event (``checkpoint``: the signed note; signed now when none covers it
+        yet), so that every line can be proven included in signed history. Streams: memory
+        does not grow with the log."""
+        with self.log.audit_state() as state:
+            size = state.size
+        last = size if last is None else last
+        if not 1 <= first <= last <= size:
+            msg = f"no events {first} to {last}: the log holds {size}"
+            raise ValueError(msg)
+        covering = self._covering(last)
+        for position, record, fields in self.log.entries(first, last):
+            line = {"position": position, "leaf_hash": merkle.leaf_hash(record).hex(), **fields}
+            write(json.dumps(line, sort_keys=True, separators=(",", ":")) + "\n")
+        write(
+            json.dumps(
+                {
+                    "checkpoint": covering.note,
+                    "origin": covering.origin,
+                    "size": covering.size,
+                    "root_hash": covering.root.hex(),
+                },
+                sort_keys=True,
+                separators=(",", ":"),
+            )
+            + "\n"
+        )
+        return covering
+
+    def _covering(self, last: int) -> SignedCheckpoint:
+        """The first kept checkpoint of a tree holding event `last` (signed now if none)."""
+        with self.log.audit_state() as state:
+            kept = [(size, data) for size, data in state.checkpoints() if size >= last]
+        if not kept:
+            return self.checkpoint()
+        size, data = kept[0]
+        verifier = self._signer(create=False).verifier()
+        origin = self.log.origin()
+        checkpoint = self._open(data, verifier, origin, f"the checkpoint at size {size}")
+        return SignedCheckpoint(origin, size, checkpoint.root, data.decode(), new=False)
 
     # ------------------------------------------------------------------ proving
 

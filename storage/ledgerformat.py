@@ -409,4 +409,108 @@ class _NoTranscoder(Transcoder):
         raise NotImplementedError
 
 
-__all__ = ["CLASSES", "FIELDS", "TOPICS", "LedgerMapper"]
+# ---------------------------------------------------------------- a record as plain JSON data
+
+_CONFIG_NAMES: Final = (
+    "digest",
+    "env",
+    "cmd",
+    "entrypoint",
+    "working_dir",
+    "user",
+    "labels",
+    "stop_signal",
+)
+
+
+def record_fields(record: bytes) -> dict[str, Any]:
+    """A stored log record (docs/FORMAT.md) as plain JSON-able data, every field named as
+    FORMAT.md names it, decoded from the stored bytes alone (for exports that tools other
+    than imageledger read): ``type``, ``at`` (ISO 8601, UTC), ``actor``, then the type's
+    fields; a config named by digest stays its digest, as stored. `UndecodableDataError` when
+    the record is not a format 2 record."""
+    try:
+        _id, _version, kind, state = msgpack.unpackb(record)
+        values = msgpack.unpackb(state, timestamp=3)
+        names = FIELDS[kind]
+        if type(values) is not list or len(values) != len(names) + 2:
+            msg = "its state is not an array of the type's fields"
+            raise ValueError(msg)
+        user, uid, pid, host, version = values[1]
+        plain: dict[str, Any] = {
+            "type": kind,
+            "at": _iso(values[0]),
+            "actor": {"user": user, "uid": uid, "pid": pid, "host": host, "version": version},
+        }
+        for name, value in zip(names, values[2:], strict=True):
+            plain[name] = _PLAIN.get(name, _same)(value)
+    except UndecodableDataError:
+        raise
+    except Exception as e:
+        msg = f"a log record is not a format 2 record ({type(e).__name__})"
+        raise UndecodableDataError(msg) from None
+    return plain
+
+
+def _iso(value: Any) -> str:
+    if type(value) is not datetime:
+        msg = "a timestamp is not a MessagePack timestamp"
+        raise TypeError(msg)
+    return value.isoformat().replace("+00:00", "Z")
+
+
+def _same(value: Any) -> Any:
+    return value
+
+
+def _plain_config(value: Any) -> Any:
+    if isinstance(value, str):
+        return value
+    config = dict(zip(_CONFIG_NAMES, value, strict=True))
+    config["labels"] = {k: v for k, v in config["labels"]}
+    return config
+
+
+def _plain_content(value: Any) -> dict[str, Any]:
+    digest, media_type, size, config, config_size, platform, layers = value
+    return {
+        "manifest_digest": digest,
+        "manifest_media_type": media_type,
+        "manifest_size": size,
+        "config": _plain_config(config),
+        "config_size": config_size,
+        "platform": {"os": platform[0], "architecture": platform[1], "variant": platform[2]},
+        "layers": [
+            {
+                "blob_digest": blob,
+                "media_type": kind,
+                "compressed_size": size,
+                "diff_id": diff_id,
+                "position": position,
+            }
+            for blob, kind, size, diff_id, position in layers
+        ],
+    }
+
+
+def _plain_deleted(value: Any) -> list[dict[str, Any]]:
+    return [
+        {"name": name, "kind": kind, "size": size, "reason": reason}
+        for name, kind, size, reason in value
+    ]
+
+
+_PLAIN: Final[dict[str, Callable[[Any], Any]]] = {
+    "content": _plain_content,
+    "deleted": _plain_deleted,
+    "leases": lambda v: [{"reference": r, "manifest_digest": m} for r, m in v],
+    "references": lambda v: [
+        {"reference": r, "manifest_digest": m, "reason": why} for r, m, why in v
+    ],
+    "policy": lambda v: dict(
+        zip(("dry_run", "unused_for_seconds", "keep", "max_bytes"), v, strict=True)
+    ),
+    "now": _iso,
+}
+
+__all__ = ["CLASSES", "FIELDS", "TOPICS", "LedgerMapper", "record_fields"]

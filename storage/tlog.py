@@ -452,3 +452,13 @@ class LedgerAudit:
 
     def replay(self, at_sizes: Sequence[int]) -> TreeReplay:
         return self.tree.replay(self._records(), at_sizes=at_sizes)
+
+    def entries(self, first: int, last: int) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
+        from imageledger.storage.ledgerformat import record_fields
+
+        records = self._records()
+        with self.tree.read() as txn:
+            for position, record in records(txn, first - 1):
+                if position > last:
+                    break
+                yield position, record, record_fields(record)

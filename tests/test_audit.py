@@ -409,3 +409,38 @@ def test_a_key_that_cannot_be_made_never_fails_the_command_it_follows(
     assert done.returncode == 0, done.stderr
     assert "no checkpoint signed" in done.stderr and "not a directory" in done.stderr
     assert (home / "audit").read_text() == "not a directory\n"
+
+
+def test_the_jsonl_export_is_every_event_then_a_checkpoint_that_covers_it(
+    tmp_path: Path, archive: Path
+) -> None:
+    """Each line is a stored record's fields as FORMAT.md names them, with its leaf hash; the
+    last line is a signed checkpoint under which every exported leaf is provably included."""
+    home = tmp_path / "home"
+    _fill(home, archive, uses=6)
+    records = _records(home)
+    with ImageCache(home) as cache:
+        history = [(h.position, h.event) for h in cache.history()]
+        key = cache.audit.verifier_key()
+    done = cli(home, "audit", "export", "--jsonl")
+    assert done.returncode == 0, done.stderr
+    *lines, last = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [(x["position"], x["type"]) for x in lines] == history
+    assert [x["leaf_hash"] for x in lines] == [merkle.leaf_hash(r).hex() for r in records]
+    pulled = next(x for x in lines if x["type"] == "ImagePulled")
+    assert pulled["reference"] == "docker.io/audit/app:1"
+    assert pulled["content"]["manifest_digest"].startswith("sha256:")
+    assert all(x["at"].endswith("Z") and x["actor"]["user"] for x in lines)
+    checkpoint = note.Checkpoint.parse(
+        note.verify(last["checkpoint"], note.Verifier.from_string(key))
+    )
+    assert checkpoint.size >= len(lines) and checkpoint.root.hex() == last["root_hash"]
+    # A range, and the checkpoint that covers its end.
+    done = cli(home, "audit", "export", "--jsonl", "--from", "3", "--to", "5")
+    *part, cover = [json.loads(line) for line in done.stdout.splitlines()]
+    assert [x["position"] for x in part] == [3, 4, 5]
+    assert cover["size"] >= 5
+    for bad in (["--from", "9999"], ["--from", "4", "--to", "2"], []):
+        done = cli(home, "audit", "export", "--jsonl" if bad else "--from=1", *bad)
+        assert done.returncode == 2, (bad, done.stderr)
+        assert "Traceback" not in done.stderr

@@ -508,6 +508,13 @@ def cmd_audit_verify(cache: ImageCache, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit_export(cache: ImageCache, args: argparse.Namespace) -> int:
+    if not args.jsonl:
+        raise UsageError("give --jsonl (the tlog-tiles export, --tiles, is not built yet)")
+    cache.audit.export_jsonl(sys.stdout.write, args.first or 1, args.last)
+    return EXIT_OK
+
+
 def cmd_audit_prove(cache: ImageCache, args: argparse.Namespace) -> int:
     if args.event is not None:
         if args.first is not None or args.second is not None:
@@ -732,6 +739,13 @@ def build_parser() -> argparse.ArgumentParser:
     audit_verify.add_argument(
         "--key", metavar="VKEY", help="verifier key to check the signatures with"
     )
+    export = audits.add_parser(
+        "export", help="the log as JSON Lines, then the checkpoint that covers it"
+    )
+    export.add_argument("--jsonl", action="store_true", help="one JSON object per event")
+    export.add_argument("--from", dest="first", type=positive_int, metavar="N")
+    export.add_argument("--to", dest="last", type=positive_int, metavar="M")
+    export.set_defaults(run=cmd_audit_export)
     prove = add_audit("prove", cmd_audit_prove, "an RFC 9162 inclusion or consistency proof")
     prove.add_argument("--event", type=positive_int, metavar="N", help="the event at position N")
     prove.add_argument("--size", type=positive_int, metavar="S", help="in the tree of S events")
