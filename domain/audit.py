@@ -22,8 +22,9 @@ from __future__ import annotations
 import json
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from imageledger.domain import merkle
@@ -274,6 +275,46 @@ class AuditService:
         checkpoint = self._open(data, verifier, origin, f"the checkpoint at size {size}")
         return SignedCheckpoint(origin, size, checkpoint.root, data.decode(), new=False)
 
+    # ------------------------------------------------------------------ reporting
+
+    def report(
+        self,
+        *,
+        since: datetime | None = None,
+        until: datetime | None = None,
+        reference: str | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """Who pulled, used, released, removed and pruned what, when, from where, with which
+        digests and with what outcome (refusals and failed pulls included): one row per
+        reference an event concerns, oldest first, read from the stored records (streamed).
+        `since`/`until` bound the events' instants (inclusive); `reference` is a canonical
+        reference (the caller canonicalises it)."""
+        with self.log.audit_state() as state:
+            size = state.size
+        if size == 0:
+            return
+        low = since.astimezone(UTC).isoformat().replace("+00:00", "Z") if since else None
+        high = until.astimezone(UTC).isoformat().replace("+00:00", "Z") if until else None
+        for position, _record, fields in self.log.entries(1, size):
+            at = fields["at"]
+            if (low is not None and _instant(at) < _instant(low)) or (
+                high is not None and _instant(at) > _instant(high)
+            ):
+                continue
+            for row in _rows(fields):
+                if reference is not None and row["reference"] != reference:
+                    continue
+                actor = fields["actor"]
+                yield {
+                    "position": position,
+                    "at": at,
+                    **row,
+                    "user": actor["user"],
+                    "uid": actor["uid"],
+                    "host": actor["host"],
+                    "pid": actor["pid"],
+                }
+
     # ------------------------------------------------------------------ proving
 
     def _proof_size(self, size: int | None) -> int:
@@ -329,3 +370,102 @@ class AuditService:
             "second_root": second_root.hex(),
             "hashes": [h.hex() for h in hashes],
         }
+
+
+REPORT_COLUMNS = (
+    "position",
+    "at",
+    "action",
+    "reference",
+    "manifest_digest",
+    "holder",
+    "source",
+    "outcome",
+    "user",
+    "uid",
+    "host",
+    "pid",
+)
+"""The columns of `AuditService.report`'s rows, in order (the CSV header)."""
+
+
+def _instant(iso: str) -> datetime:
+    return datetime.fromisoformat(iso.replace("Z", "+00:00"))
+
+
+def _row(action: str, reference: str, digest: str, outcome: str, **extra: str) -> dict[str, Any]:
+    return {
+        "action": action,
+        "reference": reference,
+        "manifest_digest": digest,
+        "holder": extra.get("holder", ""),
+        "source": extra.get("source", ""),
+        "outcome": outcome,
+    }
+
+
+Row = dict[str, Any]
+
+
+def _pulled(f: dict[str, Any]) -> list[Row]:
+    outcome = "ok, every blob already cached" if f["cached"] else "ok"
+    digest = f["content"]["manifest_digest"]
+    return [_row("pull", f["reference"], digest, outcome, source=f["source"])]
+
+
+def _pull_failed(f: dict[str, Any]) -> list[Row]:
+    return [_row("pull", f["reference"], "", f"failed: {f['error']}", source=f["source"])]
+
+
+def _used(f: dict[str, Any]) -> list[Row]:
+    return [_row("use", f["reference"], f["manifest_digest"], "ok", holder=f["holder"])]
+
+
+def _released(f: dict[str, Any]) -> list[Row]:
+    leases = f["leases"] or [{"reference": "", "manifest_digest": ""}]
+    return [
+        _row("release", lease["reference"], lease["manifest_digest"], "ok", holder=f["holder"])
+        for lease in leases
+    ]
+
+
+def _removed(f: dict[str, Any]) -> list[Row]:
+    deleted = f["deleted"]
+    outcome = ("forced, " if f["forced"] else "") + (
+        f"removed, {len(deleted)} blobs deleted, {f['bytes_reclaimed']} bytes"
+        if deleted
+        else "untagged"
+    )
+    return [_row("remove", f["reference"], f["manifest_digest"], outcome)]
+
+
+def _refused(f: dict[str, Any]) -> list[Row]:
+    outcome = "refused: in use by " + ", ".join(f["holders"])
+    return [_row("remove", f["reference"], f["manifest_digest"], outcome)]
+
+
+def _pruned(f: dict[str, Any]) -> list[Row]:
+    what = "dry run" if f["policy"]["dry_run"] else "pruned"
+    rows = [
+        _row("prune", r["reference"], r["manifest_digest"], f"{what}: {r['reason']}")
+        for r in f["references"]
+    ]
+    return rows or [_row("prune", "", "", f"{what}: nothing to remove")]
+
+
+# The report's rows of each event type (its stored fields as `AuditLog.entries` gives them);
+# `Started` (the home came into use) makes none.
+_ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
+    "ImagePulled": _pulled,
+    "PullFailed": _pull_failed,
+    "ImageUsed": _used,
+    "HolderReleased": _released,
+    "ImageRemoved": _removed,
+    "RemoveRefused": _refused,
+    "ImagesPruned": _pruned,
+}
+
+
+def _rows(fields: dict[str, Any]) -> list[Row]:
+    rows = _ROWS.get(fields["type"])
+    return rows(fields) if rows is not None else []

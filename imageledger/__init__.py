@@ -19,7 +19,7 @@ from imageledger._version import __version__
 if TYPE_CHECKING:
     from imageledger.aio import AsyncImageHandle, Image
     from imageledger.cache import ImageCache, check_ledger, default_home
-    from imageledger.domain.audit import AuditReport, SignedCheckpoint
+    from imageledger.domain.audit import REPORT_COLUMNS, AuditReport, SignedCheckpoint
     from imageledger.domain.errors import (
         ArchiveError,
         AuditError,
@@ -88,6 +88,7 @@ _LAZY: dict[str, str] = {
     "MigrationReport": "imageledger.storage.migrate",
     "default_home": "imageledger.cache",
     "AuditReport": "imageledger.domain.audit",
+    "REPORT_COLUMNS": "imageledger.domain.audit",
     "SignedCheckpoint": "imageledger.domain.audit",
     "ArchiveError": "imageledger.domain.errors",
     "AuditError": "imageledger.domain.errors",
@@ -165,6 +166,7 @@ if not TYPE_CHECKING:
 
 
 __all__ = [
+    "REPORT_COLUMNS",
     "ArchiveError",
     "AsyncImageHandle",
     "AuditError",

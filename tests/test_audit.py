@@ -444,3 +444,36 @@ def test_the_jsonl_export_is_every_event_then_a_checkpoint_that_covers_it(
         done = cli(home, "audit", "export", "--jsonl" if bad else "--from=1", *bad)
         assert done.returncode == 2, (bad, done.stderr)
         assert "Traceback" not in done.stderr
+
+
+def test_the_report_says_who_did_what_with_refusals_and_failures(
+    tmp_path: Path, archive: Path
+) -> None:
+    home = tmp_path / "home"
+    assert cli(home, "load", str(archive)).returncode == 0
+    assert cli(home, "use", "audit/app:1", "--holder", "sandbox-1").returncode == 0
+    assert cli(home, "rm", "audit/app:2").returncode == 0  # untagged: app:1 keeps the image
+    assert cli(home, "rm", "audit/app:1").returncode == 4  # refused: the last name, in use
+    assert cli(home, "release", "sandbox-1").returncode == 0
+    done = cli(home, "audit", "report", "--json")
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    actions = [(r["action"], r["reference"].rsplit("/", 1)[-1], r["outcome"]) for r in rows]
+    assert actions[:2] == [("pull", "app:1", "ok"), ("pull", "app:2", "ok")]
+    assert ("use", "app:1", "ok") in actions
+    assert ("remove", "app:1", "refused: in use by sandbox-1") in actions
+    assert ("release", "app:1", "ok") in actions
+    assert ("remove", "app:2", "untagged") in actions
+    assert all(r["user"] and r["host"] and r["at"].endswith("Z") for r in rows)
+    use = next(r for r in rows if r["action"] == "use")
+    assert use["holder"] == "sandbox-1" and use["manifest_digest"].startswith("sha256:")
+    # Filters: one reference, a time window that holds nothing.
+    only = json.loads(cli(home, "audit", "report", "--json", "--ref", "audit/app:2").stdout)
+    assert {r["reference"] for r in only} == {"docker.io/audit/app:2"}
+    later = cli(home, "audit", "report", "--json", "--since", "2999-01-01")
+    assert json.loads(later.stdout) == []
+    csv_out = cli(home, "audit", "report", "--csv").stdout.splitlines()
+    assert csv_out[0].split(",")[:4] == ["position", "at", "action", "reference"]
+    assert len(csv_out) == len(rows) + 1
+    bad = cli(home, "audit", "report", "--since", "yesterday")
+    assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1

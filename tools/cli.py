@@ -22,7 +22,7 @@ import sys
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
-from datetime import datetime
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
@@ -515,6 +515,51 @@ def cmd_audit_export(cache: ImageCache, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_audit_report(cache: ImageCache, args: argparse.Namespace) -> int:
+    from imageledger import REPORT_COLUMNS, canonical
+
+    reference = canonical(args.ref) if args.ref else None
+    rows = cache.audit.report(since=args.since, until=args.until, reference=reference)
+    if args.csv:
+        import csv
+
+        writer = csv.writer(sys.stdout, lineterminator="\n")
+        writer.writerow(REPORT_COLUMNS)
+        for row in rows:
+            writer.writerow([row[c] for c in REPORT_COLUMNS])
+    elif args.json:
+        # An array written row by row: a long log is never held whole.
+        sys.stdout.write("[")
+        for i, row in enumerate(rows):
+            sys.stdout.write(("," if i else "") + "\n  " + json.dumps(row))
+        sys.stdout.write("\n]\n")
+    else:
+        table = [
+            [
+                row["at"],
+                row["action"],
+                row["reference"],
+                row["holder"] or row["source"],
+                row["outcome"],
+                f"{row['user']}@{row['host']}",
+            ]
+            for row in rows
+        ]
+        _table(table, ["AT", "ACTION", "REFERENCE", "HOLDER/SOURCE", "OUTCOME", "BY"])
+    return EXIT_OK
+
+
+def instant(text: str) -> datetime:
+    """An instant on the command line: ISO 8601 (``2026-12-05``, ``2026-12-05T03:12:00Z``,
+    ``2026-12-05T03:12:00+01:00``); one without an offset is UTC."""
+    try:
+        at = datetime.fromisoformat(text.replace("Z", "+00:00") if text.endswith("Z") else text)
+    except ValueError:
+        msg = f"invalid time {quoted(text)}: ISO 8601, e.g. 2026-12-05T03:12:00Z"
+        raise argparse.ArgumentTypeError(msg) from None
+    return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
 def cmd_audit_prove(cache: ImageCache, args: argparse.Namespace) -> int:
     if args.event is not None:
         if args.first is not None or args.second is not None:
@@ -746,6 +791,11 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--from", dest="first", type=positive_int, metavar="N")
     export.add_argument("--to", dest="last", type=positive_int, metavar="M")
     export.set_defaults(run=cmd_audit_export)
+    report = add_audit("report", cmd_audit_report, "who did what to which image, and how it went")
+    report.add_argument("--since", type=instant, metavar="TIME", help="ISO 8601; UTC by default")
+    report.add_argument("--until", type=instant, metavar="TIME")
+    report.add_argument("--ref", metavar="REFERENCE", help="only this reference")
+    report.add_argument("--csv", action="store_true", help="CSV with a header row")
     prove = add_audit("prove", cmd_audit_prove, "an RFC 9162 inclusion or consistency proof")
     prove.add_argument("--event", type=positive_int, metavar="N", help="the event at position N")
     prove.add_argument("--size", type=positive_int, metavar="S", help="in the tree of S events")
