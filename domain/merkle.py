@@ -39,11 +39,13 @@ __all__ = [
     "MAX_ENTRY_SIZE",
     "TILE_HEIGHT",
     "TILE_WIDTH",
+    "CompactRange",
     "ProofError",
     "TileError",
     "TileRead",
     "TileRef",
     "Tiles",
+    "aligned",
     "append",
     "consistency_proof_size",
     "entries_path",
@@ -402,6 +404,56 @@ def append(size: int, leaf_hashes: Iterable[bytes], read: TileRead) -> dict[tupl
         new = above
         level += 1
     return writes
+
+
+# --- compact ranges: a stretch of leaves with the subtrees around it ---------------------------
+
+
+def aligned(begin: int, end: int) -> list[tuple[int, int]]:
+    """The leaves begin .. end - 1 as the fewest complete subtrees aligned to their own size,
+    left to right, each as (height, index): what an export carries for the leaves it does not
+    list, so that a verifier can fold the rest into the root."""
+    if not 0 <= begin <= end:
+        raise ValueError(f"no leaves {begin} .. {end}")
+    found = []
+    while begin < end:
+        height = (begin & -begin).bit_length() - 1 if begin else (end - begin).bit_length() - 1
+        while begin + (1 << height) > end:
+            height -= 1
+        found.append((height, begin >> height))
+        begin += 1 << height
+    return found
+
+
+class CompactRange:
+    """A tree's leaves from 0, held as the hashes of its complete aligned subtrees (at most
+    one per height): what a streaming verifier needs to fold a million leaves into a root in
+    O(log n) memory. `append` takes a subtree aligned at the current end (a leaf: height 0)."""
+
+    def __init__(self) -> None:
+        self.size = 0
+        self._stack: list[tuple[int, bytes]] = []  # (height, hash), heights decreasing
+
+    def append(self, value: bytes, height: int = 0) -> None:
+        if self.size % (1 << height):
+            raise ProofError(f"a subtree of height {height} cannot start at leaf {self.size}")
+        if self._stack and self._stack[-1][0] < height:
+            raise ProofError(f"a subtree of height {height} follows a smaller one")
+        _check_hash("a subtree hash", value)
+        self.size += 1 << height
+        self._stack.append((height, value))
+        while len(self._stack) >= 2 and self._stack[-2][0] == self._stack[-1][0]:
+            (level, left), (_, right) = self._stack[-2], self._stack[-1]
+            self._stack[-2:] = [(level + 1, node_hash(left, right))]
+
+    def root(self) -> bytes:
+        """MTH of the leaves appended (RFC 9162: the subtrees folded from the right)."""
+        if not self._stack:
+            return EMPTY_ROOT
+        value = self._stack[-1][1]
+        for _height, left in reversed(self._stack[:-1]):
+            value = node_hash(left, value)
+        return value
 
 
 # --- verification (RFC 9162 2.1.3.2 and 2.1.4.2) --------------------------------------------

@@ -17,6 +17,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from imageledger.domain import merkle
 from imageledger.domain.merkle import (
     EMPTY_ROOT,
     HASH_SIZE,
@@ -548,3 +549,47 @@ def test_verifiers_fail_only_with_proof_error(
         verify_inclusion(a, b, x, proof, y)
     with contextlib.suppress(ProofError):
         verify_consistency(a, b, proof, x, y)
+
+
+def _naive_range_root(leaves: list[bytes]) -> bytes:
+    if not leaves:
+        return merkle.EMPTY_ROOT
+    if len(leaves) == 1:
+        return leaves[0]
+    k = 1
+    while k * 2 < len(leaves):
+        k *= 2
+    return merkle.node_hash(_naive_range_root(leaves[:k]), _naive_range_root(leaves[k:]))
+
+
+@given(st.integers(0, 600), st.data())
+@settings(max_examples=60, deadline=None)
+def test_a_compact_range_folds_any_stretch_with_its_aligned_neighbours_into_the_root(
+    n: int, data: st.DataObject
+) -> None:
+    """What an export carries: the subtrees left of its leaves, the leaves, the subtrees right
+    of them; folded in order they give the tree's root, and the subtrees are aligned."""
+    leaves = [merkle.leaf_hash(i.to_bytes(4, "big")) for i in range(n)]
+    begin = data.draw(st.integers(0, n))
+    end = data.draw(st.integers(begin, n))
+
+    def subtree(height: int, index: int) -> bytes:
+        return _naive_range_root(leaves[index << height : (index + 1) << height])
+
+    folded = merkle.CompactRange()
+    for height, index in merkle.aligned(0, begin):
+        folded.append(subtree(height, index), height)
+    for leaf in leaves[begin:end]:
+        folded.append(leaf)
+    for height, index in merkle.aligned(end, n):
+        assert (index << height) % (1 << height) == 0
+        folded.append(subtree(height, index), height)
+    assert folded.size == n
+    assert folded.root() == _naive_range_root(leaves)
+
+
+def test_a_compact_range_refuses_a_misaligned_subtree() -> None:
+    folded = merkle.CompactRange()
+    folded.append(merkle.leaf_hash(b"a"))
+    with pytest.raises(ProofError):
+        folded.append(merkle.leaf_hash(b"b"), 1)  # a pair cannot start at leaf 1
