@@ -19,16 +19,19 @@ published as C2SP checkpoints in signed notes (`domain.note`). The rules this se
 
 from __future__ import annotations
 
+import base64
+import binascii
 import json
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import TYPE_CHECKING, Any
 
 from imageledger.domain import merkle
 from imageledger.domain.errors import (
+    AuditInputError,
     AuditVerificationError,
     ImageLedgerError,
     NoteError,
@@ -233,11 +236,12 @@ class AuditService:
         self, write: Callable[[str], object], first: int = 1, last: int | None = None
     ) -> SignedCheckpoint:
         """The log from `first` to `last` (default: all of it) as JSON Lines, for SIEM tools:
-        one object per event (``position``, ``leaf_hash``, then every field of its stored
-        record, named as docs/FORMAT.md names them), then one line with the checkpoint that
-        covers the last event (``checkpoint``: the signed note; signed now when none covers it
-        yet), so that every line can be proven included in signed history. Streams: memory
-        does not grow with the log."""
+        one object per event (``position``, ``leaf_hash``, ``record``: the stored record in
+        base64, then every field of it named as docs/FORMAT.md names them), then one line with
+        the checkpoint that covers the last event (``checkpoint``: the signed note, signed now
+        when none covers it yet) and the complete subtrees left and right of the exported
+        leaves, so that `verify_jsonl` proves every line part of signed history with nothing
+        but the export and the verifier key. Streams: memory does not grow with the log."""
         with self.log.audit_state() as state:
             size = state.size
         last = size if last is None else last
@@ -245,8 +249,17 @@ class AuditService:
             msg = f"no events {first} to {last}: the log holds {size}"
             raise ValueError(msg)
         covering = self._covering(last)
+        with self.log.audit_state() as state:
+            tiles = state.tiles()
+            left = [tiles.subtree(h, i) for h, i in merkle.aligned(0, first - 1)]
+            right = [tiles.subtree(h, i) for h, i in merkle.aligned(last, covering.size)]
         for position, record, fields in self.log.entries(first, last):
-            line = {"position": position, "leaf_hash": merkle.leaf_hash(record).hex(), **fields}
+            line = {
+                "position": position,
+                "leaf_hash": merkle.leaf_hash(record).hex(),
+                "record": base64.b64encode(record).decode(),
+                **fields,
+            }
             write(json.dumps(line, sort_keys=True, separators=(",", ":")) + "\n")
         write(
             json.dumps(
@@ -255,6 +268,10 @@ class AuditService:
                     "origin": covering.origin,
                     "size": covering.size,
                     "root_hash": covering.root.hex(),
+                    # The complete subtrees left and right of the exported leaves (see
+                    # `merkle.aligned`): with them a verifier folds the leaves into the root.
+                    "left": [h.hex() for h in left],
+                    "right": [h.hex() for h in right],
                 },
                 sort_keys=True,
                 separators=(",", ":"),
@@ -469,3 +486,116 @@ _ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
 def _rows(fields: dict[str, Any]) -> list[Row]:
     rows = _ROWS.get(fields["type"])
     return rows(fields) if rows is not None else []
+
+
+# ------------------------------------------------------------------ verifying an export
+
+
+@dataclass(frozen=True)
+class ExportCheck:
+    """What `verify_jsonl` verified (a failure raises instead)."""
+
+    origin: str
+    first: int
+    last: int
+    size: int
+    root: bytes
+
+
+def verify_jsonl(
+    lines: Iterable[str], verifier_key: str, decode: Callable[[bytes], dict[str, Any]]
+) -> ExportCheck:
+    """Verify a JSON Lines export (`AuditService.export_jsonl`) without the home: each line's
+    record hashes to its leaf hash and `decode`s (the FORMAT.md reader) to exactly the fields
+    the line shows, positions run on without a gap, and the leaves, folded
+    with the subtrees around them, give the root of the checkpoint on the last line, whose
+    signature the verifier key checks. An edited, deleted, reordered or inserted line fails,
+    and so does a checkpoint of another key. The leaf hashes are held until the checkpoint
+    line (32 bytes an event). `AuditVerificationError` naming the line (exit 5);
+    `AuditInputError` for what is not an export at all (exit 2)."""
+    from imageledger.domain import note
+
+    verifier = note.Verifier.from_string(verifier_key.strip())
+    leaves = bytearray()
+    first = last = 0
+    final: dict[str, Any] | None = None
+    for number, text in enumerate(lines, 1):
+        if final is not None:
+            msg = f"line {number}: more lines after the checkpoint"
+            raise AuditVerificationError(msg)
+        try:
+            line = json.loads(text)
+        except ValueError:
+            msg = f"line {number} is not JSON"
+            raise AuditInputError(msg) from None
+        if not isinstance(line, dict):
+            msg = f"line {number} is not a JSON object"
+            raise AuditInputError(msg)
+        if "checkpoint" in line:
+            final = line
+            continue
+        position = line.get("position")
+        if not isinstance(position, int) or position < 1 or (last and position != last + 1):
+            where = f"position {last + 1}" if last else "a position"
+            msg = f"line {number}: position {position!r} where {where} belongs"
+            raise AuditVerificationError(msg)
+        try:
+            record = base64.b64decode(line["record"], validate=True)
+            leaf = bytes.fromhex(line["leaf_hash"])
+        except (KeyError, TypeError, ValueError, binascii.Error):
+            msg = f"line {number} (position {position}): no record or leaf hash"
+            raise AuditVerificationError(msg) from None
+        if merkle.leaf_hash(record) != leaf:
+            msg = f"line {number} (position {position}): its record does not hash to its leaf"
+            raise AuditVerificationError(msg)
+        shown = {k: v for k, v in line.items() if k not in ("position", "leaf_hash", "record")}
+        try:
+            stored = decode(record)
+        except ImageLedgerError:
+            stored = None
+        if shown != stored:
+            msg = f"line {number} (position {position}): its fields are not its record's"
+            raise AuditVerificationError(msg)
+        first = first or position
+        last = position
+        leaves += leaf
+    if final is None or not last:
+        msg = "the export has no events, or no checkpoint line at its end"
+        raise AuditVerificationError(msg)
+    try:
+        text = note.verify(str(final["checkpoint"]), verifier)
+    except NoteError as e:
+        msg = f"the export's checkpoint does not verify with the key given ({e})"
+        raise AuditVerificationError(msg) from None
+    checkpoint = note.Checkpoint.parse(text)
+    if checkpoint.origin != verifier.name or checkpoint.extensions:
+        msg = f"the export's checkpoint is not one of the log {verifier.name!r}"
+        raise AuditVerificationError(msg)
+    if checkpoint.size < last:
+        msg = f"the checkpoint (size {checkpoint.size}) does not cover position {last}"
+        raise AuditVerificationError(msg)
+    try:
+        left = [bytes.fromhex(h) for h in final["left"]]
+        right = [bytes.fromhex(h) for h in final["right"]]
+    except (KeyError, TypeError, ValueError):
+        msg = "the checkpoint line lacks the subtrees around the exported events"
+        raise AuditVerificationError(msg) from None
+    outside = merkle.aligned(0, first - 1), merkle.aligned(last, checkpoint.size)
+    if [len(left), len(right)] != [len(outside[0]), len(outside[1])]:
+        msg = "the subtrees around the exported events do not fit their positions"
+        raise AuditVerificationError(msg)
+    folded = merkle.CompactRange()
+    for (height, _index), value in zip(outside[0], left, strict=True):
+        folded.append(value, height)
+    for i in range(0, len(leaves), merkle.HASH_SIZE):
+        folded.append(bytes(leaves[i : i + merkle.HASH_SIZE]))
+    for (height, _index), value in zip(outside[1], right, strict=True):
+        folded.append(value, height)
+    if folded.root() != checkpoint.root:
+        msg = (
+            f"the events {first} to {last} with the subtrees around them are not the tree "
+            f"the checkpoint at size {checkpoint.size} signed: a line was edited, deleted, "
+            "reordered or inserted"
+        )
+        raise AuditVerificationError(msg)
+    return ExportCheck(checkpoint.origin, first, last, checkpoint.size, checkpoint.root)

@@ -18,7 +18,7 @@ from imageledger._version import __version__
 
 if TYPE_CHECKING:
     from imageledger.aio import AsyncImageHandle, Image
-    from imageledger.cache import ImageCache, check_ledger, default_home
+    from imageledger.cache import ImageCache, check_ledger, default_home, verify_export
     from imageledger.domain.audit import REPORT_COLUMNS, AuditReport, SignedCheckpoint
     from imageledger.domain.errors import (
         ArchiveError,
@@ -84,6 +84,7 @@ _LAZY: dict[str, str] = {
     "Image": "imageledger.aio",
     "ImageCache": "imageledger.cache",
     "check_ledger": "imageledger.cache",
+    "verify_export": "imageledger.cache",
     "migrate": "imageledger.storage.migrate",
     "MigrationReport": "imageledger.storage.migrate",
     "default_home": "imageledger.cache",
@@ -232,4 +233,5 @@ __all__ = [
     "default_home",
     "migrate",
     "options_from_environment",
+    "verify_export",
 ]

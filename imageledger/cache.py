@@ -19,8 +19,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from imageledger._version import __version__
-from imageledger.domain.audit import DEFAULT_INTERVAL, AuditService
-from imageledger.domain.errors import HomeDamagedError, InvalidHomeError, LedgerError
+from imageledger.domain.audit import DEFAULT_INTERVAL, AuditService, ExportCheck
+from imageledger.domain.errors import (
+    AuditInputError,
+    HomeDamagedError,
+    InvalidHomeError,
+    LedgerError,
+)
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
     Actor,
@@ -66,6 +71,20 @@ def default_home() -> Path:
         msg = "IMAGELEDGER_HOME is set but empty: give a directory path, or unset it"
         raise InvalidHomeError(msg)
     return Path(home)
+
+
+def verify_export(path: str | os.PathLike[str], verifier_key: str) -> ExportCheck:
+    """Verify a JSON Lines export of an audit log (`imageledger audit export --jsonl`) with
+    nothing but the file and the log's verifier key (`domain.audit.verify_jsonl`)."""
+    from imageledger.domain.audit import verify_jsonl
+    from imageledger.storage.ledgerformat import record_fields
+
+    try:
+        with open(path, encoding="utf-8") as f:
+            return verify_jsonl(f, verifier_key, record_fields)
+    except UnicodeDecodeError:
+        msg = f"{path}: not an export (not UTF-8 text)"
+        raise AuditInputError(msg) from None
 
 
 def current_actor() -> Actor:

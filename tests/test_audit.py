@@ -8,6 +8,7 @@ directly (the cache closed), never through imageledger.
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import shutil
@@ -477,3 +478,59 @@ def test_the_report_says_who_did_what_with_refusals_and_failures(
     assert len(csv_out) == len(rows) + 1
     bad = cli(home, "audit", "report", "--since", "yesterday")
     assert bad.returncode == 2 and len(bad.stderr.strip().splitlines()) == 1
+
+
+def _export(home: Path, *args: str) -> list[str]:
+    done = cli(home, "audit", "export", "--jsonl", *args)
+    assert done.returncode == 0, done.stderr
+    return done.stdout.splitlines(keepends=True)
+
+
+def test_an_export_verifies_offline_and_every_tampering_is_found(
+    tmp_path: Path, archive: Path
+) -> None:
+    home = tmp_path / "home"
+    _fill(home, archive, uses=12)
+    key = cli(home, "audit", "key").stdout.strip()
+    lines = _export(home)
+    whole = tmp_path / "export.jsonl"
+    whole.write_text("".join(lines))
+    done = cli(tmp_path / "nowhere", "audit", "verify-export", str(whole), "--key", key)
+    assert done.returncode == 0, done.stderr
+    part = tmp_path / "part.jsonl"
+    part.write_text("".join(_export(home, "--from", "4", "--to", "9")))
+    assert cli(home, "audit", "verify-export", str(part), "--key", key).returncode == 0
+
+    def edited_field(rows: list[str]) -> list[str]:
+        line = json.loads(rows[2])
+        line["at"] = "2020-01-01T00:00:00Z"
+        return [*rows[:2], json.dumps(line) + "\n", *rows[3:]]
+
+    def edited_record(rows: list[str]) -> list[str]:
+        line = json.loads(rows[3])
+        record = bytearray(base64.b64decode(line["record"]))
+        record[-1] ^= 1
+        line["record"] = base64.b64encode(bytes(record)).decode()
+        line["leaf_hash"] = merkle.leaf_hash(bytes(record)).hex()  # a consistent forgery
+        return [*rows[:3], json.dumps(line) + "\n", *rows[4:]]
+
+    tamperings: dict[str, Callable[[list[str]], list[str]]] = {
+        "a field": edited_field,
+        "a record, leaf hash recomputed": edited_record,
+        "a deleted line": lambda rows: rows[:4] + rows[5:],
+        "the first line deleted": lambda rows: rows[1:],
+        "the last event deleted": lambda rows: rows[:-2] + rows[-1:],
+        "two lines swapped": lambda rows: [*rows[:2], rows[3], rows[2], *rows[4:]],
+        "a line repeated": lambda rows: [*rows[:3], rows[2], *rows[3:]],
+    }
+    for what, tamper in tamperings.items():
+        forged = tmp_path / "forged.jsonl"
+        forged.write_text("".join(tamper(list(lines))))
+        done = cli(home, "audit", "verify-export", str(forged), "--key", key)
+        assert done.returncode == 5, (what, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+    other = note.generate_signer("someone.example/log").verifier().to_string()
+    assert cli(home, "audit", "verify-export", str(whole), "--key", other).returncode == 5
+    garbage = tmp_path / "garbage.jsonl"
+    garbage.write_text("not json\n")
+    assert cli(home, "audit", "verify-export", str(garbage), "--key", key).returncode == 2

@@ -560,6 +560,29 @@ def instant(text: str) -> datetime:
     return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
 
 
+def cmd_audit_verify_export(cache: None, args: argparse.Namespace) -> int:
+    from imageledger import verify_export
+
+    checked = verify_export(args.path, args.key)
+    if args.json:
+        _print_json(
+            {
+                "verified": True,
+                "origin": checked.origin,
+                "first": checked.first,
+                "last": checked.last,
+                "size": checked.size,
+                "root_hash": checked.root.hex(),
+            }
+        )
+    else:
+        _say(
+            f"verified events {checked.first} to {checked.last} of {checked.origin} under its "
+            f"checkpoint at size {checked.size}"
+        )
+    return EXIT_OK
+
+
 def cmd_audit_prove(cache: ImageCache, args: argparse.Namespace) -> int:
     if args.event is not None:
         if args.first is not None or args.second is not None:
@@ -791,6 +814,12 @@ def build_parser() -> argparse.ArgumentParser:
     export.add_argument("--from", dest="first", type=positive_int, metavar="N")
     export.add_argument("--to", dest="last", type=positive_int, metavar="M")
     export.set_defaults(run=cmd_audit_export)
+    verify_export = add_audit(
+        "verify-export", cmd_audit_verify_export, "verify a --jsonl export without the home"
+    )
+    verify_export.add_argument("path", help="the export (JSON Lines)")
+    verify_export.add_argument("--key", required=True, metavar="VKEY", help="the verifier key")
+    verify_export.set_defaults(needs_cache=False)
     report = add_audit("report", cmd_audit_report, "who did what to which image, and how it went")
     report.add_argument("--since", type=instant, metavar="TIME", help="ISO 8601; UTC by default")
     report.add_argument("--until", type=instant, metavar="TIME")
