@@ -280,6 +280,13 @@ class AuditService:
         )
         return covering
 
+    def export_tiles(self, directory: str) -> tuple[SignedCheckpoint, int]:
+        """The log as a C2SP tlog-tiles directory at a checkpoint of all of it (signed now
+        if the log grew since the last), extending an export of this log already there;
+        the checkpoint and the number of files written."""
+        signed = self.checkpoint()
+        return signed, self.log.export_tiles(directory, signed.size, signed.note)
+
     def _covering(self, last: int) -> SignedCheckpoint:
         """The first kept checkpoint of a tree holding event `last` (signed now if none)."""
         with self.log.audit_state() as state:

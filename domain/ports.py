@@ -210,6 +210,10 @@ class AuditLog(Protocol):
     def replay(self, at_sizes: Sequence[int]) -> TreeReplay:
         """The tree recomputed from every stored record, compared with the stored one."""
 
+    def export_tiles(self, directory: str, size: int, note: str) -> int:
+        """Write (or extend) the C2SP tlog-tiles directory of the log at its checkpoint of
+        `size` (signed note `note`); the number of files written."""
+
     def entries(self, first: int, last: int) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
         """(position, stored record, its fields as plain data) from `first` to `last`, read in
         one snapshot, one at a time (an export of a million events in constant memory)."""

@@ -74,11 +74,17 @@ def default_home() -> Path:
 
 
 def verify_export(path: str | os.PathLike[str], verifier_key: str) -> ExportCheck:
-    """Verify a JSON Lines export of an audit log (`imageledger audit export --jsonl`) with
-    nothing but the file and the log's verifier key (`domain.audit.verify_jsonl`)."""
+    """Verify an export of an audit log with nothing but it and the log's verifier key: a
+    C2SP tlog-tiles directory (`audit export --tiles`, `storage.tlogexport.verify_tiles`) or
+    a JSON Lines file (`audit export --jsonl`, `domain.audit.verify_jsonl`)."""
     from imageledger.domain.audit import verify_jsonl
     from imageledger.storage.ledgerformat import record_fields
 
+    if os.path.isdir(path):
+        from imageledger.storage.tlogexport import verify_tiles
+
+        tiles = verify_tiles(Path(path), verifier_key)
+        return ExportCheck(tiles.origin, 1, tiles.size, tiles.size, tiles.root)
     try:
         with open(path, encoding="utf-8") as f:
             return verify_jsonl(f, verifier_key, record_fields)

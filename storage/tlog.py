@@ -27,6 +27,7 @@ import secrets
 import struct
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from pathlib import Path
 from typing import Any, Final
 
 import lmdb
@@ -181,6 +182,10 @@ class TreeStore:
             raise LedgerCorruptError(msg)
         index, chunk = _U64.unpack(key[1:9])[0], key[9]
         return int(index * merkle.TILE_WIDTH + chunk * 16 + len(value) // merkle.HASH_SIZE)
+
+    def tile(self, txn: lmdb.Transaction, level: int, index: int) -> bytes:
+        """The stored hashes of tile (level, index): b"" when there is none."""
+        return self._reader(txn)(level, index)
 
     def tiles(self, txn: lmdb.Transaction) -> merkle.Tiles:
         """The stored tree, read in `txn` (roots and proofs)."""
@@ -452,6 +457,12 @@ class LedgerAudit:
 
     def replay(self, at_sizes: Sequence[int]) -> TreeReplay:
         return self.tree.replay(self._records(), at_sizes=at_sizes)
+
+    def export_tiles(self, directory: str, size: int, note: str) -> int:
+        from imageledger.storage.tlogexport import export_tiles
+
+        origin = self.origin()
+        return export_tiles(self.tree, self._records(), Path(directory), origin, size, note).files
 
     def entries(self, first: int, last: int) -> Iterator[tuple[int, bytes, dict[str, Any]]]:
         from imageledger.storage.ledgerformat import record_fields

@@ -534,3 +534,100 @@ def test_an_export_verifies_offline_and_every_tampering_is_found(
     garbage = tmp_path / "garbage.jsonl"
     garbage.write_text("not json\n")
     assert cli(home, "audit", "verify-export", str(garbage), "--key", key).returncode == 2
+
+
+def test_a_tiles_export_serves_tlog_clients_and_every_tampering_is_found(
+    tmp_path: Path, archive: Path
+) -> None:
+    """600 events: two full level-0 tiles, a partial one and a level-1 tile above them. The
+    directory is what a tlog-tiles client fetches: a checkpoint, hash tiles and entry bundles
+    whose entries hash to the leaves; exported again later it is extended, not rewritten."""
+    from imageledger.tools.bench_cache import append_mixed_events
+
+    home = tmp_path / "home"
+    with ImageCache(home, durability="nosync") as cache:
+        cache.load(archive)
+        append_mixed_events(cache, 600, 40)
+        key = cache.audit.verifier_key()
+        first = cache.audit.export_tiles(str(tmp_path / "tiles"))[0]
+        records = _records_of(cache)
+    tiles = tmp_path / "tiles"
+    names = sorted(str(p.relative_to(tiles)) for p in tiles.rglob("*") if p.is_file())
+    size = first.size
+    assert names == sorted(
+        [
+            "checkpoint",
+            "tile/0/000",
+            "tile/0/001",
+            f"tile/0/002.p/{size - 512}",
+            "tile/1/000.p/2",
+            "tile/entries/000",
+            "tile/entries/001",
+            f"tile/entries/002.p/{size - 512}",
+        ]
+    )
+    bundle = (tiles / "tile/entries/001").read_bytes()
+    assert bundle[:2] == len(records[256]).to_bytes(2, "big")
+    assert bundle[2 : 2 + len(records[256])] == records[256]
+    assert cli(tmp_path / "x", "audit", "verify-export", str(tiles), "--key", key).returncode == 0
+    # Later: extended, the older partial tiles kept (a client may hold the older checkpoint).
+    assert cli(home, "use", "audit/app:1", "--holder", "late").returncode == 0
+    assert cli(home, "audit", "export", "--tiles", str(tiles)).returncode == 0
+    assert (tiles / f"tile/0/002.p/{size - 512}").is_file()
+    assert (tiles / f"tile/0/002.p/{size - 512 + 1}").is_file()
+    assert cli(home, "audit", "verify-export", str(tiles), "--key", key).returncode == 0
+
+    def flip(relative: str, offset: int) -> None:
+        path = tiles / relative
+        data = bytearray(path.read_bytes())
+        data[offset] ^= 1
+        path.write_bytes(bytes(data))
+
+    damages: dict[str, Callable[[], None]] = {
+        "an entry's byte": lambda: flip("tile/entries/001", 40),
+        "a leaf hash": lambda: flip("tile/0/000", 5),
+        "the tile above": lambda: flip("tile/1/000.p/2", 0),
+        "a bundle deleted": (tiles / "tile/entries/000").unlink,
+    }
+    for what, damage in damages.items():
+        shutil.copytree(tiles, tmp_path / "kept")
+        damage()
+        done = cli(home, "audit", "verify-export", str(tiles), "--key", key)
+        assert done.returncode == 5, (what, done.stderr)
+        assert len(done.stderr.strip().splitlines()) == 1 and "Traceback" not in done.stderr
+        shutil.rmtree(tiles)
+        shutil.move(tmp_path / "kept", tiles)
+    other = note.generate_signer("someone.example/log").verifier().to_string()
+    assert cli(home, "audit", "verify-export", str(tiles), "--key", other).returncode == 5
+    (tmp_path / "foreign").mkdir()
+    (tmp_path / "foreign" / "checkpoint").write_text("other.example/log\n1\nAAAA\n")
+    done = cli(home, "audit", "export", "--tiles", str(tmp_path / "foreign"))
+    assert done.returncode == 2 and "something else" in done.stderr
+
+
+def _records_of(cache: ImageCache) -> list[bytes]:
+    from imageledger.cache import internals
+
+    ledger = internals(cache).ledger
+    with ledger.tree.read() as txn:
+        return [record for _position, record in ledger.records()(txn, 0)]
+
+
+def test_a_record_too_big_for_a_tiles_bundle_is_named_and_jsonl_still_carries_it(
+    tmp_path: Path,
+) -> None:
+    """tlog-tiles prefixes each entry with a uint16 length: an event above 65,535 bytes (a
+    pull whose image config is that big) cannot be a tiles entry. The export says which one,
+    and leaves no checkpoint of a half-written export; the JSON Lines export carries it."""
+    spec = ImageSpec(names=("big/config:1",), env=tuple(f"V{i}={'x' * 100}" for i in range(800)))
+    archive = build_docker_archive(tmp_path / "big.tar", [spec]).path
+    home = tmp_path / "home"
+    assert cli(home, "load", str(archive)).returncode == 0
+    done = cli(home, "audit", "export", "--tiles", str(tmp_path / "tiles"))
+    assert done.returncode == 2, done.stderr
+    assert "event 2 is" in done.stderr and "--jsonl" in done.stderr
+    assert not (tmp_path / "tiles" / "checkpoint").exists()
+    key = cli(home, "audit", "key").stdout.strip()
+    export = tmp_path / "all.jsonl"
+    export.write_text(cli(home, "audit", "export", "--jsonl").stdout)
+    assert cli(home, "audit", "verify-export", str(export), "--key", key).returncode == 0

@@ -509,9 +509,18 @@ def cmd_audit_verify(cache: ImageCache, args: argparse.Namespace) -> int:
 
 
 def cmd_audit_export(cache: ImageCache, args: argparse.Namespace) -> int:
-    if not args.jsonl:
-        raise UsageError("give --jsonl (the tlog-tiles export, --tiles, is not built yet)")
-    cache.audit.export_jsonl(sys.stdout.write, args.first or 1, args.last)
+    if bool(args.jsonl) == bool(args.tiles):
+        raise UsageError("give either --jsonl (to stdout) or --tiles DIR")
+    if args.jsonl:
+        cache.audit.export_jsonl(sys.stdout.write, args.first or 1, args.last)
+        return EXIT_OK
+    if args.first or args.last:
+        raise UsageError("--from and --to go with --jsonl; --tiles exports the whole log")
+    signed, files = cache.audit.export_tiles(args.tiles)
+    if args.json:
+        _print_json({"directory": args.tiles, "size": signed.size, "files": files})
+    else:
+        _say(f"exported {signed.size} events to {args.tiles} ({files} files written)")
     return EXIT_OK
 
 
@@ -812,13 +821,15 @@ def build_parser() -> argparse.ArgumentParser:
         "export", help="the log as JSON Lines, then the checkpoint that covers it"
     )
     export.add_argument("--jsonl", action="store_true", help="one JSON object per event")
+    export.add_argument("--tiles", metavar="DIR", help="a C2SP tlog-tiles directory")
+    export.add_argument("--json", action="store_true", help="(with --tiles) machine-readable")
     export.add_argument("--from", dest="first", type=positive_int, metavar="N")
     export.add_argument("--to", dest="last", type=positive_int, metavar="M")
     export.set_defaults(run=cmd_audit_export)
     verify_export = add_audit(
-        "verify-export", cmd_audit_verify_export, "verify a --jsonl export without the home"
+        "verify-export", cmd_audit_verify_export, "verify an export without the home"
     )
-    verify_export.add_argument("path", help="the export (JSON Lines)")
+    verify_export.add_argument("path", help="the export: a --tiles directory or a --jsonl file")
     verify_export.add_argument("--key", required=True, metavar="VKEY", help="the verifier key")
     verify_export.set_defaults(needs_cache=False)
     report = add_audit("report", cmd_audit_report, "who did what to which image, and how it went")
