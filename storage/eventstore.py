@@ -131,9 +131,11 @@ class LedgerStore:
                     # views' host the ledger: it takes the mapper's decoder as it is, one
                     # frame less an event.
                     self.views.attach(folder(mapper.to_domain_event))
-                    # ... and the audit log's tree, from the stored records themselves.
-                    recorder = self._recorder()
-                    recorder.attach(lambda txn, _new: self.tree.fold(txn, recorder.records_after))
+                    # ... and the audit log's tree, from the stored records themselves, once
+                    # per commit (a group commit of eight appends folds eight leaves at once).
+                    records = self._recorder().records_after
+                    tree = self.tree
+                    self._env.before_commit("audit.tree", lambda txn: tree.fold(txn, records))
                 except BaseException:
                     self._app = None
                     app.close()

@@ -330,6 +330,8 @@ class LedgerEnv:
         self._returning = 0
         self._last_commit = 0.0
         self._syncing = 0.0
+        # Functions run in every commit's transaction after its writes (see before_commit).
+        self._before_commit: dict[str, Callable[[lmdb.Transaction], None]] = {}
         self._listeners: set[threading.Event] = set()
         self._listeners_lock = threading.Lock()
         self._poller: threading.Thread | None = None
@@ -469,6 +471,14 @@ class LedgerEnv:
                         handle = self.env.open_db(key, create=create)
                 self._dbs[key] = handle
         return handle
+
+    def before_commit(self, name: str, hook: Callable[[lmdb.Transaction], None]) -> None:
+        """Run `hook(txn)` in every commit's write transaction, after the batch's writes and
+        before the commit, once per commit however many writes the group commit gathered
+        (the audit tree folds all the batch's new records at once: `storage.tlog`). What it
+        raises rolls the whole batch back, every write failing with it. One hook per `name`
+        in the process: the first registration stands (several caches on one home)."""
+        self._before_commit.setdefault(name, hook)
 
     def dbs(self, names: list[str]) -> list[Any]:
         """The handles of the named databases `names`, those missing created together in one
@@ -686,6 +696,8 @@ class LedgerEnv:
                     item.error = e
                 else:
                     child.commit()
+            for hook in list(self._before_commit.values()):
+                hook(txn)
             syncing = time.perf_counter()
             txn.commit()
             self._syncing = time.perf_counter() - syncing
