@@ -28,6 +28,7 @@ import json
 import platform
 import random
 import shutil
+import subprocess
 import sys
 import tempfile
 import time
@@ -40,8 +41,10 @@ from imageledger.tools.bench_cache import (
     _durable_cache,
     _in_threads,
     _percentile,
+    _sample_memory,
     append_mixed_events,
 )
+from imageledger.tools.bench_pull import imageledger_command
 
 GOAL_TREE_SHARE = 0.10
 GOAL_VERIFY_PER_S = 200_000
@@ -154,8 +157,11 @@ def bench_big_ledger(home: Path, events: int, refs: int, proofs: int) -> dict[st
             consistency.append(time.perf_counter() - t0)
         with internals(cache).ledger.tree.read() as txn:
             tiles = sum(1 for _ in internals(cache).ledger.tree.stored_tiles(txn))
+    memory = _command_memory(home, ["audit", "export", "--jsonl"])
+    memory.update(_command_memory(home, ["audit", "export", "--tiles", str(home.parent / "t2")]))
     return {
         "events": size,
+        **memory,
         "append_events_per_s": round(events / append_s),
         "verify_seconds": round(verify_s, 2),
         "verify_events_per_s": round(size / verify_s),
@@ -171,6 +177,21 @@ def bench_big_ledger(home: Path, events: int, refs: int, proofs: int) -> dict[st
         "consistency_p99_ms": round(_percentile(consistency, 0.99) * 1e3, 3),
         "stored_tiles": tiles,
     }
+
+
+def _command_memory(home: Path, command: list[str]) -> dict[str, int]:
+    """The peak memory of its own (RssAnon, MiB) of an `imageledger` command run as a user
+    runs it, its output thrown away: the exports stream, so it must not grow with the log."""
+    child = subprocess.Popen(
+        [*imageledger_command(), "--home", str(home), *command],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    peaks = _sample_memory(child)
+    child.wait()
+    name = "_".join(part.strip("-") for part in command[:3] if not part.startswith("/"))
+    return {f"{name}_peak_anon_mib": round(peaks.get("RssAnon", 0) / 1024)}
 
 
 def main(argv: list[str] | None = None) -> int:
