@@ -14,6 +14,7 @@ import os
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypeAlias
 
 from imageledger.domain import merkle
@@ -161,6 +162,15 @@ class Ledger(Protocol):
 
     def check(self) -> LedgerError | None:
         """Check the stored ledger where damage cannot crash this process (a child)."""
+
+    def head(self) -> int:
+        """The log's last position (0: empty)."""
+
+    def position_at(self, when: datetime) -> int:
+        """The last position whose event happened at or before `when` (0: none)."""
+
+    def at(self, position: int) -> Ledger:
+        """The ledger as it was after the event at `position`, read only."""
 
 
 @dataclass

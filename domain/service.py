@@ -18,6 +18,7 @@ from __future__ import annotations
 import builtins
 import collections
 import contextlib
+import copy
 import dataclasses
 import operator
 import random
@@ -76,6 +77,7 @@ from imageledger.domain.ports import (
     BlobStore,
     Leases,
     Ledger,
+    LiveLeases,
     OciIndex,
     Puller,
     Snapshot,
@@ -125,6 +127,8 @@ class ImageCacheService:
         self.read_only = read_only
         # Called after each committed append (the audit log signs a checkpoint now and then).
         self.after_append = after_append
+        # The position this service answers as of (`at`), None for the live cache.
+        self.past: int | None = None
         self.closed = False
         # Threads of this process decide and append one at a time, in arrival order: each
         # decision reads the views the previous one left, so they never conflict and retry
@@ -207,6 +211,37 @@ class ImageCacheService:
             for position, event in self.ledger.events(ref)
             for entry in reference_entries(position, event, ref)
         ]
+
+    def at(self, when: int | datetime) -> ImageCacheService:
+        """The cache as it was after the event at position `when`, or after the last event at
+        or before the instant `when`: a service over the log replayed that far, whose queries
+        answer as the live cache answered then, and which changes nothing. Positions past the
+        end or before the start, and instants in the future or before the first event, are a
+        `ValueError` saying which."""
+        self.check_open()
+        head = self.ledger.head()
+        if isinstance(when, datetime):
+            if when.tzinfo is None:
+                msg = "a time without a UTC offset is ambiguous: give one (or Z)"
+                raise ValueError(msg)
+            if when > self.clock():
+                msg = f"{when.isoformat()} is in the future"
+                raise ValueError(msg)
+            position = self.ledger.position_at(when)
+            if position == 0:
+                msg = f"{when.isoformat()} is before the ledger's first event"
+                raise ValueError(msg)
+        else:
+            position = when
+            if not 1 <= position <= head:
+                msg = f"position {position} is not in the ledger (1 to {head})"
+                raise ValueError(msg)
+        past = copy.copy(self)
+        past.ledger = self.ledger.at(position)
+        past.read_only = True
+        past.after_append = None
+        past.past = position
+        return past
 
     def df(self) -> dict[str, Any]:
         """Bytes by kind, and what a default prune would reclaim."""
@@ -533,9 +568,12 @@ class ImageCacheService:
         with self.lock():
             # Listing the disk before reading the leases: a work directory created after the
             # listing is not in it, and one listed belongs to a lease already there to read.
-            on_disk = set(self.store.digests())
-            candidates = self.store.strays()
-            live = self.leases.live()
+            # A past state's plan is the views' alone: what the disk and the leases held then
+            # is not recorded.
+            past = self.past is not None
+            on_disk = set() if past else set(self.store.digests())
+            candidates = [] if past else self.store.strays()
+            live = LiveLeases(frozenset(), frozenset()) if past else self.leases.live()
             strays = [s for s in candidates if s.digest not in live.work]
 
             unmatched: builtins.list[str] = []

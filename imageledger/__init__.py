@@ -18,7 +18,13 @@ from imageledger._version import __version__
 
 if TYPE_CHECKING:
     from imageledger.aio import AsyncImageHandle, Image
-    from imageledger.cache import ImageCache, check_ledger, default_home, verify_export
+    from imageledger.cache import (
+        ImageCache,
+        PastImageCache,
+        check_ledger,
+        default_home,
+        verify_export,
+    )
     from imageledger.domain.audit import REPORT_COLUMNS, AuditReport, SignedCheckpoint
     from imageledger.domain.errors import (
         ArchiveError,
@@ -83,6 +89,7 @@ _LAZY: dict[str, str] = {
     "AsyncImageHandle": "imageledger.aio",
     "Image": "imageledger.aio",
     "ImageCache": "imageledger.cache",
+    "PastImageCache": "imageledger.cache",
     "check_ledger": "imageledger.cache",
     "verify_export": "imageledger.cache",
     "migrate": "imageledger.storage.migrate",
@@ -211,6 +218,7 @@ __all__ = [
     "MigrationReport",
     "NotInRegistryError",
     "NoteError",
+    "PastImageCache",
     "Platform",
     "PlatformNotFoundError",
     "ProofError",

@@ -25,6 +25,7 @@ from imageledger.domain.errors import (
     HomeDamagedError,
     InvalidHomeError,
     LedgerError,
+    LedgerReadOnlyError,
 )
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
@@ -360,6 +361,14 @@ class ImageCache:
         the cache at all)."""
         return self._service.verify(repair=repair, progress=progress, ledger=ledger)
 
+    def at(self, when: int | datetime) -> PastImageCache:
+        """The cache as it was after the event at position `when`, or after the last event at
+        or before the instant `when` (aware datetime): the same queries as this cache (get,
+        list, inspect, df, history, a dry-run prune), answering as it answered then, and
+        nothing that changes it. The log is replayed up to there. `ValueError` for a
+        position outside the ledger, or an instant in the future or before its first event."""
+        return PastImageCache(self._service.at(when))
+
     def close(self) -> None:
         self._registries.close()
         if not self._service.closed:
@@ -372,6 +381,63 @@ class ImageCache:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class PastImageCache:
+    """`ImageCache.at`: the cache as it was at one position of its ledger (read only).
+
+    Its queries are the service's own over the replayed views, so a past answer is what the
+    live cache answered at that moment (tests compare the two). A dry-run prune plans from the
+    views alone: what the disk and the in-flight pulls held then is not recorded, so orphans,
+    strays and in-flight leases are not in a past plan. Its handles' `inspect()` answers as of
+    the same moment; anything that would change the cache is `LedgerReadOnlyError`."""
+
+    def __init__(self, service: ImageCacheService) -> None:
+        self._service = service
+        assert service.past is not None
+        self.position: int = service.past
+
+    def _bind(self, handle: ImageHandle) -> ImageHandle:
+        object.__setattr__(handle, "_owner", self)
+        return handle
+
+    def get(self, reference: str) -> ImageHandle:
+        return self._bind(self._service.get(reference))
+
+    def list(self) -> builtins.list[ImageHandle]:
+        _position, handles = self._service.list(None, {}, ImageHandle)
+        assert handles is not None
+        return [self._bind(h) for h in handles]
+
+    def inspect(self, reference: str) -> ImageDetail[ImageHandle]:
+        detail = self._service.inspect(reference)
+        return dataclasses.replace(detail, handle=self._bind(detail.handle))
+
+    def history(self, reference: str | None = None) -> builtins.list[HistoryEntry]:
+        return self._service.history(reference)
+
+    def df(self) -> dict[str, Any]:
+        return self._service.df()
+
+    def prune(
+        self,
+        *,
+        dry_run: bool = True,
+        unused_for: float | None = None,
+        keep: Sequence[str] = (),
+        max_bytes: int | None = None,
+    ) -> ImagePruneReport:
+        """The plan a prune would have made then (dry runs only)."""
+        if not dry_run:
+            msg = f"the cache as it was at position {self.position} cannot be pruned"
+            raise LedgerReadOnlyError(msg)
+        return self._service.prune(
+            dry_run=True, unused_for=unused_for, keep=keep, max_bytes=max_bytes
+        )
+
+    def remove(self, reference: str, force: bool = False) -> None:
+        msg = f"the cache as it was at position {self.position} cannot be changed"
+        raise LedgerReadOnlyError(msg)
 
 
 @dataclasses.dataclass(frozen=True)

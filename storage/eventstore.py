@@ -20,13 +20,16 @@ import dataclasses
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
+from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from imageledger.domain.errors import LedgerError, LedgerFormatError
+import msgpack
+
+from imageledger.domain.errors import LedgerError, LedgerFormatError, LedgerReadOnlyError
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import ImageConfig, RebuildReport
 from imageledger.domain.ports import AppendConflict
-from imageledger.projections.runner import folder, rebuild
+from imageledger.projections.runner import MemoryView, folder, rebuild
 from imageledger.projections.views import FORMAT as VIEWS_FORMAT
 from imageledger.projections.views import TABLES, ViewState
 from imageledger.storage import layout
@@ -36,7 +39,7 @@ from imageledger.storage.ledgercheck import check_ledger
 from imageledger.storage.lmdbenv import LedgerEnv, open_env, release_env
 from imageledger.storage.settings import LMDB_DURABILITY, LMDB_PATH, LMDB_READONLY, Settings
 from imageledger.storage.tlog import Records, TreeStore
-from imageledger.storage.viewstore import LMDBViews
+from imageledger.storage.viewstore import LMDBViews, MemoryViewTxn
 
 if TYPE_CHECKING:
     from eventsourcing.domain import DomainEventProtocol
@@ -213,6 +216,55 @@ class LedgerStore:
         tables = {**report.tables, "audit.tiles": (tree.stored_digest, tree.digest)}
         return dataclasses.replace(report, tables=tables)
 
+    # ------------------------------------------------------------------ the past
+
+    def head(self) -> int:
+        """The log's last position (0: empty)."""
+        with self.snapshot() as state:
+            return state.position
+
+    def position_at(self, when: datetime) -> int:
+        """The last position whose event happened at or before `when` (0: none did). Events
+        are numbered in commit order and stamped just before it, so their instants rise with
+        their positions (a clock set back between two commands breaks that, and then this
+        answers for one of the stretches where it holds): a binary search, then forward over
+        events stamped at the same instant."""
+        records = self._recorder().records_after
+        with self._env.read() as txn:
+            head = self.head()
+
+            def instant(position: int) -> datetime:
+                for _found, record in records(txn, position - 1):
+                    _id, _version, _type, state = msgpack.unpackb(record)
+                    stamp: datetime = msgpack.unpackb(state, timestamp=3)[0]
+                    return stamp
+                msg = f"the log has no entry {position}"
+                raise LedgerError(msg)
+
+            low, high = 0, head  # instant(low) <= when < instant(high + 1), by the search
+            while low < high:
+                middle = (low + high + 1) // 2
+                if instant(middle) <= when:
+                    low = middle
+                else:
+                    high = middle - 1
+            return low
+
+    def at(self, position: int) -> PastLedger:
+        """The ledger as it was after the event at `position`: the log replayed from the start
+        into views held in memory (`MemoryView`), read through the same `ViewState`."""
+        decode = self._ledger_mapper().to_domain_event
+        view = MemoryView(TABLES, ())
+        fold = folder(decode)
+        after = 0
+        while after < position:
+            batch = self.views.read_log(after, min(5000, position - after))
+            if not batch:
+                break
+            fold(view, list(batch))
+            after = batch[-1].id
+        return PastLedger(self, position, view.records())
+
     def check(self) -> LedgerError | None:
         return check_ledger(self.path).error()
 
@@ -240,3 +292,43 @@ class LedgerStore:
         if app is not None:
             app.close()
         release_env(self._env)
+
+
+class PastLedger:
+    """The `Ledger` port as it was at one position (read only): `LedgerStore.at`."""
+
+    def __init__(
+        self, live: LedgerStore, position: int, tables: dict[str, dict[bytes, Any]]
+    ) -> None:
+        self.live = live
+        self.position = position
+        self._tables = tables
+
+    @contextlib.contextmanager
+    def snapshot(self) -> Iterator[ViewState]:
+        yield ViewState(MemoryViewTxn(self._tables))
+
+    def append(self, events: Sequence[DomainEventProtocol[Any]]) -> None:
+        msg = f"the cache as it was at position {self.position} cannot be changed"
+        raise LedgerReadOnlyError(msg)
+
+    def events(self, reference: str | None) -> list[tuple[int, DomainEventProtocol[Any]]]:
+        return [(p, e) for p, e in self.live.events(reference) if p <= self.position]
+
+    def rebuild(
+        self, *, verify: bool, progress: Callable[[int, int], None] | None
+    ) -> RebuildReport:
+        msg = "a past state is not rebuilt: rebuild the cache itself"
+        raise LedgerReadOnlyError(msg)
+
+    def check(self) -> LedgerError | None:
+        return self.live.check()
+
+    def head(self) -> int:
+        return self.position
+
+    def position_at(self, when: datetime) -> int:
+        return min(self.live.position_at(when), self.position)
+
+    def at(self, position: int) -> PastLedger:
+        return self.live.at(min(position, self.position))

@@ -133,6 +133,43 @@ class LMDBViewTxn:
     decode = staticmethod(unpack)
 
 
+class MemoryViewTxn:
+    """A `ViewTxn` over view records held in memory (a replay's `MemoryView.records()`): the
+    views as they were at a past position (`LedgerStore.at`). Rows are encoded as the stored
+    views encode them, so that readers that keep what they built from a row's bytes
+    (`ViewState.handles`) behave as over LMDB."""
+
+    def __init__(self, tables: dict[str, dict[bytes, Any]]) -> None:
+        self.tables = tables
+        self._encode = packer()
+
+    def get(self, table: str, key: bytes) -> Any:
+        return self.tables.get(table, {}).get(key)
+
+    def put(self, table: str, key: bytes, value: Any) -> None:
+        msg = "a past state of the views is read only"
+        raise TypeError(msg)
+
+    def delete(self, table: str, key: bytes) -> None:
+        msg = "a past state of the views is read only"
+        raise TypeError(msg)
+
+    def scan(
+        self, table: str, *, prefix: bytes = b"", reverse: bool = False
+    ) -> Iterator[tuple[bytes, Any]]:
+        rows = self.tables.get(table, {})
+        for key in sorted((k for k in rows if k.startswith(prefix)), reverse=reverse):
+            yield key, rows[key]
+
+    def scan_encoded(
+        self, table: str, *, prefix: bytes = b"", reverse: bool = False
+    ) -> Iterator[tuple[bytes, bytes]]:
+        for key, value in self.scan(table, prefix=prefix, reverse=reverse):
+            yield key, self._encode(value)
+
+    decode = staticmethod(unpack)
+
+
 def _successor(prefix: bytes) -> bytes | None:
     """The smallest key greater than every key starting with `prefix` (None if none)."""
     stripped = prefix.rstrip(b"\xff")

@@ -592,6 +592,13 @@ def cmd_audit_verify_export(cache: None, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def position_or_time(text: str) -> int | datetime:
+    """``--at``: a ledger position (digits) or an instant (`instant`)."""
+    if text.isascii() and text.isdigit():
+        return non_negative(text)
+    return instant(text)
+
+
 def cmd_audit_prove(cache: ImageCache, args: argparse.Namespace) -> int:
     if args.event is not None:
         if args.first is not None or args.second is not None:
@@ -716,8 +723,12 @@ def build_parser() -> argparse.ArgumentParser:
         sub.set_defaults(run=run)
         return sub
 
-    add("images", cmd_images, "list cached images, newest first")
-    add("inspect", cmd_inspect, "show an image's config and layers").add_argument("reference")
+    at_help = "as the cache was at a ledger position or an ISO 8601 time (UTC by default)"
+    images = add("images", cmd_images, "list cached images, newest first")
+    images.add_argument("--at", type=position_or_time, metavar="POSITION|TIME", help=at_help)
+    inspect_ = add("inspect", cmd_inspect, "show an image's config and layers")
+    inspect_.add_argument("reference")
+    inspect_.add_argument("--at", type=position_or_time, metavar="POSITION|TIME", help=at_help)
     load = add("load", cmd_load, "load images from an OCI layout or a docker-archive")
     load.add_argument("path", help="OCI layout directory or tar, docker-archive tar, - for stdin")
     load.add_argument("--tag", help="name the (single) image in the archive")
@@ -762,6 +773,7 @@ def build_parser() -> argparse.ArgumentParser:
     rm.add_argument("--force", action="store_true", help="remove even while in use")
     prune = add("prune", cmd_prune, "remove unused images and unreferenced content")
     prune.add_argument("--dry-run", action="store_true")
+    prune.add_argument("--at", type=position_or_time, metavar="POSITION|TIME", help=at_help)
     prune.add_argument(
         "--unused-for",
         type=duration,
@@ -785,6 +797,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     history = add("history", cmd_history, "the ledger's events (of one reference)")
     history.add_argument("reference", nargs="?")
+    history.add_argument("--at", type=position_or_time, metavar="POSITION|TIME", help=at_help)
     rebuild = add("rebuild", cmd_rebuild, "replay the log into fresh views")
     rebuild.add_argument(
         "--verify",
@@ -797,7 +810,8 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="delete damaged blobs, so that the next pull or load fetches them again",
     )
-    add("df", cmd_df, "disk usage by kind and what prune would reclaim")
+    df = add("df", cmd_df, "disk usage by kind and what prune would reclaim")
+    df.add_argument("--at", type=position_or_time, metavar="POSITION|TIME", help=at_help)
     audit = commands.add_parser(
         "audit", help="the ledger as a transparency log: keys, checkpoints, verify, proofs"
     )
@@ -917,6 +931,20 @@ _CREATING: Final = frozenset({"load", "pull"})
 _APPENDING: Final = frozenset({"load", "pull", "use", "release", "rm", "prune"})
 
 
+def _command(cache: ImageCache, args: argparse.Namespace) -> int:
+    """Run the command on `cache` (or, with ``--at``, on the cache as it was then: read
+    only); a command that appended signs a checkpoint before it returns."""
+    at = getattr(args, "at", None)
+    if at is not None:
+        if args.command == "prune" and not args.dry_run:
+            raise UsageError("--at plans a past prune: it needs --dry-run")
+        return int(args.run(cache.at(at), args))
+    code = int(args.run(cache, args))
+    if args.command in _APPENDING and not cache.read_only:
+        _sign(cache)
+    return code
+
+
 def _sign(cache: ImageCache) -> None:
     """Sign a checkpoint of what this command appended (nothing new: nothing signed). The
     command itself succeeded: a failure to sign is one line on stderr, not its exit code."""
@@ -956,10 +984,7 @@ def _run(args: argparse.Namespace) -> int:
             if found is not None:
                 raise found
         with ImageCache(home, create=args.command in _CREATING) as cache:
-            code = int(args.run(cache, args))
-            if args.command in _APPENDING and not cache.read_only:
-                _sign(cache)
-            return code
+            return _command(cache, args)
     except BrokenPipeError:
         return EXIT_FAILURE
     except Terminated:

@@ -1,0 +1,153 @@
+"""The cache as it was (issue 12, first part): `ImageCache.at(position | time)` answers every
+query as the live cache answered at that moment.
+
+A reference model in the strongest form: a long random run (loads under several names, uses
+and releases by several holders, removes, forced removes, prunes) records the live answers of
+every query after each step, with the ledger's position and the clock; then the past state at
+each recorded point, by position and by time, must give exactly those answers.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from imageledger import (
+    ImageCache,
+    ImageInUseError,
+    ImageNotFoundError,
+    LedgerReadOnlyError,
+)
+from imageledger.tools.imagebuild import ImageSpec, build_docker_archive
+
+NAMES = ("app", "db", "web")
+
+
+@pytest.fixture(scope="module")
+def archives(tmp_path_factory: pytest.TempPathFactory) -> list[Path]:
+    directory = tmp_path_factory.mktemp("archives")
+    found = []
+    for i, name in enumerate(NAMES):
+        spec = ImageSpec(
+            layers=({"etc/base": b"shared\n"}, {f"opt/{name}": name.encode() * (i + 1)}),
+            names=(f"{name}:1", f"{name}:latest", f"mirror/{name}:1"),
+        )
+        found.append(build_docker_archive(directory / f"{name}.tar", [spec]).path)
+    return found
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = datetime(2026, 1, 1, tzinfo=UTC)
+
+    def __call__(self) -> datetime:
+        return self.now
+
+
+def answers(view: Any) -> dict[str, Any]:
+    """Every query's answer, as plain comparable values."""
+    handles = view.list()
+    details = {h.reference: view.inspect(h.reference) for h in handles}
+    return {
+        "list": handles,
+        "inspect": details,
+        "df": view.df(),
+        "history": view.history(),
+        "history of app:1": view.history("app:1"),
+        "plan": _plan(view.prune(dry_run=True)),
+    }
+
+
+def _plan(report: Any) -> tuple[Any, ...]:
+    return (
+        report.references,
+        report.deleted,
+        report.bytes_reclaimed,
+        report.image_refs_removed,
+        report.layers_removed,
+    )
+
+
+def _steps(rng: random.Random, archives: list[Path], count: int) -> Iterator[tuple[str, Any]]:
+    holders = [f"sandbox-{i}" for i in range(4)]
+    refs = [f"{prefix}{n}:{tag}" for n in NAMES for prefix, tag in (("", "1"), ("", "latest"))]
+    yield "load", archives[0]
+    for _ in range(count):
+        kind = rng.choice(["load", "load", "use", "use", "release", "remove", "force", "prune"])
+        if kind == "load":
+            yield kind, rng.choice(archives)
+        elif kind == "use":
+            yield kind, (rng.choice(refs), rng.choice(holders))
+        elif kind == "release":
+            yield kind, rng.choice(holders)
+        elif kind in ("remove", "force"):
+            yield kind, rng.choice(refs)
+        else:
+            yield kind, None
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_every_past_answer_is_what_the_live_cache_said_then(
+    tmp_path: Path, archives: list[Path], seed: int
+) -> None:
+    clock = Clock()
+    rng = random.Random(seed)
+    recorded: list[tuple[int, datetime, dict[str, Any]]] = []
+    with ImageCache(tmp_path / "home", clock=clock, durability="nosync") as cache:
+        for kind, argument in _steps(rng, archives, 40):
+            clock.now += timedelta(seconds=rng.randint(1, 120))
+            try:
+                if kind == "load":
+                    cache.load(argument)
+                elif kind == "use":
+                    cache.use(*argument)
+                elif kind == "release":
+                    cache.release(argument)
+                elif kind in ("remove", "force"):
+                    cache.remove(argument, force=kind == "force")
+                else:
+                    cache.prune()
+            except (ImageNotFoundError, ImageInUseError):
+                pass  # refused or absent: the refusal is an event too (or nothing happened)
+            position = len(cache.history())
+            if position and (not recorded or recorded[-1][0] != position):
+                recorded.append((position, clock.now, answers(cache)))
+        assert len(recorded) > 20
+        for position, when, live in recorded:
+            past = cache.at(position)
+            assert past.position == position
+            assert answers(past) == live, position
+            by_time = cache.at(when)
+            assert by_time.position == position
+        # The past is read only, and its handles answer as of then.
+        position, _when, live = recorded[len(recorded) // 2]
+        past = cache.at(position)
+        for handle in past.list():
+            assert handle.inspect() == live["inspect"][handle.reference]
+            with pytest.raises(LedgerReadOnlyError):
+                handle.remove()
+        with pytest.raises(LedgerReadOnlyError):
+            past.prune(dry_run=False)
+
+
+def test_positions_and_times_outside_the_ledger_are_refused(
+    tmp_path: Path, archives: list[Path]
+) -> None:
+    clock = Clock()
+    with ImageCache(tmp_path / "home", clock=clock) as cache:
+        cache.load(archives[0])
+        head = len(cache.history())
+        for bad in (0, head + 1):
+            with pytest.raises(ValueError, match="not in the ledger"):
+                cache.at(bad)
+        with pytest.raises(ValueError, match="in the future"):
+            cache.at(clock.now + timedelta(days=1))
+        with pytest.raises(ValueError, match="before the ledger's first event"):
+            cache.at(clock.now - timedelta(days=1))
+        with pytest.raises(ValueError, match="UTC offset"):
+            cache.at(datetime(2026, 1, 1))
