@@ -339,6 +339,48 @@ class AuditService:
                     "pid": actor["pid"],
                 }
 
+    # ------------------------------------------------------------------ the log itself
+
+    def head(self) -> int:
+        """The log's last position (every event is a leaf: the tree's size)."""
+        with self.log.audit_state() as state:
+            return state.size
+
+    def events(
+        self,
+        *,
+        first: int = 1,
+        last: int | None = None,
+        types: frozenset[str] = frozenset(),
+        reference: str | None = None,
+        holder: str | None = None,
+        actor: str | None = None,
+        since: datetime | None = None,
+        until: datetime | None = None,
+    ) -> Iterator[dict[str, Any]]:
+        """The log's events from `first` to `last` (default: the end now), each as its stored
+        fields (docs/FORMAT.md names) with its ``position``, oldest first, streamed; only those
+        of one of `types`, mentioning `reference` (canonical) or `holder`, appended by user
+        `actor`, or stamped within [`since`, `until`]."""
+        end = self.head() if last is None else min(last, self.head())
+        if first > end:
+            return
+        for position, _record, fields in self.log.entries(max(first, 1), end):
+            if types and fields["type"] not in types:
+                continue
+            if actor is not None and fields["actor"]["user"] != actor:
+                continue
+            if since is not None and _instant(fields["at"]) < since:
+                continue
+            if until is not None and _instant(fields["at"]) > until:
+                continue
+            rows = _rows(fields)
+            if reference is not None and all(r["reference"] != reference for r in rows):
+                continue
+            if holder is not None and holder not in _holders(fields):
+                continue
+            yield {"position": position, **fields}
+
     # ------------------------------------------------------------------ proving
 
     def _proof_size(self, size: int | None) -> int:
@@ -606,3 +648,11 @@ def verify_jsonl(
         )
         raise AuditVerificationError(msg)
     return ExportCheck(checkpoint.origin, first, last, checkpoint.size, checkpoint.root)
+
+
+def _holders(fields: dict[str, Any]) -> list[str]:
+    """The holders an event names: the one that took or ended leases, or those a remove was
+    refused for."""
+    if "holder" in fields:
+        return [fields["holder"]]
+    return list(fields.get("holders", []))

@@ -9,7 +9,11 @@ each recorded point, by position and by time, must give exactly those answers.
 
 from __future__ import annotations
 
+import json
 import random
+import signal
+import subprocess
+import sys
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -151,3 +155,68 @@ def test_positions_and_times_outside_the_ledger_are_refused(
             cache.at(clock.now - timedelta(days=1))
         with pytest.raises(ValueError, match="UTC offset"):
             cache.at(datetime(2026, 1, 1))
+
+
+def _cli(home: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "imageledger.tools.cli", "--home", str(home), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+
+
+def test_events_lists_the_log_with_filters(tmp_path: Path, archives: list[Path]) -> None:
+    home = tmp_path / "home"
+    assert _cli(home, "load", str(archives[0])).returncode == 0
+    assert _cli(home, "use", "app:1", "--holder", "s1").returncode == 0
+    assert _cli(home, "use", "app:latest", "--holder", "s2").returncode == 0
+    assert _cli(home, "release", "s1").returncode == 0
+
+    def listed(*args: str) -> list[dict[str, Any]]:
+        done = _cli(home, "events", "--json", *args)
+        assert done.returncode == 0, done.stderr
+        return [json.loads(line) for line in done.stdout.splitlines()]
+
+    everything = listed()
+    assert [e["position"] for e in everything] == list(range(1, len(everything) + 1))
+    assert all({"position", "at", "type", "actor"} <= set(e) for e in everything)
+    types = [e["type"] for e in everything]
+    assert types == ["Started", *["ImagePulled"] * 3, "ImageUsed", "ImageUsed", "HolderReleased"]
+    assert [e["holder"] for e in listed("--type", "ImageUsed")] == ["s1", "s2"]
+    assert [e["position"] for e in listed("--holder", "s1")] == [5, 7]
+    assert [e["type"] for e in listed("--ref", "app:1")] == [
+        "ImagePulled",
+        "ImageUsed",
+        "HolderReleased",
+    ]
+    assert [e["position"] for e in listed("--from", "3", "--to", "5")] == [3, 4, 5]
+    assert listed("--actor", "nobody-here") == []
+    assert listed("--since", "2999-01-01") == []
+    human = _cli(home, "events").stdout.splitlines()
+    assert len(human) == len(everything) and "HolderReleased" in human[-1]
+
+
+def test_events_follow_prints_what_another_process_appends(
+    tmp_path: Path, archives: list[Path]
+) -> None:
+    home = tmp_path / "home"
+    assert _cli(home, "load", str(archives[0])).returncode == 0
+    command = [sys.executable, "-m", "imageledger.tools.cli", "--home", str(home)]
+    follower = subprocess.Popen(
+        [*command, "events", "--json", "--follow", "--from", "5"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert _cli(home, "use", "app:1", "--holder", "late").returncode == 0
+        assert follower.stdout is not None
+        line = follower.stdout.readline()  # blocks until the follower prints it
+        event = json.loads(line)
+        assert (event["position"], event["type"], event["holder"]) == (5, "ImageUsed", "late")
+    finally:
+        follower.send_signal(signal.SIGINT)
+        follower.wait(30)
+    assert follower.returncode == 130

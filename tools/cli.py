@@ -20,6 +20,7 @@ import re
 import signal
 import sys
 import threading
+import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
@@ -592,6 +593,50 @@ def cmd_audit_verify_export(cache: None, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_events(cache: ImageCache, args: argparse.Namespace) -> int:
+    from imageledger import canonical
+
+    filters: dict[str, Any] = {
+        "types": frozenset(args.type),
+        "reference": canonical(args.ref) if args.ref else None,
+        "holder": args.holder,
+        "actor": args.actor,
+        "since": args.since,
+        "until": args.until,
+    }
+    last = args.first - 1 if args.first else 0
+    while True:
+        for event in cache.audit.events(first=last + 1, last=args.last, **filters):
+            sys.stdout.write(_event_line(event, args.json) + "\n")
+        sys.stdout.flush()
+        last = max(last, cache.audit.head())
+        if not args.follow or (args.last is not None and last >= args.last):
+            return EXIT_OK
+        time.sleep(FOLLOW_POLL)
+
+
+FOLLOW_POLL: Final = 0.05
+"""Seconds between two looks at the ledger with ``events --follow`` (the ledger's own poll
+interval for other processes' commits)."""
+
+
+def _event_line(event: dict[str, Any], as_json: bool) -> str:
+    if as_json:
+        return json.dumps(event, sort_keys=True)
+    subject = event.get("reference") or event.get("holder") or ""
+    detail = event.get("source") or event.get("error") or ""
+    actor = event["actor"]
+    fields = (
+        str(event["position"]),
+        event["at"],
+        event["type"],
+        subject,
+        detail,
+        f"{actor['user']}@{actor['host']}",
+    )
+    return "  ".join(printable(str(f)) for f in fields if f != "")
+
+
 def position_or_time(text: str) -> int | datetime:
     """``--at``: a ledger position (digits) or an instant (`instant`)."""
     if text.isascii() and text.isdigit():
@@ -798,6 +843,24 @@ def build_parser() -> argparse.ArgumentParser:
     history = add("history", cmd_history, "the ledger's events (of one reference)")
     history.add_argument("reference", nargs="?")
     history.add_argument("--at", type=position_or_time, metavar="POSITION|TIME", help=at_help)
+    events = add("events", cmd_events, "the ledger's events, filtered; --follow for new ones")
+    events.add_argument(
+        "--type",
+        action="append",
+        default=[],
+        metavar="TYPE",
+        help="ImagePulled, ImageUsed, ... (repeatable)",
+    )
+    events.add_argument("--ref", metavar="REFERENCE", help="events that concern this reference")
+    events.add_argument("--holder", help="events of this holder")
+    events.add_argument("--actor", metavar="USER", help="events appended by this user")
+    events.add_argument("--since", type=instant, metavar="TIME")
+    events.add_argument("--until", type=instant, metavar="TIME")
+    events.add_argument("--from", dest="first", type=positive_int, metavar="N")
+    events.add_argument("--to", dest="last", type=positive_int, metavar="M")
+    events.add_argument(
+        "--follow", action="store_true", help="keep printing new events until interrupted"
+    )
     rebuild = add("rebuild", cmd_rebuild, "replay the log into fresh views")
     rebuild.add_argument(
         "--verify",
