@@ -242,8 +242,7 @@ class AuditService:
         when none covers it yet) and the complete subtrees left and right of the exported
         leaves, so that `verify_jsonl` proves every line part of signed history with nothing
         but the export and the verifier key. Streams: memory does not grow with the log."""
-        with self.log.audit_state() as state:
-            size = state.size
+        size = self.log.head()
         last = size if last is None else last
         if not 1 <= first <= last <= size:
             msg = f"no events {first} to {last}: the log holds {size}"
@@ -313,8 +312,7 @@ class AuditService:
         reference an event concerns, oldest first, read from the stored records (streamed).
         `since`/`until` bound the events' instants (inclusive); `reference` is a canonical
         reference (the caller canonicalises it)."""
-        with self.log.audit_state() as state:
-            size = state.size
+        size = self.log.head()
         if size == 0:
             return
         low = since.astimezone(UTC).isoformat().replace("+00:00", "Z") if since else None
@@ -342,9 +340,8 @@ class AuditService:
     # ------------------------------------------------------------------ the log itself
 
     def head(self) -> int:
-        """The log's last position (every event is a leaf: the tree's size)."""
-        with self.log.audit_state() as state:
-            return state.size
+        """The log's last position."""
+        return self.log.head()
 
     def events(
         self,

@@ -212,6 +212,9 @@ class AuditLog(Protocol):
     def origin(self) -> str:
         """The log's origin, made and kept the first time it is asked for."""
 
+    def head(self) -> int:
+        """The log's last position (the tree's size too, once it has caught up)."""
+
     def audit_state(self) -> AbstractContextManager[AuditState]: ...
 
     def keep_checkpoint(self, size: int, note: bytes, expect_last: int | None) -> bool:

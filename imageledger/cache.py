@@ -155,7 +155,7 @@ class ImageCache:
         self._index = OciIndexFile(self._home, self._ledger)
         self._registries = Registries(self.home)
         self.audit = AuditService(
-            LedgerAudit(self._ledger.tree, self._ledger.records),
+            LedgerAudit(self._ledger.tree, self._ledger.records, self._ledger.head),
             AuditKeys(self._home, audit_key),
             writable=not self.read_only,
             interval=audit_interval,
@@ -185,6 +185,7 @@ class ImageCache:
                 self._ledger.upgrade()
             if not self.read_only:
                 self._index.refresh()
+                self._ledger.catch_up_tree()
         except (OSError, HomeDamagedError) as e:
             if create or not self._ledger.current():
                 self.close()

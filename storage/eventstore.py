@@ -152,6 +152,17 @@ class LedgerStore:
         assert isinstance(recorder, LMDBApplicationRecorder)
         return recorder
 
+    def catch_up_tree(self) -> None:
+        """Give a ledger made before the audit log (or last written by a version without it)
+        its tree now, in one write transaction (the same fold every commit runs), so that
+        the audit log covers the whole history before anything is asked of it."""
+        with self.tree.read() as txn:
+            size = self.tree.size(txn)
+        if size >= self.head():
+            return
+        records = self.records()
+        self._env.write(lambda txn: self.tree.fold(txn, records))
+
     def records(self) -> Records:
         """The reader of the log's stored records, undecoded (the audit log's leaves)."""
         return self._recorder().records_after

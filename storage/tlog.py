@@ -439,12 +439,18 @@ class LedgerAudit:
     store, and the log's stored records (`records()` gives the reader: it makes the
     ledger's application, which only the audit's reading commands need)."""
 
-    def __init__(self, tree: TreeStore, records: Callable[[], Records]) -> None:
+    def __init__(
+        self, tree: TreeStore, records: Callable[[], Records], head: Callable[[], int]
+    ) -> None:
         self.tree = tree
         self._records = records
+        self._head = head
 
     def origin(self) -> str:
         return self.tree.ensure_origin()
+
+    def head(self) -> int:
+        return self._head()
 
     @contextmanager
     def audit_state(self) -> Iterator[_AuditState]:
