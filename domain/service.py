@@ -243,6 +243,34 @@ class ImageCacheService:
         past.past = position
         return past
 
+    def diff(self, first: int | datetime, second: int | datetime) -> dict[str, Any]:
+        """What changed between two points of the ledger (see `at` for what a point is):
+        references added, removed and re-tagged (the same name on another manifest), leases
+        taken and released, and the bytes of blobs the cache gained and reclaimed."""
+        before, after = self.at(first), self.at(second)
+        old, new = _state_of(before), _state_of(after)
+        return {
+            "from": before.past,
+            "to": after.past,
+            "added": [
+                {"reference": r, "manifest_digest": new["refs"][r]}
+                for r in sorted(new["refs"].keys() - old["refs"].keys())
+            ],
+            "removed": [
+                {"reference": r, "manifest_digest": old["refs"][r]}
+                for r in sorted(old["refs"].keys() - new["refs"].keys())
+            ],
+            "retagged": [
+                {"reference": r, "from_digest": old["refs"][r], "to_digest": new["refs"][r]}
+                for r in sorted(old["refs"].keys() & new["refs"].keys())
+                if old["refs"][r] != new["refs"][r]
+            ],
+            "leases_taken": _leases(new["leases"] - old["leases"]),
+            "leases_released": _leases(old["leases"] - new["leases"]),
+            "bytes_gained": sum(n for d, n in new["blobs"].items() if d not in old["blobs"]),
+            "bytes_reclaimed": sum(n for d, n in old["blobs"].items() if d not in new["blobs"]),
+        }
+
     def df(self) -> dict[str, Any]:
         """Bytes by kind, and what a default prune would reclaim."""
         with self.snapshot() as state:
@@ -805,3 +833,17 @@ def check_holder(holder: str) -> None:
     ):
         msg = f"invalid holder id {holder!r}: a printable string of 1-{_HOLDER_MAX} characters"
         raise InvalidReferenceError(msg)
+
+
+def _state_of(service: ImageCacheService) -> dict[str, Any]:
+    """References, blobs and leases of one point (for `ImageCacheService.diff`)."""
+    with service.snapshot() as state:
+        refs = {r.reference: r.manifest_digest for r in state.references()}
+        blobs = {b.digest: b.size for b in state.blobs()}
+        holders = {h for m in state.manifests() for h in m.holders}
+        leases = {(h, ref, digest) for h in holders for ref, digest in state.holder(h)}
+    return {"refs": refs, "blobs": blobs, "leases": leases}
+
+
+def _leases(found: set[tuple[str, str, str]]) -> builtins.list[dict[str, str]]:
+    return [{"holder": h, "reference": r, "manifest_digest": d} for h, r, d in sorted(found)]

@@ -370,6 +370,12 @@ class ImageCache:
         position outside the ledger, or an instant in the future or before its first event."""
         return PastImageCache(self._service.at(when))
 
+    def diff(self, first: int | datetime, second: int | datetime) -> dict[str, Any]:
+        """What changed between two points of the ledger (positions or aware datetimes, as
+        for `at`): references added, removed and re-tagged, leases taken and released, bytes
+        gained and reclaimed."""
+        return self._service.diff(first, second)
+
     def close(self) -> None:
         self._registries.close()
         if not self._service.closed:

@@ -220,3 +220,38 @@ def test_events_follow_prints_what_another_process_appends(
         follower.send_signal(signal.SIGINT)
         follower.wait(30)
     assert follower.returncode == 130
+
+
+def test_diff_says_what_changed_between_two_points(tmp_path: Path, archives: list[Path]) -> None:
+    home = tmp_path / "home"
+    assert _cli(home, "load", str(archives[0])).returncode == 0  # app:1, app:latest, mirror
+    start = 4
+    assert _cli(home, "use", "app:1", "--holder", "s1").returncode == 0
+    assert _cli(home, "load", str(archives[1])).returncode == 0  # db:1, db:latest, mirror
+    assert _cli(home, "release", "s1").returncode == 0
+    assert _cli(home, "use", "db:1", "--holder", "s2").returncode == 0
+    assert _cli(home, "rm", "app:latest").returncode == 0
+    with ImageCache(home) as cache:
+        db = cache.get("db:1").manifest_digest
+        app = cache.get("app:1").manifest_digest
+        end = len(cache.history())
+        change = cache.diff(start, end)
+    assert [a["reference"] for a in change["added"]] == [
+        "docker.io/library/db:1",
+        "docker.io/library/db:latest",
+        "docker.io/mirror/db:1",
+    ]
+    assert [r["reference"] for r in change["removed"]] == ["docker.io/library/app:latest"]
+    assert change["removed"][0]["manifest_digest"] == app
+    assert change["retagged"] == []
+    assert change["leases_taken"] == [
+        {"holder": "s2", "reference": "docker.io/library/db:1", "manifest_digest": db}
+    ]
+    assert change["leases_released"] == []  # s1 took and released within the span
+    assert change["bytes_gained"] > 0 and change["bytes_reclaimed"] == 0
+    back = json.loads(_cli(home, "diff", str(end), str(start), "--json").stdout)
+    assert back["added"] == change["removed"] and back["removed"] == change["added"]
+    assert back["leases_released"] == change["leases_taken"]
+    assert back["bytes_reclaimed"] == change["bytes_gained"]
+    human = _cli(home, "diff", str(start), str(end))
+    assert human.returncode == 0 and "+ docker.io/library/db:1" in human.stdout

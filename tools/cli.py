@@ -637,6 +637,24 @@ def _event_line(event: dict[str, Any], as_json: bool) -> str:
     return "  ".join(printable(str(f)) for f in fields if f != "")
 
 
+def cmd_diff(cache: ImageCache, args: argparse.Namespace) -> int:
+    change = cache.diff(args.first, args.second)
+    if args.json:
+        _print_json(change)
+        return EXIT_OK
+    _say(f"from position {change['from']} to {change['to']}:")
+    for key, sign in (("added", "+"), ("removed", "-")):
+        for item in change[key]:
+            _say(f"  {sign} {item['reference']} ({item['manifest_digest'][:19]})")
+    for item in change["retagged"]:
+        _say(f"  ~ {item['reference']} {item['from_digest'][:19]} -> {item['to_digest'][:19]}")
+    for key, word in (("leases_taken", "leased"), ("leases_released", "released")):
+        for item in change[key]:
+            _say(f"  {word}: {item['holder']} on {item['reference']}")
+    _say(f"  bytes gained {change['bytes_gained']}, reclaimed {change['bytes_reclaimed']}")
+    return EXIT_OK
+
+
 def position_or_time(text: str) -> int | datetime:
     """``--at``: a ledger position (digits) or an instant (`instant`)."""
     if text.isascii() and text.isdigit():
@@ -861,6 +879,9 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument(
         "--follow", action="store_true", help="keep printing new events until interrupted"
     )
+    diff = add("diff", cmd_diff, "what changed between two points of the ledger")
+    diff.add_argument("first", type=position_or_time, metavar="A", help="a position or a time")
+    diff.add_argument("second", type=position_or_time, metavar="B", help="a position or a time")
     rebuild = add("rebuild", cmd_rebuild, "replay the log into fresh views")
     rebuild.add_argument(
         "--verify",
