@@ -271,6 +271,79 @@ class ImageCacheService:
             "bytes_reclaimed": sum(n for d, n in old["blobs"].items() if d not in new["blobs"]),
         }
 
+    def explain(self, reference: str, when: int | datetime | None = None) -> dict[str, Any]:
+        """Why `reference` is in the cache (the pull that made it name its manifest; the
+        leases and the other references that keep its content now) or why it is gone (the
+        remove or prune that took it, with its recorded reason and policy, who ran it, and
+        the holders of its manifest just before), citing ledger positions; as of `when` (a
+        point as for `at`) or now. `ImageNotFoundError` for a reference the ledger never
+        had (by then)."""
+        ref = canonical(reference)
+        view = self.at(when) if when is not None else self
+        # The events as their classes are (typed by the port as eventsourcing's protocol).
+        events: builtins.list[tuple[int, Any]] = builtins.list(view.ledger.events(ref))
+        if not events:
+            raise ImageNotFoundError(ref)
+        with view.snapshot() as state:
+            position = state.position
+            record = state.reference(ref)
+            manifest = None if record is None else state.manifest(record.manifest_digest)
+            leases = (
+                []
+                if manifest is None
+                else [
+                    {"holder": h, "references": [r for r, _d in state.holder(h)]}
+                    for h in manifest.holders
+                ]
+            )
+        answer: dict[str, Any] = {"reference": ref, "as_of": position}
+        if record is not None and manifest is not None:
+            made = next(
+                (p, e)
+                for p, e in reversed(events)
+                if type(e).__name__ == "ImagePulled"
+                and e.content.manifest_digest == record.manifest_digest
+            )
+            answer.update(
+                present=True,
+                manifest_digest=record.manifest_digest,
+                made_by=_cited(made[0], made[1], source=made[1].source),
+                leases=leases,
+                other_references=[r for r in manifest.references if r != ref],
+            )
+            return answer
+        gone = next(
+            (p, e)
+            for p, e in reversed(events)
+            if type(e).__name__ in ("ImageRemoved", "ImagesPruned")
+        )
+        gone_position, event = gone
+        if type(event).__name__ == "ImagesPruned":
+            why = next(r for r in event.references if r.reference == ref)
+            digest, reason = why.manifest_digest, why.reason
+            policy = event.policy
+            detail = {
+                "reason": reason,
+                "policy": {
+                    "unused_for_seconds": policy.unused_for_seconds,
+                    "keep": list(policy.keep),
+                    "max_bytes": policy.max_bytes,
+                },
+            }
+        else:
+            digest = event.manifest_digest
+            detail = {"forced": event.forced, "blobs_deleted": len(event.deleted)}
+        with self.at(gone_position - 1).snapshot() as before:
+            then = before.manifest(digest)
+            holders = [] if then is None else list(then.holders)
+        answer.update(
+            present=False,
+            manifest_digest=digest,
+            removed_by=_cited(gone_position, event, **detail),
+            holders_then=holders,
+        )
+        return answer
+
     def df(self) -> dict[str, Any]:
         """Bytes by kind, and what a default prune would reclaim."""
         with self.snapshot() as state:
@@ -847,3 +920,17 @@ def _state_of(service: ImageCacheService) -> dict[str, Any]:
 
 def _leases(found: set[tuple[str, str, str]]) -> builtins.list[dict[str, str]]:
     return [{"holder": h, "reference": r, "manifest_digest": d} for h, r, d in sorted(found)]
+
+
+def _cited(position: int, event: Any, **detail: Any) -> dict[str, Any]:
+    """An event as `explain` cites it: where, what, when, who."""
+    actor = event.actor
+    return {
+        "position": position,
+        "event": type(event).__name__,
+        "at": event.timestamp.isoformat().replace("+00:00", "Z"),
+        "user": actor.user,
+        "host": actor.host,
+        "pid": actor.pid,
+        **detail,
+    }

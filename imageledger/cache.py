@@ -370,6 +370,11 @@ class ImageCache:
         position outside the ledger, or an instant in the future or before its first event."""
         return PastImageCache(self._service.at(when))
 
+    def explain(self, reference: str, when: int | datetime | None = None) -> dict[str, Any]:
+        """Why `reference` is cached, or why it is gone, citing ledger positions (as of `when`,
+        a point as for `at`, or now)."""
+        return self._service.explain(reference, when)
+
     def diff(self, first: int | datetime, second: int | datetime) -> dict[str, Any]:
         """What changed between two points of the ledger (positions or aware datetimes, as
         for `at`): references added, removed and re-tagged, leases taken and released, bytes

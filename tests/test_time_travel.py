@@ -255,3 +255,34 @@ def test_diff_says_what_changed_between_two_points(tmp_path: Path, archives: lis
     assert back["bytes_reclaimed"] == change["bytes_gained"]
     human = _cli(home, "diff", str(start), str(end))
     assert human.returncode == 0 and "+ docker.io/library/db:1" in human.stdout
+
+
+def test_explain_says_why_an_image_is_here_or_gone_citing_positions(
+    tmp_path: Path, archives: list[Path]
+) -> None:
+    home = tmp_path / "home"
+    assert _cli(home, "load", str(archives[0])).returncode == 0  # positions 2-4: app refs
+    assert _cli(home, "use", "app:1", "--holder", "sandbox-9").returncode == 0  # 5
+    assert _cli(home, "rm", "app:latest").returncode == 0  # 6: untagged
+    assert _cli(home, "rm", "--force", "app:1").returncode == 0  # 7: forced, leased
+    why = json.loads(_cli(home, "explain", "mirror/app:1", "--json").stdout)
+    assert why["present"] is True and why["made_by"]["position"] == 4
+    assert why["made_by"]["event"] == "ImagePulled" and why["made_by"]["user"]
+    assert why["leases"] == [{"holder": "sandbox-9", "references": ["docker.io/library/app:1"]}]
+    gone = json.loads(_cli(home, "explain", "app:1", "--json").stdout)
+    assert gone["present"] is False
+    assert (gone["removed_by"]["position"], gone["removed_by"]["forced"]) == (7, True)
+    assert gone["holders_then"] == ["sandbox-9"]
+    # As of before the remove, app:1 was there.
+    earlier = json.loads(_cli(home, "explain", "app:1", "--at", "6", "--json").stdout)
+    assert earlier["present"] is True and earlier["as_of"] == 6
+    # A prune, with its reason and policy recorded.
+    assert _cli(home, "release", "sandbox-9").returncode == 0
+    assert _cli(home, "prune").returncode == 0
+    pruned = json.loads(_cli(home, "explain", "mirror/app:1", "--json").stdout)
+    assert pruned["removed_by"]["event"] == "ImagesPruned" and pruned["removed_by"]["reason"]
+    assert pruned["removed_by"]["policy"]["keep"] == []
+    human = _cli(home, "explain", "app:1")
+    assert human.returncode == 0 and "is gone" in human.stdout and "position 7" in human.stdout
+    never = _cli(home, "explain", "never/was:here")
+    assert never.returncode == 3 and len(never.stderr.strip().splitlines()) == 1

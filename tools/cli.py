@@ -637,6 +637,37 @@ def _event_line(event: dict[str, Any], as_json: bool) -> str:
     return "  ".join(printable(str(f)) for f in fields if f != "")
 
 
+def cmd_explain(cache: ImageCache, args: argparse.Namespace) -> int:
+    why = cache.explain(args.reference, args.when)
+    if args.json:
+        _print_json(why)
+        return EXIT_OK
+    if why["present"]:
+        made = why["made_by"]
+        _say(
+            f"{why['reference']} is cached (as of position {why['as_of']}): pulled at position "
+            f"{made['position']} ({made['at']}) by {made['user']}@{made['host']} from "
+            f"{made['source']}"
+        )
+        for lease in why["leases"]:
+            _say(f"  leased by {lease['holder']}")
+        for other in why["other_references"]:
+            _say(f"  its content is also named {other}")
+        return EXIT_OK
+    gone = why["removed_by"]
+    _say(
+        f"{why['reference']} is gone (as of position {why['as_of']}): {gone['event']} at "
+        f"position {gone['position']} ({gone['at']}) by {gone['user']}@{gone['host']}"
+    )
+    if "reason" in gone:
+        _say(f"  reason: {gone['reason']}")
+    elif gone.get("forced"):
+        _say("  forced")
+    holders = ", ".join(why["holders_then"]) or "none"
+    _say(f"  holders of its manifest just before: {holders}")
+    return EXIT_OK
+
+
 def cmd_diff(cache: ImageCache, args: argparse.Namespace) -> int:
     change = cache.diff(args.first, args.second)
     if args.json:
@@ -878,6 +909,11 @@ def build_parser() -> argparse.ArgumentParser:
     events.add_argument("--to", dest="last", type=positive_int, metavar="M")
     events.add_argument(
         "--follow", action="store_true", help="keep printing new events until interrupted"
+    )
+    explain = add("explain", cmd_explain, "why a reference is cached, or why it is gone")
+    explain.add_argument("reference")
+    explain.add_argument(
+        "--at", dest="when", type=position_or_time, metavar="POSITION|TIME", help=at_help
     )
     diff = add("diff", cmd_diff, "what changed between two points of the ledger")
     diff.add_argument("first", type=position_or_time, metavar="A", help="a position or a time")
