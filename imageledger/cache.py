@@ -110,7 +110,35 @@ def _utc_now() -> datetime:
     return datetime.now(UTC)
 
 
-class ImageCache:
+class _Queries:
+    """The queries `ImageCache` and `PastImageCache` answer alike, from their service."""
+
+    _service: ImageCacheService
+
+    def _bind(self, handle: ImageHandle) -> ImageHandle:
+        # The handle was made for this call and is not shared yet: setting its owner in place
+        # is safe, and four times cheaper than dataclasses.replace on the list() path.
+        object.__setattr__(handle, "_owner", self)
+        return handle
+
+    def get(self, reference: str) -> ImageHandle:
+        """The cached image `reference` names; `ImageNotFoundError` when it is not cached."""
+        return self._bind(self._service.get(reference))
+
+    def inspect(self, reference: str) -> ImageDetail[ImageHandle]:
+        detail = self._service.inspect(reference)
+        return dataclasses.replace(detail, handle=self._bind(detail.handle))
+
+    def history(self, reference: str | None = None) -> builtins.list[HistoryEntry]:
+        """Every event of `reference` (or of the whole ledger), oldest first."""
+        return self._service.history(reference)
+
+    def df(self) -> dict[str, Any]:
+        """Bytes by kind, and what a default prune would reclaim."""
+        return self._service.df()
+
+
+class ImageCache(_Queries):
     """A local OCI image cache whose whole state is an event-sourced ledger (blocking API)."""
 
     def __init__(
@@ -199,16 +227,6 @@ class ImageCache:
 
     # -- queries --------------------------------------------------------------------------
 
-    def _bind(self, handle: ImageHandle) -> ImageHandle:
-        # The handle was made for this call and is not shared yet: setting its owner in place
-        # is safe, and four times cheaper than dataclasses.replace on the list() path.
-        object.__setattr__(handle, "_owner", self)
-        return handle
-
-    def get(self, reference: str) -> ImageHandle:
-        """The cached image `reference` names; `ImageNotFoundError` when it is not cached."""
-        return self._bind(self._service.get(reference))
-
     def list(self) -> builtins.list[ImageHandle]:
         """Every cached reference, newest first (semantics 3).
 
@@ -233,18 +251,6 @@ class ImageCache:
             bind(handle, "_owner", owner)
         self._list_memos[owner] = (position, handles)
         return builtins.list(handles)
-
-    def inspect(self, reference: str) -> ImageDetail[ImageHandle]:
-        detail = self._service.inspect(reference)
-        return dataclasses.replace(detail, handle=self._bind(detail.handle))
-
-    def history(self, reference: str | None = None) -> builtins.list[HistoryEntry]:
-        """Every event of `reference` (or of the whole ledger), oldest first."""
-        return self._service.history(reference)
-
-    def df(self) -> dict[str, Any]:
-        """Bytes by kind, and what a default prune would reclaim."""
-        return self._service.df()
 
     # -- commands -------------------------------------------------------------------------
 
@@ -395,7 +401,7 @@ class ImageCache:
         self.close()
 
 
-class PastImageCache:
+class PastImageCache(_Queries):
     """`ImageCache.at`: the cache as it was at one position of its ledger (read only).
 
     Its queries are the service's own over the replayed views, so a past answer is what the
@@ -409,27 +415,10 @@ class PastImageCache:
         assert service.past is not None
         self.position: int = service.past
 
-    def _bind(self, handle: ImageHandle) -> ImageHandle:
-        object.__setattr__(handle, "_owner", self)
-        return handle
-
-    def get(self, reference: str) -> ImageHandle:
-        return self._bind(self._service.get(reference))
-
     def list(self) -> builtins.list[ImageHandle]:
         _position, handles = self._service.list(None, {}, ImageHandle)
         assert handles is not None
         return [self._bind(h) for h in handles]
-
-    def inspect(self, reference: str) -> ImageDetail[ImageHandle]:
-        detail = self._service.inspect(reference)
-        return dataclasses.replace(detail, handle=self._bind(detail.handle))
-
-    def history(self, reference: str | None = None) -> builtins.list[HistoryEntry]:
-        return self._service.history(reference)
-
-    def df(self) -> dict[str, Any]:
-        return self._service.df()
 
     def prune(
         self,

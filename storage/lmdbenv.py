@@ -451,26 +451,33 @@ class LedgerEnv:
             return handle
         create = create and not self.config.readonly
         with self._dbs_lock:
-            handle = self._dbs.get(key)
-            if handle is None:
-                with self._lock.exclusive():
-                    for _attempt in range(3):
-                        try:
-                            handle = self.env.open_db(key, create=create)
-                            break
-                        except lmdb.NotFoundError:
-                            msg = f"{self.path}: database {name!r} does not exist"
-                            raise LedgerCorruptError(msg) from None
-                        except lmdb.MapFullError:
-                            self._grow_locked()
-                        except lmdb.MapResizedError:
-                            self.env.set_mapsize(0)  # another process grew it: adopt
-                        except DAMAGE_ERRORS as e:
-                            raise as_damage(self.path, e) from e
-                    else:
-                        handle = self.env.open_db(key, create=create)
-                self._dbs[key] = handle
-        return handle
+            if key not in self._dbs:
+                self._dbs.update(self._open_handles([key], create=create))
+            return self._dbs[key]
+
+    def _open_handles(self, keys: list[bytes], *, create: bool) -> dict[bytes, Any]:
+        """Open (and, with `create`, make) the named databases `keys`: one write transaction
+        for all of them, growing or adopting the map as it must. Under `_dbs_lock`."""
+        with self._lock.exclusive():
+            for _attempt in range(3):
+                try:
+                    if not create:
+                        return {k: self.env.open_db(k, create=False) for k in keys}
+                    with self.env.begin(write=True) as txn:
+                        return {k: self.env.open_db(k, txn=txn, create=True) for k in keys}
+                except lmdb.NotFoundError:
+                    names = ", ".join(repr(k.decode()) for k in keys)
+                    msg = f"{self.path}: database {names} does not exist"
+                    raise LedgerCorruptError(msg) from None
+                except lmdb.MapFullError:
+                    self._grow_locked()
+                except lmdb.MapResizedError:
+                    self.env.set_mapsize(0)  # another process grew it: adopt
+                except DAMAGE_ERRORS as e:
+                    raise as_damage(self.path, e) from e
+        names = ", ".join(k.decode() for k in keys)
+        msg = f"{self.path}: no room to create the databases {names}"
+        raise LedgerFullError(msg)
 
     def before_commit(self, name: str, hook: Callable[[lmdb.Transaction], None]) -> None:
         """Run `hook(txn)` in every commit's write transaction, after the batch's writes and
@@ -486,26 +493,10 @@ class LedgerEnv:
         each with a commit of its own (twenty fsyncs: 10-80 ms before a first pull). Not
         inside `write()` or `read()`, as `db`."""
         if not self.config.readonly and any(n.encode() not in self._dbs for n in names):
-            with self._dbs_lock, self._lock.exclusive():
-                missing = [n for n in names if n.encode() not in self._dbs]
-                for _attempt in range(3):
-                    try:
-                        with self.env.begin(write=True) as txn:
-                            opened = {
-                                n.encode(): self.env.open_db(n.encode(), txn=txn, create=True)
-                                for n in missing
-                            }
-                        break
-                    except lmdb.MapFullError:
-                        self._grow_locked()
-                    except lmdb.MapResizedError:
-                        self.env.set_mapsize(0)  # another process grew it: adopt
-                    except DAMAGE_ERRORS as e:
-                        raise as_damage(self.path, e) from e
-                else:
-                    msg = f"{self.path}: no room to create the databases {', '.join(missing)}"
-                    raise LedgerFullError(msg)
-                self._dbs.update(opened)
+            with self._dbs_lock:
+                missing = [n.encode() for n in names if n.encode() not in self._dbs]
+                if missing:
+                    self._dbs.update(self._open_handles(missing, create=True))
         return [self.db(n) for n in names]
 
     # ----------------------------------------------------------------- reading
