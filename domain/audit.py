@@ -26,7 +26,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import TYPE_CHECKING, Any
 
 from imageledger.domain import merkle
@@ -312,24 +312,14 @@ class AuditService:
         reference an event concerns, oldest first, read from the stored records (streamed).
         `since`/`until` bound the events' instants (inclusive); `reference` is a canonical
         reference (the caller canonicalises it)."""
-        size = self.log.head()
-        if size == 0:
-            return
-        low = since.astimezone(UTC).isoformat().replace("+00:00", "Z") if since else None
-        high = until.astimezone(UTC).isoformat().replace("+00:00", "Z") if until else None
-        for position, _record, fields in self.log.entries(1, size):
-            at = fields["at"]
-            if (low is not None and _instant(at) < _instant(low)) or (
-                high is not None and _instant(at) > _instant(high)
-            ):
-                continue
-            for row in _rows(fields):
+        for event in self.events(since=since, until=until, reference=reference):
+            actor = event["actor"]
+            for row in _rows(event):
                 if reference is not None and row["reference"] != reference:
                     continue
-                actor = fields["actor"]
                 yield {
-                    "position": position,
-                    "at": at,
+                    "position": event["position"],
+                    "at": event["at"],
                     **row,
                     "user": actor["user"],
                     "uid": actor["uid"],
