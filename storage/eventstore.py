@@ -23,8 +23,6 @@ from collections.abc import Callable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
-import msgpack
-
 from imageledger.domain.errors import LedgerError, LedgerFormatError, LedgerReadOnlyError
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import ImageConfig, RebuildReport
@@ -238,17 +236,17 @@ class LedgerStore:
         """The last position whose event happened at or before `when` (0: none did). Events
         are numbered in commit order and stamped just before it, so their instants rise with
         their positions (a clock set back between two commands breaks that, and then this
-        answers for one of the stretches where it holds): a binary search, then forward over
-        events stamped at the same instant."""
+        answers for one of the stretches where it holds): a binary search over the stored
+        records' instants, O(log n) of them decoded."""
+        from imageledger.storage.ledgerformat import record_instant
+
         records = self._recorder().records_after
+        head = self.head()
         with self._env.read() as txn:
-            head = self.head()
 
             def instant(position: int) -> datetime:
                 for _found, record in records(txn, position - 1):
-                    _id, _version, _type, state = msgpack.unpackb(record)
-                    stamp: datetime = msgpack.unpackb(state, timestamp=3)[0]
-                    return stamp
+                    return record_instant(record)
                 msg = f"the log has no entry {position}"
                 raise LedgerError(msg)
 

@@ -423,6 +423,21 @@ _CONFIG_NAMES: Final = (
 )
 
 
+def record_instant(record: bytes) -> datetime:
+    """When the event of a stored log record happened (its state's timestamp), decoded from
+    the stored bytes alone; `UndecodableDataError` when the record is not a format 2 one."""
+    try:
+        _id, _version, _kind, state = msgpack.unpackb(record)
+        stamp = msgpack.unpackb(state, timestamp=3)[0]
+    except Exception as e:
+        msg = f"a log record is not a format 2 record ({type(e).__name__})"
+        raise UndecodableDataError(msg) from None
+    if type(stamp) is not datetime:
+        msg = "a log record's timestamp is not a MessagePack timestamp"
+        raise UndecodableDataError(msg)
+    return stamp
+
+
 def record_fields(record: bytes) -> dict[str, Any]:
     """A stored log record (docs/FORMAT.md) as plain JSON-able data, every field named as
     FORMAT.md names it, decoded from the stored bytes alone (for exports that tools other
@@ -513,4 +528,4 @@ _PLAIN: Final[dict[str, Callable[[Any], Any]]] = {
     "now": _iso,
 }
 
-__all__ = ["CLASSES", "FIELDS", "TOPICS", "LedgerMapper", "record_fields"]
+__all__ = ["CLASSES", "FIELDS", "TOPICS", "LedgerMapper", "record_fields", "record_instant"]
