@@ -313,10 +313,15 @@ class ImageCacheService:
             )
             return answer
         gone = next(
-            (p, e)
-            for p, e in reversed(events)
-            if type(e).__name__ in ("ImageRemoved", "ImagesPruned")
+            (
+                (p, e)
+                for p, e in reversed(events)
+                if type(e).__name__ in ("ImageRemoved", "ImagesPruned")
+            ),
+            None,
         )
+        if gone is None:  # only failed pulls: it was never cached
+            raise ImageNotFoundError(ref)
         gone_position, event = gone
         if type(event).__name__ == "ImagesPruned":
             why = next(r for r in event.references if r.reference == ref)

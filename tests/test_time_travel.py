@@ -286,3 +286,11 @@ def test_explain_says_why_an_image_is_here_or_gone_citing_positions(
     assert human.returncode == 0 and "is gone" in human.stdout and "position 7" in human.stdout
     never = _cli(home, "explain", "never/was:here")
     assert never.returncode == 3 and len(never.stderr.strip().splitlines()) == 1
+    # A reference whose only events are failed pulls was never cached: not found, no trace.
+    failed = "127.0.0.1:9/none:1"
+    pulled = _cli(home, "pull", failed, "--insecure-registry", "127.0.0.1:9", "--timeout", "2s")
+    assert pulled.returncode != 0
+    assert _cli(home, "events", "--type", "PullFailed").stdout.count("PullFailed") == 1
+    only_failed = _cli(home, "explain", failed)
+    assert only_failed.returncode == 3, only_failed.stderr
+    assert len(only_failed.stderr.strip().splitlines()) == 1
