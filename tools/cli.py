@@ -606,10 +606,13 @@ def cmd_events(cache: ImageCache, args: argparse.Namespace) -> int:
     }
     last = args.first - 1 if args.first else 0
     while True:
-        for event in cache.audit.events(first=last + 1, last=args.last, **filters):
+        # The end is read once per pass and the pass lists up to it, so that an event
+        # appended while the pass prints is listed by the next one, never skipped.
+        end = cache.audit.head() if args.last is None else min(args.last, cache.audit.head())
+        for event in cache.audit.events(first=last + 1, last=end, **filters):
             sys.stdout.write(_event_line(event, args.json) + "\n")
         sys.stdout.flush()
-        last = max(last, cache.audit.head())
+        last = max(last, end)
         if not args.follow or (args.last is not None and last >= args.last):
             return EXIT_OK
         time.sleep(FOLLOW_POLL)
