@@ -71,7 +71,6 @@ from imageledger.storage.lmdbenv import (
     open_env,
     release_env,
 )
-from imageledger.storage.settings import Settings
 
 
 class LedgerCorruptError(errors.LedgerCorruptError, InterfaceError):
@@ -686,7 +685,7 @@ class LMDBFactory(InfrastructureFactory[LMDBTrackingRecorder]):
             msg = f"LMDB ledger path not found in environment with keys: {keys}"
             raise OSError(msg)
         # Read as `LedgerStore` reads them before it makes its application (storage.settings).
-        self._settings = Settings(self.env.name, dict(self.env))
+        self._settings = settings.Settings(self.env.name, dict(self.env))
         config = self._settings.env_config()
         self.ledger = open_env(path, config)
         self._closed = False
