@@ -35,7 +35,13 @@ from imageledger.storage.home import Dir
 from imageledger.storage.leases import StoreLock
 from imageledger.storage.ledgercheck import check_ledger
 from imageledger.storage.lmdbenv import LedgerEnv, open_env, release_env
-from imageledger.storage.settings import LMDB_DURABILITY, LMDB_PATH, LMDB_READONLY, Settings
+from imageledger.storage.settings import (
+    APPLICATION,
+    LMDB_DURABILITY,
+    LMDB_PATH,
+    LMDB_READONLY,
+    Settings,
+)
 from imageledger.storage.tlog import Records, TreeStore
 from imageledger.storage.viewstore import LMDBViews, MemoryViewTxn
 
@@ -49,7 +55,6 @@ if TYPE_CHECKING:
 log = get_logger(__name__)
 
 _FORMAT_DB: Final = b"imageledger.format"
-_APP_NAME: Final = "imageledger"  # `storage.ledgerapp.NAME`, without importing it
 _LEDGER_MODULE: Final = "imageledger.storage.ledger"  # the persistence module
 
 
@@ -99,7 +104,7 @@ class LedgerStore:
             self._settings[LMDB_DURABILITY] = durability
         # Configured exactly as the application's persistence module will configure it (one
         # environment per path per process: the first opener's configuration holds).
-        config = Settings(_APP_NAME, {**os.environ, **self._settings}).env_config()
+        config = Settings(APPLICATION, {**os.environ, **self._settings}).env_config()
         self._env = open_env(self.path, config)
         self._app: LedgerApplication | None = None
         self._app_lock = threading.RLock()  # attaching the fold asks for the recorder

@@ -12,17 +12,15 @@ Apart from `storage.eventstore` so that opening a ledger to query it loads no ev
 
 from __future__ import annotations
 
-from typing import Any, Final
+from typing import Any
 
 from eventsourcing.application import Application
 from eventsourcing.persistence import Mapper, Transcoder
 
 from imageledger.domain.events import TRANSCODINGS
 from imageledger.storage.ledgerformat import LedgerMapper
+from imageledger.storage.settings import APPLICATION
 from imageledger.storage.transcoder import MsgpackTranscoder, StoredEventMapper
-
-NAME: Final = "imageledger"
-"""The applications' name: the prefix of their databases and of their settings' variables."""
 
 
 def ledger_transcoder() -> MsgpackTranscoder:
@@ -39,7 +37,7 @@ class LedgerApplication(Application[Any]):
     events are read from disk, where LMDB keeps no checksums: one that cannot become a domain
     event is damage (`LedgerCorruptError`), never a raw TypeError."""
 
-    name = NAME
+    name = APPLICATION
 
     def construct_mapper(self) -> Mapper[Any]:
         return LedgerMapper()
@@ -55,7 +53,7 @@ class FormatOneApplication(Application[Any]):
     """A ledger written in format 1 (the generic canonical msgpack transcoder with the
     domain's value types): read by `imageledger migrate`, never appended to."""
 
-    name = NAME
+    name = APPLICATION
 
     def construct_mapper(self) -> Mapper[Any]:
         return self.factory.mapper(

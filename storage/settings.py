@@ -16,6 +16,9 @@ from typing import Final, cast
 
 from imageledger.storage.lmdbenv import DURABILITY_MODES, Durability, EnvConfig
 
+APPLICATION: Final = "imageledger"
+"""The name of the applications that keep a home's log (`storage.ledgerapp`): the prefix of
+their databases and of their settings' variables."""
 LMDB_PATH: Final = "LMDB_PATH"
 LMDB_MAP_SIZE: Final = "LMDB_MAP_SIZE"
 LMDB_MAX_MAP_SIZE: Final = "LMDB_MAX_MAP_SIZE"
