@@ -17,7 +17,6 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypeAlias
 
-from imageledger.domain import merkle
 from imageledger.domain.errors import LedgerError
 from imageledger.domain.model import (
     BlobRecord,
@@ -32,10 +31,10 @@ from imageledger.domain.model import (
 )
 from imageledger.domain.reference import Reference
 
-if TYPE_CHECKING:  # a query loads neither eventsourcing (see `domain.history`) nor crypto
+if TYPE_CHECKING:  # a query loads neither eventsourcing (see `domain.history`) nor the audit
     from eventsourcing.domain import DomainEventProtocol
 
-    from imageledger.domain import note
+    from imageledger.domain import merkle, note
 
     DomainEvent: TypeAlias = DomainEventProtocol[Any]
 ArchiveSource = str | os.PathLike[str] | BinaryIO

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import builtins
 import dataclasses
+import functools
 import getpass
 import os
 import socket
@@ -19,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, BinaryIO, Literal
 
 from imageledger._version import __version__
-from imageledger.domain.audit import DEFAULT_INTERVAL, AuditService, ExportCheck
 from imageledger.domain.errors import (
     AuditInputError,
     HomeDamagedError,
@@ -40,7 +40,6 @@ from imageledger.domain.model import (
 )
 from imageledger.domain.service import ImageCacheService
 from imageledger.storage import layout
-from imageledger.storage.auditkey import AuditKeys
 from imageledger.storage.blobs import BlobStore
 from imageledger.storage.eventstore import LedgerStore
 from imageledger.storage.home import mark_home, open_home
@@ -50,9 +49,12 @@ from imageledger.storage.ledgercheck import check_ledger as check_ledger_dir
 from imageledger.storage.lmdbenv import DURABILITY_MODES
 from imageledger.storage.oci import host_platform, parse_platform
 from imageledger.storage.sources import ArchiveFiles, Registries
-from imageledger.storage.tlog import LedgerAudit
 
-if TYPE_CHECKING:  # the registry client (and httpx) load only for a pull
+if TYPE_CHECKING:
+    from imageledger.domain.audit import (  # the registry client (and httpx) load only for a pull
+        AuditService,
+        ExportCheck,
+    )
     from imageledger.storage.registry import PullProgress
     from imageledger.storage.registryoptions import RegistryOptions
 
@@ -78,7 +80,7 @@ def verify_export(path: str | os.PathLike[str], verifier_key: str) -> ExportChec
     """Verify an export of an audit log with nothing but it and the log's verifier key: a
     C2SP tlog-tiles directory (`audit export --tiles`, `storage.tlogexport.verify_tiles`) or
     a JSON Lines file (`audit export --jsonl`, `domain.audit.verify_jsonl`)."""
-    from imageledger.domain.audit import verify_jsonl
+    from imageledger.domain.audit import ExportCheck, verify_jsonl
     from imageledger.storage.ledgerformat import record_fields
 
     if os.path.isdir(path):
@@ -149,14 +151,14 @@ class ImageCache(_Queries):
         durability: Literal["sync", "nometasync", "nosync"] | None = None,
         create: bool = True,
         audit_key: str | os.PathLike[str] | None = None,
-        audit_interval: float = DEFAULT_INTERVAL,
+        audit_interval: float | None = None,
     ) -> None:
         """Open the cache at `home` (default `default_home()`).
 
         The ledger is an audit log (`audit`): the checkpoints it signs use the key in the home
         (made on first use), or the key file `audit_key` (else ``$IMAGELEDGER_AUDIT_KEY``);
         while the log grows, this cache signs a checkpoint at most every `audit_interval`
-        seconds.
+        seconds (default `domain.audit.DEFAULT_INTERVAL`, 5).
 
         `create=False` is for callers that only read: a missing or empty home is then
         `HomeNotFoundError` instead of a new, empty cache (a mistyped path must not look
@@ -182,12 +184,7 @@ class ImageCache(_Queries):
         lock = StoreLock(self._home, readonly=self.read_only)
         self._index = OciIndexFile(self._home, self._ledger)
         self._registries = Registries(self.home)
-        self.audit = AuditService(
-            LedgerAudit(self._ledger.tree, self._ledger.records, self._ledger.head),
-            AuditKeys(self._home, audit_key),
-            writable=not self.read_only,
-            interval=audit_interval,
-        )
+        self._audit_key, self._audit_interval = audit_key, audit_interval
         self._service = ImageCacheService(
             ledger=self._ledger,
             store=store,
@@ -199,7 +196,7 @@ class ImageCache(_Queries):
             actor=current_actor(),
             home=str(self.home),
             read_only=self.read_only,
-            after_append=self.audit.after_append,
+            after_append=self._after_append,
         )
         # list() memos, per owner the handles are bound to (this cache, or its asyncio
         # facade): the last list by ledger position, and handles by row (ViewState.handles).
@@ -213,7 +210,6 @@ class ImageCache(_Queries):
                 self._ledger.upgrade()
             if not self.read_only:
                 self._index.refresh()
-                self._ledger.catch_up_tree()
         except (OSError, HomeDamagedError) as e:
             if create or not self._ledger.current():
                 self.close()
@@ -224,6 +220,27 @@ class ImageCache(_Queries):
         except BaseException:
             self.close()
             raise
+
+    @functools.cached_property
+    def audit(self) -> AuditService:
+        """The ledger as a transparency log (`domain.audit`), made when first used: a query
+        loads none of it."""
+        from imageledger.domain.audit import AuditService
+        from imageledger.storage.auditkey import AuditKeys
+        from imageledger.storage.tlog import LedgerAudit
+
+        ledger = self._ledger
+        catch_up = ledger.catch_up_tree if not self.read_only else None
+        interval = {} if self._audit_interval is None else {"interval": self._audit_interval}
+        return AuditService(
+            LedgerAudit(ledger.tree, ledger.records, ledger.head, catch_up),
+            AuditKeys(self._home, self._audit_key),
+            writable=not self.read_only,
+            **interval,
+        )
+
+    def _after_append(self) -> None:
+        self.audit.after_append()
 
     # -- queries --------------------------------------------------------------------------
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import os
 import threading
 from collections.abc import Callable, Iterator, Sequence
@@ -42,7 +43,6 @@ from imageledger.storage.settings import (
     LMDB_READONLY,
     Settings,
 )
-from imageledger.storage.tlog import Records, TreeStore
 from imageledger.storage.viewstore import LMDBViews, MemoryViewTxn
 
 if TYPE_CHECKING:
@@ -51,6 +51,7 @@ if TYPE_CHECKING:
     from imageledger.storage.ledger import LMDBApplicationRecorder
     from imageledger.storage.ledgerapp import LedgerApplication
     from imageledger.storage.ledgerformat import LedgerMapper
+    from imageledger.storage.tlog import Records, TreeStore
 
 log = get_logger(__name__)
 
@@ -110,7 +111,6 @@ class LedgerStore:
         self._app_lock = threading.RLock()  # attaching the fold asks for the recorder
         try:
             self.views = LMDBViews(self._env, TABLES, self._recorder)
-            self.tree = TreeStore(self._env)
             self._check_format(read_only)
         except BaseException:
             release_env(self._env)
@@ -154,6 +154,14 @@ class LedgerStore:
         recorder = self._application().recorder
         assert isinstance(recorder, LMDBApplicationRecorder)
         return recorder
+
+    @functools.cached_property
+    def tree(self) -> TreeStore:
+        """The audit log's tree (`storage.tlog`), opened when an append or the audit first
+        needs it: a query neither loads nor opens it."""
+        from imageledger.storage.tlog import TreeStore
+
+        return TreeStore(self._env)
 
     def catch_up_tree(self) -> None:
         """Give a ledger made before the audit log (or last written by a version without it)

@@ -440,11 +440,23 @@ class LedgerAudit:
     ledger's application, which only the audit's reading commands need)."""
 
     def __init__(
-        self, tree: TreeStore, records: Callable[[], Records], head: Callable[[], int]
+        self,
+        tree: TreeStore,
+        records: Callable[[], Records],
+        head: Callable[[], int],
+        catch_up: Callable[[], None] | None,
     ) -> None:
+        """`catch_up` gives a ledger made before the audit log its tree (None: a home opened
+        read only, whose tree is what it is); it runs before the tree is first read."""
         self.tree = tree
         self._records = records
         self._head = head
+        self._catch_up = catch_up
+
+    def _caught_up(self) -> None:
+        if self._catch_up is not None:
+            self._catch_up()
+            self._catch_up = None
 
     def origin(self) -> str:
         return self.tree.ensure_origin()
@@ -454,6 +466,7 @@ class LedgerAudit:
 
     @contextmanager
     def audit_state(self) -> Iterator[_AuditState]:
+        self._caught_up()
         records = self._records()
         with self.tree.read() as txn:
             yield _AuditState(self.tree, txn, records)
@@ -462,6 +475,7 @@ class LedgerAudit:
         return self.tree.keep_checkpoint(size, note, expect_last)
 
     def replay(self, at_sizes: Sequence[int]) -> TreeReplay:
+        self._caught_up()
         return self.tree.replay(self._records(), at_sizes=at_sizes)
 
     def export_tiles(self, directory: str, size: int, note: str) -> int:

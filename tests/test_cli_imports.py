@@ -109,7 +109,10 @@ def test_a_query_loads_neither_eventsourcing_nor_the_events(
     crypto when a key is read or made."""
     watched = (
         "cryptography",
+        "imageledger.domain.audit",
+        "imageledger.domain.merkle",
         "imageledger.domain.note",
+        "imageledger.storage.tlog",
         "eventsourcing",
         "imageledger.domain.events",
         "imageledger.storage.ledger",
