@@ -45,6 +45,8 @@ in one place (as httpx's ``_exceptions.py`` does)::
         ├── AuditInputError (also ValueError)
         │   └── NoteError
         └── TileError (also ValueError)
+    MaterializeError
+    └── LayerRejectedError
 
 None of them derives from eventsourcing's errors, so that this module (and with it a query)
 loads without eventsourcing. The LMDB persistence module (`storage.ledger`), whose callers may
@@ -298,3 +300,19 @@ class TileError(AuditError, ValueError):
     """Stored tiles that do not hold what the asked tree size needs (missing, short, longer
     than the size says, not whole hashes): a store out of step with its size, which no retry
     fixes (`domain.merkle`; storage reports it as damage)."""
+
+
+# ---- materialization: layer EROFS images, fsmeta, VMDK ---------------------------------------
+
+
+class MaterializeError(ImageLedgerError):
+    """An image could not be materialized (its layers as EROFS images, the fsmeta joining them,
+    the VMDK descriptor): the message names the layer or file and what went wrong; nothing of
+    the failed artifact is kept or counted."""
+
+
+class LayerRejectedError(MaterializeError):
+    """A layer blob cannot become an EROFS image: it is hostile or malformed (a name with
+    ``..`` or an absolute path, a hard link to a missing entry, a name over 255 bytes, an
+    absurd depth, more inodes than the format addresses, a corrupt stream) or it does not
+    uncompress to its diff_id. The message names the entry and the rule it broke."""
