@@ -38,15 +38,15 @@ in one place (as httpx's ``_exceptions.py`` does)::
     │   ├── RegistryManifestError
     │   └── NotInRegistryError
     ├── RegistryConfigError (also ValueError)
-    └── AuditError
-        ├── AuditKeyError
-        ├── AuditVerificationError
-        │   └── ProofError (also ValueError)
-        ├── AuditInputError (also ValueError)
-        │   └── NoteError
-        └── TileError (also ValueError)
-    MaterializeError
-    └── LayerRejectedError
+    ├── AuditError
+    │   ├── AuditKeyError
+    │   ├── AuditVerificationError
+    │   │   └── ProofError (also ValueError)
+    │   ├── AuditInputError (also ValueError)
+    │   │   └── NoteError
+    │   └── TileError (also ValueError)
+    └── MaterializeError
+        └── LayerRejectedError
 
 None of them derives from eventsourcing's errors, so that this module (and with it a query)
 loads without eventsourcing. The LMDB persistence module (`storage.ledger`), whose callers may
