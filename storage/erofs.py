@@ -1,0 +1,531 @@
+"""Layer blobs as EROFS images, and the fsmeta that merges them (issue 13).
+
+`build_layer` streams one layer blob (gzip, zstd or a plain tar) into an uncompressed EROFS
+image, checking its diff_id on the way; `build_fsmeta` reads the layer images of a manifest
+(ours) and writes the merged tree as a metadata-only EROFS whose regular files point into
+them. The on-disk format is `storage.erofsformat`'s.
+
+Why it is shaped so:
+
+- One pass, flat memory: regular-file data is written to `out` as the tar is read (block 1
+  on, in tar order, each file whole blocks with the last zero-padded), never held; what the
+  tree keeps per entry is its metadata. Directories and the metadata area go after the data
+  once the whole tree is known, and the superblock (block 0) last. So `out` is the only file
+  written (a failed build leaves only `out`, which the caller deletes) and no spool is needed.
+- Deterministic: data in tar order, inodes breadth first with names sorted, xattrs sorted, no
+  clock, no host fact (uuid zero); the same blob gives the same bytes.
+- Overlay semantics are resolved in the layer image as the guest's overlayfs reads them: an
+  OCI whiteout ``.wh.NAME`` (whatever its tar type: a hard link included) becomes a character
+  device 0/0 named NAME, ``.wh..wh..opq`` the ``trusted.overlay.opaque=y`` xattr of its
+  directory; AUFS metadata (``.wh..wh.*``) is skipped. ``trusted.overlay.*`` xattrs a tar
+  carries itself are dropped, so a layer cannot redirect or hide another layer's files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import stat
+import tarfile
+import zlib
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import IO, BinaryIO, Final, cast
+
+from imageledger.domain.errors import ArchiveError, LayerRejectedError
+from imageledger.storage import erofsformat as fmt
+from imageledger.storage.erofsformat import BLOCK, FormatError, Node
+from imageledger.storage.tarsafe import BoundedTarInfo
+
+CHUNK: Final = 1 << 20
+MAX_DEPTH: Final = 512
+"""Path components an entry may have: deeper is refused as hostile (no real image nests so
+deep, and the readers that walk a tree recursively would not survive it)."""
+MAX_PATH: Final = 4095
+"""Bytes of an entry's path (PATH_MAX less its NUL): a longer one could not be opened."""
+MAX_INODES: Final = 0xFFFFFFFF
+"""Inodes an image may hold: EROFS stores an inode number in 32 bits."""
+MAX_SYMLINK: Final = 4095
+WHITEOUT: Final = b".wh."
+OPAQUE: Final = b".wh..wh..opq"
+AUFS_META: Final = b".wh..wh."
+OPAQUE_XATTR: Final = b"trusted.overlay.opaque"
+OVERLAY_XATTRS: Final = b"trusted.overlay."
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+_XATTR_PAX: Final = "SCHILY.xattr."
+
+
+@dataclass(frozen=True)
+class ErofsBuild:
+    size: int
+    """Bytes of the image file written."""
+    digest: str
+    """``sha256:<hex>`` of the image file's bytes."""
+    blocks: int
+    """``size // 4096``."""
+
+
+# ---- the uncompressed stream -------------------------------------------------------------------
+
+
+class _Uncompressed:
+    """The layer's tar stream as tarfile reads it (``read(n)``), uncompressed by its magic
+    bytes and hashed as it goes (the diff_id is the sha256 of these bytes)."""
+
+    def __init__(self, blob: BinaryIO) -> None:
+        self.hash = hashlib.sha256()
+        head = blob.read(4)
+        self._chunks: Iterator[bytes]
+        if head[:2] == _GZIP_MAGIC:
+            self._chunks = _gunzip(blob, head)
+        elif head == _ZSTD_MAGIC:
+            self._chunks = _unzstd(blob, head)
+        else:
+            self._chunks = _plain(blob, head)
+        self._buf = b""
+        self._off = 0
+
+    def read(self, size: int = -1) -> bytes:
+        if self._off >= len(self._buf):
+            self._buf = next(self._chunks, b"")
+            self._off = 0
+            self.hash.update(self._buf)
+        if size < 0:
+            size = len(self._buf)
+        piece = self._buf[self._off : self._off + size]
+        self._off += len(piece)
+        return piece
+
+    def drain(self) -> None:
+        while self.read(CHUNK):
+            pass
+
+
+def _plain(blob: BinaryIO, head: bytes) -> Iterator[bytes]:
+    if head:
+        yield head
+    while chunk := blob.read(CHUNK):
+        yield chunk
+
+
+def _gunzip(blob: BinaryIO, head: bytes) -> Iterator[bytes]:
+    """Every gzip member in turn (zero padding after the last is allowed, as gzip(1) does);
+    output bounded per step so a small blob cannot make one huge buffer."""
+    data = head
+    decomp = zlib.decompressobj(31)
+    try:
+        while True:
+            if not data:
+                data = blob.read(CHUNK)
+                if not data:
+                    if not decomp.eof:
+                        raise LayerRejectedError("layer blob: truncated gzip stream")
+                    return
+            if decomp.eof:  # a further member, or trailing zeros
+                data = data.lstrip(b"\0")
+                if not data:
+                    continue
+                decomp = zlib.decompressobj(31)
+            out = decomp.decompress(data, CHUNK)
+            data = decomp.unconsumed_tail or decomp.unused_data
+            if out:
+                yield out
+    except zlib.error as e:
+        raise LayerRejectedError(f"layer blob: corrupt gzip stream: {e}") from None
+
+
+def _unzstd(blob: BinaryIO, head: bytes) -> Iterator[bytes]:
+    try:
+        import zstandard
+    except ImportError:  # pragma: no cover - the test extra installs it
+        raise LayerRejectedError(
+            "layer blob is zstd-compressed: materializing it needs the zstandard package"
+        ) from None
+    reader = zstandard.ZstdDecompressor().stream_reader(
+        cast(IO[bytes], _Prefixed(head, blob)), read_size=CHUNK, read_across_frames=True
+    )
+    try:
+        while chunk := reader.read(CHUNK):
+            yield chunk
+    except zstandard.ZstdError as e:
+        raise LayerRejectedError(f"layer blob: corrupt zstd stream: {e}") from None
+
+
+class _Prefixed:
+    def __init__(self, head: bytes, blob: BinaryIO) -> None:
+        self._head = head
+        self._blob = blob
+
+    def read(self, size: int = -1) -> bytes:
+        if self._head:
+            head, self._head = self._head, b""
+            return head
+        return self._blob.read(size)
+
+
+# ---- the layer tree ----------------------------------------------------------------------------
+
+
+def _parts(name: bytes, what: str) -> list[bytes]:
+    if name.startswith(b"/"):
+        raise LayerRejectedError(f"layer {what} {_show(name)}: absolute path")
+    if b"\0" in name:
+        raise LayerRejectedError(f"layer {what} {_show(name)}: NUL in path")
+    parts = [part for part in name.split(b"/") if part not in (b"", b".")]
+    if b".." in parts:
+        raise LayerRejectedError(f"layer {what} {_show(name)}: '..' in path")
+    for part in parts:
+        if len(part) > fmt.NAME_MAX:
+            raise LayerRejectedError(
+                f"layer {what} {_show(name)}: a name of {len(part)} bytes (limit {fmt.NAME_MAX})"
+            )
+    if len(parts) > MAX_DEPTH:
+        raise LayerRejectedError(
+            f"layer {what} {_show(name)[:80]}...: {len(parts)} levels deep (limit {MAX_DEPTH})"
+        )
+    if sum(len(part) + 1 for part in parts) > MAX_PATH:
+        raise LayerRejectedError(f"layer {what} {_show(name)[:80]}...: path over {MAX_PATH} bytes")
+    return parts
+
+
+def _show(name: bytes) -> str:
+    return repr(name.decode("utf-8", "backslashreplace"))
+
+
+def _bytes(text: str) -> bytes:
+    return text.encode("utf-8", "surrogateescape")
+
+
+class _Layer:
+    """The tree being built from the tar's entries, in order (a later entry replaces an
+    earlier one of the same name, as extracting the tar would)."""
+
+    def __init__(self, out: BinaryIO) -> None:
+        self.root = fmt.directory(0o755)
+        self.out = out
+        self.block = 1
+        self.inodes = 1
+
+    def _new(self, node: Node) -> Node:
+        self.inodes += 1
+        if self.inodes > MAX_INODES:
+            raise LayerRejectedError(f"layer has more than {MAX_INODES} inodes")
+        return node
+
+    def parent(self, parts: list[bytes], name: bytes) -> Node:
+        """The directory holding `parts[-1]`, made (root-owned, 0755) where the tar did not
+        list it; a whiteout on the way gives way to the directory."""
+        node = self.root
+        for part in parts[:-1]:
+            assert node.children is not None
+            child = node.children.get(part)
+            if child is None or (child.kind == stat.S_IFCHR and child.rdev == 0):
+                child = node.children[part] = self._new(fmt.directory(0o755))
+            elif child.children is None:
+                raise LayerRejectedError(
+                    f"layer entry {_show(name)}: {_show(part)} on its path is not a directory"
+                )
+            node = child
+        return node
+
+    def lookup(self, parts: list[bytes]) -> Node | None:
+        node = self.root
+        for part in parts:
+            if node.children is None:
+                return None
+            found = node.children.get(part)
+            if found is None:
+                return None
+            node = found
+        return node
+
+    def add(self, member: tarfile.TarInfo, read: IO[bytes] | None) -> None:
+        name = _bytes(member.name)
+        parts = _parts(name, "entry")
+        meta = _meta(member, name)
+        if not parts:
+            if not member.isdir():
+                raise LayerRejectedError(f"layer entry {_show(name)}: the root is not a directory")
+            _update_dir(self.root, meta)
+            return
+        if self._overlay_marker(parts, name, meta):
+            return
+        base = parts[-1]
+        parent = self.parent(parts, name)
+        assert parent.children is not None
+        existing = parent.children.get(base)
+        if member.isdir():
+            if existing is not None and existing.children is not None:
+                _update_dir(existing, meta)
+            else:
+                node = self._new(fmt.directory(0o755))
+                _update_dir(node, meta)
+                parent.children[base] = node
+            return
+        if member.islnk():
+            target_parts = _parts(_bytes(member.linkname), f"hard link {_show(name)} ->")
+            target = self.lookup(target_parts)
+            if target is None or target is self.root:
+                raise LayerRejectedError(
+                    f"layer hard link {_show(name)} -> {_show(_bytes(member.linkname))}: "
+                    "no such entry before it"
+                )
+            if target.children is not None:
+                raise LayerRejectedError(f"layer hard link {_show(name)}: to a directory")
+            parent.children[base] = target
+            return
+        node = self._new(meta.node(0))
+        if member.isreg():
+            node.mode = stat.S_IFREG | meta.perm
+            node.size = member.size
+            if member.size:
+                assert read is not None
+                node.blkaddr = self.block
+                self.block += self._copy(read, member.size, name)
+        elif member.issym():
+            link = _bytes(member.linkname)
+            if not link or len(link) > MAX_SYMLINK or b"\0" in link:
+                raise LayerRejectedError(
+                    f"layer symlink {_show(name)}: a target of {len(link)} bytes"
+                )
+            node.mode = stat.S_IFLNK | 0o777
+            node.target = link
+        elif member.ischr() or member.isblk():
+            node.mode = (stat.S_IFCHR if member.ischr() else stat.S_IFBLK) | meta.perm
+            node.rdev = fmt.encode_dev(member.devmajor, member.devminor)
+        elif member.isfifo():
+            node.mode = stat.S_IFIFO | meta.perm
+        else:
+            raise LayerRejectedError(
+                f"layer entry {_show(name)}: unsupported tar type {member.type!r}"
+            )
+        parent.children[base] = node
+
+    def _overlay_marker(self, parts: list[bytes], name: bytes, meta: _Meta) -> bool:
+        """Handle an OCI whiteout, an opaque marker or AUFS metadata (True), whatever the
+        entry's tar type: a whiteout stored as a hard link is still a whiteout."""
+        base = parts[-1]
+        if any(part.startswith(AUFS_META) for part in parts[:-1]):
+            return True  # inside AUFS metadata (.wh..wh.plnk/...): not part of the tree
+        if base == OPAQUE:
+            self.parent(parts, name).xattrs[OPAQUE_XATTR] = b"y"
+            return True
+        if base.startswith(AUFS_META):
+            return True
+        if not base.startswith(WHITEOUT):
+            return False
+        hidden = base[len(WHITEOUT) :]
+        if hidden in (b"", b".", b".."):
+            raise LayerRejectedError(f"layer entry {_show(name)}: a whiteout of no name")
+        parent = self.parent(parts, name)
+        assert parent.children is not None
+        parent.children[hidden] = self._new(
+            Node(mode=stat.S_IFCHR, uid=meta.uid, gid=meta.gid, mtime=meta.mtime)
+        )
+        return True
+
+    def _copy(self, read: IO[bytes], size: int, name: bytes) -> int:
+        left = size
+        while left:
+            chunk = read.read(min(left, CHUNK))
+            if not chunk:
+                raise LayerRejectedError(f"layer entry {_show(name)}: truncated data")
+            self.out.write(chunk)
+            left -= len(chunk)
+        pad = -size % BLOCK
+        if pad:
+            self.out.write(bytes(pad))
+        return (size + pad) // BLOCK
+
+
+@dataclass(frozen=True, slots=True)
+class _Meta:
+    perm: int
+    uid: int
+    gid: int
+    mtime: int
+    nsec: int
+    xattrs: dict[bytes, bytes]
+
+    def node(self, kind: int) -> Node:
+        return Node(
+            mode=kind | self.perm,
+            uid=self.uid,
+            gid=self.gid,
+            mtime=self.mtime,
+            mtime_nsec=self.nsec,
+            xattrs=dict(self.xattrs),
+        )
+
+
+def _meta(member: tarfile.TarInfo, name: bytes) -> _Meta:
+    if not (0 <= member.uid <= 0xFFFFFFFF and 0 <= member.gid <= 0xFFFFFFFF):
+        raise LayerRejectedError(f"layer entry {_show(name)}: uid/gid out of 32-bit range")
+    mtime, nsec = _mtime(member)
+    xattrs: dict[bytes, bytes] = {}
+    for key, value in member.pax_headers.items():
+        if not key.startswith(_XATTR_PAX):
+            continue
+        xname = _bytes(key[len(_XATTR_PAX) :])
+        if xname.startswith(OVERLAY_XATTRS) or fmt.split_xattr(xname) is None:
+            continue  # overlay's own markers, or a namespace Linux (and EROFS) cannot hold
+        data = _bytes(value)
+        if len(data) > 0xFFFF or len(xname) > fmt.NAME_MAX:
+            raise LayerRejectedError(f"layer entry {_show(name)}: xattr {_show(xname)} too long")
+        xattrs[xname] = data
+    return _Meta(member.mode & 0o7777, member.uid, member.gid, mtime, nsec, xattrs)
+
+
+def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
+    """Seconds and nanoseconds, exact from a PAX ``mtime`` (tarfile's float would round);
+    negative times (before 1970) are stored as 0."""
+    text = member.pax_headers.get("mtime")
+    if text is not None:
+        whole, _, frac = text.partition(".")
+        try:
+            seconds = int(whole)
+            nsec = int((frac + "000000000")[:9]) if frac else 0
+        except ValueError:
+            seconds, nsec = int(member.mtime), 0
+        if text.startswith("-"):
+            return 0, 0
+        return min(seconds, (1 << 63) - 1), nsec
+    return max(0, min(int(member.mtime), (1 << 63) - 1)), 0
+
+
+def _update_dir(node: Node, meta: _Meta) -> None:
+    opaque = node.xattrs.get(OPAQUE_XATTR)
+    node.mode = stat.S_IFDIR | meta.perm
+    node.uid, node.gid, node.mtime, node.mtime_nsec = meta.uid, meta.gid, meta.mtime, meta.nsec
+    node.xattrs = dict(meta.xattrs)
+    if opaque is not None:
+        node.xattrs[OPAQUE_XATTR] = opaque
+
+
+# ---- building ----------------------------------------------------------------------------------
+
+
+def build_layer(blob: BinaryIO, out: BinaryIO, *, diff_id: str) -> ErofsBuild:
+    """Read a layer blob as stored (gzip, zstd or a plain tar, told apart by their magic
+    bytes), check its diff_id (the sha256 of the uncompressed tar) while reading, and write the
+    uncompressed EROFS image to `out` (a regular file opened "w+b" at offset 0; the caller
+    fsyncs and renames it, or deletes it on an error).
+
+    Raises `LayerRejectedError` on a hostile or malformed layer (the message names the entry
+    and the rule) or a diff_id mismatch; OSError from writing `out` (a full disk) as it is."""
+    stream = _Uncompressed(blob)
+    layer = _Layer(out)
+    out.write(bytes(BLOCK))  # block 0: the superblock, written last
+    try:
+        with tarfile.open(
+            fileobj=stream,  # type: ignore[call-overload]
+            mode="r|",
+            tarinfo=BoundedTarInfo,
+            encoding="utf-8",
+            errors="surrogateescape",
+        ) as tar:
+            for member in tar:
+                read = tar.extractfile(member) if member.isreg() and member.size else None
+                layer.add(member, read)
+        stream.drain()
+    except (tarfile.TarError, EOFError, zlib.error, ArchiveError, UnicodeError) as e:
+        raise LayerRejectedError(f"layer blob: not a readable tar: {e}") from None
+    actual = f"sha256:{stream.hash.hexdigest()}"
+    if actual != diff_id:
+        raise LayerRejectedError(f"layer blob uncompresses to {actual}, not its diff_id {diff_id}")
+    try:
+        written = fmt.write_metadata(out, layer.root, start_block=layer.block, chunked=False)
+    except FormatError as e:
+        raise LayerRejectedError(f"layer {diff_id}: {e}") from None
+    out.seek(0)
+    out.write(fmt.superblock(written))
+    return _finish(out)
+
+
+def build_fsmeta(layers: Sequence[Path], out: BinaryIO) -> ErofsBuild:
+    """The merged tree of `layers` (our layer images, bottom to top) as a metadata-only EROFS:
+    whiteouts and opaque directories applied bottom to top (none remains in the result),
+    directories and symlinks its own, regular files chunk-based with one 8-byte index per
+    4 KiB block naming device 1..N (the layer) and the block there. Its device table gives
+    each layer's block count and ``mapped_blkaddr``, where that layer starts on the disk that
+    joins fsmeta then the layers bottom to top (`storage.vmdk`), so the guest mounts the joined
+    disk with no ``device=`` options (the kernel's flattened multi-device mode).
+
+    Memory: the merged tree's metadata (the layers' data is never read)."""
+    merged = fmt.directory(0o755)
+    sizes: list[int] = []
+    for device, path in enumerate(layers, start=1):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            size = os.fstat(fd).st_size
+            tree, _sb = fmt.read_tree(fd, device=device)
+        except FormatError as e:
+            raise LayerRejectedError(f"layer image {path}: {e}") from None
+        finally:
+            os.close(fd)
+        if size % BLOCK:
+            raise LayerRejectedError(f"layer image {path}: {size} bytes is not whole blocks")
+        sizes.append(size // BLOCK)
+        _merge(merged, tree)
+    try:
+        written = fmt.write_metadata(
+            out, merged, start_block=fmt.reserved_blocks(len(layers)), chunked=True
+        )
+    except FormatError as e:
+        raise LayerRejectedError(f"fsmeta: {e}") from None
+    devices = []
+    mapped = written.blocks
+    for blocks in sizes:
+        devices.append((blocks, mapped))
+        mapped += blocks
+    if mapped > fmt.MAX_BLOCKS:
+        raise LayerRejectedError("fsmeta: the joined disk would be over 16 TiB")
+    out.seek(0)
+    out.write(fmt.superblock(written, devices=devices))
+    return _finish(out)
+
+
+def _is_whiteout(node: Node) -> bool:
+    return node.kind == stat.S_IFCHR and node.rdev == 0
+
+
+def _merge(lower: Node, upper: Node) -> None:
+    """Lay `upper` (a layer's tree) over `lower` (the merge so far) as overlayfs would show
+    them: the upper directory's attributes win, an opaque upper directory hides the lower's
+    entries, a whiteout removes the name. Directories of the result are new nodes; files are
+    the layer's own (so hard links stay one inode)."""
+    stack = [(lower, upper)]
+    while stack:
+        low, up = stack.pop()
+        assert low.children is not None and up.children is not None
+        low.mode, low.uid, low.gid = up.mode, up.uid, up.gid
+        low.mtime, low.mtime_nsec = up.mtime, up.mtime_nsec
+        low.xattrs = {k: v for k, v in up.xattrs.items() if k != OPAQUE_XATTR}
+        if up.xattrs.get(OPAQUE_XATTR) == b"y":
+            low.children = {}
+        for name, child in up.children.items():
+            if _is_whiteout(child):
+                low.children.pop(name, None)
+                continue
+            if child.children is not None:
+                existing = low.children.get(name)
+                if existing is None or existing.children is None:
+                    existing = low.children[name] = fmt.directory(0o755)
+                stack.append((existing, child))
+            else:
+                low.children[name] = child
+
+
+def _finish(out: BinaryIO) -> ErofsBuild:
+    out.flush()
+    size = out.seek(0, os.SEEK_END)
+    out.seek(0)
+    digest = hashlib.sha256()
+    while chunk := out.read(CHUNK):
+        digest.update(chunk)
+    return ErofsBuild(size=size, digest=f"sha256:{digest.hexdigest()}", blocks=size // BLOCK)
+
+
+__all__ = ["MAX_DEPTH", "MAX_INODES", "ErofsBuild", "build_fsmeta", "build_layer"]
