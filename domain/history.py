@@ -40,7 +40,11 @@ def _pruned_detail(event: ImageLedger.ImagesPruned, reference: str) -> str:
     for removed in event.references:
         if removed.reference == reference:
             return removed.reason
-    return f"{len(event.references)} references, {event.bytes_reclaimed} bytes"
+    summary = f"{len(event.references)} references, {event.bytes_reclaimed} bytes"
+    gc = event.policy.gc
+    if gc is not None:
+        summary = f"{gc.describe()}: {summary}"
+    return summary
 
 
 def _removed_detail(event: ImageLedger.ImageRemoved, reference: str) -> str:

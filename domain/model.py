@@ -266,6 +266,89 @@ class PrunePolicy:
     unused_for_seconds: int | None = None  # keep references used within this many seconds
     keep: tuple[str, ...] = ()  # references or fnmatch patterns never removed
     max_bytes: int | None = None  # evict least recently used until the cache fits
+    gc: GcPolicy | None = None  # a disk-pressure gc: its thresholds and the disk it saw
+
+
+@dataclass(frozen=True, slots=True)
+class DiskUsage:
+    """The file system that holds the home, in bytes, as statvfs(3) reports it: `size` =
+    f_blocks * f_frsize, `used` = (f_blocks - f_bfree) * f_frsize, `available` = f_bavail *
+    f_frsize (what an unprivileged writer can still take; the root reserve is neither).
+
+    Use is ``used / (used + available)``: what df(1) prints as Use% (df rounds it up). kubelet
+    computes ``1 - available / capacity`` with the whole size as capacity, so it counts the
+    root reserve as used; on a file system without one (tmpfs, XFS) the two agree. Used +
+    available is the part a writer can ever fill, which is what "full" means to a pull."""
+
+    size: int
+    used: int
+    available: int
+
+    @property
+    def usable(self) -> int:
+        """Used + available: the bytes the use is a percentage of."""
+        return self.used + self.available
+
+    def at_least(self, percent: int) -> bool:
+        """Whether the use is `percent` or more (exact integer arithmetic, no rounding)."""
+        return self.usable > 0 and self.used * 100 >= percent * self.usable
+
+    @property
+    def used_percent(self) -> int:
+        """The use in whole percent, rounded up as df prints it."""
+        return 0 if self.usable <= 0 else -(-self.used * 100 // self.usable)
+
+    def to_free(self, percent: int) -> int:
+        """The bytes to free so that the use is at most `percent` (0 when it already is)."""
+        return max(self.used - percent * self.usable // 100, 0)
+
+
+@dataclass(frozen=True, slots=True)
+class GcPolicy:
+    """kubelet's image garbage collection policy, by its names: at or above
+    `high_threshold` percent of use, remove unused images least recently used first until
+    the use is at most `low_threshold` percent; never an image younger than
+    `min_age_seconds` (since it was first pulled); and, with `max_age_seconds`, any image
+    unused for longer, whatever the disk. `disk` is what the gc saw when it decided."""
+
+    high_threshold: int
+    low_threshold: int
+    min_age_seconds: int
+    max_age_seconds: int | None
+    disk: DiskUsage
+
+    @property
+    def to_free(self) -> int:
+        """The bytes this gc had to free: 0 below the high threshold."""
+        under = not self.disk.at_least(self.high_threshold)
+        return 0 if under else self.disk.to_free(self.low_threshold)
+
+    def describe(self) -> str:
+        """The policy and the disk it saw, in words (history, the CLI)."""
+        words = (
+            f"gc at {self.disk.used_percent}% of {self.disk.usable} bytes used "
+            f"(high {self.high_threshold}%, low {self.low_threshold}%, "
+            f"min age {self.min_age_seconds} s"
+        )
+        if self.max_age_seconds is not None:
+            words += f", max age {self.max_age_seconds} s"
+        return words + ")"
+
+    def as_json(self) -> dict[str, Any]:
+        """The policy and the disk it saw, as JSON (explain, the CLI's gc --json)."""
+        return {
+            "high_threshold": self.high_threshold,
+            "low_threshold": self.low_threshold,
+            "min_age_seconds": self.min_age_seconds,
+            "max_age_seconds": self.max_age_seconds,
+            "disk": {
+                "size_bytes": self.disk.size,
+                "used_bytes": self.disk.used,
+                "available_bytes": self.disk.available,
+                "used_percent": self.disk.used_percent,
+                "bytes_to_free": self.to_free,
+            },
+        }
 
 
 @dataclass(frozen=True, slots=True)
@@ -290,6 +373,8 @@ class ImagePruneReport:
     deleted: tuple[DeletedBlob, ...] = ()
     # keep patterns that matched no cached reference: a rule that protected nothing (a typo?)
     unmatched_keep: tuple[str, ...] = ()
+    # a disk-pressure gc's policy and the disk it saw (None for a prune)
+    gc: GcPolicy | None = None
 
     @classmethod
     def of(
@@ -300,6 +385,7 @@ class ImagePruneReport:
         *,
         dry_run: bool = False,
         unmatched_keep: Sequence[str] = (),
+        gc: GcPolicy | None = None,
     ) -> ImagePruneReport:
         """The report of a prune that removed `references` and `deleted` (the one place its
         counts are made, for the API, the CLI and the history alike)."""
@@ -315,6 +401,7 @@ class ImagePruneReport:
             references=tuple(references),
             deleted=tuple(deleted),
             unmatched_keep=tuple(unmatched_keep),
+            gc=gc,
         )
 
 

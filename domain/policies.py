@@ -17,6 +17,7 @@ from typing import Final
 from imageledger.domain.errors import InvalidReferenceError
 from imageledger.domain.model import (
     DeletedBlob,
+    GcPolicy,
     ManifestRecord,
     PrunePolicy,
     ReferenceRecord,
@@ -268,6 +269,104 @@ def plan_prune(
     )
     deleted = content_freed(state, dangling(), protected, "unreferenced manifest")
     return PrunePlan(references=removed, deleted=(*deleted, *sorted(strays, key=_stray_key)))
+
+
+def plan_gc(
+    state: CacheState,
+    policy: GcPolicy,
+    now: datetime,
+    protected: frozenset[str],
+    strays: Iterable[DeletedBlob],
+) -> PrunePlan:
+    """kubelet's image garbage collection (see `GcPolicy`) over one snapshot of the views and
+    the disk figures `policy.disk` the caller read: a pure function of both.
+
+    Never removed: a reference whose manifest is leased or protected by a pull in flight,
+    and one younger than the minimum age (created less than `min_age_seconds` before `now`).
+    Of the others: every one unused for more than `max_age_seconds` (kubelet's MaxAge,
+    whatever the disk); then, when the use is at or above the high threshold, least
+    recently used first (ties: created first), until what the removals free reaches
+    `disk.to_free(low_threshold)`. What a removal frees is counted as prune counts it
+    (`content_freed`): the blobs no remaining manifest uses, so a layer shared with an
+    image that stays frees nothing; manifests left without a reference, and `strays`
+    (files the ledger does not account for), are freed by any gc that acts and count
+    first. A gc that has nothing to act on (no pressure, nothing too old) plans nothing at
+    all, not even the strays: it leaves the cache as it found it.
+
+    The estimate is the blobs' sizes, as prune reports them: a file system frees whole
+    blocks, so the disk can end a little further below the low threshold than planned."""
+    disk = policy.disk
+    pressure = disk.at_least(policy.high_threshold)
+    need = disk.to_free(policy.low_threshold) if pressure else 0
+    manifests = {m.content.manifest_digest: m for m in state.manifests()}
+    young = _cutoff(now, policy.min_age_seconds)
+
+    def eligible(ref: ReferenceRecord) -> bool:
+        manifest = manifests.get(ref.manifest_digest)
+        if manifest is None or manifest.holders or ref.manifest_digest in protected:
+            return False
+        return young is not None and ref.created_at <= young
+
+    candidates = sorted(
+        (r for r in state.references() if eligible(r)),
+        key=lambda r: (r.last_used_at, r.created_position),
+    )
+    old = None if policy.max_age_seconds is None else _cutoff(now, policy.max_age_seconds)
+    too_old = [r for r in candidates if old is not None and r.last_used_at < old]
+    if not pressure and not too_old:
+        return PrunePlan(references=(), deleted=())
+
+    # What the plan frees so far, kept as prune's `content_freed` would count it: a blob is
+    # freed once every manifest using it goes (its last user is the one that frees it).
+    remaining = {d: set(m.references) for d, m in manifests.items()}
+    going: set[str] = set()
+    freed: set[str] = set()
+    stray_list = sorted(strays, key=_stray_key)
+    freed_bytes = sum(s.size for s in stray_list)
+
+    def drop(ref: ReferenceRecord) -> None:
+        remaining[ref.manifest_digest].discard(ref.reference)
+        if not remaining[ref.manifest_digest]:
+            goes(ref.manifest_digest)
+
+    def goes(digest: str) -> None:
+        nonlocal freed_bytes
+        going.add(digest)
+        for blob_digest, _kind, size in manifests[digest].content.kinded_blobs():
+            if blob_digest in freed or blob_digest in protected:
+                continue
+            blob = state.blob(blob_digest)
+            if blob is None or set(blob.users) <= going:
+                freed.add(blob_digest)
+                freed_bytes += size
+
+    for d, m in sorted(manifests.items()):
+        if not m.references and not m.holders and d not in protected:
+            goes(d)
+    reasons: dict[str, str] = {}
+    max_age = policy.max_age_seconds
+    for ref in too_old:
+        reasons[ref.reference] = f"unused for more than {max_age} s (gc max age)"
+        drop(ref)
+    if pressure:
+        why = (
+            f"least recently used, disk {disk.used_percent}% used >= "
+            f"{policy.high_threshold}% (gc down to {policy.low_threshold}%)"
+        )
+        for ref in candidates:
+            if freed_bytes >= need:
+                break
+            if ref.reference not in reasons:
+                reasons[ref.reference] = why
+                drop(ref)
+    removed = tuple(
+        RemovedReference(r.reference, r.manifest_digest, reasons[r.reference])
+        for r in sorted(candidates, key=lambda r: r.reference)
+        if r.reference in reasons
+    )
+    dangling = [manifests[d] for d in sorted(going)]
+    deleted = content_freed(state, dangling, protected, "unreferenced manifest")
+    return PrunePlan(references=removed, deleted=(*deleted, *stray_list))
 
 
 def _cutoff(now: datetime, unused_for_seconds: int | None) -> datetime | None:

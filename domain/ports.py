@@ -21,6 +21,7 @@ from imageledger.domain.errors import LedgerError
 from imageledger.domain.model import (
     BlobRecord,
     DeletedBlob,
+    DiskUsage,
     H,
     ImageContent,
     LoadedImage,
@@ -260,6 +261,9 @@ class BlobStore(Protocol):
     def delete_entry(self, entry: DeletedBlob) -> int:
         """Delete what a committed remove or prune named: a blob by digest, anything else by
         its path in the home (the entry's kind says which)."""
+
+    def disk_usage(self) -> DiskUsage:
+        """The file system that holds the home, as it is now (what a gc decides on)."""
 
 
 class SourceStore(Protocol):

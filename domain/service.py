@@ -47,6 +47,7 @@ from imageledger.domain.model import (
     Actor,
     BlobProblem,
     DeletedBlob,
+    GcPolicy,
     H,
     HistoryEntry,
     ImageContent,
@@ -64,8 +65,10 @@ from imageledger.domain.platforms import choose_platform
 from imageledger.domain.policies import (
     MAX_BYTES,
     MAX_SECONDS,
+    PrunePlan,
     content_freed,
     keep_patterns,
+    plan_gc,
     plan_prune,
     unmatched_keep,
 )
@@ -333,6 +336,7 @@ class ImageCacheService:
                     "unused_for_seconds": policy.unused_for_seconds,
                     "keep": list(policy.keep),
                     "max_bytes": policy.max_bytes,
+                    **({} if policy.gc is None else {"gc": policy.gc.as_json()}),
                 },
             }
         else:
@@ -671,6 +675,62 @@ class ImageCacheService:
         if not dry_run:
             self.writable("prune")
         policy = _policy(dry_run, unused_for, keep, max_bytes)
+        return self._prune(lambda: policy, plan_prune)
+
+    def gc(
+        self,
+        *,
+        high_threshold: int = 85,
+        low_threshold: int = 80,
+        min_age: float = 120.0,
+        max_age: float | None = None,
+        dry_run: bool = False,
+    ) -> ImagePruneReport:
+        """Disk-pressure garbage collection, kubelet's image GC policy (`GcPolicy`,
+        `policies.plan_gc`): the disk is read under the store lock, then the plan is made and
+        carried out by the prune path (one way to remove), and its event is an `ImagesPruned`
+        whose policy holds the gc's thresholds and the disk figures it saw. A gc that removes
+        nothing records nothing (a timer that finds no pressure leaves the ledger alone)."""
+        if self.past is not None:
+            msg = f"the cache as it was at position {self.past} has no disk to collect"
+            raise ValueError(msg)
+        if not dry_run:
+            self.writable("gc")
+        thresholds = _gc_thresholds(high_threshold, low_threshold, min_age, max_age)
+
+        def gc_policy() -> PrunePolicy:
+            return PrunePolicy(dry_run=dry_run, gc=GcPolicy(*thresholds, self.store.disk_usage()))
+
+        def plan(
+            state: Snapshot,
+            policy: PrunePolicy,
+            now: datetime,
+            protected: frozenset[str],
+            strays: builtins.list[DeletedBlob],
+        ) -> PrunePlan:
+            assert policy.gc is not None
+            return plan_gc(state, policy.gc, now, protected, strays)
+
+        report = self._prune(gc_policy, plan)
+        need = 0 if report.gc is None else report.gc.to_free
+        planned = sum(b.size for b in report.deleted)
+        if planned < need:
+            # kubelet's "failed to garbage collect required amount of images"
+            log.warning("gc.not_enough_to_free", need_bytes=need, planned_bytes=planned)
+        return report
+
+    def _prune(
+        self,
+        make_policy: Callable[[], PrunePolicy],
+        planner: Callable[
+            [Snapshot, PrunePolicy, datetime, frozenset[str], builtins.list[DeletedBlob]],
+            PrunePlan,
+        ],
+    ) -> ImagePruneReport:
+        """The one way a prune or a gc removes: under the store lock, list the disk and the
+        live leases, plan with `planner` on a snapshot, record the plan and unlink (or, for
+        a dry run, only plan). `make_policy` is called under the lock (a gc reads the disk
+        there)."""
         with self.lock():
             # Listing the disk before reading the leases: a work directory created after the
             # listing is not in it, and one listed belongs to a lease already there to read.
@@ -681,6 +741,8 @@ class ImageCacheService:
             candidates = [] if past else self.store.strays()
             live = LiveLeases(frozenset(), frozenset()) if past else self.leases.live()
             strays = [s for s in candidates if s.digest not in live.work]
+            policy = make_policy()
+            dry_run = policy.dry_run
 
             unmatched: builtins.list[str] = []
 
@@ -690,7 +752,7 @@ class ImageCacheService:
                     DeletedBlob(d, "orphan", self.store.size(d) or 0, "not in the ledger")
                     for d in sorted(on_disk - known - live.digests)
                 ]
-                plan = plan_prune(state, policy, now, live.digests, [*orphans, *strays])
+                plan = planner(state, policy, now, live.digests, [*orphans, *strays])
                 # Matched against the references the plan was made from.
                 unmatched[:] = unmatched_keep(
                     policy.keep, (r.reference for r in state.references())
@@ -699,6 +761,8 @@ class ImageCacheService:
 
             def record(state: Snapshot, batch: Batch, now: datetime) -> Any:
                 plan = decide(state, now)
+                if policy.gc is not None and not plan.references and not plan.deleted:
+                    return plan  # a gc with nothing to do: nothing recorded
                 batch.pruned(policy, now, plan.references, plan.deleted, plan.bytes)
                 return plan
 
@@ -714,7 +778,12 @@ class ImageCacheService:
         for pattern in unmatched:
             log.warning("prune.keep_unmatched", pattern=pattern[:200], length=len(pattern))
         return ImagePruneReport.of(
-            plan.references, plan.deleted, unlinked, dry_run=dry_run, unmatched_keep=unmatched
+            plan.references,
+            plan.deleted,
+            unlinked,
+            dry_run=dry_run,
+            unmatched_keep=unmatched,
+            gc=policy.gc,
         )
 
     # ------------------------------------------------------------------ checking
@@ -856,6 +925,41 @@ def _policy(
         keep=patterns,
         max_bytes=None if budget is None else min(budget, MAX_BYTES),
     )
+
+
+def _gc_thresholds(
+    high: int, low: int, min_age: float, max_age: float | None
+) -> tuple[int, int, int, int | None]:
+    """A gc's thresholds as `GcPolicy` holds them, checked as kubelet checks its own: whole
+    percentages from 0 to 100 with low <= high (a high of 100 never triggers: a disk is never
+    more than full), durations in whole seconds, not negative, clamped like prune's, and a
+    maximum age above the minimum one (an image could not otherwise live to be judged)."""
+    values = []
+    for name, value in (("high_threshold", high), ("low_threshold", low)):
+        if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value <= 100:
+            msg = f"gc: {name} must be a whole percentage from 0 to 100, got {value!r}"
+            raise ValueError(msg)
+        values.append(value)
+    if low > high:
+        msg = f"gc: low_threshold ({low}%) must not be above high_threshold ({high}%)"
+        raise ValueError(msg)
+    ages: builtins.list[int | None] = []
+    for name, age in (("min_age", min_age), ("max_age", max_age)):
+        try:
+            seconds = None if age is None else int(age)
+        except (OverflowError, TypeError, ValueError):
+            msg = f"gc: {name} must be a finite number of seconds, got {age!r}"
+            raise ValueError(msg) from None
+        if seconds is not None and seconds < 0:
+            msg = f"gc: {name} must not be negative, got {seconds}"
+            raise ValueError(msg)
+        ages.append(None if seconds is None else min(seconds, MAX_SECONDS))
+    youngest, oldest = ages
+    assert youngest is not None
+    if oldest is not None and oldest <= youngest:
+        msg = f"gc: max_age ({oldest} s) must be more than min_age ({youngest} s)"
+        raise ValueError(msg)
+    return values[0], values[1], youngest, oldest
 
 
 def _names(

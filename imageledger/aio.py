@@ -130,6 +130,29 @@ class Image:
         )
 
     @classmethod
+    async def gc(
+        cls,
+        *,
+        high_threshold: int = 85,
+        low_threshold: int = 80,
+        min_age: float = 120.0,
+        max_age: float | None = None,
+        dry_run: bool = False,
+        cache: ImageCache | None = None,
+    ) -> ImagePruneReport:
+        """`ImageCache.gc`: disk-pressure garbage collection, kubelet's policy."""
+        c = cls._cache(cache)
+        return await asyncio.to_thread(
+            lambda: c.gc(
+                high_threshold=high_threshold,
+                low_threshold=low_threshold,
+                min_age=min_age,
+                max_age=max_age,
+                dry_run=dry_run,
+            )
+        )
+
+    @classmethod
     async def pull(
         cls,
         reference: str,

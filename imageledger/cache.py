@@ -304,6 +304,34 @@ class ImageCache(_Queries):
             dry_run=dry_run, unused_for=unused_for, keep=keep, max_bytes=max_bytes
         )
 
+    def gc(
+        self,
+        *,
+        high_threshold: int = 85,
+        low_threshold: int = 80,
+        min_age: float = 120.0,
+        max_age: float | None = None,
+        dry_run: bool = False,
+    ) -> ImagePruneReport:
+        """Disk-pressure garbage collection, kubelet's image GC policy with its names and
+        defaults, for embedders that run it on a timer. When the file system holding the home
+        is at or above `high_threshold` percent of use (used / (used + available), as df
+        computes Use%; see `DiskUsage`), remove unused images least recently used first until
+        it is at most `low_threshold` percent; an image first pulled less than `min_age`
+        seconds ago, or in use (leased, or being pulled), is never removed; with `max_age`
+        (seconds), an image unused for longer goes whatever the disk. The report is a prune's
+        (`ImagePruneReport`, its `gc` holding the policy and the disk figures seen), and so is
+        the event (an `ImagesPruned` whose policy records them); a gc that removes nothing
+        records nothing. `ValueError` for thresholds outside 0-100, a low above the high, or a
+        max_age not above min_age."""
+        return self._service.gc(
+            high_threshold=high_threshold,
+            low_threshold=low_threshold,
+            min_age=min_age,
+            max_age=max_age,
+            dry_run=dry_run,
+        )
+
     def pull(
         self,
         reference: str,

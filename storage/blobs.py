@@ -25,7 +25,7 @@ from typing import BinaryIO, Final
 
 from imageledger.domain.errors import BlobTooLargeError, DigestMismatchError
 from imageledger.domain.log import get_logger
-from imageledger.domain.model import DeletedBlob, DeletedKind
+from imageledger.domain.model import DeletedBlob, DeletedKind, DiskUsage
 from imageledger.domain.reference import validate_digest
 from imageledger.storage import layout
 from imageledger.storage.home import Dir
@@ -252,6 +252,16 @@ class BlobStore:
         if entry.by_path:
             return self._delete_path(entry.digest)
         return self.delete(entry.digest)
+
+    def disk_usage(self) -> DiskUsage:
+        """statvfs(3) of the file system holding the home, read through the home's own
+        descriptor (never a path that could have been swapped for a link)."""
+        st = os.fstatvfs(self.home.fd)
+        return DiskUsage(
+            size=st.f_blocks * st.f_frsize,
+            used=(st.f_blocks - st.f_bfree) * st.f_frsize,
+            available=st.f_bavail * st.f_frsize,
+        )
 
     def _delete_path(self, relative: str) -> int:
         """Delete a stray found by `strays` (only under tmp/, artifacts/ or blobs/), links

@@ -41,6 +41,8 @@ from imageledger.domain.events import ImageLedger
 from imageledger.domain.model import (
     Actor,
     DeletedBlob,
+    DiskUsage,
+    GcPolicy,
     ImageConfig,
     ImageContent,
     Layer,
@@ -115,7 +117,26 @@ def _deleted(deleted: tuple[DeletedBlob, ...]) -> list[Any]:
 
 
 def _policy(policy: PrunePolicy) -> list[Any]:
-    return [policy.dry_run, policy.unused_for_seconds, list(policy.keep), policy.max_bytes]
+    stored: list[Any] = [policy.dry_run, policy.unused_for_seconds, list(policy.keep)]
+    stored.append(policy.max_bytes)
+    gc = policy.gc
+    if gc is not None:  # a fifth element for a gc only: a prune is stored as it always was
+        disk = [gc.disk.size, gc.disk.used, gc.disk.available]
+        stored.append(
+            [gc.high_threshold, gc.low_threshold, gc.min_age_seconds, gc.max_age_seconds, disk]
+        )
+    return stored
+
+
+def _gc(plain: Any) -> GcPolicy:
+    high, low, min_age, max_age, (size, used, available) = plain
+    return GcPolicy(
+        _int(high, "policy"),
+        _int(low, "policy"),
+        _int(min_age, "policy"),
+        None if max_age is None else _int(max_age, "policy"),
+        DiskUsage(_int(size, "policy"), _int(used, "policy"), _int(available, "policy")),
+    )
 
 
 class _Batch(threading.local):
@@ -374,8 +395,13 @@ def _read_refused(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any
 
 def _read_pruned(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
     policy, now, references, deleted, reclaimed = state[2:]
-    dry_run, unused_for_seconds, keep, max_bytes = policy
-    values["policy"] = PrunePolicy(dry_run, unused_for_seconds, tuple(keep), max_bytes)
+    dry_run, unused_for_seconds, keep, max_bytes, *gc = policy  # gc: 4 or 5 (FORMAT.md)
+    if len(gc) > 1:
+        msg = f"policy: an array of 4 or 5 elements, found {len(policy)}"
+        raise ValueError(msg)
+    values["policy"] = PrunePolicy(
+        dry_run, unused_for_seconds, tuple(keep), max_bytes, _gc(gc[0]) if gc else None
+    )
     if type(now) is not datetime:
         msg = "now: a prune's time is not a MessagePack timestamp"
         raise TypeError(msg)
@@ -515,6 +541,21 @@ def _plain_deleted(value: Any) -> list[dict[str, Any]]:
     ]
 
 
+def _plain_policy(value: Any) -> dict[str, Any]:
+    names = ("dry_run", "unused_for_seconds", "keep", "max_bytes")
+    plain = dict(zip(names, value[:4], strict=True))
+    if len(value) > 4:  # a gc's thresholds and the disk it saw
+        [high, low, min_age, max_age, (size, used, available)] = value[4]
+        plain["gc"] = {
+            "high_threshold": high,
+            "low_threshold": low,
+            "min_age_seconds": min_age,
+            "max_age_seconds": max_age,
+            "disk": {"size": size, "used": used, "available": available},
+        }
+    return plain
+
+
 _PLAIN: Final[dict[str, Callable[[Any], Any]]] = {
     "content": _plain_content,
     "deleted": _plain_deleted,
@@ -522,9 +563,7 @@ _PLAIN: Final[dict[str, Callable[[Any], Any]]] = {
     "references": lambda v: [
         {"reference": r, "manifest_digest": m, "reason": why} for r, m, why in v
     ],
-    "policy": lambda v: dict(
-        zip(("dry_run", "unused_for_seconds", "keep", "max_bytes"), v, strict=True)
-    ),
+    "policy": _plain_policy,
     "now": _iso,
 }
 

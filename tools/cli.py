@@ -390,6 +390,12 @@ def cmd_prune(cache: ImageCache, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(report_json(report))
         return EXIT_OK
+    _say_report(report)
+    return EXIT_OK
+
+
+def _say_report(report: ImagePruneReport) -> None:
+    """What a prune or a gc removed (or would), line by line, then the totals."""
     verb = "Would remove" if report.dry_run else "Removed"
     for r in report.references:
         _say(f"{verb} {r.reference} ({r.reason})")
@@ -400,7 +406,32 @@ def cmd_prune(cache: ImageCache, args: argparse.Namespace) -> int:
         f"{report.layers_removed} layers; {report.bytes_reclaimed} bytes "
         + ("reclaimable" if report.dry_run else "reclaimed")
     )
+
+
+def cmd_gc(cache: ImageCache, args: argparse.Namespace) -> int:
+    report = cache.gc(
+        high_threshold=args.high_threshold,
+        low_threshold=args.low_threshold,
+        min_age=args.min_age,
+        max_age=args.max_age,
+        dry_run=args.dry_run,
+    )
+    if args.json:
+        gc = None if report.gc is None else report.gc.as_json()
+        _print_json({**report_json(report), "gc": gc})
+        return EXIT_OK
+    if report.gc is not None:
+        _say(report.gc.describe())
+    _say_report(report)
     return EXIT_OK
+
+
+def percentage(text: str) -> int:
+    """A whole percentage, 0 to 100 (a gc threshold, as kubelet takes it)."""
+    if not (text.isascii() and text.isdigit()) or len(text) > 3 or int(text) > 100:
+        msg = f"invalid percentage {quoted(text)}: a whole number from 0 to 100"
+        raise argparse.ArgumentTypeError(msg)
+    return int(text)
 
 
 def cmd_history(cache: ImageCache, args: argparse.Namespace) -> int:
@@ -892,6 +923,40 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="N",
         help="evict least recently used images until the cache fits in N bytes",
     )
+    gc_ = add(
+        "gc",
+        cmd_gc,
+        "kubelet's disk-pressure image GC: over --high-threshold, remove least recently used "
+        "unused images until under --low-threshold",
+    )
+    gc_.add_argument(
+        "--high-threshold",
+        type=percentage,
+        default=85,
+        metavar="PERCENT",
+        help="collect when the home's file system is at least this full (default 85)",
+    )
+    gc_.add_argument(
+        "--low-threshold",
+        type=percentage,
+        default=80,
+        metavar="PERCENT",
+        help="collect until it is at most this full (default 80)",
+    )
+    gc_.add_argument(
+        "--min-age",
+        type=duration,
+        default=120,
+        metavar="DURATION",
+        help="never remove an image pulled more recently (default 2m)",
+    )
+    gc_.add_argument(
+        "--max-age",
+        type=positive_duration,
+        metavar="DURATION",
+        help="remove images unused for longer, whatever the disk (default: never)",
+    )
+    gc_.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     history = add("history", cmd_history, "the ledger's events (of one reference)")
     history.add_argument("reference", nargs="?")
     history.add_argument("--at", type=position_or_time, metavar="POSITION|TIME", help=at_help)
@@ -1051,7 +1116,7 @@ def _main(argv: Sequence[str] | None) -> int:
 # home: reading never creates one (a mistyped --home must not look like an empty cache).
 _CREATING: Final = frozenset({"load", "pull"})
 # Commands that append to the ledger: each signs a checkpoint of it before it exits.
-_APPENDING: Final = frozenset({"load", "pull", "use", "release", "rm", "prune"})
+_APPENDING: Final = frozenset({"load", "pull", "use", "release", "rm", "prune", "gc"})
 
 
 def _command(cache: ImageCache, args: argparse.Namespace) -> int:
