@@ -466,6 +466,12 @@ def _pulled(f: dict[str, Any]) -> list[Row]:
     return [_row("pull", f["reference"], digest, outcome, source=f["source"])]
 
 
+def _tagged(f: dict[str, Any]) -> list[Row]:
+    """A tag is one row, of the name it made; its source is where the name came from."""
+    digest = f["content"]["manifest_digest"]
+    return [_row("tag", f["reference"], digest, "ok", source=f["source_reference"])]
+
+
 def _pull_failed(f: dict[str, Any]) -> list[Row]:
     return [_row("pull", f["reference"], "", f"failed: {f['error']}", source=f["source"])]
 
@@ -510,6 +516,7 @@ def _pruned(f: dict[str, Any]) -> list[Row]:
 # `Started` (the home came into use) makes none.
 _ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "ImagePulled": _pulled,
+    "ImageTagged": _tagged,
     "PullFailed": _pull_failed,
     "ImageUsed": _used,
     "HolderReleased": _released,

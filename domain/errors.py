@@ -14,6 +14,7 @@ in one place (as httpx's ``_exceptions.py`` does)::
     │   └── LedgerReadOnlyError
     ├── DiskFullError (also OSError)
     ├── InvalidReferenceError (also ValueError)
+    ├── InvalidFilterError (also ValueError)
     ├── InvalidPlatformError (also ValueError)
     ├── DigestMismatchError
     ├── BlobTooLargeError
@@ -85,6 +86,11 @@ class DiskFullError(ImageLedgerError, OSError):
 
 class InvalidReferenceError(ImageLedgerError, ValueError):
     """A malformed image reference or digest; raised before anything is touched."""
+
+
+class InvalidFilterError(ImageLedgerError, ValueError):
+    """An image filter (`images --filter`, `list()`'s keywords) that cannot mean anything: an
+    unknown name, a `dangling` that is not a boolean, a malformed pattern or label."""
 
 
 class DigestMismatchError(ImageLedgerError):

@@ -63,6 +63,17 @@ class ImageLedger(Aggregate):
         content: ImageContent
         cached: bool
 
+    class ImageTagged(Event):
+        """`reference` now names `content`, the image `source_reference` named when it was
+        tagged (`docker tag SOURCE TARGET`). Its own event rather than a pull: nothing was
+        brought from anywhere, and an auditor reading the log must see that the name was
+        given locally, from which name. It carries the content as `ImagePulled` does, so the
+        views fold it the same way (and a reader of the log alone learns what was named)."""
+
+        reference: str
+        source_reference: str
+        content: ImageContent
+
     class PullFailed(Event):
         """A pull or load of `reference` failed; nothing it wrote is live."""
 
@@ -115,7 +126,12 @@ class ImageLedger(Aggregate):
         """The aggregate is never loaded or built: see the module docstring and `Batch`."""
 
 
-_SHOWN: Final = (ImageLedger.ImagePulled, ImageLedger.ImageRemoved, ImageLedger.ImagesPruned)
+_SHOWN: Final = (
+    ImageLedger.ImagePulled,
+    ImageLedger.ImageTagged,
+    ImageLedger.ImageRemoved,
+    ImageLedger.ImagesPruned,
+)
 
 
 class Batch:
@@ -144,8 +160,8 @@ class Batch:
 
     @property
     def shown(self) -> bool:
-        """Whether the batch changes what index.json shows (semantics 14): it pulls, removes
-        or prunes references. A use, a release, a refusal or a failure leaves it as it is."""
+        """Whether the batch changes what index.json shows (semantics 14): it pulls, removes,
+        prunes or tags references. A use, a release, a refusal or a failure leaves it as it is."""
         return any(isinstance(event, _SHOWN) for event in self.events)
 
     def _add(self, event_class: type[ImageLedger.Event], **fields: Any) -> None:
@@ -167,6 +183,14 @@ class Batch:
             source=source,
             content=content,
             cached=cached,
+        )
+
+    def tagged(self, reference: str, source_reference: str, content: ImageContent) -> None:
+        self._add(
+            ImageLedger.ImageTagged,
+            reference=reference,
+            source_reference=source_reference,
+            content=content,
         )
 
     def pull_failed(self, reference: str, source: str, error: str) -> None:

@@ -23,8 +23,15 @@ if TYPE_CHECKING:
 def mentions(event: Any) -> list[tuple[str, str]]:
     """(reference, manifest digest) of each reference `event` is part of the history of."""
     name = type(event).__name__
-    if name == "ImagePulled":
-        return [(event.reference, event.content.manifest_digest)]
+    if name in ("ImagePulled", "ImageTagged"):
+        digest = event.content.manifest_digest
+        named = [(event.reference, digest)]
+        # A tag's new name first (its ledger entry is the new name's); the source's history
+        # shows the names it was given.
+        source = getattr(event, "source_reference", event.reference)
+        if source != event.reference:
+            named.append((source, digest))
+        return named
     if name in ("ImageUsed", "ImageRemoved", "RemoveRefused"):
         return [(event.reference, event.manifest_digest)]
     if name == "HolderReleased":
@@ -58,6 +65,9 @@ def _removed_detail(event: ImageLedger.ImageRemoved, reference: str) -> str:
 # What happened to a reference in an event, in words (history entries).
 _DETAILS: Final[dict[str, Callable[[Any, str], str]]] = {
     "ImagePulled": lambda e, _: f"from {e.source}" + (" (all cached)" if e.cached else ""),
+    "ImageTagged": lambda e, reference: (
+        f"from {e.source_reference}" if reference == e.reference else f"as {e.reference}"
+    ),
     "ImageUsed": lambda e, _: f"by {e.holder}",
     "HolderReleased": lambda e, _: f"by {e.holder}",
     "ImageRemoved": _removed_detail,
@@ -92,7 +102,7 @@ def ledger_entry(position: int, event: Any) -> HistoryEntry:
     """`event` as one entry of the whole ledger's history: the entry of the one reference it
     concerns, or a summary with no reference (a prune, a release of several leases)."""
     concerned = mentions(event)
-    if len(concerned) == 1:
+    if len(concerned) == 1 or type(event).__name__ == "ImageTagged":
         return _entry(position, event, *concerned[0])
     entry = _entry(position, event, "", "")
     if type(event).__name__ == "HolderReleased":

@@ -192,6 +192,45 @@ class ImageHandle(CachedImage):
 
 
 @dataclass(frozen=True, slots=True)
+class ArtifactFile:
+    """A materialized file as the ledger records it: where it is (a path in the home, e.g.
+    ``artifacts/layers/<hex>.erofs``), the digest of its bytes and its size."""
+
+    path: str
+    digest: str
+    size: int
+
+
+@dataclass(frozen=True, slots=True)
+class MaterializedLayer:
+    """One layer of a materialized image: its uncompressed EROFS image (`path` absolute)."""
+
+    diff_id: str
+    blob_digest: str
+    path: str
+    erofs_digest: str
+    erofs_size_bytes: int
+
+
+@dataclass(frozen=True, slots=True)
+class MaterializedImage:
+    """`materialize()`: what a microVM runtime boots. `vmdk` joins `fsmeta` (the merged tree,
+    metadata only) and the layers' EROFS images, bottom to top, into one read-only disk; every
+    path is absolute. `written` counts the files this call wrote (0: all were there and
+    recorded; a moved home rewrites the VMDK)."""
+
+    reference: str
+    manifest_digest: str
+    vmdk: str
+    fsmeta: str
+    layers: tuple[MaterializedLayer, ...]
+    vmdk_size_bytes: int
+    fsmeta_size_bytes: int
+    materializer: str
+    written: int
+
+
+@dataclass(frozen=True, slots=True)
 class ImageLayer:
     """One layer of an image as `inspect()` reports it (the seed API's name)."""
 
@@ -386,10 +425,12 @@ class ImagePruneReport:
         dry_run: bool = False,
         unmatched_keep: Sequence[str] = (),
         gc: GcPolicy | None = None,
+        counted: Sequence[DeletedBlob] | None = None,
     ) -> ImagePruneReport:
         """The report of a prune that removed `references` and `deleted` (the one place its
-        counts are made, for the API, the CLI and the history alike)."""
-        kinds = [entry.kind for entry in deleted]
+        counts are made, for the API, the CLI and the history alike). `counted`: the entries
+        of `deleted` really unlinked, which the counts count (default: all of them)."""
+        kinds = [entry.kind for entry in (deleted if counted is None else counted)]
         return cls(
             image_refs_removed=len(references),
             manifests_removed=kinds.count("manifest"),
@@ -456,6 +497,27 @@ class BlobRecord:
 
 
 @dataclass(frozen=True, slots=True)
+class LayerArtifactRecord:
+    """A layer blob's EROFS image as the views hold it (the last `LayerMaterialized`)."""
+
+    blob_digest: str
+    diff_id: str
+    file: ArtifactFile
+    materializer: str
+
+
+@dataclass(frozen=True, slots=True)
+class StitchedRecord:
+    """A manifest's fsmeta and VMDK as the views hold them (the last `ImageStitched`)."""
+
+    manifest_digest: str
+    fsmeta: ArtifactFile
+    vmdk: ArtifactFile
+    layers: tuple[str, ...]  # the layers' EROFS digests, bottom to top
+    materializer: str
+
+
+@dataclass(frozen=True, slots=True)
 class HistoryEntry:
     """One event in the life of a reference (or, for the whole ledger, one event). The ledger
     is the record: entries are made from the events at query time (`projections.views`)."""
@@ -490,6 +552,10 @@ class StoreCheck:
     blobs_checked: int
     bytes_checked: int
     problems: tuple[BlobProblem, ...]
+    # Materialized artifacts the ledger records (layer EROFS images, fsmeta, VMDK), read back
+    # and hashed like the blobs; their problems are in `problems` (kind artifact/fsmeta/vmdk,
+    # `digest` their path in the home).
+    artifacts_checked: int = 0
 
     @property
     def ok(self) -> bool:

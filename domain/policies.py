@@ -34,10 +34,18 @@ def content_freed(
     reason: str,
 ) -> list[DeletedBlob]:
     """The blobs deleted when `manifests` go: each manifest's blobs that no other (surviving)
-    manifest uses and no in-flight pull protects. Sorted, each blob once."""
+    manifest uses and no in-flight pull protects, and their materialized artifacts: each
+    manifest's fsmeta and VMDK, and the EROFS image of each layer blob that goes (an image
+    kept, by a lease or another name, keeps its artifacts). Sorted, each entry once."""
     going = {m.content.manifest_digest for m in manifests}
     freed: dict[str, DeletedBlob] = {}
     for manifest in sorted(manifests, key=lambda m: m.content.manifest_digest):
+        stitched = state.stitched(manifest.content.manifest_digest)
+        if stitched is not None:
+            why = f"materialized for removed {reason}"
+            fsmeta, vmdk = stitched.fsmeta, stitched.vmdk
+            freed[fsmeta.path] = DeletedBlob(fsmeta.path, "fsmeta", fsmeta.size, why)
+            freed[vmdk.path] = DeletedBlob(vmdk.path, "vmdk", vmdk.size, why)
         for digest, kind, size in manifest.content.kinded_blobs():
             if digest in freed or digest in protected:
                 continue
@@ -46,6 +54,11 @@ def content_freed(
             if users <= going:
                 why = reason if kind == "manifest" else f"only used by removed {reason}"
                 freed[digest] = DeletedBlob(digest, kind, size, why)
+                erofs = state.layer_artifact(digest) if kind == "layer" else None
+                if erofs is not None:
+                    why = f"materialized layer only used by removed {reason}"
+                    file = erofs.file
+                    freed[file.path] = DeletedBlob(file.path, "artifact", file.size, why)
     return sorted(freed.values(), key=lambda b: (b.kind != "manifest", b.digest))
 
 
@@ -248,7 +261,7 @@ def plan_prune(
         for ref in chosen:
             remaining[ref.manifest_digest].discard(ref.reference)
     else:
-        total = sum(blob.size for blob in state.blobs())
+        total = sum(blob.size for blob in state.blobs()) + artifact_bytes(state)
         # Least recently used first; ties by creation order (older first).
         for ref in sorted(candidates, key=lambda r: (r.last_used_at, r.created_position)):
             if total - sum(b.size for b in content_freed(state, dangling(), protected, "")) <= (
@@ -367,6 +380,22 @@ def plan_gc(
     dangling = [manifests[d] for d in sorted(going)]
     deleted = content_freed(state, dangling, protected, "unreferenced manifest")
     return PrunePlan(references=removed, deleted=(*deleted, *stray_list))
+
+
+def artifact_bytes(state: CacheState) -> int:
+    """What the materialized artifacts the ledger records occupy (a budget counts them: they
+    are on the same disk, and a prune frees them with their images)."""
+    layers = sum(a.file.size for a in state.layer_artifacts())
+    return layers + sum(s.fsmeta.size + s.vmdk.size for s in state.stitched_all())
+
+
+def accounted_artifacts(state: CacheState) -> frozenset[str]:
+    """The paths (in the home) of every artifact the ledger records: under ``artifacts/``,
+    anything else is a stray for prune to reclaim."""
+    paths = {a.file.path for a in state.layer_artifacts()}
+    for stitched in state.stitched_all():
+        paths.update((stitched.fsmeta.path, stitched.vmdk.path))
+    return frozenset(paths)
 
 
 def _cutoff(now: datetime, unused_for_seconds: int | None) -> datetime | None:

@@ -19,16 +19,19 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Protocol, TypeAlias
 
 from imageledger.domain.errors import LedgerError
 from imageledger.domain.model import (
+    ArtifactFile,
     BlobRecord,
     DeletedBlob,
     DiskUsage,
     H,
     ImageContent,
+    LayerArtifactRecord,
     LoadedImage,
     ManifestRecord,
     Platform,
     RebuildReport,
     ReferenceRecord,
+    StitchedRecord,
 )
 from imageledger.domain.reference import Reference
 
@@ -109,6 +112,16 @@ class CacheState(Protocol):
 
     def holder(self, holder: str) -> tuple[tuple[str, str], ...]:
         """The (reference, manifest digest) leases `holder` holds."""
+
+    def layer_artifact(self, blob_digest: str) -> LayerArtifactRecord | None:
+        """The EROFS image of layer blob `blob_digest`, if the ledger records one."""
+
+    def layer_artifacts(self) -> Iterator[LayerArtifactRecord]: ...
+
+    def stitched(self, manifest_digest: str) -> StitchedRecord | None:
+        """The fsmeta and VMDK of manifest `manifest_digest`, if the ledger records them."""
+
+    def stitched_all(self) -> Iterator[StitchedRecord]: ...
 
 
 class InFlight(Protocol):
@@ -322,3 +335,88 @@ class OciIndex(Protocol):
 
     def refresh(self, *, force: bool = False) -> None:
         """Rewrite it if it does not show what the views show (with `force`, anyway)."""
+
+
+class BuiltArtifact(Protocol):
+    """What a `Materializer` says it wrote (storage re-hashes the file before it is
+    recorded: the ledger never takes a writer's word for a digest)."""
+
+    @property
+    def size(self) -> int: ...
+
+    @property
+    def digest(self) -> str:
+        """``sha256:<hex>`` of the bytes written."""
+
+
+class Materializer(Protocol):
+    """What turns an image into what a microVM boots: the bytes of each layer's EROFS image,
+    of the fsmeta joining them and of the VMDK descriptor (`storage.materializer.
+    ErofsMaterializer` by default; an embedder may plug its own). It only writes to the
+    streams it is given: where files go, locks, fsync and the ledger are the cache's, so the
+    ledger records every materializer the same way, by its `name`."""
+
+    @property
+    def name(self) -> str:
+        """Who wrote the artifacts, as the ledger records it (e.g. ``imageledger-erofs``)."""
+
+    def build_layer(self, blob: BinaryIO, out: BinaryIO, *, diff_id: str) -> BuiltArtifact:
+        """Write the layer `blob` (as stored: gzip, zstd or plain tar, checked against
+        `diff_id` while read) to `out` (opened ``w+b``) as an EROFS image."""
+
+    def build_fsmeta(self, layers: Sequence[os.PathLike[str]], out: BinaryIO) -> BuiltArtifact:
+        """Write the merged tree of `layers` (layer images, bottom to top) to `out`."""
+
+    def vmdk_descriptor(self, extents: Sequence[tuple[str, int]]) -> str:
+        """The VMDK descriptor joining `extents` ((absolute path, size in bytes): fsmeta,
+        then the layers bottom to top) into one disk."""
+
+
+class StagedArtifact(Protocol):
+    """An artifact written whole and fsynced in a materialize's work directory, not yet in
+    place: `install` renames it to `file.path` (the ledger must record it under the store
+    lock right after); `discard` deletes it if it is still in the work directory."""
+
+    @property
+    def file(self) -> ArtifactFile: ...
+
+    def install(self) -> None: ...
+
+    def discard(self) -> None: ...
+
+
+class ArtifactWork(Protocol):
+    """One materialize's in-flight lease: the blobs it reads are claimed (a prune or remove
+    spares them until it ends) and its files are written in the lease's work directory, so a
+    crash leaves only files that the next prune reclaims."""
+
+    def layer(
+        self, blob_digest: str, diff_id: str, materializer: Materializer
+    ) -> StagedArtifact: ...
+
+    def fsmeta(
+        self, manifest_digest: str, layers: Sequence[ArtifactFile], materializer: Materializer
+    ) -> StagedArtifact: ...
+
+    def vmdk(self, manifest_digest: str, descriptor: bytes) -> StagedArtifact: ...
+
+
+class ArtifactStore(Protocol):
+    """The materialized artifacts under the home (``artifacts/``)."""
+
+    def working(self, digests: Sequence[str]) -> AbstractContextManager[ArtifactWork]:
+        """A materialize's lease over the blobs `digests` (see `ArtifactWork`)."""
+
+    def lock(self, kind: str, digest: str) -> AbstractContextManager[None]:
+        """An exclusive lock (threads and processes) on making artifact `kind` of `digest`,
+        so that two materializations of one layer or image write it once."""
+
+    def size(self, path: str) -> int | None:
+        """The size of the artifact file at `path` (in the home), None when it is not there."""
+
+    def check(self, file: ArtifactFile) -> str | None:
+        """None when the file is there and hashes to its digest, else ``missing``, ``wrong
+        size`` or ``corrupt``."""
+
+    def where(self, path: str) -> str:
+        """The absolute path of `path` in the home (what a VMDK and a runtime name)."""

@@ -41,6 +41,7 @@ from imageledger.domain.errors import (
     LedgerReadOnlyError,
     PlatformNotFoundError,
 )
+from imageledger.domain.filters import ImageFilter
 from imageledger.domain.history import ledger_entry, reference_entries
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
@@ -178,6 +179,23 @@ class ImageCacheService:
                 return position, None
             return position, builtins.list(state.handles(memo, cls))
 
+    def select(self, select: ImageFilter, memo: dict[bytes, H], cls: type[H]) -> builtins.list[H]:
+        """list() narrowed by `select` (`domain.filters`: Docker's image filters), in one
+        snapshot: the handles, the `before`/`since` images and the labels are of one moment.
+        `memo` as for `CacheState.handles`."""
+        with self.snapshot() as state:
+            handles = builtins.list(state.handles(memo, cls))
+            labels: dict[str, tuple[tuple[str, str], ...]] = {}
+
+            def labels_of(handle: H) -> tuple[tuple[str, str], ...]:
+                digest = handle.manifest_digest
+                if digest not in labels:
+                    manifest = state.manifest(digest)
+                    labels[digest] = () if manifest is None else manifest.content.config.labels
+                return labels[digest]
+
+            return select.apply(handles, labels_of)
+
     def inspect(self, reference: str) -> ImageDetail[ImageHandle]:
         ref = canonical(reference)
         with self.snapshot() as state:
@@ -301,16 +319,20 @@ class ImageCacheService:
             )
         answer: dict[str, Any] = {"reference": ref, "as_of": position}
         if record is not None and manifest is not None:
+            # A pull of it, or a tag that gave it its name (the source's history holds the
+            # tags it was the source of: those did not make this name).
             made = next(
                 (p, e)
                 for p, e in reversed(events)
-                if type(e).__name__ == "ImagePulled"
+                if type(e).__name__ in ("ImagePulled", "ImageTagged")
+                and e.reference == ref
                 and e.content.manifest_digest == record.manifest_digest
             )
+            source = getattr(made[1], "source", None) or f"tag of {made[1].source_reference}"
             answer.update(
                 present=True,
                 manifest_digest=record.manifest_digest,
-                made_by=_cited(made[0], made[1], source=made[1].source),
+                made_by=_cited(made[0], made[1], source=source),
                 leases=leases,
                 other_references=[r for r in manifest.references if r != ref],
             )
@@ -581,6 +603,38 @@ class ImageCacheService:
                     raise ImageNotFoundError(ref)
                 images.append((ref, record.manifest_digest))
         self.archives.save(images, destination, format=format)
+
+    # ------------------------------------------------------------------ names
+
+    def tag(self, source: str, target: str) -> ImageHandle:
+        """`target` names the image `source` names, as `docker tag` does: recorded as
+        `ImageTagged` (the new name's created_at is now, unless it already existed: a name
+        that named another image is moved, as a re-pull moves it). A `source` that is not
+        cached is `ImageNotFoundError`; a `target` that is a digest reference is refused
+        (`InvalidReferenceError`): a digest already names its manifest, a tag names it
+        again. Tagging a name as itself records nothing."""
+        self.writable("tag")
+        src = canonical(source)
+        parsed = Reference.parse(target)
+        if parsed.digest is not None:
+            msg = f"cannot tag as {parsed}: a digest reference is not a name to give; use a tag"
+            raise InvalidReferenceError(msg)
+        dst = str(parsed)
+
+        def decide(state: Snapshot, batch: Batch, now: datetime) -> None:
+            record = state.reference(src)
+            manifest = None if record is None else state.manifest(record.manifest_digest)
+            if manifest is None:
+                raise ImageNotFoundError(src)
+            if dst != src:
+                batch.tagged(dst, src, manifest.content)
+
+        self._commit(decide)
+        with self.snapshot() as state:
+            record = state.reference(dst)
+        if record is None:  # removed by another process since
+            raise ImageNotFoundError(dst)
+        return record.handle()
 
     # ------------------------------------------------------------------ leases
 

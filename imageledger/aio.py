@@ -14,9 +14,10 @@ import os
 import weakref
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import BinaryIO, ClassVar, Literal
+from typing import BinaryIO, ClassVar, Literal, Unpack
 
 from imageledger.cache import ImageCache
+from imageledger.domain.filters import ListFilters
 from imageledger.domain.model import CachedImage, ImageDetail, ImagePruneReport
 from imageledger.storage.registry import PullProgress
 from imageledger.storage.registryoptions import RegistryOptions
@@ -98,9 +99,20 @@ class Image:
         return _owner(c).bind(await asyncio.to_thread(c.get, reference))
 
     @classmethod
-    async def list(cls, *, cache: ImageCache | None = None) -> builtins.list[AsyncImageHandle]:
+    async def list(
+        cls, *, cache: ImageCache | None = None, **filters: Unpack[ListFilters]
+    ) -> builtins.list[AsyncImageHandle]:
+        """Every cached image, newest first; the filters as `ImageCache.list`'s."""
         c = cls._cache(cache)
-        return await asyncio.to_thread(c.list_for, _owner(c), AsyncImageHandle)
+        return await asyncio.to_thread(lambda: c.list_for(_owner(c), AsyncImageHandle, **filters))
+
+    @classmethod
+    async def tag(
+        cls, source: str, target: str, *, cache: ImageCache | None = None
+    ) -> AsyncImageHandle:
+        """`ImageCache.tag`: a second name for a cached image."""
+        c = cls._cache(cache)
+        return _owner(c).bind(await asyncio.to_thread(c.tag, source, target))
 
     @classmethod
     async def inspect(

@@ -17,7 +17,7 @@ import socket
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, BinaryIO, Literal
+from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Unpack
 
 from imageledger._version import __version__
 from imageledger.domain.errors import (
@@ -27,6 +27,7 @@ from imageledger.domain.errors import (
     LedgerError,
     LedgerReadOnlyError,
 )
+from imageledger.domain.filters import ListFilters, image_filter
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
     Actor,
@@ -244,18 +245,32 @@ class ImageCache(_Queries):
 
     # -- queries --------------------------------------------------------------------------
 
-    def list(self) -> builtins.list[ImageHandle]:
-        """Every cached reference, newest first (semantics 3).
+    def list(self, **filters: Unpack[ListFilters]) -> builtins.list[ImageHandle]:
+        """Every cached reference, newest first (semantics 3); with filters, those that pass
+        them all, Docker's image filters by their names (`domain.filters`): `reference`
+        patterns (any may match), `dangling` (True: named by digest only), `before` / `since`
+        a cached reference (older / newer than it), `label` ``KEY`` or ``KEY=VALUE`` (every one
+        must hold). A filter that cannot mean anything is `InvalidFilterError`; a `before` or
+        `since` image that is not cached, `ImageNotFoundError`.
 
-        Memoised per process while the ledger position is unchanged (handles are immutable),
-        so a runtime listing on every sandbox start pays one read of the position when nothing
-        changed; any commit, in any process, moves the position and invalidates it."""
-        return self.list_for(self, ImageHandle)
+        Unfiltered, it is memoised per process while the ledger position is unchanged
+        (handles are immutable), so a runtime listing on every sandbox start pays one read
+        of the position when nothing changed; any commit, in any process, moves the position
+        and invalidates it."""
+        return self.list_for(self, ImageHandle, **filters)
 
-    def list_for(self, owner: object, cls: type[H]) -> builtins.list[H]:
+    def list_for(
+        self, owner: object, cls: type[H], **filters: Unpack[ListFilters]
+    ) -> builtins.list[H]:
         """list() as handles of class `cls` whose `inspect()`/`remove()` call `owner` (this
         cache, or the asyncio facade's owner: `imageledger.aio`). Each owner keeps its own
         memos, so its handles stay its own (and the same objects while unchanged)."""
+        select = image_filter(**filters)
+        if not select.empty:
+            chosen = self._service.select(select, self._handle_memos.setdefault(owner, {}), cls)
+            for handle in chosen:
+                object.__setattr__(handle, "_owner", owner)
+            return chosen
         memo = self._list_memos.get(owner)
         position, handles = self._service.list(
             memo[0] if memo is not None else None, self._handle_memos.setdefault(owner, {}), cls
@@ -270,6 +285,15 @@ class ImageCache(_Queries):
         return builtins.list(handles)
 
     # -- commands -------------------------------------------------------------------------
+
+    def tag(self, source: str, target: str) -> ImageHandle:
+        """Give the cached image `source` names a second name, `target`, as `docker tag`
+        does; returns the new name's handle. Recorded as its own event (`ImageTagged`: who
+        named what, from which name); the new name's created_at is now. A `target` that
+        already names an image is moved to this one (as a re-pull moves it); removing either
+        name later leaves the other. `ImageNotFoundError` when `source` is not cached;
+        `InvalidReferenceError` when `target` is a digest reference."""
+        return self._bind(self._service.tag(source, target))
 
     def use(self, reference: str, holder: str) -> ImageHandle:
         """`holder` (a sandbox id, a snapshot id) now uses the image: it cannot be removed
@@ -460,7 +484,11 @@ class PastImageCache(_Queries):
         assert service.past is not None
         self.position: int = service.past
 
-    def list(self) -> builtins.list[ImageHandle]:
+    def list(self, **filters: Unpack[ListFilters]) -> builtins.list[ImageHandle]:
+        """As `ImageCache.list`, filters included, as the cache was then."""
+        select = image_filter(**filters)
+        if not select.empty:
+            return [self._bind(h) for h in self._service.select(select, {}, ImageHandle)]
         _position, handles = self._service.list(None, {}, ImageHandle)
         assert handles is not None
         return [self._bind(h) for h in handles]

@@ -165,7 +165,17 @@ def mark(view: ViewRecords, event: Any, position: int) -> None:
     view.put("meta", b"format", FORMAT)
 
 
-def _pulled(view: ViewRecords, event: ImageLedger.ImagePulled, position: int, at: int) -> None:
+def _pulled(
+    view: ViewRecords,
+    event: ImageLedger.ImagePulled | ImageLedger.ImageTagged,
+    position: int,
+    at: int,
+    *,
+    use: bool = True,
+) -> None:
+    """`event.reference` names `event.content` from now on. A pull is a use of the image
+    (its manifest's last use moves); a tag (`use` false) is not, but the name it makes or
+    moves is new: its created_at (when it had none) and last_used_at are the tag's time."""
     view.put("meta", b"shown", position)
     content = event.content
     digest = content.manifest_digest
@@ -183,7 +193,8 @@ def _pulled(view: ViewRecords, event: ImageLedger.ImagePulled, position: int, at
         if view.get("configs", config) is None:
             view.put("configs", config, config_to_array(content.config))
     manifest["refs"] = _insert(manifest["refs"], reference)
-    manifest["u"] = at
+    if use:
+        manifest["u"] = at
     view.put("manifests", digest.encode(), manifest)
 
     ref = view.get("refs", reference.encode())
@@ -202,6 +213,10 @@ def _pulled(view: ViewRecords, event: ImageLedger.ImagePulled, position: int, at
         view.put("index", reference.encode(), index_entry(reference, content))
     ref["u"] = at
     _put_ref(view, reference, ref, event.timestamp)
+
+
+def _tagged(view: ViewRecords, event: ImageLedger.ImageTagged, position: int, at: int) -> None:
+    _pulled(view, event, position, at, use=False)
 
 
 def _put_ref(view: ViewRecords, reference: str, ref: dict[str, Any], used: datetime) -> None:
@@ -309,6 +324,7 @@ def _pruned(view: ViewRecords, event: ImageLedger.ImagesPruned, position: int, a
 # By the event class's name, its stored topic (see `domain.history` for why not the class).
 _HANDLERS: Final[dict[str, Any]] = {
     "ImagePulled": _pulled,
+    "ImageTagged": _tagged,
     "ImageUsed": _used,
     "HolderReleased": _released,
     "ImageRemoved": _removed,

@@ -7,7 +7,9 @@ index.position          the position of the views index.json shows; index.lock
 blobs/<alg>/<hex>       verified content
 tmp/<lease>/            an in-flight pull's or load's work directory (partial files)
 tmp/leases/<id>.lease   in-flight leases; tmp/locks/ per-blob download locks
-artifacts/              materialized artifacts (fsmeta, VMDK)
+artifacts/layers/<hex>.erofs      a layer blob's EROFS image (named by the blob's digest)
+artifacts/images/<hex>.fsmeta     a manifest's fsmeta (its merged tree, metadata only)
+artifacts/images/<hex>.vmdk       its VMDK descriptor (fsmeta then the layers, absolute paths)
 audit/signer.key        the audit log's signing key (0600 in a 0700 directory)
 store.lock              serialises deletes against pull commits across processes
 rebuild.lock            one rebuild of the views at a time
@@ -59,6 +61,25 @@ OWN_NAMES: Final = frozenset(
 )
 # imageledger's own directories in tmp/, beside the work directories of leases.
 TMP_OWN: Final = frozenset({LEASES, LOCKS})
+
+
+ARTIFACT_LAYERS: Final = "layers"  # under artifacts/
+ARTIFACT_IMAGES: Final = "images"  # under artifacts/
+EROFS_SUFFIX: Final = ".erofs"
+FSMETA_SUFFIX: Final = ".fsmeta"
+VMDK_SUFFIX: Final = ".vmdk"
+
+
+def layer_artifact(blob_digest: str) -> str:
+    """Where the EROFS image of layer blob `blob_digest` (a validated digest) goes, as a
+    path in the home: by the blob's digest, so that the blob and its image go together."""
+    return f"{ARTIFACTS}/{ARTIFACT_LAYERS}/{blob_digest.partition(':')[2]}{EROFS_SUFFIX}"
+
+
+def image_artifact(manifest_digest: str, suffix: str) -> str:
+    """Where manifest `manifest_digest`'s fsmeta or VMDK (`suffix`) goes, as a path in the
+    home."""
+    return f"{ARTIFACTS}/{ARTIFACT_IMAGES}/{manifest_digest.partition(':')[2]}{suffix}"
 
 
 def work_dir(lease: str) -> str:

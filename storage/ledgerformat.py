@@ -58,6 +58,7 @@ from imageledger.storage.transcoder import UndecodableDataError
 CLASSES: Final[dict[str, type[Any]]] = {
     "Started": ImageLedger.Started,
     "ImagePulled": ImageLedger.ImagePulled,
+    "ImageTagged": ImageLedger.ImageTagged,
     "PullFailed": ImageLedger.PullFailed,
     "ImageUsed": ImageLedger.ImageUsed,
     "HolderReleased": ImageLedger.HolderReleased,
@@ -70,6 +71,7 @@ TOPICS: Final[dict[type[Any], str]] = {cls: name for name, cls in CLASSES.items(
 FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "Started": (),
     "ImagePulled": ("reference", "source", "content", "cached"),
+    "ImageTagged": ("reference", "source_reference", "content"),
     "PullFailed": ("reference", "source", "error"),
     "ImageUsed": ("reference", "manifest_digest", "holder"),
     "HolderReleased": ("holder", "leases"),
@@ -355,6 +357,13 @@ def _read_pulled(mapper: LedgerMapper, state: list[Any], values: dict[str, Any])
     values["cached"] = _flag(cached, "cached")
 
 
+def _read_tagged(mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
+    reference, source_reference, content = state[2:]
+    values["reference"] = _str(reference, "reference")
+    values["source_reference"] = _str(source_reference, "source_reference")
+    values["content"] = mapper._content(content)
+
+
 def _read_pull_failed(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
     reference, source, error = state[2:]
     values["reference"] = _str(reference, "reference")
@@ -414,6 +423,7 @@ def _read_pruned(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any]
 _READERS: Final[dict[str, Reader]] = {
     "Started": _read_started,
     "ImagePulled": _read_pulled,
+    "ImageTagged": _read_tagged,
     "PullFailed": _read_pull_failed,
     "ImageUsed": _read_used,
     "HolderReleased": _read_released,

@@ -14,6 +14,7 @@ import msgpack
 EVENT_FIELDS = {
     "Started": [],
     "ImagePulled": ["reference", "source", "content", "cached"],
+    "ImageTagged": ["reference", "source_reference", "content"],
     "PullFailed": ["reference", "source", "error"],
     "ImageUsed": ["reference", "manifest_digest", "holder"],
     "HolderReleased": ["holder", "leases"],
@@ -56,7 +57,7 @@ def read_history(ledger: Path) -> list[dict[str, Any]]:
                 names = EVENT_FIELDS[kind]
                 assert len(fields) == 2 + len(names), (kind, len(fields))
                 event.update(zip(names, fields[2:], strict=True))
-                if kind == "ImagePulled":
+                if kind in ("ImagePulled", "ImageTagged"):
                     event["content"] = _content(event["content"], configs)
                 events.append(event)
             return events

@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Final, NoReturn
 
+from imageledger.tools import human
 from imageledger.tools.logs import configure_logging_on_first_line, printable
 from imageledger.tools.progress import Progress
 
@@ -254,26 +255,62 @@ def _short(digest: str) -> str:
 
 
 def cmd_images(cache: ImageCache, args: argparse.Namespace) -> int:
-    handles = cache.list()
+    handles = cache.list(**image_filters(args.filter))
+    if args.quiet:
+        for h in handles:
+            _say(h.reference)
+        return EXIT_OK
     if args.json:
         print(rows_json([handle_json(h) for h in handles]))
         return EXIT_OK
+    now = datetime.now(UTC)
+    exact = args.no_trunc
     _table(
         [
             (
                 h.reference,
-                _short(h.manifest_digest),
+                h.manifest_digest if exact else human.short_digest(h.manifest_digest),
                 f"{h.os}/{h.architecture}",
                 h.layer_count,
-                h.size_bytes,
-                rfc3339(h.created_at),
-                rfc3339(h.last_used_at),
+                h.size_bytes if exact else human.size(h.size_bytes),
+                rfc3339(h.created_at) if exact else human.age(h.created_at, now),
+                rfc3339(h.last_used_at) if exact else human.age(h.last_used_at, now),
             )
             for h in handles
         ],
         ("REFERENCE", "MANIFEST", "PLATFORM", "LAYERS", "SIZE", "CREATED", "LAST USED"),
     )
     return EXIT_OK
+
+
+def image_filters(given: Sequence[str]) -> dict[str, Any]:
+    """``--filter KEY=VALUE`` options as `ImageCache.list`'s keywords, by Docker's names
+    (reference, dangling, before, since, label; see `imageledger.domain.filters`). A filter
+    that is not KEY=VALUE, an unknown key, or a `dangling` that is not true/false/1/0 (or is
+    both) is `UsageError` (exit 2), one line naming it."""
+    values: dict[str, list[str]] = {}
+    for text in given:
+        key, equals, value = text.partition("=")
+        if not equals or not key:
+            msg = f"bad format of filter {quoted(text)} (expected name=value)"
+            raise UsageError(msg)
+        if key not in _FILTER_NAMES:
+            msg = f"invalid filter {quoted(key)}: use one of {', '.join(_FILTER_NAMES)}"
+            raise UsageError(msg)
+        values.setdefault(key, []).append(value)
+    keywords: dict[str, Any] = {k: v for k, v in values.items() if k != "dangling"}
+    if "dangling" in values:
+        truth = {v.lower() for v in values["dangling"]}
+        yes, no = bool(truth & {"true", "1"}), bool(truth & {"false", "0"})
+        if yes == no or truth - {"true", "1", "false", "0"}:
+            shown = ", ".join(quoted(v) for v in values["dangling"])
+            msg = f"invalid filter dangling={shown}: give dangling=true or dangling=false"
+            raise UsageError(msg)
+        keywords["dangling"] = yes
+    return keywords
+
+
+_FILTER_NAMES: Final = ("reference", "dangling", "before", "since", "label")
 
 
 def cmd_inspect(cache: ImageCache, args: argparse.Namespace) -> int:
@@ -335,6 +372,21 @@ def cmd_pull(cache: ImageCache, args: argparse.Namespace) -> int:
 def cmd_save(cache: ImageCache, args: argparse.Namespace) -> int:
     destination: Any = sys.stdout.buffer if args.output == "-" else Path(args.output)
     cache.save(args.references, destination, format=args.format)
+    return EXIT_OK
+
+
+def cmd_tag(cache: ImageCache, args: argparse.Namespace) -> int:
+    handle = cache.tag(args.reference, args.target)
+    if args.json:
+        _print_json(handle_json(handle))
+    return EXIT_OK
+
+
+def cmd_completion(cache: None, args: argparse.Namespace) -> int:
+    from imageledger.tools import completion
+
+    parser = build_parser()
+    sys.stdout.write(completion.bash(parser) if args.shell == "bash" else completion.zsh(parser))
     return EXIT_OK
 
 
@@ -454,14 +506,16 @@ def cmd_history(cache: ImageCache, args: argparse.Namespace) -> int:
             ]
         )
         return EXIT_OK
+    now = datetime.now(UTC)
+    exact = args.no_trunc
     _table(
         [
             (
                 e.position,
-                rfc3339(e.at),
+                rfc3339(e.at) if exact else human.age(e.at, now),
                 e.event,
                 e.reference,
-                _short(e.manifest_digest),
+                e.manifest_digest if exact else human.short_digest(e.manifest_digest),
                 e.detail,
                 f"{e.user}@{e.host}",
             )
@@ -791,10 +845,11 @@ def cmd_df(cache: ImageCache, args: argparse.Namespace) -> int:
     if args.json:
         _print_json(usage)
     else:
+        shown: Callable[[int], object] = (lambda n: n) if args.no_trunc else human.size
         for kind, size in sorted(usage["bytes"].items()):
-            _say(f"{kind:10} {size}")
-        print(f"{'total':10} {usage['total_bytes']}")
-        print(f"{'reclaimable':10} {usage['reclaimable_bytes']}")
+            _say(f"{kind:10} {shown(size)}")
+        print(f"{'total':10} {shown(usage['total_bytes'])}")
+        print(f"{'reclaimable':10} {shown(usage['reclaimable_bytes'])}")
     return EXIT_OK
 
 
@@ -835,8 +890,118 @@ class _Parser(argparse.ArgumentParser):
         raise UsageError(one_line(message))
 
 
+# `imageledger COMMAND --help` ends with these (`audit SUB` under "audit SUB"): what people
+# type, as `git` and `docker` help pages show it.
+EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
+    "": (
+        "imageledger pull alpine:3.19",
+        "imageledger images --filter reference='alpine*'",
+        "imageledger --home /var/lib/sandboxes/images df",
+        "source <(imageledger completion bash)",
+    ),
+    "images": (
+        "imageledger images",
+        "imageledger images --filter reference=alpine --filter reference='acme/*'",
+        "imageledger images --filter dangling=true --quiet",
+        "imageledger images --filter since=app:1 --filter label=org.example.team=infra",
+        "imageledger images --no-trunc",
+        "imageledger images --json --at 2026-12-05T03:12Z",
+    ),
+    "inspect": ("imageledger inspect alpine:3.19", "imageledger inspect app:1 --at 1200"),
+    "load": (
+        "imageledger load hello.tar",
+        "imageledger load ./oci-layout --tag app:1",
+        "docker save app:1 | imageledger load -",
+    ),
+    "materialize": (
+        "imageledger materialize alpine:3.19",
+        "imageledger materialize app:1 --json",
+    ),
+    "pull": (
+        "imageledger pull alpine:3.19 --materialize",
+        "imageledger pull ghcr.io/owner/app:1.2 --platform linux/arm64",
+        "imageledger pull 127.0.0.1:5000/app:1 --insecure-registry 127.0.0.1:5000 --json",
+    ),
+    "save": (
+        "imageledger save app:1 -o app.tar",
+        "imageledger save app:1 db:2 -o images.tar --format oci",
+    ),
+    "tag": (
+        "imageledger tag alpine:3.19 registry.example.com/base/alpine:stable",
+        "imageledger tag app@sha256:<hex> app:pinned",
+    ),
+    "use": ("imageledger use app:1 --holder sandbox-42",),
+    "release": ("imageledger release sandbox-42",),
+    "rm": ("imageledger rm app:1", "imageledger rm --force app:1 db:2"),
+    "prune": (
+        "imageledger prune --dry-run",
+        "imageledger prune --unused-for 7d --keep 'docker.io/library/*'",
+        "imageledger prune --max-bytes 10000000000 --json",
+    ),
+    "gc": (
+        "imageledger gc --high-threshold 85 --low-threshold 80",
+        "imageledger gc --high-threshold 85 --low-threshold 80 --min-age 2m --dry-run",
+    ),
+    "history": (
+        "imageledger history",
+        "imageledger history app:1 --no-trunc",
+        "imageledger history --at 1200 --json",
+    ),
+    "events": (
+        "imageledger events --ref app:1 --since 2026-12-05",
+        "imageledger events --type ImagePulled --type ImageTagged --json",
+        "imageledger events --follow",
+    ),
+    "explain": ("imageledger explain app:1", "imageledger explain app:1 --at 2026-12-05T03:12Z"),
+    "diff": ("imageledger diff 1200 2026-12-05T03:12Z",),
+    "rebuild": ("imageledger rebuild --verify",),
+    "verify": ("imageledger verify", "imageledger verify --repair --json"),
+    "df": ("imageledger df", "imageledger df --no-trunc", "imageledger df --json"),
+    "audit": ("imageledger audit verify", "imageledger audit report --since 2026-12-01 --csv"),
+    "audit key": ("imageledger audit key",),
+    "audit checkpoint": ("imageledger audit checkpoint --json",),
+    "audit verify": ("imageledger audit verify", "imageledger audit verify --key VKEY"),
+    "audit export": (
+        "imageledger audit export --jsonl > export.jsonl",
+        "imageledger audit export --jsonl --from 10 --to 50",
+        "imageledger audit export --tiles ./tiles",
+    ),
+    "audit verify-export": ("imageledger audit verify-export export.jsonl --key VKEY",),
+    "audit report": ("imageledger audit report --since 2026-12-01 --ref app:1 --csv",),
+    "audit prove": (
+        "imageledger audit prove --event 42",
+        "imageledger audit prove --from 10 --to 50",
+    ),
+    "migrate": ("imageledger migrate",),
+    "demo": ("imageledger demo", "imageledger demo --keep"),
+    "bench": ("imageledger bench --quick", "imageledger bench cache"),
+    "completion": (
+        "source <(imageledger completion bash)",
+        "imageledger completion bash > /etc/bash_completion.d/imageledger",
+        'imageledger completion zsh > "${fpath[1]}/_imageledger"',
+    ),
+    "login": ("imageledger login registry.example.com -u me --password-stdin < token.txt",),
+    "logout": ("imageledger logout registry.example.com",),
+}
+
+
+def _epilog(name: str) -> str | None:
+    examples = EXAMPLES.get(name)
+    if not examples:
+        return None
+    return "examples:\n" + "\n".join(f"  {line}" for line in examples)
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = _Parser(prog="imageledger", description=__doc__.splitlines()[0])
+    from imageledger._version import __version__
+
+    parser = _Parser(
+        prog="imageledger",
+        description=__doc__.splitlines()[0],
+        epilog=_epilog(""),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--version", action="version", version=f"imageledger {__version__}")
     parser.add_argument(
         "--home",
         default=None,
@@ -845,15 +1010,32 @@ def build_parser() -> argparse.ArgumentParser:
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, run: Callable[..., int], help_: str, *, json_flag: bool = True) -> Any:
-        sub = commands.add_parser(name, help=help_)
+        sub = commands.add_parser(
+            name,
+            help=help_,
+            epilog=_epilog(name),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         if json_flag:
             sub.add_argument("--json", action="store_true", help="machine-readable output")
         sub.set_defaults(run=run)
         return sub
 
     at_help = "as the cache was at a ledger position or an ISO 8601 time (UTC by default)"
+    no_trunc_help = "exact values: whole digests, sizes in bytes, RFC 3339 times"
     images = add("images", cmd_images, "list cached images, newest first")
     images.add_argument("--at", type=position_or_time, metavar="POSITION|TIME", help=at_help)
+    images.add_argument(
+        "-f",
+        "--filter",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="docker's image filters (repeatable): reference=PATTERN, dangling=true|false, "
+        "before=REF, since=REF, label=KEY[=VALUE]",
+    )
+    images.add_argument("-q", "--quiet", action="store_true", help="print references only")
+    images.add_argument("--no-trunc", action="store_true", help=no_trunc_help)
     inspect_ = add("inspect", cmd_inspect, "show an image's config and layers")
     inspect_.add_argument("reference")
     inspect_.add_argument("--at", type=position_or_time, metavar="POSITION|TIME", help=at_help)
@@ -892,6 +1074,9 @@ def build_parser() -> argparse.ArgumentParser:
     save.add_argument("references", nargs="+")
     save.add_argument("-o", "--output", required=True, help="archive path, - for stdout")
     save.add_argument("--format", choices=("docker", "oci"), default="docker")
+    tag = add("tag", cmd_tag, "give a cached image another name (as docker tag)")
+    tag.add_argument("reference", metavar="SOURCE", help="a cached reference")
+    tag.add_argument("target", metavar="TARGET", help="the new name (a tag, not a digest)")
     use = add("use", cmd_use, "lease an image for a holder (a sandbox, a snapshot)")
     use.add_argument("reference")
     use.add_argument("--holder", required=True)
@@ -958,6 +1143,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     gc_.add_argument("--dry-run", action="store_true", help="say what would go, remove nothing")
     history = add("history", cmd_history, "the ledger's events (of one reference)")
+    history.add_argument("--no-trunc", action="store_true", help=no_trunc_help)
     history.add_argument("reference", nargs="?")
     history.add_argument("--at", type=position_or_time, metavar="POSITION|TIME", help=at_help)
     events = add("events", cmd_events, "the ledger's events, filtered; --follow for new ones")
@@ -999,14 +1185,23 @@ def build_parser() -> argparse.ArgumentParser:
         help="delete damaged blobs, so that the next pull or load fetches them again",
     )
     df = add("df", cmd_df, "disk usage by kind and what prune would reclaim")
+    df.add_argument("--no-trunc", action="store_true", help="sizes in bytes")
     df.add_argument("--at", type=position_or_time, metavar="POSITION|TIME", help=at_help)
     audit = commands.add_parser(
-        "audit", help="the ledger as a transparency log: keys, checkpoints, verify, proofs"
+        "audit",
+        help="the ledger as a transparency log: keys, checkpoints, verify, proofs",
+        epilog=_epilog("audit"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     audits = audit.add_subparsers(dest="audit_command", required=True, parser_class=_Parser)
 
     def add_audit(name: str, run: Callable[..., int], help_: str) -> Any:
-        sub = audits.add_parser(name, help=help_)
+        sub = audits.add_parser(
+            name,
+            help=help_,
+            epilog=_epilog(f"audit {name}"),
+            formatter_class=argparse.RawDescriptionHelpFormatter,
+        )
         sub.add_argument("--json", action="store_true", help="machine-readable output")
         sub.set_defaults(run=run)
         return sub
@@ -1020,7 +1215,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--key", metavar="VKEY", help="verifier key to check the signatures with"
     )
     export = audits.add_parser(
-        "export", help="the log as JSON Lines, then the checkpoint that covers it"
+        "export",
+        help="the log as JSON Lines, then the checkpoint that covers it",
+        epilog=_epilog("audit export"),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     export.add_argument("--jsonl", action="store_true", help="one JSON object per event")
     export.add_argument("--tiles", metavar="DIR", help="a C2SP tlog-tiles directory")
@@ -1053,6 +1251,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_argument("--keep", action="store_true", help="keep the demo home")
     demo.set_defaults(needs_cache=False)
+    completion = add(
+        "completion", cmd_completion, "print a shell completion script", json_flag=False
+    )
+    completion.add_argument("shell", choices=("bash", "zsh"))
+    completion.set_defaults(needs_cache=False)
     bench = add("bench", cmd_bench, "benchmarks (see docs/benchmarks.md)", json_flag=False)
     bench.add_argument("--quick", action="store_true", help="with no benchmark named: short runs")
     bench.add_argument("--json", action="store_true", help="with no benchmark named: JSON")
@@ -1116,7 +1319,7 @@ def _main(argv: Sequence[str] | None) -> int:
 # home: reading never creates one (a mistyped --home must not look like an empty cache).
 _CREATING: Final = frozenset({"load", "pull"})
 # Commands that append to the ledger: each signs a checkpoint of it before it exits.
-_APPENDING: Final = frozenset({"load", "pull", "use", "release", "rm", "prune", "gc"})
+_APPENDING: Final = frozenset({"load", "pull", "use", "release", "rm", "prune", "gc", "tag"})
 
 
 def _command(cache: ImageCache, args: argparse.Namespace) -> int:
