@@ -21,10 +21,10 @@ mkfs.erofs's time, counting our decompression; memory flat in the layer's size.
 from __future__ import annotations
 
 import argparse
+import gzip
 import hashlib
 import io
 import json
-import os
 import platform
 import random
 import resource
@@ -87,11 +87,9 @@ def make_blob(root: Path, blob: Path) -> tuple[str, int]:
             self.sink.write(data)
             return len(data)
 
-    import gzip
-
     with blob.open("wb") as raw, gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) as gz:
         sink = Hashing(gz)
-        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:  # type: ignore[call-overload]
+        with tarfile.open(fileobj=sink, mode="w|", format=tarfile.PAX_FORMAT) as tar:
             for path in sorted(root.rglob("*")):
                 info = tar.gettarinfo(str(path), arcname=str(path.relative_to(root)))
                 info.uid = info.gid = 0
