@@ -860,10 +860,18 @@ def cmd_demo(cache: ImageCache | None, args: argparse.Namespace) -> int:
 
 
 def cmd_bench(cache: ImageCache | None, args: argparse.Namespace) -> int:
-    from imageledger.tools import bench_audit, bench_cache, bench_cli, bench_ledger, bench_pull
+    from imageledger.tools import (
+        bench_audit,
+        bench_cache,
+        bench_cli,
+        bench_erofs,
+        bench_ledger,
+        bench_pull,
+    )
 
     benches = {
         "audit": bench_audit.main,
+        "erofs": bench_erofs.main,
         "ledger": bench_ledger.main,
         "cache": bench_cache.main,
         "pull": bench_pull.main,
