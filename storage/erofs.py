@@ -333,6 +333,8 @@ class _Layer:
                 assert read is not None
                 node.blkaddr = self.block
                 self.block += self._copy(read, member.size, name)
+                if self.block > fmt.MAX_BLOCKS:
+                    raise LayerRejectedError("layer: its files are over the 16 TiB EROFS holds")
         elif member.issym():
             link = _bytes(member.linkname)
             if not link or len(link) > MAX_SYMLINK or b"\0" in link:
@@ -343,6 +345,11 @@ class _Layer:
             node.target = link
         elif member.ischr() or member.isblk():
             node.mode = (stat.S_IFCHR if member.ischr() else stat.S_IFBLK) | meta.perm
+            if not (0 <= member.devmajor < 1 << 12 and 0 <= member.devminor < 1 << 20):
+                raise LayerRejectedError(
+                    f"layer device {_show(name)}: {member.devmajor}:{member.devminor} is not a"
+                    " Linux device number"
+                )
             node.rdev = fmt.encode_dev(member.devmajor, member.devminor)
         elif member.isfifo():
             node.mode = stat.S_IFIFO | meta.perm

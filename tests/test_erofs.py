@@ -507,6 +507,7 @@ HOSTILE: dict[str, list[E]] = {
     "empty symlink": [E(b"l", "symlink", link=b"")],
     "a whiteout of nothing": [E(b"d/.wh.", data=b"")],
     "root replaced by a file": [E(b"./", "file", data=b"x")],
+    "device number Linux has not": [E(b"d", "chr", dev=(1, 1 << 20))],
 }
 
 
