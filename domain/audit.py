@@ -512,6 +512,20 @@ def _pruned(f: dict[str, Any]) -> list[Row]:
     return rows or [_row("prune", "", "", f"{what}: nothing to remove")]
 
 
+def _materialized(f: dict[str, Any]) -> list[Row]:
+    erofs = f["erofs"]
+    outcome = (
+        f"layer {f['diff_id']}: {erofs['path']}, {erofs['size']} bytes, by {f['materializer']}"
+    )
+    return [_row("materialize", f["reference"], f["manifest_digest"], outcome)]
+
+
+def _stitched(f: dict[str, Any]) -> list[Row]:
+    fsmeta, vmdk = f["fsmeta"], f["vmdk"]
+    outcome = f"stitched: {fsmeta['path']}, {vmdk['path']}, by {f['materializer']}"
+    return [_row("materialize", f["reference"], f["manifest_digest"], outcome)]
+
+
 # The report's rows of each event type (its stored fields as `AuditLog.entries` gives them);
 # `Started` (the home came into use) makes none.
 _ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
@@ -523,6 +537,8 @@ _ROWS: dict[str, Callable[[dict[str, Any]], list[Row]]] = {
     "ImageRemoved": _removed,
     "RemoveRefused": _refused,
     "ImagesPruned": _pruned,
+    "LayerMaterialized": _materialized,
+    "ImageStitched": _stitched,
 }
 
 

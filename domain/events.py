@@ -29,6 +29,7 @@ from eventsourcing.utils import get_topic
 
 from imageledger.domain.model import (
     Actor,
+    ArtifactFile,
     DeletedBlob,
     ImageConfig,
     ImageContent,
@@ -122,6 +123,32 @@ class ImageLedger(Aggregate):
         deleted: tuple[DeletedBlob, ...]
         bytes_reclaimed: int
 
+    class LayerMaterialized(Event):
+        """The layer `blob_digest` (uncompressed: `diff_id`) of `reference`'s manifest is now
+        an EROFS image, `erofs`, written by the materializer named `materializer`. Recorded
+        only once the file is whole, fsynced and in its place: a crash before leaves a file
+        the ledger does not account for, which the next prune reclaims."""
+
+        reference: str
+        manifest_digest: str
+        blob_digest: str
+        diff_id: str
+        erofs: ArtifactFile
+        materializer: str
+
+    class ImageStitched(Event):
+        """`reference`'s manifest is bootable: `fsmeta` (its merged tree, pointing into the
+        layer images whose EROFS digests `layers` lists bottom to top) and `vmdk` (the
+        descriptor joining fsmeta and the layers, by absolute paths) are in place, written by
+        `materializer`. A later one for the same manifest replaces it (a moved home)."""
+
+        reference: str
+        manifest_digest: str
+        fsmeta: ArtifactFile
+        vmdk: ArtifactFile
+        layers: tuple[str, ...]
+        materializer: str
+
     def __init__(self, *, actor: Actor) -> None:
         """The aggregate is never loaded or built: see the module docstring and `Batch`."""
 
@@ -191,6 +218,44 @@ class Batch:
             reference=reference,
             source_reference=source_reference,
             content=content,
+        )
+
+    def layer_materialized(
+        self,
+        reference: str,
+        manifest_digest: str,
+        blob_digest: str,
+        diff_id: str,
+        erofs: ArtifactFile,
+        materializer: str,
+    ) -> None:
+        self._add(
+            ImageLedger.LayerMaterialized,
+            reference=reference,
+            manifest_digest=manifest_digest,
+            blob_digest=blob_digest,
+            diff_id=diff_id,
+            erofs=erofs,
+            materializer=materializer,
+        )
+
+    def stitched(
+        self,
+        reference: str,
+        manifest_digest: str,
+        fsmeta: ArtifactFile,
+        vmdk: ArtifactFile,
+        layers: tuple[str, ...],
+        materializer: str,
+    ) -> None:
+        self._add(
+            ImageLedger.ImageStitched,
+            reference=reference,
+            manifest_digest=manifest_digest,
+            fsmeta=fsmeta,
+            vmdk=vmdk,
+            layers=layers,
+            materializer=materializer,
         )
 
     def pull_failed(self, reference: str, source: str, error: str) -> None:
@@ -292,6 +357,7 @@ TRANSCODINGS: Final = (
             ImageContent,
             DeletedBlob,
             RemovedReference,
+            ArtifactFile,
         )
     ),
     # `only_dangling` was never set (always false) and is gone from the policy.

@@ -32,7 +32,7 @@ def mentions(event: Any) -> list[tuple[str, str]]:
         if source != event.reference:
             named.append((source, digest))
         return named
-    if name in ("ImageUsed", "ImageRemoved", "RemoveRefused"):
+    if name in ("ImageUsed", "ImageRemoved", "RemoveRefused", "LayerMaterialized", "ImageStitched"):
         return [(event.reference, event.manifest_digest)]
     if name == "HolderReleased":
         return list(event.leases)
@@ -69,6 +69,13 @@ _DETAILS: Final[dict[str, Callable[[Any, str], str]]] = {
         f"from {e.source_reference}" if reference == e.reference else f"as {e.reference}"
     ),
     "ImageUsed": lambda e, _: f"by {e.holder}",
+    "LayerMaterialized": lambda e, _: (
+        f"layer {e.diff_id} as {e.erofs.path} ({e.erofs.size} bytes, {e.materializer})"
+    ),
+    "ImageStitched": lambda e, _: (
+        f"{len(e.layers)} layers: {e.fsmeta.path} ({e.fsmeta.size} bytes), {e.vmdk.path} "
+        f"({e.vmdk.size} bytes), {e.materializer}"
+    ),
     "HolderReleased": lambda e, _: f"by {e.holder}",
     "ImageRemoved": _removed_detail,
     "RemoveRefused": lambda e, _: "in use by " + ", ".join(e.holders),

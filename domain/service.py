@@ -20,6 +20,7 @@ import collections
 import contextlib
 import copy
 import dataclasses
+import hashlib
 import operator
 import random
 import threading
@@ -39,6 +40,7 @@ from imageledger.domain.errors import (
     InvalidReferenceError,
     LedgerError,
     LedgerReadOnlyError,
+    MaterializeError,
     PlatformNotFoundError,
 )
 from imageledger.domain.filters import ImageFilter
@@ -46,8 +48,10 @@ from imageledger.domain.history import ledger_entry, reference_entries
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
     Actor,
+    ArtifactFile,
     BlobProblem,
     DeletedBlob,
+    DeletedKind,
     GcPolicy,
     H,
     HistoryEntry,
@@ -56,10 +60,16 @@ from imageledger.domain.model import (
     ImageHandle,
     ImageLayer,
     ImagePruneReport,
+    Layer,
+    LayerArtifactRecord,
     LoadedImage,
+    ManifestRecord,
+    MaterializedImage,
+    MaterializedLayer,
     Platform,
     PrunePolicy,
     RebuildReport,
+    ReferenceRecord,
     StoreCheck,
 )
 from imageledger.domain.platforms import choose_platform
@@ -67,6 +77,7 @@ from imageledger.domain.policies import (
     MAX_BYTES,
     MAX_SECONDS,
     PrunePlan,
+    accounted_artifacts,
     content_freed,
     keep_patterns,
     plan_gc,
@@ -78,14 +89,18 @@ from imageledger.domain.ports import (
     ArchiveDestination,
     Archives,
     ArchiveSource,
+    ArtifactStore,
+    ArtifactWork,
     BlobStore,
     Leases,
     Ledger,
     LiveLeases,
+    Materializer,
     OciIndex,
     Puller,
     Snapshot,
     SourceStore,
+    StagedArtifact,
     StoreLock,
 )
 from imageledger.domain.reference import Reference, canonical
@@ -118,6 +133,7 @@ class ImageCacheService:
         home: str,
         read_only: bool = False,
         after_append: Callable[[], None] | None = None,
+        artifacts: ArtifactStore | None = None,
     ) -> None:
         self.ledger = ledger
         self.store = store
@@ -131,6 +147,8 @@ class ImageCacheService:
         self.read_only = read_only
         # Called after each committed append (the audit log signs a checkpoint now and then).
         self.after_append = after_append
+        # Where materialized artifacts go (None: this cache cannot materialize).
+        self.artifacts = artifacts
         # The position this service answers as of (`at`), None for the live cache.
         self.past: int | None = None
         self.closed = False
@@ -199,11 +217,12 @@ class ImageCacheService:
     def inspect(self, reference: str) -> ImageDetail[ImageHandle]:
         ref = canonical(reference)
         with self.snapshot() as state:
-            record = state.reference(ref)
-            manifest = None if record is None else state.manifest(record.manifest_digest)
-        if record is None or manifest is None:
-            raise ImageNotFoundError(ref)
-        content = manifest.content
+            record, manifest = _cached(state, ref)
+            content = manifest.content
+            erofs = {
+                layer.blob_digest: state.layer_artifact(layer.blob_digest)
+                for layer in content.layers
+            }
         return ImageDetail(
             handle=record.handle(),
             config=content.config,
@@ -213,7 +232,7 @@ class ImageCacheService:
                     blob_digest=layer.blob_digest,
                     media_type=layer.media_type,
                     compressed_size_bytes=layer.compressed_size_bytes,
-                    erofs_size_bytes=None,  # not materialized yet
+                    erofs_size_bytes=_erofs_size(erofs[layer.blob_digest]),
                     position=layer.position,
                 )
                 for layer in content.layers
@@ -636,6 +655,191 @@ class ImageCacheService:
             raise ImageNotFoundError(dst)
         return record.handle()
 
+    # ------------------------------------------------------------------ materializing
+
+    def materialize(self, reference: str, materializer: Materializer) -> MaterializedImage:
+        """Make `reference`'s image bootable by a microVM (see `ImageCache.materialize`): each
+        layer as an EROFS image, then the fsmeta and the VMDK joining them. What the ledger
+        records as materialized and is still on disk, whole in size, is used as it is; a VMDK
+        naming other paths (the home moved) is written again.
+
+        Each artifact is written in the work directory of an in-flight lease that claims the
+        image's blobs (a prune or remove spares them meanwhile), under a lock of its own (two
+        materializations of one layer, in any process, write it once: the second finds the
+        first's in the ledger), and is renamed into place and recorded under the store lock
+        (a prune never sees it in place and unrecorded). A crash leaves files the ledger does
+        not account for; the next prune reclaims them."""
+        self.writable("materialize")
+        artifacts = self._artifacts()
+        ref = canonical(reference)
+        with self.snapshot() as state:
+            _record, manifest = _cached(state, ref)
+        content = manifest.content
+        for layer in content.layers:
+            if layer.diff_id is None:
+                msg = f"{ref}: layer {layer.blob_digest} has no diff_id (its config lists none)"
+                raise MaterializeError(msg)
+        blobs = content.kinded_blobs()
+        with artifacts.working([digest for digest, _kind, _size in blobs]) as work:
+            # Claimed now: what is here stays until the lease ends; what is not was deleted
+            # (verify --repair, a remove racing the snapshot) and must be brought again.
+            for digest, _kind, size in blobs:
+                if self.store.size(digest) != size:
+                    msg = f"{ref}: blob {digest} is missing from the store; pull or load it again"
+                    raise ContentMissingError(msg)
+            written = 0
+            done: dict[str, ArtifactFile] = {}
+            for layer in content.layers:
+                if layer.blob_digest not in done:
+                    file, wrote = self._materialize_layer(ref, content, layer, work, materializer)
+                    done[layer.blob_digest] = file
+                    written += wrote
+            files = [done[layer.blob_digest] for layer in content.layers]
+            fsmeta, vmdk, wrote = self._stitch(ref, content, files, work, materializer)
+            written += wrote
+        where = artifacts.where
+        return MaterializedImage(
+            reference=ref,
+            manifest_digest=content.manifest_digest,
+            vmdk=where(vmdk.path),
+            fsmeta=where(fsmeta.path),
+            layers=tuple(
+                MaterializedLayer(
+                    diff_id=layer.diff_id or "",
+                    blob_digest=layer.blob_digest,
+                    path=where(file.path),
+                    erofs_digest=file.digest,
+                    erofs_size_bytes=file.size,
+                )
+                for layer, file in zip(content.layers, files, strict=True)
+            ),
+            vmdk_size_bytes=vmdk.size,
+            fsmeta_size_bytes=fsmeta.size,
+            materializer=materializer.name,
+            written=written,
+        )
+
+    def _artifacts(self) -> ArtifactStore:
+        if self.artifacts is None:
+            msg = f"the cache at {self.home} has no artifact store: it cannot materialize"
+            raise MaterializeError(msg)
+        return self.artifacts
+
+    def _present(self, file: ArtifactFile) -> bool:
+        """Whether a recorded artifact is on disk with its recorded size (what a pull trusts
+        of a blob; `verify` hashes)."""
+        return self._artifacts().size(file.path) == file.size
+
+    def _materialize_layer(
+        self,
+        ref: str,
+        content: ImageContent,
+        layer: Layer,
+        work: ArtifactWork,
+        materializer: Materializer,
+    ) -> tuple[ArtifactFile, int]:
+        """The layer's EROFS image, written (1) unless the ledger has it on disk (0)."""
+        with self._artifacts().lock("layer", layer.blob_digest):
+            with self.snapshot() as state:
+                known = state.layer_artifact(layer.blob_digest)
+            if known is not None and self._present(known.file):
+                return known.file, 0
+            assert layer.diff_id is not None  # checked by `materialize`
+            staged = work.layer(layer.blob_digest, layer.diff_id, materializer)
+            diff_id = layer.diff_id
+
+            def decide(state: Snapshot, batch: Batch, now: datetime) -> None:
+                self._still_cached(state, ref, content.manifest_digest)
+                batch.layer_materialized(
+                    ref,
+                    content.manifest_digest,
+                    layer.blob_digest,
+                    diff_id,
+                    staged.file,
+                    materializer.name,
+                )
+
+            self._install(staged, decide=decide)
+        return staged.file, 1
+
+    def _stitch(
+        self,
+        ref: str,
+        content: ImageContent,
+        layers: builtins.list[ArtifactFile],
+        work: ArtifactWork,
+        materializer: Materializer,
+    ) -> tuple[ArtifactFile, ArtifactFile, int]:
+        """The image's fsmeta and VMDK: kept when the ledger records them over these very
+        layer images and the VMDK names the paths the home has now; else written again (the
+        fsmeta only if its layers changed or it is gone)."""
+        artifacts = self._artifacts()
+        digest = content.manifest_digest
+        layer_digests = tuple(file.digest for file in layers)
+        with artifacts.lock("image", digest):
+            with self.snapshot() as state:
+                known = state.stitched(digest)
+            staged_fsmeta = None
+            if known is not None and known.layers == layer_digests and self._present(known.fsmeta):
+                fsmeta = known.fsmeta
+            else:
+                staged_fsmeta = work.fsmeta(digest, layers, materializer)
+                fsmeta = staged_fsmeta.file
+            extents = [(artifacts.where(f.path), f.size) for f in (fsmeta, *layers)]
+            descriptor = materializer.vmdk_descriptor(extents).encode()
+            vmdk_digest = f"sha256:{hashlib.sha256(descriptor).hexdigest()}"
+            if (
+                staged_fsmeta is None
+                and known is not None
+                and known.vmdk.digest == vmdk_digest
+                and self._present(known.vmdk)
+            ):
+                return known.fsmeta, known.vmdk, 0
+            staged_vmdk = work.vmdk(digest, descriptor)
+            staged = [s for s in (staged_fsmeta, staged_vmdk) if s is not None]
+
+            def decide(state: Snapshot, batch: Batch, now: datetime) -> None:
+                self._still_cached(state, ref, digest)
+                for layer, file in zip(content.layers, layers, strict=True):
+                    now_known = state.layer_artifact(layer.blob_digest)
+                    if now_known is None or now_known.file != file:
+                        msg = f"{ref}: layer {layer.blob_digest} changed while it was stitched"
+                        raise MaterializeError(msg)
+                batch.stitched(
+                    ref, digest, fsmeta, staged_vmdk.file, layer_digests, materializer.name
+                )
+
+            self._install(*staged, decide=decide)
+        return fsmeta, staged_vmdk.file, len(staged)
+
+    def _install(self, *staged: StagedArtifact, decide: Callable[..., None]) -> None:
+        """Rename `staged` into place and record them, under the store lock (a prune lists
+        the disk and decides under it: it never sees them in place and unrecorded). When the
+        recording fails (the image was removed meanwhile), they are deleted again."""
+        with self.lock():
+            installed: builtins.list[StagedArtifact] = []
+            try:
+                for artifact in staged:
+                    artifact.install()
+                    installed.append(artifact)
+                self._commit(decide)
+            except BaseException:
+                self._unlink(
+                    tuple(
+                        DeletedBlob(a.file.path, "artifact", a.file.size, "not recorded")
+                        for a in installed
+                    )
+                )
+                raise
+            finally:
+                for artifact in staged:
+                    artifact.discard()
+
+    @staticmethod
+    def _still_cached(state: Snapshot, ref: str, digest: str) -> None:
+        if state.manifest(digest) is None:
+            raise ImageNotFoundError(ref)
+
     # ------------------------------------------------------------------ leases
 
     def use(self, reference: str, holder: str) -> ImageHandle:
@@ -700,21 +904,24 @@ class ImageCacheService:
             outcome = self._commit(decide)
             if isinstance(outcome, ImageInUseError):
                 raise outcome
-            self._unlink(outcome)
+            self._unlink(outcome)  # the event says what was deleted; the API returns nothing
         return outcome
 
-    def _unlink(self, entries: tuple[DeletedBlob, ...]) -> int:
-        """Unlink what a committed remove or prune deleted; the bytes actually freed. One
-        entry that cannot be unlinked (permissions, a read-only mount, damage) does not stop
-        the others: the event is committed, and what stays is an orphan that the next prune
-        reclaims and reports again (commit first, unlink after: semantics 11)."""
+    def _unlink(self, entries: tuple[DeletedBlob, ...]) -> tuple[int, tuple[DeletedBlob, ...]]:
+        """Unlink what a committed remove or prune deleted; the bytes actually freed and the
+        entries unlinked (what a report counts). One entry that cannot be unlinked
+        (permissions, a read-only mount, damage) does not stop the others: the event is
+        committed, and what stays is an orphan that the next prune reclaims and reports again
+        (commit first, unlink after: semantics 11)."""
         freed = 0
+        unlinked = []
         for entry in entries:
             try:
                 freed += self.store.delete_entry(entry)
             except (OSError, HomeError):
                 continue
-        return freed
+            unlinked.append(entry)
+        return freed, tuple(unlinked)
 
     def prune(
         self,
@@ -806,7 +1013,10 @@ class ImageCacheService:
                     DeletedBlob(d, "orphan", self.store.size(d) or 0, "not in the ledger")
                     for d in sorted(on_disk - known - live.digests)
                 ]
-                plan = planner(state, policy, now, live.digests, [*orphans, *strays])
+                # Under artifacts/, what the ledger records is no stray (the views decide).
+                accounted = accounted_artifacts(state)
+                listed = [s for s in strays if s.digest not in accounted]
+                plan = planner(state, policy, now, live.digests, [*orphans, *listed])
                 # Matched against the references the plan was made from.
                 unmatched[:] = unmatched_keep(
                     policy.keep, (r.reference for r in state.references())
@@ -825,10 +1035,10 @@ class ImageCacheService:
                 # event of an empty ledger), and no event class loaded for it.
                 with self.snapshot() as state:
                     plan = decide(state, self.clock())
-                unlinked = plan.bytes
+                unlinked, gone = plan.bytes, plan.deleted
             else:
                 plan = self._commit(record)
-                unlinked = self._unlink(plan.deleted)
+                unlinked, gone = self._unlink(plan.deleted)
         for pattern in unmatched:
             log.warning("prune.keep_unmatched", pattern=pattern[:200], length=len(pattern))
         return ImagePruneReport.of(
@@ -838,6 +1048,7 @@ class ImageCacheService:
             dry_run=dry_run,
             unmatched_keep=unmatched,
             gc=policy.gc,
+            counted=gone,
         )
 
     # ------------------------------------------------------------------ checking
@@ -864,6 +1075,7 @@ class ImageCacheService:
         with self.snapshot() as state:
             blobs = builtins.list(state.blobs())
             users = {m.content.manifest_digest: m.references for m in state.manifests()}
+            recorded = _recorded_artifacts(state)
         total = sum(blob.size for blob in blobs)
         done = 0
         problems = []
@@ -884,6 +1096,7 @@ class ImageCacheService:
             problems.append(
                 BlobProblem(blob.digest, blob.kind, problem, tuple(references), repaired)
             )
+        problems.extend(self._verify_artifacts(recorded, users, repair=repair))
         # Entries under blobs/ that are not blobs (links, FIFOs, directories, other names) are
         # damage too: named, never read or followed; --repair removes them (the link itself).
         for stray in self.store.strays():
@@ -899,7 +1112,36 @@ class ImageCacheService:
             log.warning(
                 "store.blob_damaged", digest=p.digest, problem=p.problem, repaired=p.repaired
             )
-        return StoreCheck(len(blobs), total, tuple(problems))
+        return StoreCheck(len(blobs), total, tuple(problems), artifacts_checked=len(recorded))
+
+    def _verify_artifacts(
+        self,
+        recorded: builtins.list[tuple[ArtifactFile, DeletedKind, tuple[str, ...]]],
+        users: dict[str, tuple[str, ...]],
+        *,
+        repair: bool,
+    ) -> builtins.list[BlobProblem]:
+        """`verify` of the materialized artifacts the ledger records (hashed against the
+        digests it recorded); with `repair`, a wrong one is deleted (under the store lock),
+        so that the next `materialize` writes it again. Nothing is recorded: the disk was
+        wrong, not the ledger."""
+        if not recorded:
+            return []
+        artifacts = self._artifacts()
+        problems = []
+        for file, kind, manifests in recorded:
+            problem = artifacts.check(file)
+            if problem is None:
+                continue
+            repaired = False
+            if repair and problem != "missing":
+                with self.lock():
+                    if artifacts.check(file) == problem:
+                        self.store.delete_entry(DeletedBlob(file.path, kind, file.size, problem))
+                        repaired = True
+            references = sorted({r for manifest in manifests for r in users.get(manifest, ())})
+            problems.append(BlobProblem(file.path, kind, problem, tuple(references), repaired))
+        return problems
 
     def rebuild(
         self, *, verify: bool = False, progress: Callable[[int, int], None] | None = None
@@ -1057,6 +1299,34 @@ def _image_refs(image: LoadedImage) -> builtins.list[str]:
         )
         raise InvalidReferenceError(msg)
     return sorted(set(refs))
+
+
+def _cached(state: Snapshot, ref: str) -> tuple[ReferenceRecord, ManifestRecord]:
+    """The reference `ref` and the manifest it names; `ImageNotFoundError` when not cached."""
+    record = state.reference(ref)
+    manifest = None if record is None else state.manifest(record.manifest_digest)
+    if record is None or manifest is None:
+        raise ImageNotFoundError(ref)
+    return record, manifest
+
+
+def _recorded_artifacts(
+    state: Snapshot,
+) -> builtins.list[tuple[ArtifactFile, DeletedKind, tuple[str, ...]]]:
+    """Every artifact the ledger records: (file, kind, the manifests that need it)."""
+    found: builtins.list[tuple[ArtifactFile, DeletedKind, tuple[str, ...]]] = []
+    for layer in state.layer_artifacts():
+        blob = state.blob(layer.blob_digest)
+        found.append((layer.file, "artifact", () if blob is None else blob.users))
+    for image in state.stitched_all():
+        digest = (image.manifest_digest,)
+        found.extend(((image.fsmeta, "fsmeta", digest), (image.vmdk, "vmdk", digest)))
+    return found
+
+
+def _erofs_size(record: LayerArtifactRecord | None) -> int | None:
+    """A layer's `erofs_size_bytes` as `inspect` reports it (None: not materialized)."""
+    return None if record is None else record.file.size
 
 
 def check_holder(holder: str) -> None:

@@ -18,7 +18,12 @@ from typing import BinaryIO, ClassVar, Literal, Unpack
 
 from imageledger.cache import ImageCache
 from imageledger.domain.filters import ListFilters
-from imageledger.domain.model import CachedImage, ImageDetail, ImagePruneReport
+from imageledger.domain.model import (
+    CachedImage,
+    ImageDetail,
+    ImagePruneReport,
+    MaterializedImage,
+)
 from imageledger.storage.registry import PullProgress
 from imageledger.storage.registryoptions import RegistryOptions
 
@@ -172,11 +177,18 @@ class Image:
         platform: str | None = None,
         options: RegistryOptions | None = None,
         progress: Callable[[PullProgress], None] | None = None,
+        materialize: bool = False,
         cache: ImageCache | None = None,
     ) -> AsyncImageHandle:
         c = cls._cache(cache)
         handle = await asyncio.to_thread(
-            lambda: c.pull(reference, platform=platform, options=options, progress=progress)
+            lambda: c.pull(
+                reference,
+                platform=platform,
+                options=options,
+                progress=progress,
+                materialize=materialize,
+            )
         )
         return _owner(c).bind(handle)
 
@@ -187,11 +199,21 @@ class Image:
         *,
         tag: str | None = None,
         platform: str | None = None,
+        materialize: bool = False,
         cache: ImageCache | None = None,
     ) -> builtins.list[AsyncImageHandle]:
         c = cls._cache(cache)
-        handles = await asyncio.to_thread(lambda: c.load(source, tag=tag, platform=platform))
+        handles = await asyncio.to_thread(
+            lambda: c.load(source, tag=tag, platform=platform, materialize=materialize)
+        )
         return [_owner(c).bind(h) for h in handles]
+
+    @classmethod
+    async def materialize(
+        cls, reference: str, *, cache: ImageCache | None = None
+    ) -> MaterializedImage:
+        """`ImageCache.materialize`: the layers' EROFS images, fsmeta and VMDK."""
+        return await asyncio.to_thread(cls._cache(cache).materialize, reference)
 
     @classmethod
     async def save(

@@ -36,9 +36,11 @@ from imageledger.domain.model import (
     ImageDetail,
     ImageHandle,
     ImagePruneReport,
+    MaterializedImage,
     RebuildReport,
     StoreCheck,
 )
+from imageledger.domain.ports import Materializer
 from imageledger.domain.service import ImageCacheService
 from imageledger.storage import layout
 from imageledger.storage.blobs import BlobStore
@@ -48,6 +50,7 @@ from imageledger.storage.indexfile import OciIndexFile
 from imageledger.storage.leases import InFlightLeases, StoreLock
 from imageledger.storage.ledgercheck import check_ledger as check_ledger_dir
 from imageledger.storage.lmdbenv import DURABILITY_MODES
+from imageledger.storage.materializer import ArtifactFiles, ErofsMaterializer
 from imageledger.storage.oci import host_platform, parse_platform
 from imageledger.storage.sources import ArchiveFiles, Registries
 
@@ -153,8 +156,14 @@ class ImageCache(_Queries):
         create: bool = True,
         audit_key: str | os.PathLike[str] | None = None,
         audit_interval: float | None = None,
+        materializer: Materializer | None = None,
     ) -> None:
         """Open the cache at `home` (default `default_home()`).
+
+        `materialize` writes the artifacts a microVM boots with `materializer` (any object
+        with the `domain.ports.Materializer` methods; default imageledger's own EROFS and
+        VMDK writers, `storage.materializer.ErofsMaterializer`); the ledger records each by
+        its `name`.
 
         The ledger is an audit log (`audit`): the checkpoints it signs use the key in the home
         (made on first use), or the key file `audit_key` (else ``$IMAGELEDGER_AUDIT_KEY``);
@@ -183,13 +192,15 @@ class ImageCache(_Queries):
             mark_home(self._home)
         self._store = store = BlobStore(self._home)
         lock = StoreLock(self._home, readonly=self.read_only)
+        leases = InFlightLeases(store, lock)
+        self._materializer: Materializer = materializer or ErofsMaterializer()
         self._index = OciIndexFile(self._home, self._ledger)
         self._registries = Registries(self.home)
         self._audit_key, self._audit_interval = audit_key, audit_interval
         self._service = ImageCacheService(
             ledger=self._ledger,
             store=store,
-            leases=InFlightLeases(store, lock),
+            leases=leases,
             lock=lock,
             index=self._index,
             archives=ArchiveFiles(store),
@@ -198,6 +209,7 @@ class ImageCache(_Queries):
             home=str(self.home),
             read_only=self.read_only,
             after_append=self._after_append,
+            artifacts=ArtifactFiles(store, leases),
         )
         # list() memos, per owner the handles are bound to (this cache, or its asyncio
         # facade): the last list by ledger position, and handles by row (ViewState.handles).
@@ -363,6 +375,7 @@ class ImageCache(_Queries):
         platform: str | None = None,
         options: RegistryOptions | None = None,
         progress: Callable[[PullProgress], None] | None = None,
+        materialize: bool = False,
     ) -> ImageHandle:
         """Pull `reference` from its registry (an index resolves to `platform`, ``os/arch
         [/variant]``, default this host's linux platform); the image's own platform is what
@@ -376,11 +389,17 @@ class ImageCache(_Queries):
         a concurrent prune or remove by an in-flight lease until its event commits. A pull by
         digest of a manifest the cache holds (under any name) does not contact the registry
         at all: the digest pins the bytes, and they are here, verified. A sandbox can start
-        offline from a pinned reference; the pull is recorded like any all-cached pull."""
+        offline from a pinned reference; the pull is recorded like any all-cached pull.
+
+        `materialize`: then `materialize` the image (a failure there raises; the pull stays
+        committed)."""
         self._service.writable("pull")
         wanted = parse_platform(platform) if platform else host_platform()
         puller = self._registries.puller(options, progress)
-        return self._bind(self._service.pull(reference, wanted, puller))
+        handle = self._bind(self._service.pull(reference, wanted, puller))
+        if materialize:
+            self.materialize(handle.reference)
+        return handle
 
     def load(
         self,
@@ -388,6 +407,7 @@ class ImageCache(_Queries):
         *,
         tag: str | None = None,
         platform: str | None = None,
+        materialize: bool = False,
     ) -> builtins.list[ImageHandle]:
         """Load images from an OCI layout (directory or tar) or a `docker save` tarball.
 
@@ -395,11 +415,29 @@ class ImageCache(_Queries):
         names the image instead (the archive must then hold one image). A bare tag in an OCI
         layout (``latest``) needs `tag` to say which repository it belongs to. Where the archive
         holds several platforms of one image, `platform` (``os/arch[/variant]``, default this
-        host's linux platform) picks one, else the first listed; the others are not kept."""
+        host's linux platform) picks one, else the first listed; the others are not kept.
+        `materialize`: then `materialize` every image loaded (each manifest once)."""
         self._service.writable("load")
         wanted = parse_platform(platform) if platform else host_platform()
         handles = self._service.load(source, tag=tag, platform=wanted, strict=platform is not None)
+        if materialize:
+            first = {h.manifest_digest: h.reference for h in reversed(handles)}
+            for reference in sorted(first.values()):
+                self.materialize(reference)
         return [self._bind(h) for h in handles]
+
+    def materialize(self, reference: str) -> MaterializedImage:
+        """Make the image bootable by a microVM: each layer as an uncompressed EROFS image,
+        a metadata-only fsmeta EROFS of the merged tree pointing into them, and a VMDK
+        descriptor joining fsmeta and the layers (bottom to top) into one read-only disk;
+        absolute paths in the result. What is already materialized (recorded in the ledger
+        and on disk) is not written again, in this or any process; a VMDK naming paths of a
+        home since moved is rewritten. Each artifact is recorded in the ledger
+        (`LayerMaterialized`, `ImageStitched`) once it is whole and in place; `remove` and
+        `prune` delete those no remaining image needs, `verify` hashes them.
+        `ImageNotFoundError` when not cached; `LayerRejectedError` (a `MaterializeError`)
+        for a layer that cannot become an EROFS image."""
+        return self._service.materialize(reference, self._materializer)
 
     def save(
         self,

@@ -22,6 +22,10 @@ Tables (keys are bytes; values plain data):
 - ``configs``: config digest -> the config (`config_to_array`), for every config the log ever
   carried: the ledger stores a config's content only in the first event that brings it, so
   an event read alone resolves the digest it names here (`storage.ledgerformat`)
+- ``erofs``: layer blob digest -> [diff_id, path, EROFS digest, size, materializer]: the
+  layer's EROFS image (the last `LayerMaterialized`); gone when the blob leaves the views
+- ``stitched``: manifest digest -> [fsmeta path, digest, size, VMDK path, digest, size,
+  [layer EROFS digests], materializer] (the last `ImageStitched`); gone with the manifest
 - ``meta``: b"position", b"version", b"modified", b"format" -> int
 
 `FORMAT` numbers the layout above; views written by another layout are rebuilt from the log on
@@ -42,6 +46,7 @@ from typing import TYPE_CHECKING, Any, Final
 from imageledger.domain.errors import LedgerCorruptError
 from imageledger.domain.history import mentions
 from imageledger.domain.model import (
+    ArtifactFile,
     BlobRecord,
     CachedImage,
     DeletedBlob,
@@ -49,9 +54,11 @@ from imageledger.domain.model import (
     ImageConfig,
     ImageContent,
     Layer,
+    LayerArtifactRecord,
     ManifestRecord,
     Platform,
     ReferenceRecord,
+    StitchedRecord,
     config_from_array,
     config_to_array,
 )
@@ -70,12 +77,15 @@ TABLES: Final = (
     "history",
     "index",
     "configs",
+    "erofs",
+    "stitched",
     "meta",
 )
 APPEND_ONLY: Final = ("history",)
 HANDLE_FIELDS: Final = tuple(f.name for f in fields(CachedImage))
 # 3: meta "shown", the position of the last event that changed what index.json shows.
-FORMAT: Final = 6
+# 7: ``erofs`` and ``stitched``, the materialized artifacts (issue 13).
+FORMAT: Final = 7
 _U64: Final = struct.Struct(">Q")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -276,11 +286,20 @@ def _drop_content(view: ViewRecords, deleted: tuple[DeletedBlob, ...]) -> None:
             if record["users"]:
                 view.put("blobs", digest.encode(), record)
             else:
-                view.delete("blobs", digest.encode())
+                _drop_blob(view, digest)
+        view.delete("stitched", blob.digest.encode())
     for blob in deleted:
         record = view.get("blobs", blob.digest.encode())
         if record is not None and not record["users"]:
-            view.delete("blobs", blob.digest.encode())
+            _drop_blob(view, blob.digest)
+
+
+def _drop_blob(view: ViewRecords, digest: str) -> None:
+    """A blob leaves the views, and its EROFS image with it: deleted in the same event when
+    the blob was (`policies.content_freed`); when the blob stays on disk for an in-flight
+    pull, the image becomes a file the ledger does not account for, which prune reclaims."""
+    view.delete("blobs", digest.encode())
+    view.delete("erofs", digest.encode())
 
 
 def _used(view: ViewRecords, event: ImageLedger.ImageUsed, position: int, at: int) -> None:
@@ -321,6 +340,35 @@ def _pruned(view: ViewRecords, event: ImageLedger.ImagesPruned, position: int, a
     _drop_content(view, event.deleted)
 
 
+def _materialized(
+    view: ViewRecords, event: ImageLedger.LayerMaterialized, position: int, at: int
+) -> None:
+    erofs = event.erofs
+    view.put(
+        "erofs",
+        event.blob_digest.encode(),
+        [event.diff_id, erofs.path, erofs.digest, erofs.size, event.materializer],
+    )
+
+
+def _stitched(view: ViewRecords, event: ImageLedger.ImageStitched, position: int, at: int) -> None:
+    fsmeta, vmdk = event.fsmeta, event.vmdk
+    view.put(
+        "stitched",
+        event.manifest_digest.encode(),
+        [
+            fsmeta.path,
+            fsmeta.digest,
+            fsmeta.size,
+            vmdk.path,
+            vmdk.digest,
+            vmdk.size,
+            list(event.layers),
+            event.materializer,
+        ],
+    )
+
+
 # By the event class's name, its stored topic (see `domain.history` for why not the class).
 _HANDLERS: Final[dict[str, Any]] = {
     "ImagePulled": _pulled,
@@ -329,6 +377,8 @@ _HANDLERS: Final[dict[str, Any]] = {
     "HolderReleased": _released,
     "ImageRemoved": _removed,
     "ImagesPruned": _pruned,
+    "LayerMaterialized": _materialized,
+    "ImageStitched": _stitched,
 }
 
 
@@ -551,6 +601,26 @@ class ViewState:
         key = holder.encode()
         return _checked_leases(key, self.view.get("holders", key) or [])
 
+    def layer_artifact(self, blob_digest: str) -> LayerArtifactRecord | None:
+        """The EROFS image of layer blob `blob_digest`, if it was materialized."""
+        key = blob_digest.encode()
+        row = self.view.get("erofs", key)
+        return None if row is None else _layer_artifact(key, row)
+
+    def layer_artifacts(self) -> Iterator[LayerArtifactRecord]:
+        for key, row in self.view.scan("erofs"):
+            yield _layer_artifact(key, row)
+
+    def stitched(self, manifest_digest: str) -> StitchedRecord | None:
+        """The fsmeta and VMDK of manifest `manifest_digest`, if it was stitched."""
+        key = manifest_digest.encode()
+        row = self.view.get("stitched", key)
+        return None if row is None else _stitched_record(key, row)
+
+    def stitched_all(self) -> Iterator[StitchedRecord]:
+        for key, row in self.view.scan("stitched"):
+            yield _stitched_record(key, row)
+
     def config(self, digest: str) -> ImageConfig | None:
         """A config the log has carried (see the ``configs`` table)."""
         key = digest.encode()
@@ -601,6 +671,47 @@ def _manifest_record(key: bytes, manifest: Any) -> ManifestRecord:
         and all(_digest(x.blob_digest) and _count(x.compressed_size_bytes) for x in content.layers)
     ):
         raise _bad_row("manifests", key)
+    return record
+
+
+def _artifact_file(path: Any, digest: Any, size: Any) -> ArtifactFile:
+    if not (_text(path) and path.startswith("artifacts/") and _digest(digest) and _count(size)):
+        raise ValueError("not an artifact")
+    return ArtifactFile(path, digest, size)
+
+
+def _layer_artifact(key: bytes, row: Any) -> LayerArtifactRecord:
+    try:
+        diff_id, path, digest, size, materializer = row
+        record = LayerArtifactRecord(
+            key.decode(), diff_id, _artifact_file(path, digest, size), materializer
+        )
+    except _ROW_ERRORS as e:
+        raise _bad_row("erofs", key, e) from None
+    if not (_digest(record.blob_digest) and _digest(diff_id) and _text(materializer)):
+        raise _bad_row("erofs", key)
+    return record
+
+
+def _stitched_record(key: bytes, row: Any) -> StitchedRecord:
+    try:
+        fsmeta_path, fsmeta_digest, fsmeta_size, vmdk_path, vmdk_digest, vmdk_size = row[:6]
+        layers, materializer = row[6:]
+        record = StitchedRecord(
+            key.decode(),
+            _artifact_file(fsmeta_path, fsmeta_digest, fsmeta_size),
+            _artifact_file(vmdk_path, vmdk_digest, vmdk_size),
+            tuple(layers),
+            materializer,
+        )
+    except _ROW_ERRORS as e:
+        raise _bad_row("stitched", key, e) from None
+    if not (
+        _digest(record.manifest_digest)
+        and all(_digest(layer) for layer in record.layers)
+        and _text(materializer)
+    ):
+        raise _bad_row("stitched", key)
     return record
 
 

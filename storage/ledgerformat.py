@@ -40,6 +40,7 @@ from eventsourcing.utils import get_topic
 from imageledger.domain.events import ImageLedger
 from imageledger.domain.model import (
     Actor,
+    ArtifactFile,
     DeletedBlob,
     DiskUsage,
     GcPolicy,
@@ -65,6 +66,8 @@ CLASSES: Final[dict[str, type[Any]]] = {
     "ImageRemoved": ImageLedger.ImageRemoved,
     "RemoveRefused": ImageLedger.RemoveRefused,
     "ImagesPruned": ImageLedger.ImagesPruned,
+    "LayerMaterialized": ImageLedger.LayerMaterialized,
+    "ImageStitched": ImageLedger.ImageStitched,
 }
 TOPICS: Final[dict[type[Any], str]] = {cls: name for name, cls in CLASSES.items()}
 # The fields after [timestamp, actor], in stored order, of each event.
@@ -78,7 +81,17 @@ FIELDS: Final[dict[str, tuple[str, ...]]] = {
     "ImageRemoved": ("reference", "manifest_digest", "forced", "deleted", "bytes_reclaimed"),
     "RemoveRefused": ("reference", "manifest_digest", "holders"),
     "ImagesPruned": ("policy", "now", "references", "deleted", "bytes_reclaimed"),
+    "LayerMaterialized": (
+        "reference",
+        "manifest_digest",
+        "blob_digest",
+        "diff_id",
+        "erofs",
+        "materializer",
+    ),
+    "ImageStitched": ("reference", "manifest_digest", "fsmeta", "vmdk", "layers", "materializer"),
 }
+
 _LEDGER_TOPIC: Final = get_topic(ImageLedger)
 _MEMO_LIMIT: Final = 65_536
 
@@ -141,6 +154,17 @@ def _gc(plain: Any) -> GcPolicy:
     )
 
 
+def _artifact_array(artifact: ArtifactFile) -> list[Any]:
+    return [artifact.path, artifact.digest, artifact.size]
+
+
+# Value types stored as one array each (by their exact type).
+_ARRAYS: Final[dict[type[Any], Callable[[Any], list[Any]]]] = {
+    PrunePolicy: _policy,
+    ArtifactFile: _artifact_array,
+}
+
+
 class _Batch(threading.local):
     configs: set[str] | None = None
 
@@ -195,8 +219,9 @@ class LedgerMapper(Mapper[UUID]):
     def _field(self, value: Any) -> Any:
         if isinstance(value, ImageContent):
             return _content(value, self._config_field(value.config))
-        if isinstance(value, PrunePolicy):
-            return _policy(value)
+        as_array = _ARRAYS.get(type(value))
+        if as_array is not None:
+            return as_array(value)
         if isinstance(value, tuple):
             if value and isinstance(value[0], DeletedBlob):
                 return _deleted(value)
@@ -420,6 +445,31 @@ def _read_pruned(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any]
     values["bytes_reclaimed"] = _int(reclaimed, "bytes_reclaimed")
 
 
+def _artifact(plain: Any, field: str) -> ArtifactFile:
+    path, digest, size = plain
+    return ArtifactFile(_str(path, field), _str(digest, field), _int(size, field))
+
+
+def _read_materialized(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
+    reference, manifest, blob, diff_id, erofs, materializer = state[2:]
+    values["reference"] = _str(reference, "reference")
+    values["manifest_digest"] = _str(manifest, "manifest_digest")
+    values["blob_digest"] = _str(blob, "blob_digest")
+    values["diff_id"] = _str(diff_id, "diff_id")
+    values["erofs"] = _artifact(erofs, "erofs")
+    values["materializer"] = _str(materializer, "materializer")
+
+
+def _read_stitched(_mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
+    reference, manifest, fsmeta, vmdk, layers, materializer = state[2:]
+    values["reference"] = _str(reference, "reference")
+    values["manifest_digest"] = _str(manifest, "manifest_digest")
+    values["fsmeta"] = _artifact(fsmeta, "fsmeta")
+    values["vmdk"] = _artifact(vmdk, "vmdk")
+    values["layers"] = tuple(_str(layer, "layers") for layer in layers)
+    values["materializer"] = _str(materializer, "materializer")
+
+
 _READERS: Final[dict[str, Reader]] = {
     "Started": _read_started,
     "ImagePulled": _read_pulled,
@@ -430,6 +480,8 @@ _READERS: Final[dict[str, Reader]] = {
     "ImageRemoved": _read_removed,
     "RemoveRefused": _read_refused,
     "ImagesPruned": _read_pruned,
+    "LayerMaterialized": _read_materialized,
+    "ImageStitched": _read_stitched,
 }
 _LENGTHS: Final = {name: len(fields) + 2 for name, fields in FIELDS.items()}
 _unpack: Final = msgpack.unpackb
@@ -566,6 +618,11 @@ def _plain_policy(value: Any) -> dict[str, Any]:
     return plain
 
 
+def _plain_artifact(value: Any) -> dict[str, Any]:
+    path, digest, size = value
+    return {"path": path, "digest": digest, "size": size}
+
+
 _PLAIN: Final[dict[str, Callable[[Any], Any]]] = {
     "content": _plain_content,
     "deleted": _plain_deleted,
@@ -575,6 +632,9 @@ _PLAIN: Final[dict[str, Callable[[Any], Any]]] = {
     ],
     "policy": _plain_policy,
     "now": _iso,
+    "erofs": _plain_artifact,
+    "fsmeta": _plain_artifact,
+    "vmdk": _plain_artifact,
 }
 
 __all__ = ["CLASSES", "FIELDS", "TOPICS", "LedgerMapper", "record_fields", "record_instant"]

@@ -21,7 +21,18 @@ EVENT_FIELDS = {
     "ImageRemoved": ["reference", "manifest_digest", "forced", "deleted", "bytes_reclaimed"],
     "RemoveRefused": ["reference", "manifest_digest", "holders"],
     "ImagesPruned": ["policy", "now", "references", "deleted", "bytes_reclaimed"],
+    # erofs, fsmeta, vmdk: [path in the home, digest, size]
+    "LayerMaterialized": [
+        "reference",
+        "manifest_digest",
+        "blob_digest",
+        "diff_id",
+        "erofs",
+        "materializer",
+    ],
+    "ImageStitched": ["reference", "manifest_digest", "fsmeta", "vmdk", "layers", "materializer"],
 }
+
 CONFIG_FIELDS = ["digest", "env", "cmd", "entrypoint", "working_dir", "user", "labels", "stop"]
 
 

@@ -40,6 +40,7 @@ if TYPE_CHECKING:
         ImageDetail,
         ImageHandle,
         ImagePruneReport,
+        MaterializedImage,
         PullProgress,
     )
 
@@ -322,13 +323,44 @@ def cmd_inspect(cache: ImageCache, args: argparse.Namespace) -> int:
 
 def cmd_load(cache: ImageCache, args: argparse.Namespace) -> int:
     source: Any = sys.stdin.buffer if args.path == "-" else Path(args.path)
-    handles = cache.load(source, tag=args.tag, platform=args.platform)
+    handles = cache.load(source, tag=args.tag, platform=args.platform, materialize=args.materialize)
     if args.json:
         _print_json([handle_json(h) for h in handles])
     else:
         for h in handles:
             _say(f"Loaded {h.reference} ({_short(h.manifest_digest)})")
+            if args.materialize:
+                _say(f"Materialized {h.reference}")
     return EXIT_OK
+
+
+def materialized_json(image: MaterializedImage) -> dict[str, Any]:
+    """`materialize --json`: paths absolute, layers bottom to top."""
+    return {
+        "reference": image.reference,
+        "vmdk": image.vmdk,
+        "fsmeta": image.fsmeta,
+        "layers": [
+            {"diff_id": x.diff_id, "path": x.path, "erofs_size_bytes": x.erofs_size_bytes}
+            for x in image.layers
+        ],
+    }
+
+
+def cmd_materialize(cache: ImageCache, args: argparse.Namespace) -> int:
+    image = cache.materialize(args.reference)
+    if args.json:
+        _print_json(materialized_json(image))
+    else:
+        _say_materialized(image)
+    return EXIT_OK
+
+
+def _say_materialized(image: MaterializedImage) -> None:
+    _say(
+        f"Materialized {image.reference} ({len(image.layers)} layers, "
+        f"{image.written} files written): {image.vmdk}"
+    )
 
 
 def cmd_pull(cache: ImageCache, args: argparse.Namespace) -> int:
@@ -359,13 +391,19 @@ def cmd_pull(cache: ImageCache, args: argparse.Namespace) -> int:
         handle = cache.pull(
             args.reference, platform=args.platform, options=options, progress=progress
         )
+    image = cache.materialize(handle.reference) if args.materialize else None
     if args.json:
-        _print_json(handle_json(handle))
+        shown = handle_json(handle)
+        if image is not None:
+            shown["materialized"] = materialized_json(image)
+        _print_json(shown)
     else:
         _say(
             f"Pulled {handle.reference} ({_short(handle.manifest_digest)}, "
             f"{handle.os}/{handle.architecture}, {handle.size_bytes} bytes)"
         )
+        if image is not None:
+            _say_materialized(image)
     return EXIT_OK
 
 
@@ -826,6 +864,7 @@ def cmd_verify(cache: ImageCache, args: argparse.Namespace) -> int:
             {
                 "blobs_checked": check.blobs_checked,
                 "bytes_checked": check.bytes_checked,
+                "artifacts_checked": check.artifacts_checked,
                 "ok": check.ok,
                 "problems": [asdict(problem) for problem in check.problems],
             }
@@ -833,10 +872,14 @@ def cmd_verify(cache: ImageCache, args: argparse.Namespace) -> int:
     else:
         for p in check.problems:
             needed = ", ".join(p.references) or "no reference"
-            action = "deleted: pull or load those again" if p.repaired else "kept"
+            again = "materialize" if p.kind in ("artifact", "fsmeta", "vmdk") else "pull or load"
+            action = f"deleted: {again} those again" if p.repaired else "kept"
             print(f"{p.problem} {p.kind} {p.digest} (needed by {needed}); {action}")
         state = "all intact" if check.ok else f"{len(check.problems)} damaged"
-        print(f"checked {check.blobs_checked} blobs ({check.bytes_checked} bytes): {state}")
+        artifacts = f" and {check.artifacts_checked} artifacts" if check.artifacts_checked else ""
+        print(
+            f"checked {check.blobs_checked} blobs ({check.bytes_checked} bytes){artifacts}: {state}"
+        )
     return EXIT_OK if check.ok else EXIT_FAILURE
 
 
@@ -1047,15 +1090,22 @@ def build_parser() -> argparse.ArgumentParser:
     inspect_ = add("inspect", cmd_inspect, "show an image's config and layers")
     inspect_.add_argument("reference")
     inspect_.add_argument("--at", type=position_or_time, metavar="POSITION|TIME", help=at_help)
+    materialize_help = "then write its layers' EROFS images, fsmeta and VMDK (as materialize)"
+    materialize = add(
+        "materialize", cmd_materialize, "write what a microVM boots: layer EROFS, fsmeta, VMDK"
+    )
+    materialize.add_argument("reference")
     load = add("load", cmd_load, "load images from an OCI layout or a docker-archive")
     load.add_argument("path", help="OCI layout directory or tar, docker-archive tar, - for stdin")
     load.add_argument("--tag", help="name the (single) image in the archive")
     load.add_argument(
         "--platform", help="os/arch[/variant] to keep of a multi-platform archive (default: host)"
     )
+    load.add_argument("--materialize", action="store_true", help=materialize_help)
     pull = add("pull", cmd_pull, "pull an image from an OCI distribution registry")
     pull.add_argument("reference")
     pull.add_argument("--platform", help="os/arch[/variant] of an index to pull (default: host)")
+    pull.add_argument("--materialize", action="store_true", help=materialize_help)
     pull.add_argument(
         "--insecure-registry",
         action="append",
@@ -1327,7 +1377,9 @@ def _main(argv: Sequence[str] | None) -> int:
 # home: reading never creates one (a mistyped --home must not look like an empty cache).
 _CREATING: Final = frozenset({"load", "pull"})
 # Commands that append to the ledger: each signs a checkpoint of it before it exits.
-_APPENDING: Final = frozenset({"load", "pull", "use", "release", "rm", "prune", "gc", "tag"})
+_APPENDING: Final = frozenset(
+    {"load", "pull", "use", "release", "rm", "prune", "gc", "tag", "materialize"}
+)
 
 
 def _command(cache: ImageCache, args: argparse.Namespace) -> int:
@@ -1409,6 +1461,7 @@ def exit_code(error: BaseException) -> int:
         ImageInUseError,
         ImageNotFoundError,
         InvalidReferenceError,
+        LayerRejectedError,
         LedgerCorruptError,
         ManifestError,
     )
@@ -1421,8 +1474,8 @@ def exit_code(error: BaseException) -> int:
         return EXIT_DAMAGED
     if isinstance(error, InvalidReferenceError | ValueError):
         return EXIT_USAGE
-    # Bad input (a hostile archive or manifest, a digest that does not match) is exit 2.
-    if isinstance(error, DigestMismatchError | ArchiveError | ManifestError):
+    # Bad input (a hostile archive, manifest or layer, a digest that does not match) is exit 2.
+    if isinstance(error, DigestMismatchError | ArchiveError | ManifestError | LayerRejectedError):
         return EXIT_USAGE
     return EXIT_FAILURE
 
