@@ -45,8 +45,10 @@ from imageledger.tools.imagebuild import (
 if TYPE_CHECKING:
     from imageledger import BuiltArtifact
     from tests.format_reader import read_history
+    from tests.registry import Registry, push
 else:
     from format_reader import read_history
+    from registry import Registry, push
 
 MIB = 1 << 20
 TIMEOUT = 60.0  # for waiting only: nothing asserts how long anything took
@@ -601,3 +603,20 @@ def test_two_processes_materializing_one_image_write_each_layer_once(
     assert len(events_of(home, "ImageStitched")) == 1
     with ImageCache(home) as cache:
         assert cache.verify().ok and cache.rebuild(verify=True).identical
+
+
+def test_cli_pull_materialize(registry: Registry, images: Images, tmp_path: Path) -> None:
+    push(registry, f"oci-archive:{images.app_tar}", "mat/app:1")
+    reference = registry.reference("mat/app:1")
+    home = tmp_path / "home"
+    result = run_cli(
+        home, "pull", reference, "--materialize", "--json", "--insecure-registry", registry.host
+    )
+    assert result.returncode == 0, result.stderr
+    pulled = json.loads(result.stdout)
+    assert pulled["reference"] == reference
+    shown = pulled["materialized"]
+    assert shown["reference"] == reference and len(shown["layers"]) == 3
+    assert Path(shown["vmdk"]).is_file() and Path(shown["fsmeta"]).is_file()
+    fsck(Path(shown["fsmeta"]), [Path(x["path"]) for x in shown["layers"]])
+    assert len(events_of(home, "LayerMaterialized")) == 3
