@@ -400,6 +400,10 @@ class ImageCacheService:
             by_kind: dict[str, int] = {}
             for blob in state.blobs():
                 by_kind[blob.kind] = by_kind.get(blob.kind, 0) + blob.size
+            # Materialized artifacts the ledger records, by kind (a layer's EROFS image is an
+            # `artifact`), on the same disk as the blobs.
+            for file, kind, _manifests in _recorded_artifacts(state):
+                by_kind[kind] = by_kind.get(kind, 0) + file.size
             references = sum(1 for _ in state.references())
         dry = self.prune(dry_run=True)
         return {

@@ -202,6 +202,12 @@ def test_materialize_records_each_artifact_and_inspect_reports_their_sizes(
         assert history.count(("ImageStitched", APP)) == 1
         assert cache.rebuild(verify=True).identical
         assert cache.verify().ok and cache.verify().artifacts_checked == 3 + 1 + 2 + 2
+        usage = cache.df()["bytes"]
+        assert usage["fsmeta"] == done.fsmeta_size_bytes + base.fsmeta_size_bytes
+        assert usage["vmdk"] == done.vmdk_size_bytes + base.vmdk_size_bytes
+        assert usage["artifact"] == sum(x.erofs_size_bytes for x in done.layers) + (
+            base.layers[1].erofs_size_bytes
+        )
     # The stored events, as FORMAT.md specifies them (a reader that imports nothing of ours).
     layers = events_of(home, "LayerMaterialized")
     assert [e["diff_id"] for e in layers[:3]] == [x.diff_id for x in images.app.layers]
