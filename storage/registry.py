@@ -76,7 +76,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -170,14 +170,23 @@ class _Restart(Exception):
 
 @dataclass(frozen=True)
 class PullProgress:
-    """One progress event: ``manifest`` (the chosen manifest was fetched), ``blob-start``,
-    ``blob-bytes`` (`done` of `total` bytes of that blob), ``blob-done``, ``blob-cached``
-    (already in the store, not fetched)."""
+    """One progress event: ``manifest`` (the chosen manifest was fetched and read: `layers`
+    lists its layers, (digest, size) in order, each once, before any blob event), then for
+    each blob ``blob-cached`` (already in the store, not fetched) or ``blob-start``,
+    ``blob-bytes`` (`done` of `total` bytes of that blob), ``blob-verifying`` (all bytes
+    in: its digest is checked and the file made durable) and ``blob-done``. `kind` says what
+    the blob is (``manifest``, ``config``, ``layer``). A pull that falls back to another
+    endpoint may start a blob again.
+
+    `kind` and `layers` came later and take no part in equality: an event equals one made
+    with the first four fields, as callers wrote them before."""
 
     event: str
     digest: str | None
     done: int
     total: int | None
+    kind: str | None = field(default=None, compare=False)
+    layers: tuple[tuple[str, int], ...] = field(default=(), compare=False)
 
 
 class _Emitter:
@@ -185,10 +194,18 @@ class _Emitter:
         self._callback = callback
         self._lock = threading.Lock()
 
-    def __call__(self, event: str, digest: str | None, done: int, total: int | None) -> None:
+    def __call__(
+        self,
+        event: str,
+        digest: str | None,
+        done: int,
+        total: int | None,
+        kind: str,
+        layers: tuple[tuple[str, int], ...] = (),
+    ) -> None:
         if self._callback is not None:
             with self._lock:
-                self._callback(PullProgress(event, digest, done, total))
+                self._callback(PullProgress(event, digest, done, total, kind, layers))
 
 
 # ---- TLS ---------------------------------------------------------------------------------------
@@ -626,7 +643,7 @@ class RegistryClient:
             raise RegistryManifestError(str(e)) from None
 
     def _resolve(
-        self, target: RegistryTarget, platform: Platform, emit: _Emitter
+        self, target: RegistryTarget, platform: Platform
     ) -> tuple[bytes, str, str, Platform | None]:
         """Follow the reference (through indexes, `index_manifests`) to one image manifest
         for `platform`: (body, media type, digest, the platform of the index entry that
@@ -662,7 +679,6 @@ class RegistryClient:
             chosen = entry.platform
             expected = Descriptor(entry.media_type, entry.digest, entry.size)
             body, media_type, digest = self._fetch_manifest(target, entry.digest, expected)
-        emit("manifest", digest, len(body), len(body))
         log.debug(
             "registry.manifest",
             reference=str(target.reference),
@@ -696,18 +712,19 @@ class RegistryClient:
         descriptor: Descriptor,
         emit: _Emitter,
         cancel: threading.Event,
+        kind: str = "layer",
     ) -> None:
         digest, size = descriptor.digest, descriptor.size
         with self._lock(target, store, digest, cancel):
             if cancel.is_set():
                 raise _Cancelled
             if store.has(digest) and store.size(digest) == size:
-                emit("blob-cached", digest, size, size)
+                emit("blob-cached", digest, size, size, kind)
                 log.debug("registry.blob.cached", digest=digest, size=size)
                 return
-            emit("blob-start", digest, 0, size)
-            self._download(target, store, descriptor, emit, cancel)
-            emit("blob-done", digest, size, size)
+            emit("blob-start", digest, 0, size, kind)
+            self._download(target, store, descriptor, emit, cancel, kind=kind)
+            emit("blob-done", digest, size, size, kind)
 
     def _download(
         self,
@@ -718,6 +735,7 @@ class RegistryClient:
         cancel: threading.Event,
         *,
         adopt: bool = True,
+        kind: str = "layer",
     ) -> None:
         """Download the blob into a new writer, resuming (``Range``) what a dead pull left
         (`adopt_partial`) and any transfer that breaks. A blob that fails to verify after
@@ -730,7 +748,7 @@ class RegistryClient:
         try:
             adopted = adopt_partial(store, digest, size, writer) if adopt else 0
             if adopted:
-                emit("blob-bytes", digest, adopted, size)
+                emit("blob-bytes", digest, adopted, size, kind)
             attempt = 0
             stalls = 0
             furthest = adopted
@@ -771,7 +789,7 @@ class RegistryClient:
                         writer.write(chunk)
                         if writer.offset - reported >= PROGRESS_STEP or writer.offset == size:
                             reported = writer.offset
-                            emit("blob-bytes", digest, reported, size)
+                            emit("blob-bytes", digest, reported, size, kind)
                         if cancel.is_set():
                             raise _Cancelled
                         if time.monotonic() >= target.deadline:
@@ -820,13 +838,14 @@ class RegistryClient:
                 )
                 self._sleep(delay, target.deadline, what, f"retrying {target.host}")
                 attempt += 1
+            emit("blob-verifying", digest, size, size, kind)
             try:
                 writer.commit()
             except DigestMismatchError:
                 if not adopted:
                     raise
                 log.warning("registry.blob.adopted_partial_bad", digest=digest, offset=adopted)
-                self._download(target, store, descriptor, emit, cancel, adopt=False)
+                self._download(target, store, descriptor, emit, cancel, adopt=False, kind=kind)
         except BaseException:
             writer.abort()
             raise
@@ -859,7 +878,7 @@ class RegistryClient:
                     for layer in layers
                 ]
             try:
-                self._fetch_blob(target, store, config, emit, cancel)
+                self._fetch_blob(target, store, config, emit, cancel, "config")
             except Exception as error:  # the layers are stopped, then this is raised
                 failed = error
             else:
@@ -919,7 +938,7 @@ class RegistryClient:
             url=target.base,
             platform=str(platform),
         )
-        body, media_type, digest, chosen = self._resolve(target, platform, emit)
+        body, media_type, digest, chosen = self._resolve(target, platform)
         try:
             manifest = parse_manifest(body, media_type, digest=digest)
         except ManifestError as e:
@@ -939,6 +958,8 @@ class RegistryClient:
         unique: dict[str, Descriptor] = {}
         for layer in manifest.layers:
             unique.setdefault(layer.digest, layer)
+        layers = tuple((layer.digest, layer.size) for layer in unique.values())
+        emit("manifest", digest, len(body), len(body), "manifest", layers)
         self._fetch_blobs(target, store, manifest.config, list(unique.values()), emit)
         with self._lock(target, store, digest, None):
             if not (store.has(digest) and store.size(digest) == len(body)):

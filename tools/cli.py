@@ -29,7 +29,7 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from imageledger.tools import human
 from imageledger.tools.logs import configure_logging_on_first_line, printable
-from imageledger.tools.progress import Progress
+from imageledger.tools.progress import Progress, PullDisplay
 
 if TYPE_CHECKING:
     # Imported where they are used instead: loading the package's modules is most of what a
@@ -41,7 +41,6 @@ if TYPE_CHECKING:
         ImageHandle,
         ImagePruneReport,
         MaterializedImage,
-        PullProgress,
     )
 
 EXIT_OK = 0
@@ -372,25 +371,20 @@ def cmd_pull(cache: ImageCache, args: argparse.Namespace) -> int:
         timeout=args.timeout,
         deadline=args.deadline,
     )
-    # The reference is not parsed yet: escaped and cut before it reaches the terminal.
-    with Progress(one_line(f"pull {args.reference}", 120), unit="bytes") as bar:
-        sizes: dict[str, int] = {}
-        done: dict[str, int] = {}
-
-        def progress(event: PullProgress) -> None:
-            if event.digest is None:
-                return
-            if event.total is not None:
-                sizes[event.digest] = event.total
-            if event.event == "blob-bytes":
-                done[event.digest] = event.done
-            elif event.event in ("blob-done", "blob-cached"):
-                done[event.digest] = sizes.get(event.digest, event.done)
-            bar.update(sum(done.values()), max(sum(sizes.values()), 1))
-
+    if args.quiet and args.json:
+        raise UsageError("pull: --quiet and --json each choose the output: give one")
+    # docker pull's display on a terminal; off one (or for --json, --quiet), logs only.
+    draw = not (args.json or args.quiet) and sys.stdout.isatty()
+    if draw:
+        # The reference is not parsed yet: escaped and cut before it reaches the terminal.
+        _say(f"Pulling {one_line(args.reference, 200)}")
+    with PullDisplay(sys.stdout, draw=draw) as display:
         handle = cache.pull(
-            args.reference, platform=args.platform, options=options, progress=progress
+            args.reference, platform=args.platform, options=options, progress=display
         )
+    if args.quiet:
+        _say(handle.reference)  # only the reference, as docker pull --quiet prints it
+        return EXIT_OK
     image = cache.materialize(handle.reference) if args.materialize else None
     if args.json:
         shown = handle_json(handle)
@@ -1105,6 +1099,9 @@ def build_parser() -> argparse.ArgumentParser:
     pull = add("pull", cmd_pull, "pull an image from an OCI distribution registry")
     pull.add_argument("reference")
     pull.add_argument("--platform", help="os/arch[/variant] of an index to pull (default: host)")
+    pull.add_argument(
+        "-q", "--quiet", action="store_true", help="print only the reference, no progress"
+    )
     pull.add_argument("--materialize", action="store_true", help=materialize_help)
     pull.add_argument(
         "--insecure-registry",
