@@ -27,7 +27,6 @@ import hashlib
 import os
 import queue
 import stat
-import tarfile
 import threading
 import zlib
 from collections.abc import Iterator, Sequence
@@ -35,13 +34,15 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO, Final, cast
 
-from imageledger.domain.errors import ArchiveError, LayerRejectedError
+from imageledger.domain.errors import LayerRejectedError
 from imageledger.storage import erofsformat as fmt
+from imageledger.storage import layertar
 from imageledger.storage.erofsformat import BLOCK, FormatError, Node
-from imageledger.storage.tarsafe import BoundedTarInfo
+from imageledger.storage.layertar import TarEntry, TarError, TarReader
 
 CHUNK: Final = 1 << 20
-_AHEAD: Final = 8
+STREAM_CHUNK: Final = 4 << 20
+_AHEAD: Final = 4
 MAX_DEPTH: Final = 512
 """Path components an entry may have: deeper is refused as hostile (no real image nests so
 deep, and the readers that walk a tree recursively would not survive it)."""
@@ -57,7 +58,6 @@ OPAQUE_XATTR: Final = b"trusted.overlay.opaque"
 OVERLAY_XATTRS: Final = b"trusted.overlay."
 _GZIP_MAGIC: Final = b"\x1f\x8b"
 _ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
-_XATTR_PAX: Final = "SCHILY.xattr."
 
 
 @dataclass(frozen=True)
@@ -74,8 +74,8 @@ class ErofsBuild:
 
 
 class _Uncompressed:
-    """The layer's tar stream as tarfile reads it (``read(n)``), uncompressed by its magic
-    bytes and hashed (the diff_id is the sha256 of these bytes).
+    """The layer's tar stream in chunks (`chunk`), uncompressed by its magic bytes and hashed
+    (the diff_id is the sha256 of these bytes).
 
     Uncompressing and hashing run in a thread of their own, at most `_AHEAD` chunks ahead of
     the tar parsing (zlib, zstd and hashlib release the GIL): on two cores a build takes about
@@ -95,8 +95,6 @@ class _Uncompressed:
             chunks = _plain(blob, head)
         self._queue: queue.Queue[bytes | BaseException] = queue.Queue(_AHEAD)
         self._stop = threading.Event()
-        self._buf = b""
-        self._off = 0
         self._done = False
         self._thread = threading.Thread(
             target=self._produce, args=(chunks,), name="imageledger-uncompress", daemon=True
@@ -122,27 +120,22 @@ class _Uncompressed:
                 continue
         return False
 
-    def read(self, size: int = -1) -> bytes:
-        if self._off >= len(self._buf):
-            if self._done:
-                return b""
-            item = self._queue.get()
-            if isinstance(item, BaseException):
-                self._done = True
-                raise item
-            self._buf, self._off = item, 0
-            if not item:
-                self._done = True
-                return b""
-        if size < 0:
-            size = len(self._buf)
-        piece = self._buf[self._off : self._off + size]
-        self._off += len(piece)
-        return piece
+    def chunk(self) -> bytes:
+        """The next piece of the uncompressed stream; b"" at its end."""
+        if self._done:
+            return b""
+        item = self._queue.get()
+        if isinstance(item, BaseException):
+            self._done = True
+            raise item
+        if not item:
+            self._done = True
+        return item
 
     def drain(self) -> str:
-        """Read to the end; the diff_id of everything read."""
-        while self.read(CHUNK):
+        """Read to the end (what follows the tar's end marker counts in the diff_id too);
+        the diff_id of everything read."""
+        while self.chunk():
             pass
         self.close()
         return f"sha256:{self.hash.hexdigest()}"
@@ -155,7 +148,7 @@ class _Uncompressed:
 def _plain(blob: BinaryIO, head: bytes) -> Iterator[bytes]:
     if head:
         yield head
-    while chunk := blob.read(CHUNK):
+    while chunk := blob.read(STREAM_CHUNK):
         yield chunk
 
 
@@ -177,7 +170,7 @@ def _gunzip(blob: BinaryIO, head: bytes) -> Iterator[bytes]:
                 if not data:
                     continue
                 decomp = zlib.decompressobj(31)
-            out = decomp.decompress(data, CHUNK)
+            out = decomp.decompress(data, STREAM_CHUNK)
             data = decomp.unconsumed_tail or decomp.unused_data
             if out:
                 yield out
@@ -196,7 +189,7 @@ def _unzstd(blob: BinaryIO, head: bytes) -> Iterator[bytes]:
         cast(IO[bytes], _Prefixed(head, blob)), read_size=CHUNK, read_across_frames=True
     )
     try:
-        while chunk := reader.read(CHUNK):
+        while chunk := reader.read(STREAM_CHUNK):
             yield chunk
     except zstandard.ZstdError as e:
         raise LayerRejectedError(f"layer blob: corrupt zstd stream: {e}") from None
@@ -243,10 +236,6 @@ def _show(name: bytes) -> str:
     return repr(name.decode("utf-8", "backslashreplace"))
 
 
-def _bytes(text: str) -> bytes:
-    return text.encode("utf-8", "surrogateescape")
-
-
 class _Layer:
     """The tree being built from the tar's entries, in order (a later entry replaces an
     earlier one of the same name, as extracting the tar would)."""
@@ -290,12 +279,12 @@ class _Layer:
             node = found
         return node
 
-    def add(self, member: tarfile.TarInfo, read: IO[bytes] | None) -> None:
-        name = _bytes(member.name)
+    def add(self, entry: TarEntry, tar: TarReader) -> None:
+        name = entry.name
         parts = _parts(name, "entry")
-        meta = _meta(member, name)
+        meta = _meta(entry)
         if not parts:
-            if not member.isdir():
+            if entry.type != layertar.DIRECTORY:
                 raise LayerRejectedError(f"layer entry {_show(name)}: the root is not a directory")
             _update_dir(self.root, meta)
             return
@@ -305,7 +294,8 @@ class _Layer:
         parent = self.parent(parts, name)
         assert parent.children is not None
         existing = parent.children.get(base)
-        if member.isdir():
+        kind = entry.type
+        if kind == layertar.DIRECTORY:
             if existing is not None and existing.children is not None:
                 _update_dir(existing, meta)
             else:
@@ -313,12 +303,12 @@ class _Layer:
                 _update_dir(node, meta)
                 parent.children[base] = node
             return
-        if member.islnk():
-            target_parts = _parts(_bytes(member.linkname), f"hard link {_show(name)} ->")
+        if kind == layertar.HARDLINK:
+            target_parts = _parts(entry.linkname, f"hard link {_show(name)} ->")
             target = self.lookup(target_parts)
             if target is None or target is self.root:
                 raise LayerRejectedError(
-                    f"layer hard link {_show(name)} -> {_show(_bytes(member.linkname))}: "
+                    f"layer hard link {_show(name)} -> {_show(entry.linkname)}: "
                     "no such entry before it"
                 )
             if target.children is not None:
@@ -326,37 +316,33 @@ class _Layer:
             parent.children[base] = target
             return
         node = self._new(meta.node(0))
-        if member.isreg():
+        if entry.has_data():
             node.mode = stat.S_IFREG | meta.perm
-            node.size = member.size
-            if member.size:
-                assert read is not None
+            node.size = entry.size
+            if entry.size:
                 node.blkaddr = self.block
-                self.block += self._copy(read, member.size, name)
+                self.block += self._copy(tar, entry.size)
                 if self.block > fmt.MAX_BLOCKS:
                     raise LayerRejectedError("layer: its files are over the 16 TiB EROFS holds")
-        elif member.issym():
-            link = _bytes(member.linkname)
+        elif kind == layertar.SYMLINK:
+            link = entry.linkname
             if not link or len(link) > MAX_SYMLINK or b"\0" in link:
                 raise LayerRejectedError(
                     f"layer symlink {_show(name)}: a target of {len(link)} bytes"
                 )
             node.mode = stat.S_IFLNK | 0o777
             node.target = link
-        elif member.ischr() or member.isblk():
-            node.mode = (stat.S_IFCHR if member.ischr() else stat.S_IFBLK) | meta.perm
-            if not (0 <= member.devmajor < 1 << 12 and 0 <= member.devminor < 1 << 20):
+        elif kind in (layertar.CHAR, layertar.BLOCKDEV):
+            node.mode = (stat.S_IFCHR if kind == layertar.CHAR else stat.S_IFBLK) | meta.perm
+            major, minor = entry.devmajor, entry.devminor
+            if not (0 <= major < 1 << 12 and 0 <= minor < 1 << 20):
                 raise LayerRejectedError(
-                    f"layer device {_show(name)}: {member.devmajor}:{member.devminor} is not a"
-                    " Linux device number"
+                    f"layer device {_show(name)}: {major}:{minor} is not a Linux device number"
                 )
-            node.rdev = fmt.encode_dev(member.devmajor, member.devminor)
-        elif member.isfifo():
-            node.mode = stat.S_IFIFO | meta.perm
+            node.rdev = fmt.encode_dev(major, minor)
         else:
-            raise LayerRejectedError(
-                f"layer entry {_show(name)}: unsupported tar type {member.type!r}"
-            )
+            assert kind == layertar.FIFO, kind
+            node.mode = stat.S_IFIFO | meta.perm
         parent.children[base] = node
 
     def _overlay_marker(self, parts: list[bytes], name: bytes, meta: _Meta) -> bool:
@@ -382,14 +368,8 @@ class _Layer:
         )
         return True
 
-    def _copy(self, read: IO[bytes], size: int, name: bytes) -> int:
-        left = size
-        while left:
-            chunk = read.read(min(left, CHUNK))
-            if not chunk:
-                raise LayerRejectedError(f"layer entry {_show(name)}: truncated data")
-            self.out.write(chunk)
-            left -= len(chunk)
+    def _copy(self, tar: TarReader, size: int) -> int:
+        tar.copy_data(self.out)
         pad = -size % BLOCK
         if pad:
             self.out.write(bytes(pad))
@@ -416,39 +396,21 @@ class _Meta:
         )
 
 
-def _meta(member: tarfile.TarInfo, name: bytes) -> _Meta:
-    if not (0 <= member.uid <= 0xFFFFFFFF and 0 <= member.gid <= 0xFFFFFFFF):
-        raise LayerRejectedError(f"layer entry {_show(name)}: uid/gid out of 32-bit range")
-    mtime, nsec = _mtime(member)
+def _meta(entry: TarEntry) -> _Meta:
+    if not (0 <= entry.uid <= 0xFFFFFFFF and 0 <= entry.gid <= 0xFFFFFFFF):
+        raise LayerRejectedError(f"layer entry {_show(entry.name)}: uid/gid out of 32-bit range")
     xattrs: dict[bytes, bytes] = {}
-    for key, value in member.pax_headers.items():
-        if not key.startswith(_XATTR_PAX):
-            continue
-        xname = _bytes(key[len(_XATTR_PAX) :])
+    for xname, value in entry.xattrs.items():
         if xname.startswith(OVERLAY_XATTRS) or fmt.split_xattr(xname) is None:
             continue  # overlay's own markers, or a namespace Linux (and EROFS) cannot hold
-        data = _bytes(value)
-        if len(data) > 0xFFFF or len(xname) > fmt.NAME_MAX:
-            raise LayerRejectedError(f"layer entry {_show(name)}: xattr {_show(xname)} too long")
-        xattrs[xname] = data
-    return _Meta(member.mode & 0o7777, member.uid, member.gid, mtime, nsec, xattrs)
-
-
-def _mtime(member: tarfile.TarInfo) -> tuple[int, int]:
-    """Seconds and nanoseconds, exact from a PAX ``mtime`` (tarfile's float would round);
-    negative times (before 1970) are stored as 0."""
-    text = member.pax_headers.get("mtime")
-    if text is not None:
-        whole, _, frac = text.partition(".")
-        try:
-            seconds = int(whole)
-            nsec = int((frac + "000000000")[:9]) if frac else 0
-        except ValueError:
-            seconds, nsec = int(member.mtime), 0
-        if text.startswith("-"):
-            return 0, 0
-        return min(seconds, (1 << 63) - 1), nsec
-    return max(0, min(int(member.mtime), (1 << 63) - 1)), 0
+        if len(value) > 0xFFFF or len(xname) > fmt.NAME_MAX:
+            raise LayerRejectedError(
+                f"layer entry {_show(entry.name)}: xattr {_show(xname)} too long"
+            )
+        xattrs[xname] = value
+    # Times before 1970 are stored as 0 (EROFS keeps unsigned seconds).
+    mtime, nsec = (entry.mtime, entry.mtime_nsec) if entry.mtime >= 0 else (0, 0)
+    return _Meta(entry.mode & 0o7777, entry.uid, entry.gid, min(mtime, (1 << 63) - 1), nsec, xattrs)
 
 
 def _update_dir(node: Node, meta: _Meta) -> None:
@@ -475,19 +437,12 @@ def build_layer(blob: BinaryIO, out: BinaryIO, *, diff_id: str) -> ErofsBuild:
     layer = _Layer(out)
     out.write(bytes(BLOCK))  # block 0: the superblock, written last
     try:
-        with tarfile.open(
-            fileobj=stream,  # type: ignore[call-overload]
-            mode="r|",
-            tarinfo=BoundedTarInfo,
-            encoding="utf-8",
-            errors="surrogateescape",
-        ) as tar:
-            for member in tar:
-                read = tar.extractfile(member) if member.isreg() and member.size else None
-                layer.add(member, read)
+        tar = TarReader(stream.chunk)
+        for entry in tar.entries():
+            layer.add(entry, tar)
         actual = stream.drain()
-    except (tarfile.TarError, EOFError, zlib.error, ArchiveError, UnicodeError) as e:
-        raise LayerRejectedError(f"layer blob: not a readable tar: {e}") from None
+    except TarError as e:
+        raise LayerRejectedError(f"layer blob: {e}") from None
     finally:
         stream.close()
     if actual != diff_id:

@@ -69,13 +69,13 @@ def _text(raw: bytes) -> str:
     return raw.decode("utf-8", "surrogateescape")
 
 
-def make_tar(entries: Sequence[E]) -> bytes:
-    """A PAX tar of `entries`, in order (xattrs as ``SCHILY.xattr.*`` records)."""
+def make_tar(entries: Sequence[E], tar_format: int = tarfile.PAX_FORMAT) -> bytes:
+    """A tar (PAX unless told) of `entries`, in order (xattrs as ``SCHILY.xattr.*``)."""
     buffer = io.BytesIO()
     with tarfile.open(
         fileobj=buffer,
         mode="w",
-        format=tarfile.PAX_FORMAT,
+        format=tar_format,
         encoding="utf-8",
         errors="surrogateescape",
     ) as tar:
@@ -491,6 +491,53 @@ def test_overlay_xattrs_from_the_tar_and_foreign_namespaces_are_dropped(tmp_path
         assert os.listxattr(where / "f") == []
 
 
+def test_gnu_ustar_and_pax_tars_of_one_tree_give_one_image(tmp_path: Path) -> None:
+    """The tar dialects a layer comes in: GNU (long names as ``L``/``K`` entries, base-256
+    numbers), POSIX ustar (a name prefix), PAX (records; a global header too)."""
+    long_dir = b"d" * 90 + b"/" + b"e" * 90 + b"/"
+    entries = [
+        E(b"dir/", "dir", mode=0o755),
+        E(long_dir.split(b"/")[0] + b"/", "dir", mode=0o755),
+        E(long_dir, "dir", mode=0o700),
+        E(long_dir + b"f" * 60, data=b"long", uid=0o7777777 + 1, gid=3),
+        E(b"dir/link-" + b"l" * 120, "symlink", link=b"t" * 150),
+        E(b"dir/hard", "hardlink", link=long_dir + b"f" * 60),
+        E(b"dir/dev", "chr", dev=(10, 200), mode=0o600),
+    ]
+    images = set()
+    for tar_format in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
+        raw = make_tar(entries, tar_format)
+        with (tmp_path / "o").open("w+b") as f:
+            images.add(build_layer(io.BytesIO(raw), f, diff_id=diff_id(raw)).digest)
+    ustar = [  # names over 100 bytes go in the prefix field
+        E(b"p" * 120 + b"/", "dir", mode=0o755),
+        E(b"p" * 120 + b"/" + b"n" * 90, data=b"prefixed", uid=7),
+        E(b"t", data=b"t"),
+        E(b"p" * 120 + b"/h", "hardlink", link=b"t"),
+    ]
+    raw = make_tar(ustar, tarfile.USTAR_FORMAT)
+    assert raw[257:263] == b"ustar\x00"
+    image = build(tmp_path, ustar, "ustar", compression="none")
+    check_with_fsck(tmp_path, image, ustar)
+    assert len(images) == 1
+    image = build(tmp_path, entries, "gnu", compression="none")
+    check_with_kernel(tmp_path, image, entries)
+    # A PAX global header applies to every entry after it.
+    buffer = io.BytesIO()
+    with tarfile.open(
+        fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT, pax_headers={"mtime": "1234567890.5"}
+    ) as tar:
+        for name in ("a", "b"):
+            info = tarfile.TarInfo(name)
+            tar.addfile(info)
+    raw = buffer.getvalue()
+    out = tmp_path / "global.erofs"
+    with out.open("w+b") as f:
+        build_layer(io.BytesIO(raw), f, diff_id=diff_id(raw))
+    with mounted(tmp_path, out, "global-mnt") as where:
+        assert os.stat(where / "b").st_mtime_ns == 1234567890_500000000
+
+
 # ---- hostile layers ------------------------------------------------------------------------
 
 
@@ -541,6 +588,39 @@ def test_damaged_streams_are_refused(tmp_path: Path, damage: str) -> None:
     }[damage]
     with (tmp_path / "o").open("w+b") as f, pytest.raises(LayerRejectedError):
         build_layer(io.BytesIO(blob), f, diff_id=diff_id(raw))
+
+
+def raw_header(name: bytes, kind: bytes, size: int) -> bytes:
+    """One hand-made ustar header block (for dialects tarfile will not write)."""
+    header = bytearray(512)
+    header[0 : len(name)] = name
+    header[100:108] = b"0000644\0"
+    header[124:136] = b"%011o\0" % size
+    header[136:148] = b"00000000000\0"
+    header[148:156] = b" " * 8
+    header[156:157] = kind
+    header[257:265] = b"ustar\x0000"
+    header[148:156] = b"%06o\0 " % sum(header)
+    return bytes(header)
+
+
+@pytest.mark.parametrize(
+    "tar",
+    [
+        pytest.param(raw_header(b"f", b"S", 0) + bytes(1024), id="GNU sparse file"),
+        pytest.param(raw_header(b"f", b"x", 2 << 20) + bytes(2 << 20), id="PAX header over 1 MiB"),
+        pytest.param(raw_header(b"f", b"x", 9) + b"9 path=\n".ljust(512, b"\0"), id="bad PAX"),
+        pytest.param(raw_header(b"f", b"M", 0) + bytes(1024), id="GNU multi-volume"),
+        pytest.param(raw_header(b"f", b"0", 5000) + bytes(600), id="truncated data"),
+        pytest.param(raw_header(b"f", b"0", 5)[:300], id="truncated header"),
+        pytest.param(
+            raw_header(b"f", b"0", 0)[:10] + b"X" + raw_header(b"f", b"0", 0)[11:], id="checksum"
+        ),
+    ],
+)
+def test_tars_this_reader_does_not_take_are_refused(tmp_path: Path, tar: bytes) -> None:
+    with (tmp_path / "o").open("w+b") as f, pytest.raises(LayerRejectedError, match="tar"):
+        build_layer(io.BytesIO(tar), f, diff_id=diff_id(tar))
 
 
 def test_more_inodes_than_the_format_addresses_is_refused(
