@@ -9,6 +9,7 @@ never from how long anything took.
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
@@ -24,7 +25,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from imageledger import DiskUsage, GcPolicy, ImageCache, ImagePruneReport
+from imageledger import DiskUsage, GcPolicy, Image, ImageCache, ImagePruneReport
 from imageledger.cache import internals
 from imageledger.domain.events import Batch
 from imageledger.domain.model import (
@@ -492,6 +493,17 @@ def test_max_age_removes_images_unused_for_longer_without_pressure(
     assert all("gc max age" in r.reason for r in report.references)
     assert {h.reference for h in cache.list()} == {b, d}
     assert cache.history()[-1].event == "ImagesPruned"
+
+
+def test_the_asyncio_api_plans_the_same_gc(
+    cached: tuple[ImageCache, Clock, list[str]], disk: Path
+) -> None:
+    cache, _clock, _lru = cached
+    _fill_to(disk, 92)
+    blocking = cache.gc(high_threshold=85, low_threshold=75, dry_run=True)
+    awaited = asyncio.run(Image.gc(high_threshold=85, low_threshold=75, dry_run=True, cache=cache))
+    assert awaited.references == blocking.references and awaited.references
+    assert awaited.deleted == blocking.deleted and awaited.dry_run
 
 
 def test_below_the_high_threshold_nothing_is_removed_nor_recorded(

@@ -229,28 +229,26 @@ def test_off_a_terminal_there_is_no_bar_and_quiet_prints_only_the_reference(
 ) -> None:
     reference = _push(registry, tmp_path, "display/plain", _image(os.urandom(2 * MIB)))
     env = _env(registry)
-    done = subprocess.run(
-        [*CLI, "--home", str(tmp_path / "home"), "pull", reference],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-        check=False,
-    )
+
+    def run(home: str, *args: str) -> subprocess.CompletedProcess[str]:
+        """The command line with its output piped: not on a terminal."""
+        return subprocess.run(
+            [*CLI, "--home", str(tmp_path / home), "pull", *args, reference],
+            capture_output=True,
+            text=True,
+            env=env,
+            timeout=TIMEOUT,
+            check=False,
+        )
+
+    done = run("home")
     assert done.returncode == 0, done.stderr
     assert "\x1b" not in done.stdout and "\x1b" not in done.stderr
     assert "[==" not in done.stdout and "Downloading" not in done.stdout
     [line] = done.stdout.splitlines()
     assert line.startswith(f"Pulled {reference} (")
 
-    quiet = subprocess.run(
-        [*CLI, "--home", str(tmp_path / "quiet"), "pull", "--quiet", reference],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    quiet = run("quiet", "--quiet")
     assert quiet.returncode == 0, quiet.stderr
     assert quiet.stdout == reference + "\n"
 
@@ -262,14 +260,7 @@ def test_off_a_terminal_there_is_no_bar_and_quiet_prints_only_the_reference(
     assert screen(output) == [reference]
     assert "\x1b" not in output
 
-    both = subprocess.run(
-        [*CLI, "--home", str(tmp_path / "both"), "pull", "--quiet", "--json", reference],
-        capture_output=True,
-        text=True,
-        env=env,
-        timeout=TIMEOUT,
-        check=False,
-    )
+    both = run("both", "--quiet", "--json")
     assert both.returncode == 2 and both.stdout == ""
 
 

@@ -26,7 +26,25 @@ if TYPE_CHECKING:
 _log = get_logger(__name__)
 
 
-class Progress:
+class _Closing:
+    """A `with` block around the work: `close` when it ends, however it ends."""
+
+    def close(self) -> None:
+        raise NotImplementedError
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+
+class Progress(_Closing):
     """`update(done, total)` redraws at most ten times a second; logs every 10%."""
 
     def __init__(self, label: str, *, unit: str = "", stream: TextIO | None = None) -> None:
@@ -56,15 +74,8 @@ class Progress:
             self._logged = decile
             _log.info("progress", task=self.label, done=done, total=total, unit=self.unit)
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """End the bar's line."""
         if self.tty and self._drawn:
             self.stream.write("\n")
             self.stream.flush()
@@ -108,7 +119,7 @@ def _left(seconds: float) -> str:
     return f"{whole // 3600}h{whole % 3600 // 60:02d}m"
 
 
-class PullDisplay:
+class PullDisplay(_Closing):
     """A pull's progress callback (`ImageCache.pull(progress=...)`), drawn as `docker pull`
     draws it when `draw` (the command line's stdout is a terminal): one line per layer, by
     the first 12 hex digits of its digest (``Waiting``, ``Downloading`` with a bar and the
@@ -218,15 +229,8 @@ class PullDisplay:
         self.stream.write(text)
         self.stream.flush()
 
-    def __enter__(self) -> Self:
-        return self
-
-    def __exit__(
-        self,
-        exc_type: type[BaseException] | None,
-        exc: BaseException | None,
-        tb: TracebackType | None,
-    ) -> None:
+    def close(self) -> None:
+        """Draw the block a last time, as the pull ended (complete, or where it stopped)."""
         self._finished = self.clock()
         self._render(force=True)
 
