@@ -10,8 +10,8 @@ time. What is read: POSIX ustar (with its name prefix), PAX local and global hea
 linkpath, size, uid, gid, mtime, ``SCHILY.xattr.*``), GNU long names and long link names,
 octal and base-256 numbers; a header's checksum is checked. Refused (`TarError`, the caller
 says which layer): a bad checksum, a truncated stream, an extended header over
-`MAX_HEADER_PAYLOAD`, sparse files and the other GNU extensions (multi-volume, dump
-directories), numbers that are not numbers.
+`MAX_HEADER_PAYLOAD` (the limit `storage.tarsafe` sets for archives), sparse files and the
+other GNU extensions (multi-volume, dump directories), numbers that are not numbers.
 """
 
 from __future__ import annotations
@@ -20,9 +20,9 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Final, Protocol
 
+from imageledger.storage.tarsafe import MAX_HEADER_PAYLOAD
+
 BLOCK: Final = 512
-MAX_HEADER_PAYLOAD: Final = 1 << 20
-"""Bytes of a PAX or GNU long-name header's payload (held in memory) at most."""
 _ZERO: Final = bytes(BLOCK)
 _POSIX: Final = b"ustar\x00"
 REGULAR: Final = b"0"
