@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 if command -v apt-get >/dev/null && [ "$(id -u)" = 0 ]; then
   export DEBIAN_FRONTEND=noninteractive
   apt-get update -qq
-  apt-get install -y -qq python3-venv skopeo docker-registry libfuse2 erofs-utils >/dev/null
+  apt-get install -y -qq python3-venv skopeo docker-registry libfuse2 erofs-utils zsh >/dev/null
 fi
 PYTHON=${PYTHON:-python3}
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv
