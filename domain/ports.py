@@ -185,6 +185,9 @@ class Ledger(Protocol):
     def at(self, position: int) -> Ledger:
         """The ledger as it was after the event at `position`, read only."""
 
+    def disk(self) -> tuple[int, int]:
+        """The bytes the log's pages take, and the view checkpoints' (`at`'s derived data)."""
+
 
 @dataclass
 class TreeReplay:

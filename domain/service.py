@@ -406,11 +406,19 @@ class ImageCacheService:
                 by_kind[kind] = by_kind.get(kind, 0) + file.size
             references = sum(1 for _ in state.references())
         dry = self.prune(dry_run=True)
+        log_bytes, checkpoint_bytes = self.ledger.disk()
         return {
             "references": references,
             "bytes": by_kind,
             "total_bytes": sum(by_kind.values()),
             "reclaimable_bytes": dry.bytes_reclaimed,
+            # The ledger's own disk: the log, and beside it the view checkpoints that make
+            # `at` fast (derived data, at most storage.viewstore.MAX_SHARE of the log).
+            "ledger": {
+                "log_bytes": log_bytes,
+                "checkpoint_bytes": checkpoint_bytes,
+                "checkpoint_share": round(checkpoint_bytes / log_bytes, 3) if log_bytes else 0.0,
+            },
         }
 
     # ------------------------------------------------------------------ committing

@@ -82,6 +82,10 @@ TABLES: Final = (
     "meta",
 )
 APPEND_ONLY: Final = ("history",)
+PRESENT_ONLY: Final = ("history", "index")
+"""The tables no past state needs (`LedgerStore.at`, view checkpoints): the history index
+(past queries read the log itself) and the index.json entries (written for the home as it is
+now). The folds never read them, so a replay without them folds the other tables alike."""
 HANDLE_FIELDS: Final = tuple(f.name for f in fields(CachedImage))
 # 3: meta "shown", the position of the last event that changed what index.json shows.
 # 7: ``erofs`` and ``stitched``, the materialized artifacts (issue 13).

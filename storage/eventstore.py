@@ -28,9 +28,10 @@ from imageledger.domain.errors import LedgerError, LedgerFormatError, LedgerRead
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import ImageConfig, RebuildReport
 from imageledger.domain.ports import AppendConflict
-from imageledger.projections.runner import MemoryView, folder, rebuild
+from imageledger.projections import runner
+from imageledger.projections.runner import MemoryView, collector_paused, folder, rebuild
 from imageledger.projections.views import FORMAT as VIEWS_FORMAT
-from imageledger.projections.views import TABLES, ViewState
+from imageledger.projections.views import PRESENT_ONLY, TABLES, ViewState
 from imageledger.storage import layout
 from imageledger.storage.home import Dir
 from imageledger.storage.leases import StoreLock
@@ -41,6 +42,7 @@ from imageledger.storage.settings import (
     LMDB_DURABILITY,
     LMDB_PATH,
     LMDB_READONLY,
+    LOG_DB,
     Settings,
 )
 from imageledger.storage.viewstore import LMDBViews, MemoryViewTxn
@@ -100,6 +102,7 @@ class LedgerStore:
         """The ledger at `name` in `home` (another name only while `imageledger migrate`
         writes a new ledger beside the old one)."""
         self.path = home.path / name
+        self._read_only = read_only
         self._settings = {LMDB_PATH: str(self.path), LMDB_READONLY: "yes" if read_only else "no"}
         if durability:
             self._settings[LMDB_DURABILITY] = durability
@@ -110,7 +113,7 @@ class LedgerStore:
         self._app: LedgerApplication | None = None
         self._app_lock = threading.RLock()  # attaching the fold asks for the recorder
         try:
-            self.views = LMDBViews(self._env, TABLES, self._recorder)
+            self.views = LMDBViews(self._env, TABLES, self._recorder, VIEWS_FORMAT, LOG_DB)
             self._check_format(read_only)
         except BaseException:
             release_env(self._env)
@@ -273,22 +276,36 @@ class LedgerStore:
             return low
 
     def at(self, position: int) -> PastLedger:
-        """The ledger as it was after the event at `position`: the log replayed from the start
-        into views held in memory (`MemoryView`), read through the same `ViewState`."""
+        """The ledger as it was after the event at `position`: the nearest view checkpoint
+        below it (`runner.CHECKPOINT_EVERY`) and the log after it replayed into views held
+        in memory (`MemoryView`), read through the same `ViewState`. On a home it may write,
+        it leaves behind the checkpoints it replayed through and did not find, so the first
+        `at` far from any checkpoint pays for the later ones (`rebuild` makes them all)."""
         decode = self._ledger_mapper().to_domain_event
-        view = MemoryView(TABLES, ())
         fold = folder(decode)
-        after = 0
-        while after < position:
-            batch = self.views.read_log(after, min(5000, position - after))
-            if not batch:
-                break
-            fold(view, list(batch))
-            after = batch[-1].id
+        keep = not self._read_only
+        with collector_paused():
+            found = self.views.checkpoints.nearest(position)
+            after, records = found if found is not None else (0, None)
+            view = MemoryView(TABLES, PRESENT_ONLY, records)
+            while after < position:
+                limit = min(5000, position - after, runner.next_checkpoint(after) - after)
+                batch = self.views.read_log(after, limit)
+                if not batch:
+                    break
+                fold(view, list(batch))
+                view.take()  # no past query reads them (`views.PRESENT_ONLY`)
+                after = batch[-1].id
+                if keep and after % runner.CHECKPOINT_EVERY == 0:
+                    self.views.checkpoints.keep(after, view.records())
         return PastLedger(self, position, view.records())
 
     def check(self) -> LedgerError | None:
         return check_ledger(self.path).error()
+
+    def disk(self) -> tuple[int, int]:
+        checkpoints, log_bytes = self.views.checkpoints.disk()
+        return log_bytes, checkpoints
 
     def current(self) -> bool:
         """Whether the views are in this version's layout (or hold nothing yet)."""
@@ -345,6 +362,9 @@ class PastLedger:
 
     def check(self) -> LedgerError | None:
         return self.live.check()
+
+    def disk(self) -> tuple[int, int]:
+        return self.live.disk()
 
     def head(self) -> int:
         return self.position

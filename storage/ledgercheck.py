@@ -184,10 +184,12 @@ def _check_copy(ledger_dir: Path, copy: Path) -> LedgerCheck:
     # The application, mapper and views of the cache itself: the events must decode as the
     # cache decodes them, and the replay is the cache's (imported here, in the child only).
     from imageledger.projections.runner import rebuild
+    from imageledger.projections.views import FORMAT as VIEWS_FORMAT
     from imageledger.projections.views import TABLES
     from imageledger.storage.eventstore import FORMAT_VERSION, stored_format
     from imageledger.storage.ledger import LMDBApplicationRecorder, LMDBFactory, check_log
     from imageledger.storage.ledgerapp import LedgerApplication
+    from imageledger.storage.settings import LOG_DB
     from imageledger.storage.viewstore import LMDBViews
 
     env = {
@@ -203,7 +205,7 @@ def _check_copy(ledger_dir: Path, copy: Path) -> LedgerCheck:
         if found not in (None, FORMAT_VERSION):
             problem = str(LedgerFormatError(ledger_dir, found if found is not None else 1))
             return LedgerCheck(False, 0, problem, found, str(ledger_dir))
-        views = LMDBViews(recorder.env, TABLES, lambda: recorder)
+        views = LMDBViews(recorder.env, TABLES, lambda: recorder, VIEWS_FORMAT, LOG_DB)
         events = check_log(recorder)
         report = rebuild(views, app.mapper.to_domain_event, verify_only=True)
     finally:

@@ -19,6 +19,8 @@ from imageledger.storage.lmdbenv import DURABILITY_MODES, Durability, EnvConfig
 APPLICATION: Final = "imageledger"
 """The name of the applications that keep a home's log (`storage.ledgerapp`): the prefix of
 their databases and of their settings' variables."""
+LOG_DB: Final = f"{APPLICATION.lower()}.log"
+"""The log's database: our application's recorder namespace and ``log`` (`storage.ledger`)."""
 LMDB_PATH: Final = "LMDB_PATH"
 LMDB_MAP_SIZE: Final = "LMDB_MAP_SIZE"
 LMDB_MAX_MAP_SIZE: Final = "LMDB_MAX_MAP_SIZE"

@@ -19,6 +19,7 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+import lmdb
 import pytest
 
 from imageledger import (
@@ -27,6 +28,9 @@ from imageledger import (
     ImageNotFoundError,
     LedgerReadOnlyError,
 )
+from imageledger.cache import internals
+from imageledger.projections import runner
+from imageledger.storage.viewstore import MAX_SHARE
 from imageledger.tools.imagebuild import ImageSpec, build_docker_archive
 
 NAMES = ("app", "db", "web")
@@ -60,7 +64,8 @@ def answers(view: Any) -> dict[str, Any]:
     return {
         "list": handles,
         "inspect": details,
-        "df": view.df(),
+        # df's "ledger" measures the ledger's disk now, which no past state answers for.
+        "df": {k: v for k, v in view.df().items() if k != "ledger"},
         "history": view.history(),
         "history of app:1": view.history("app:1"),
         "plan": _plan(view.prune(dry_run=True)),
@@ -95,10 +100,19 @@ def _steps(rng: random.Random, archives: list[Path], count: int) -> Iterator[tup
             yield kind, None
 
 
-@pytest.mark.parametrize("seed", [1, 2])
+@pytest.mark.parametrize(("seed", "every"), [(1, None), (2, None), (3, 4), (4, 7)])
 def test_every_past_answer_is_what_the_live_cache_said_then(
-    tmp_path: Path, archives: list[Path], seed: int
+    tmp_path: Path,
+    archives: list[Path],
+    seed: int,
+    every: int | None,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
+    """Without view checkpoints (the default interval is far beyond this run) and with
+    checkpoints every few events: left behind by `at` itself in the first pass, then read by
+    the second pass in random order, then remade by a rebuild."""
+    if every is not None:
+        monkeypatch.setattr(runner, "CHECKPOINT_EVERY", every)
     clock = Clock()
     rng = random.Random(seed)
     recorded: list[tuple[int, datetime, dict[str, Any]]] = []
@@ -128,6 +142,24 @@ def test_every_past_answer_is_what_the_live_cache_said_then(
             assert answers(past) == live, position
             by_time = cache.at(when)
             assert by_time.position == position
+        if every is not None:
+            checkpoints = internals(cache).ledger.views.checkpoints
+            head = len(cache.history())
+            nearest = [checkpoints.nearest(p) for p in range(every, head + 1, every)]
+            stored = [found[0] for found in nearest if found is not None]
+            # `at` left behind the ones it replayed through, as far as their disk may grow.
+            assert stored[: len(set(stored))] == sorted(set(stored))
+            assert stored and all(p % every == 0 for p in stored)
+            mine, log = checkpoints.disk()
+            assert 0 < mine <= MAX_SHARE * log
+            for position, _when, live in rng.sample(recorded, len(recorded)):
+                assert answers(cache.at(position)) == live, position
+            assert cache.rebuild(verify=True).identical
+            report = cache.rebuild()
+            assert report.identical
+            assert report.tables["views.checkpoints"][0]  # compared, not skipped
+            for position, _when, live in recorded:
+                assert answers(cache.at(position)) == live, position
         # The past is read only, and its handles answer as of then.
         position, _when, live = recorded[len(recorded) // 2]
         past = cache.at(position)
@@ -294,3 +326,108 @@ def test_explain_says_why_an_image_is_here_or_gone_citing_positions(
     only_failed = _cli(home, "explain", failed)
     assert only_failed.returncode == 3, only_failed.stderr
     assert len(only_failed.stderr.strip().splitlines()) == 1
+
+
+def _checkpointed(home: Path, archives: list[Path], clock: Clock) -> list[tuple[int, Any]]:
+    """A home with view checkpoints (every 3 events, made by a rebuild) and the live answers
+    at every position."""
+    recorded = []
+    with ImageCache(home, clock=clock, durability="nosync") as cache:
+        for step in range(12):
+            clock.now += timedelta(minutes=1)
+            cache.load(archives[step % len(archives)])
+            if step % 4 == 3:
+                cache.use(f"{NAMES[step % 3]}:1", f"sandbox-{step}")
+            if step % 5 == 4:
+                cache.remove(f"{NAMES[step % 3]}:latest", force=True)
+            recorded.append((len(cache.history()), answers(cache)))
+        report = cache.rebuild()
+        assert report.identical
+    return recorded
+
+
+def test_damaged_view_checkpoints_are_reported_never_obeyed(
+    tmp_path: Path, archives: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Flipped bytes in a checkpoint, and a checkpoint that decodes but says another past:
+    `at` still answers what the live cache said (from an earlier checkpoint or the log),
+    `rebuild --verify` reports the checkpoints, `rebuild` remakes them."""
+    monkeypatch.setattr(runner, "CHECKPOINT_EVERY", 3)
+    home = tmp_path / "home"
+    recorded = _checkpointed(home, archives, Clock())
+    env = lmdb.open(str(home / "ledger"), max_dbs=64)
+    db = env.open_db(b"views.checkpoints", create=False)
+    with env.begin(write=True, db=db) as txn:
+        stored = [(bytes(k), bytes(v)) for k, v in txn.cursor()]
+        assert len(stored) >= 3
+        flipped = bytearray(stored[1][1])
+        flipped[len(flipped) // 2] ^= 0xFF
+        txn.put(stored[1][0], bytes(flipped))
+        txn.put(stored[2][0], stored[0][1])  # well formed, but the views of another position
+    env.close()
+    with ImageCache(home) as cache:
+        for position, live in recorded:
+            assert answers(cache.at(position)) == live, position
+    with ImageCache(home) as cache:
+        verify = cache.rebuild(verify=True)
+        assert not verify.identical
+        differ = [t for t, (live, rebuilt) in verify.tables.items() if live != rebuilt]
+        assert differ == ["views.checkpoints"]
+        assert not cache.rebuild().identical  # it found them, and remade them
+        again = cache.rebuild(verify=True)
+        assert again.identical, [t for t, (a, b) in again.tables.items() if a != b]
+        for position, live in recorded:
+            assert answers(cache.at(position)) == live, position
+    done = subprocess.run(
+        [sys.executable, "-m", "imageledger.tools.cli", "--home", str(home), "rebuild", "--verify"],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert done.returncode == 0, done.stderr
+
+
+def test_a_home_this_user_may_only_read_answers_the_past_without_writing(
+    tmp_path: Path, archives: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """`at` leaves checkpoints behind only where it may write: on a read-only ledger it
+    replays from the checkpoints there are (or the log) and changes nothing."""
+    monkeypatch.setattr(runner, "CHECKPOINT_EVERY", 3)
+    home = tmp_path / "home"
+    recorded = []
+    clock = Clock()
+    with ImageCache(home, clock=clock, durability="nosync") as cache:
+        for step in range(9):
+            clock.now += timedelta(minutes=1)
+            cache.load(archives[step % len(archives)])
+            recorded.append((len(cache.history()), answers(cache)))
+    before = (home / "ledger" / "data.mdb").read_bytes()
+    view = tmp_path / "read-only"
+    view.mkdir()
+    bound = subprocess.run(["mount", "--bind", str(home), str(view)], capture_output=True)
+    if bound.returncode != 0:
+        pytest.skip(f"cannot bind-mount here: {bound.stderr.decode().strip()}")
+    try:
+        subprocess.run(["mount", "-o", "remount,ro,bind", str(view)], check=True)
+        with ImageCache(view) as cache:
+            assert cache.read_only
+            for position, live in recorded:
+                assert answers(cache.at(position)) == live, position
+    finally:
+        subprocess.run(["umount", str(view)], check=True)
+    assert (home / "ledger" / "data.mdb").read_bytes() == before
+    with ImageCache(home) as cache:
+        assert internals(cache).ledger.views.checkpoints.disk()[0] == 0
+
+
+def test_df_reports_the_ledger_and_its_checkpoints_beside_it(
+    tmp_path: Path, archives: list[Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(runner, "CHECKPOINT_EVERY", 3)
+    home = tmp_path / "home"
+    _checkpointed(home, archives, Clock())
+    with ImageCache(home) as cache:
+        ledger = cache.df()["ledger"]
+    assert ledger["log_bytes"] > 0
+    assert 0 < ledger["checkpoint_bytes"] <= MAX_SHARE * ledger["log_bytes"]
+    assert ledger["checkpoint_share"] == round(ledger["checkpoint_bytes"] / ledger["log_bytes"], 3)

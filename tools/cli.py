@@ -887,6 +887,10 @@ def cmd_df(cache: ImageCache, args: argparse.Namespace) -> int:
             _say(f"{kind:10} {shown(size)}")
         print(f"{'total':10} {shown(usage['total_bytes'])}")
         print(f"{'reclaimable':10} {shown(usage['reclaimable_bytes'])}")
+        ledger = usage["ledger"]
+        print(f"{'ledger log':10} {shown(ledger['log_bytes'])}")
+        share = f"{ledger['checkpoint_share']:.0%} of the log"
+        print(f"{'checkpoints':10} {shown(ledger['checkpoint_bytes'])} ({share}: `--at` replays)")
     return EXIT_OK
 
 
