@@ -268,7 +268,9 @@ def write_metadata(out: BinaryIO, root: Node, *, start_block: int, chunked: bool
 
     Regular files must already have `blkaddr` and `size` (`chunked`: as blocks of layer
     `device`, written as one chunk index per block; else as this image's FLAT_PLAIN blocks).
-    Memory: one directory's blocks at a time; the inodes are streamed to `out`."""
+    Memory: per inode its placement and packed xattrs (directories: their names, grouped in
+    blocks); directory blocks and inodes are packed and written one at a time, in 1 MiB
+    writes, never the whole metadata area at once."""
     order = _order(root)
     if len(order) > 0xFFFFFFFF:
         raise FormatError(f"{len(order)} inodes: more than EROFS addresses")
