@@ -18,6 +18,7 @@ import io
 import os
 import stat
 import subprocess
+import sys
 import tarfile
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
@@ -384,6 +385,54 @@ def test_the_image_does_not_depend_on_the_compression_and_is_deterministic(
             build_layer(io.BytesIO(compress(raw, compression)), f, diff_id=diff_id(raw))
         images.append(out.read_bytes())
     assert len(set(images)) == 1
+
+
+@pytest.mark.parametrize("compression", ["gzip", "zstd"])
+def test_streams_of_several_members_or_frames(tmp_path: Path, compression: str) -> None:
+    """pigz and parallel zstd write several gzip members / zstd frames, and gzip(1) allows
+    zero padding after the last member."""
+    entries = mixed_entries()
+    raw = make_tar(entries)
+    cut = len(raw) // 3
+    blob = b"".join(compress(part, compression) for part in (raw[:cut], raw[cut:]))
+    if compression == "gzip":
+        blob += bytes(100)
+    image = tmp_path / "layer.erofs"
+    with image.open("w+b") as out:
+        check_build(image, build_layer(io.BytesIO(blob), out, diff_id=diff_id(raw)))
+    check_with_fsck(tmp_path, image, entries)
+
+
+def test_memory_stays_flat_with_a_big_file(tmp_path: Path) -> None:
+    """A 256 MiB file (a tiny gzip blob of zeros) is built in a child process whose peak
+    resident memory grows by far less than the file: data is written as it is read."""
+    raw = make_tar([E(b"big", data=bytes(256 << 20))])
+    blob = tmp_path / "blob"
+    blob.write_bytes(gzip.compress(raw, compresslevel=1))
+    layer_id = diff_id(raw)
+    del raw
+    code = (
+        "import sys\n"
+        "from imageledger.storage.erofs import build_layer\n"
+        "def hwm():\n"
+        "    for line in open('/proc/self/status'):\n"
+        "        if line.startswith('VmHWM:'):\n"
+        "            return int(line.split()[1])\n"
+        "before = hwm()\n"
+        "with open(sys.argv[1], 'rb') as b, open(sys.argv[2], 'w+b') as o:\n"
+        "    build_layer(b, o, diff_id=sys.argv[3])\n"
+        "print(hwm() - before)\n"
+    )
+    out = tmp_path / "big.erofs"
+    run = subprocess.run(
+        [sys.executable, "-c", code, str(blob), str(out), layer_id],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    grown_kib = int(run.stdout)
+    assert grown_kib < 48 * 1024, f"peak RSS grew by {grown_kib} KiB for a 256 MiB file"
+    assert out.stat().st_size > 256 << 20
 
 
 def test_many_small_files_in_big_directories(tmp_path: Path) -> None:

@@ -137,6 +137,7 @@ def three_layers() -> list[list[E]]:
             E(b"keep/link", "symlink", link=b"../etc/passwd"),
             E(b"dev/", "dir", mode=0o755),
             E(b"dev/null", "chr", mode=0o666, dev=(1, 3)),
+            E(b"caf\xe9-\xff", data=b"a name that is not UTF-8", xattrs={"user.\xe9": b"v"}),
         ],
         [
             E(b"etc/", "dir", mode=0o700, uid=7, xattrs={"user.layer": b"1"}),
