@@ -34,7 +34,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, BinaryIO, Final, cast
 
-from imageledger.domain.errors import LayerRejectedError
+from imageledger.domain.errors import LayerRejectedError, MaterializeError
 from imageledger.storage import erofsformat as fmt
 from imageledger.storage import layertar
 from imageledger.storage.erofsformat import BLOCK, FormatError, Node
@@ -182,7 +182,7 @@ def _unzstd(blob: BinaryIO, head: bytes) -> Iterator[bytes]:
     try:
         import zstandard
     except ImportError:  # pragma: no cover - the test extra installs it
-        raise LayerRejectedError(
+        raise MaterializeError(
             "layer blob is zstd-compressed: materializing it needs the zstandard package"
         ) from None
     reader = zstandard.ZstdDecompressor().stream_reader(
