@@ -9,6 +9,7 @@ reclaimable by a SIGKILL mid-way. Every EROFS image written here passes Debian's
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import random
@@ -25,6 +26,7 @@ from typing import IO, TYPE_CHECKING, Any, BinaryIO
 import pytest
 
 from imageledger import (
+    Image,
     ImageCache,
     ImageNotFoundError,
     LayerRejectedError,
@@ -626,3 +628,14 @@ def test_cli_pull_materialize(registry: Registry, images: Images, tmp_path: Path
     assert Path(shown["vmdk"]).is_file() and Path(shown["fsmeta"]).is_file()
     fsck(Path(shown["fsmeta"]), [Path(x["path"]) for x in shown["layers"]])
     assert len(events_of(home, "LayerMaterialized")) == 3
+
+
+def test_the_asyncio_api_and_the_audit_report_show_materialization(home: Path) -> None:
+    with ImageCache(home) as cache:
+        done = asyncio.run(Image.materialize(APP, cache=cache))
+        again = cache.materialize(APP)
+        assert (again.vmdk, again.layers, again.written) == (done.vmdk, done.layers, 0)
+        rows = [r for r in cache.audit.report(reference=APP) if r["action"] == "materialize"]
+        assert len(rows) == 3 + 1
+        assert all(r["manifest_digest"] == done.manifest_digest for r in rows)
+        assert rows[-1]["outcome"].startswith("stitched: ")
