@@ -639,3 +639,16 @@ def test_the_asyncio_api_and_the_audit_report_show_materialization(home: Path) -
         assert len(rows) == 3 + 1
         assert all(r["manifest_digest"] == done.manifest_digest for r in rows)
         assert rows[-1]["outcome"].startswith("stitched: ")
+
+
+def test_the_cache_as_it_was_reports_what_was_materialized_then(home: Path) -> None:
+    with ImageCache(home) as cache:
+        before = cache.history()[-1].position
+        done = cache.materialize(APP)
+        after = cache.history()[-1].position
+        assert all(x.erofs_size_bytes is None for x in cache.at(before).inspect(APP).layers)
+        sizes = [x.erofs_size_bytes for x in cache.at(after).inspect(APP).layers]
+        assert sizes == [x.erofs_size_bytes for x in done.layers]
+        cache.remove(APP)
+        assert cache.at(after).df()["bytes"]["vmdk"] == done.vmdk_size_bytes
+        assert "vmdk" not in cache.df()["bytes"]
