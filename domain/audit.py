@@ -469,7 +469,7 @@ def _pulled(f: dict[str, Any]) -> list[Row]:
 def _tagged(f: dict[str, Any]) -> list[Row]:
     """A tag is one row, of the name it made; its source is where the name came from."""
     digest = f["content"]["manifest_digest"]
-    return [_row("tag", f["reference"], digest, "ok", source=f["source_reference"])]
+    return [_row("tag", f["reference"], digest, "ok", source=f"tag:{f['source_reference']}")]
 
 
 def _pull_failed(f: dict[str, Any]) -> list[Row]:

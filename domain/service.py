@@ -347,7 +347,8 @@ class ImageCacheService:
                 and e.reference == ref
                 and e.content.manifest_digest == record.manifest_digest
             )
-            source = getattr(made[1], "source", None) or f"tag of {made[1].source_reference}"
+            # A tag's source is spelled as the others are (`registry:`, `archive:`): `tag:REF`.
+            source = getattr(made[1], "source", None) or f"tag:{made[1].source_reference}"
             answer.update(
                 present=True,
                 manifest_digest=record.manifest_digest,

@@ -8,6 +8,7 @@ line) and the past (`--at`).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -18,6 +19,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imageledger import (
+    Image,
     ImageCache,
     ImageHandle,
     ImageNotFoundError,
@@ -343,6 +345,17 @@ def test_each_filter_and_how_they_combine(home: Path) -> None:
         assert refs(reference="app", dangling=False) == [app]  # different filters AND
         assert refs(reference="app", label="tier=db") == []
         assert refs() == every
+
+
+def test_the_asyncio_api_filters_alike(home: Path) -> None:
+    with ImageCache(home, create=False) as cache:
+        expected = cache.list(reference="app", dangling=False)
+
+        async def listed() -> list[str]:
+            handles = await Image.list(reference="app", dangling=False, cache=cache)
+            return [h.reference for h in handles]
+
+        assert asyncio.run(listed()) == [h.reference for h in expected] != []
 
 
 def test_what_list_refuses(home: Path) -> None:

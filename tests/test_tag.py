@@ -113,9 +113,12 @@ def test_a_tag_names_the_image_again_and_records_who_named_it_from_what(
     assert cache.history()[-1].reference == STABLE  # the ledger's entry is the new name's
     explained = cache.explain(STABLE)
     assert explained["made_by"]["event"] == "ImageTagged"
-    assert explained["made_by"]["source"] == f"tag of {APP}"
+    assert explained["made_by"]["source"] == f"tag:{APP}"
     assert explained["other_references"] == [APP]
     assert cache.explain(APP)["made_by"]["event"] == "ImagePulled"
+    [row] = [r for r in cache.audit.report(reference=STABLE)]
+    assert (row["action"], row["source"], row["outcome"]) == ("tag", f"tag:{APP}", "ok")
+    assert row["manifest_digest"] == source.manifest_digest
 
     report = cache.rebuild(verify=True)
     assert report.identical, report.tables
@@ -252,6 +255,9 @@ def test_the_command_line_tags(tmp_path: Path, archives: dict[str, Path]) -> Non
     assert_error(cli(home, "tag", "app:1"), 2, "TARGET")
     history = ok(home, "history", STABLE, "--json").json()
     assert [(e["event"], e["detail"]) for e in history] == [("ImageTagged", f"from {APP}")]
+    explained = ok(home, "explain", STABLE).stdout.decode().splitlines()[0]
+    assert explained.startswith(f"{STABLE} is cached (as of position 4): tagged at position 3")
+    assert explained.endswith(f"from tag:{APP}")
     assert ok(home, "rebuild", "--verify").code == 0
     # Only a writable home can be tagged in, like every command that records.
     assert ok(home, "audit", "verify").code == 0  # the tag was signed into a checkpoint

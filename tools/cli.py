@@ -764,8 +764,9 @@ def cmd_explain(cache: ImageCache, args: argparse.Namespace) -> int:
         return EXIT_OK
     if why["present"]:
         made = why["made_by"]
+        verb = "tagged" if made["event"] == "ImageTagged" else "pulled"
         _say(
-            f"{why['reference']} is cached (as of position {why['as_of']}): pulled at position "
+            f"{why['reference']} is cached (as of position {why['as_of']}): {verb} at position "
             f"{made['position']} ({made['at']}) by {made['user']}@{made['host']} from "
             f"{made['source']}"
         )
