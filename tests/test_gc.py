@@ -481,6 +481,25 @@ def test_images_younger_than_min_age_or_leased_are_never_removed(
     assert young in _removed(again) and c not in _removed(again)
 
 
+def test_an_image_a_pull_is_bringing_is_never_removed(
+    cached: tuple[ImageCache, Clock, list[str]], disk: Path
+) -> None:
+    cache, clock, lru = cached
+    c = lru[0]  # the least recently used
+    digest = cache.get(c).manifest_digest
+    _fill_to(disk, 92)
+    service = internals(cache).service
+    # A pull of the same manifest in flight (the real in-flight lease a pull writes under):
+    # what it has touched is claimed until its event commits.
+    with service.leases.bringing(lambda _digest: True) as store:
+        assert store.size(digest) is not None
+        before = _snapshot(cache)
+        report = cache.gc(high_threshold=85, low_threshold=75)
+        assert c not in _removed(report) and report.references
+        _check_against_the_model(report, before, clock.now, frozenset(service.leases.protected()))
+    assert c in {h.reference for h in cache.list()}
+
+
 def test_max_age_removes_images_unused_for_longer_without_pressure(
     cached: tuple[ImageCache, Clock, list[str]], disk: Path
 ) -> None:
