@@ -448,6 +448,7 @@ def build_layer(blob: BinaryIO, out: BinaryIO, *, diff_id: str) -> ErofsBuild:
     if actual != diff_id:
         raise LayerRejectedError(f"layer blob uncompresses to {actual}, not its diff_id {diff_id}")
     try:
+        _drop_redundant_whiteouts(layer.root)
         written = fmt.write_metadata(out, layer.root, start_block=layer.block, chunked=False)
     except FormatError as e:
         raise LayerRejectedError(f"layer {diff_id}: {e}") from None
@@ -497,6 +498,20 @@ def build_fsmeta(layers: Sequence[Path], out: BinaryIO) -> ErofsBuild:
     out.seek(0)
     out.write(fmt.superblock(written, devices=devices))
     return _finish(out)
+
+
+def _drop_redundant_whiteouts(root: Node) -> None:
+    """Whiteouts in an opaque directory hide nothing the opaque marker does not hide already;
+    they go, so that overlayfs, which lists a directory only one layer holds as stored (its
+    whiteouts included), never shows a name that then does not exist."""
+    stack = [root]
+    while stack:
+        node = stack.pop()
+        assert node.children is not None
+        if node.xattrs.get(OPAQUE_XATTR) == b"y":
+            for name in [n for n, child in node.children.items() if _is_whiteout(child)]:
+                del node.children[name]
+        stack.extend(child for child in node.children.values() if child.children is not None)
 
 
 def _is_whiteout(node: Node) -> bool:

@@ -164,8 +164,12 @@ def hardlink_groups(entries: Sequence[E]) -> list[set[bytes]]:
     return sorted(groups.values(), key=sorted)
 
 
-def snapshot(root: Path, *, xattrs: bool) -> dict[bytes, Attrs]:
-    """What a real file system (an extracted or a mounted tree) holds under `root`."""
+def snapshot(root: Path, *, xattrs: bool, listed_whiteouts: bool = False) -> dict[bytes, Attrs]:
+    """What a real file system (an extracted or a mounted tree) holds under `root`.
+
+    `listed_whiteouts`: for overlayfs, which lists a directory that only one lower layer
+    holds as that layer stores it, whiteouts included, while a lookup of such a name finds
+    nothing: a listed name that does not exist is no part of the tree."""
     base = os.fsencode(root)
     tree: dict[bytes, Attrs] = {}
     stack = [b""]
@@ -173,7 +177,12 @@ def snapshot(root: Path, *, xattrs: bool) -> dict[bytes, Attrs]:
         rel = stack.pop()
         for entry in os.scandir(os.path.join(base, rel) if rel else base):
             path = os.path.join(rel, entry.name) if rel else entry.name
-            st = os.lstat(entry.path)
+            try:
+                st = os.lstat(entry.path)
+            except FileNotFoundError:
+                if listed_whiteouts:
+                    continue
+                raise
             mode = st.st_mode
             xs: tuple[tuple[bytes, bytes], ...] = ()
             if xattrs:
@@ -482,6 +491,7 @@ def test_whiteouts_opaque_directories_and_aufs_metadata(tmp_path: Path) -> None:
         E(b"var/", "dir", mode=0o755),
         E(b"var/.wh..wh..opq", data=b""),
         E(b"var/kept", data=b"new"),
+        E(b"var/.wh.old", data=b""),  # hides nothing the opaque marker does not: dropped
         E(b"opt/.wh..wh..opq", data=b""),
     ]
     image = build(tmp_path, entries)

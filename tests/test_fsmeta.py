@@ -247,6 +247,31 @@ def test_an_overlay_with_a_writable_upper_on_the_joined_disk(tmp_path: Path) -> 
             assert (scratch / "upper/made").read_bytes() == b"new"
 
 
+def overlay_snapshot(tmp: Path, images: Sequence[Path]) -> dict[bytes, Attrs]:
+    """The tree the kernel's overlayfs shows with the layer images as its lower layers (the
+    top one first), read-only: the kernel's own merge, as a second opinion on fsmeta's."""
+    with contextlib.ExitStack() as stack:
+        lowers = [
+            stack.enter_context(mounted(tmp, image, f"{image.stem}-lower")) for image in images
+        ]
+        merged = tmp / "overlay"
+        merged.mkdir()
+        lowerdir = ":".join(str(p) for p in reversed(lowers))
+        stack.enter_context(
+            mount("-t", "overlay", "overlay", "-o", f"ro,lowerdir={lowerdir}", str(merged))
+        )
+        return snapshot(merged, xattrs=True, listed_whiteouts=True)
+
+
+def test_overlayfs_over_the_layer_images_shows_what_fsmeta_shows(tmp_path: Path) -> None:
+    layers = three_layers()
+    fsmeta, images = stitch(tmp_path, layers)
+    overlay = overlay_snapshot(tmp_path, images)
+    with mounted(tmp_path, joined_disk(tmp_path, fsmeta, images), "disk") as disk:
+        assert overlay == snapshot(disk, xattrs=True)
+    assert overlay == merged_model(layers, xattrs=True)
+
+
 def test_more_layers_than_block_0_holds_device_slots_for(tmp_path: Path) -> None:
     """30 layers: the device table runs past block 0 (23 slots fit there)."""
     layers = [
@@ -312,3 +337,4 @@ def test_random_stacks_merge_as_the_rules_say(tmp_path: Path, seed: int) -> None
     assert snapshot(tmp_path / "x", xattrs=False) == merged_model(layers, xattrs=False)
     with mounted(tmp_path, joined_disk(tmp_path, fsmeta, images)) as where:
         assert snapshot(where, xattrs=True) == merged_model(layers, xattrs=True)
+    assert overlay_snapshot(tmp_path, images) == merged_model(layers, xattrs=True)
