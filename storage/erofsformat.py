@@ -34,7 +34,6 @@ SLOT: Final = 32
 INODE_SIZE: Final = 64
 DEVICE_SLOT: Final = 128
 NAME_MAX: Final = 255
-NULL_ADDR: Final = 0xFFFFFFFF
 MAX_BLOCKS: Final = 0xFFFFFFFF
 """Block addresses are 32-bit: an image (and the joined disk) addresses at most 16 TiB."""
 
@@ -146,10 +145,6 @@ def directory(mode: int = 0o755) -> Node:
 def encode_dev(major: int, minor: int) -> int:
     """The kernel's ``new_encode_dev`` (what an inode's ``i_u.rdev`` holds)."""
     return (minor & 0xFF) | (major << 8) | ((minor & ~0xFF) << 12)
-
-
-def decode_dev(rdev: int) -> tuple[int, int]:
-    return (rdev & 0xFFF00) >> 8, (rdev & 0xFF) | ((rdev >> 12) & 0xFFF00)
 
 
 def split_xattr(name: bytes) -> tuple[int, bytes] | None:

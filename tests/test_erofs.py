@@ -29,7 +29,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from imageledger.domain.errors import LayerRejectedError, MaterializeError
-from imageledger.storage import erofs
+from imageledger.storage import erofs, erofsformat
 from imageledger.storage.erofs import ErofsBuild, build_layer
 
 MTIME = 1_700_000_000
@@ -595,6 +595,13 @@ def test_gnu_ustar_and_pax_tars_of_one_tree_give_one_image(tmp_path: Path) -> No
         build_layer(io.BytesIO(raw), f, diff_id=diff_id(raw))
     with mounted(tmp_path, out, "global-mnt") as where:
         assert os.stat(where / "b").st_mtime_ns == 1234567890_500000000
+
+
+def test_the_superblock_crc32c_is_castagnoli_as_the_kernel_computes_it() -> None:
+    """The check value of CRC-32C (RFC 3720's polynomial) is 0xE3069283; the kernel's
+    ``crc32c(~0, ...)`` leaves out the final inversion."""
+    assert erofsformat.crc32c_raw(b"123456789") ^ 0xFFFFFFFF == 0xE3069283
+    assert erofsformat.crc32c_raw(bytes(32)) ^ 0xFFFFFFFF == 0x8A9136AA  # RFC 3720 B.4
 
 
 # ---- hostile layers ------------------------------------------------------------------------
