@@ -456,6 +456,22 @@ def test_many_small_files_in_big_directories(tmp_path: Path) -> None:
     check_with_kernel(tmp_path, image, entries)
 
 
+@pytest.mark.parametrize("blocks", [1, 2])
+def test_directories_that_fill_their_blocks_exactly(tmp_path: Path, blocks: int) -> None:
+    """A directory of exactly 4096 or 8192 bytes has no tail to inline (12-byte dirents and
+    their names, in name order: "." and ".." take 27 bytes, then 15 names of 255 bytes and one
+    of 52 fill a block; 15 more of 255 and one of 79 fill the next)."""
+    names = [b"a%03d" % i + b"n" * 251 for i in range(15)] + [b"b" * 52]
+    if blocks == 2:
+        names += [b"c%03d" % i + b"m" * 251 for i in range(15)] + [b"d" * 79]
+    entries = [E(b"d/", "dir", mode=0o755)] + [E(b"d/" + n, data=b"") for n in names]
+    image = build(tmp_path, entries)
+    check_with_fsck(tmp_path, image, entries)
+    with mounted(tmp_path, image) as where:
+        assert os.stat(where / "d").st_size == 4096 * blocks
+        assert sorted(os.listdir(os.fsencode(where / "d"))) == sorted(names)
+
+
 def test_a_deep_tree(tmp_path: Path) -> None:
     entries = []
     path = b""
