@@ -46,8 +46,9 @@ in one place (as httpx's ``_exceptions.py`` does)::
     │   ├── AuditInputError (also ValueError)
     │   │   └── NoteError
     │   └── TileError (also ValueError)
-    └── MaterializeError
-        └── LayerRejectedError
+    ├── MaterializeError
+    │   └── LayerRejectedError
+    └── BundleError (also ValueError)
 
 None of them derives from eventsourcing's errors, so that this module (and with it a query)
 loads without eventsourcing. The LMDB persistence module (`storage.ledger`), whose callers may
@@ -322,3 +323,8 @@ class LayerRejectedError(MaterializeError):
     ``..`` or an absolute path, a hard link to a missing entry, a name over 255 bytes, an
     absurd depth, more inodes than the format addresses, a corrupt stream) or it does not
     uncompress to its diff_id. The message names the entry and the rule it broke."""
+
+
+class BundleError(ImageLedgerError, ValueError):
+    """A debug bundle that cannot be written, read or replayed: not a bundle, damaged, of
+    another format, or a home to replay it into that is not new (the command line exits 2)."""

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
         PastImageCache,
         check_ledger,
         default_home,
+        replay_bundle,
         verify_export,
     )
     from imageledger.domain.audit import REPORT_COLUMNS, AuditReport, SignedCheckpoint
@@ -33,6 +34,7 @@ if TYPE_CHECKING:
         AuditKeyError,
         AuditVerificationError,
         BlobTooLargeError,
+        BundleError,
         CacheClosedError,
         ContentCorruptError,
         ContentMissingError,
@@ -100,6 +102,7 @@ _LAZY: dict[str, str] = {
     "PastImageCache": "imageledger.cache",
     "check_ledger": "imageledger.cache",
     "verify_export": "imageledger.cache",
+    "replay_bundle": "imageledger.cache",
     "migrate": "imageledger.storage.migrate",
     "MigrationReport": "imageledger.storage.migrate",
     "default_home": "imageledger.cache",
@@ -115,6 +118,7 @@ _LAZY: dict[str, str] = {
     "ProofError": "imageledger.domain.errors",
     "TileError": "imageledger.domain.errors",
     "BlobTooLargeError": "imageledger.domain.errors",
+    "BundleError": "imageledger.domain.errors",
     "CacheClosedError": "imageledger.domain.errors",
     "ContentCorruptError": "imageledger.domain.errors",
     "ContentMissingError": "imageledger.domain.errors",
@@ -202,6 +206,7 @@ __all__ = [
     "BlobProblem",
     "BlobTooLargeError",
     "BuiltArtifact",
+    "BundleError",
     "CacheClosedError",
     "CachedImage",
     "ContentCorruptError",
@@ -267,5 +272,6 @@ __all__ = [
     "default_home",
     "migrate",
     "options_from_environment",
+    "replay_bundle",
     "verify_export",
 ]

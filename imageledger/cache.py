@@ -12,7 +12,9 @@ import builtins
 import dataclasses
 import functools
 import getpass
+import json
 import os
+import shutil
 import socket
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
@@ -22,6 +24,7 @@ from typing import TYPE_CHECKING, Any, BinaryIO, Literal, Unpack
 from imageledger._version import __version__
 from imageledger.domain.errors import (
     AuditInputError,
+    BundleError,
     HomeDamagedError,
     InvalidHomeError,
     LedgerError,
@@ -42,9 +45,10 @@ from imageledger.domain.model import (
 )
 from imageledger.domain.ports import Materializer
 from imageledger.domain.service import ImageCacheService
+from imageledger.projections.views import FORMAT as VIEWS_FORMAT
 from imageledger.storage import layout
 from imageledger.storage.blobs import BlobStore
-from imageledger.storage.eventstore import LedgerStore
+from imageledger.storage.eventstore import FORMAT_VERSION, LedgerStore
 from imageledger.storage.home import mark_home, open_home
 from imageledger.storage.indexfile import OciIndexFile
 from imageledger.storage.leases import InFlightLeases, StoreLock
@@ -494,6 +498,32 @@ class ImageCache(_Queries):
         gained and reclaimed."""
         return self._service.diff(first, second)
 
+    def debug_bundle(self, out: str | os.PathLike[str]) -> dict[str, Any]:
+        """Write a debug bundle of this cache to `out` (`storage.bundle`: a gzip tar of the log
+        as stored, the views' digests, the versions, the platform and the configuration with
+        every secret removed), for `replay_bundle` on another machine. Returns its manifest."""
+        from imageledger.storage.bundle import (
+            configuration,
+            created_at,
+            host_platform,
+            versions,
+            write_bundle,
+        )
+
+        self._service.check_open()
+        ledger = self._ledger
+        manifest = {
+            "created_at": created_at(),
+            "home": str(self.home),
+            "ledger_format": FORMAT_VERSION,
+            "views_format": VIEWS_FORMAT,
+            "views": ledger.view_digests(),
+            "versions": versions(),
+            "platform": host_platform(),
+            "configuration": configuration(os.environ),
+        }
+        return write_bundle(Path(out), manifest, ledger.log_records())
+
     def close(self) -> None:
         self._registries.close()
         if not self._service.closed:
@@ -584,9 +614,66 @@ def check_ledger(home: str | os.PathLike[str]) -> LedgerError | None:
 
 def _writable(home: Path) -> bool:
     """Whether this user may change the home (root may, unless the file system is read-only;
-    `access` answers both)."""
+    `access` answers both). A home made by `replay_bundle` is someone else's past: never."""
     ledger = home / layout.LEDGER
+    if os.path.lexists(home / layout.REPLAYED):
+        return False
     return os.access(home, os.W_OK) and (not ledger.exists() or os.access(ledger, os.W_OK))
 
 
-__all__ = ["ImageCache", "Internals", "check_ledger", "default_home", "internals"]
+def replay_bundle(
+    bundle: str | os.PathLike[str],
+    home: str | os.PathLike[str],
+    progress: Callable[[int, int], None] | None = None,
+) -> dict[str, Any]:
+    """Make `home` (a directory that does not exist yet, or an empty one) a read-only home
+    holding the log of the debug bundle `bundle` (`ImageCache.debug_bundle`), record for
+    record at the same positions, with its views, their checkpoints and its audit tree folded
+    from it: every query and `at` answer there as they answered where the bundle was made.
+    Returns the bundle's manifest with ``views_differ``: the tables whose digest differs from
+    the views the bundle's home had (none, unless those views were not a replay of their log:
+    the bug, perhaps). A bundle that cannot be read is `BundleError`, and the home is left as
+    it was found."""
+    from imageledger.storage.bundle import BundleReader
+
+    target = Path(home)
+    made = not target.exists()
+    if not made and (not target.is_dir() or target.is_symlink() or any(target.iterdir())):
+        msg = f"{target}: a bundle is replayed into a new home only (a missing or empty directory)"
+        raise BundleError(msg)
+    with BundleReader(Path(bundle)) as reader:
+        try:
+            with ImageCache(target, durability="nosync") as cache:
+                ledger = internals(cache).ledger
+                ledger.import_log(reader.records(), progress, reader.manifest["events"])
+                digests = ledger.view_digests()
+            found = reader.manifest.get("views")
+            views = found if isinstance(found, dict) else {}
+            manifest = {
+                **reader.manifest,
+                "views_differ": sorted(t for t in digests if views.get(t) != digests[t]),
+            }
+            with open_home(target, create=False) as replayed:
+                text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
+                replayed.write_atomic(layout.REPLAYED, text.encode())
+        except BaseException:
+            if made:
+                shutil.rmtree(target, ignore_errors=True)
+            else:
+                for child in target.iterdir():
+                    if child.is_dir() and not child.is_symlink():
+                        shutil.rmtree(child, ignore_errors=True)
+                    else:
+                        child.unlink(missing_ok=True)
+            raise
+    return manifest
+
+
+__all__ = [
+    "ImageCache",
+    "Internals",
+    "check_ledger",
+    "default_home",
+    "internals",
+    "replay_bundle",
+]

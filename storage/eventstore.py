@@ -18,13 +18,19 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import functools
+import itertools
 import os
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from datetime import datetime
 from typing import TYPE_CHECKING, Any, Final
 
-from imageledger.domain.errors import LedgerError, LedgerFormatError, LedgerReadOnlyError
+from imageledger.domain.errors import (
+    LedgerCorruptError,
+    LedgerError,
+    LedgerFormatError,
+    LedgerReadOnlyError,
+)
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import ImageConfig, RebuildReport
 from imageledger.domain.ports import AppendConflict
@@ -180,6 +186,52 @@ class LedgerStore:
     def records(self) -> Records:
         """The reader of the log's stored records, undecoded (the audit log's leaves)."""
         return self._recorder().records_after
+
+    def log_records(self) -> Iterator[tuple[int, bytes]]:
+        """(position, stored record) of the whole log as it is now, oldest first, read in
+        short transactions (a long read would pin every page written meanwhile)."""
+        records = self.records()
+        head, after = self.head(), 0
+        while after < head:
+            with self._env.read() as txn:
+                batch = list(itertools.islice(records(txn, after), min(10_000, head - after)))
+            if not batch:
+                return
+            yield from batch
+            after = batch[-1][0]
+
+    def import_log(
+        self,
+        records: Iterable[tuple[int, bytes]],
+        progress: Callable[[int, int], None] | None = None,
+        total: int = 0,
+    ) -> RebuildReport:
+        """Store another ledger's log, record for record at the same positions, in this empty
+        one (a debug bundle's replay), then fold the views, their checkpoints and the audit
+        tree from it (`rebuild`). A record not in the stored form is `LedgerCorruptError`."""
+        if self.head():
+            msg = f"{self.path}: holds events already; a log is imported into a new ledger only"
+            raise LedgerError(msg)
+        recorder = self._recorder()
+        batch: list[bytes] = []
+        done = 0
+        for position, record in records:
+            batch.append(record)
+            if len(batch) == 5000:
+                done = recorder.insert_records(batch)[-1]
+                batch = []
+                if progress is not None:
+                    progress(done, max(total, done))
+            if position != done + len(batch):
+                msg = f"the log skips to position {position} after {done + len(batch) - 1}"
+                raise LedgerCorruptError(msg)
+        if batch:
+            recorder.insert_records(batch)
+        return self.rebuild(verify=False, progress=None)
+
+    def view_digests(self) -> dict[str, str]:
+        """Each live view table's digest (as `rebuild` reports them)."""
+        return self.views.digests()
 
     def _ledger_mapper(self) -> LedgerMapper:
         self._application()

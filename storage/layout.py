@@ -11,6 +11,7 @@ artifacts/layers/<hex>.erofs      a layer blob's EROFS image (named by the blob'
 artifacts/images/<hex>.fsmeta     a manifest's fsmeta (its merged tree, metadata only)
 artifacts/images/<hex>.vmdk       its VMDK descriptor (fsmeta then the layers, absolute paths)
 audit/signer.key        the audit log's signing key (0600 in a 0700 directory)
+replayed-bundle.json    a home made by `replay-bundle` (the bundle's manifest): read only
 store.lock              serialises deletes against pull commits across processes
 rebuild.lock            one rebuild of the views at a time
 """
@@ -36,6 +37,7 @@ LOCKS: Final = "locks"  # under tmp/
 ARTIFACTS: Final = "artifacts"
 AUDIT: Final = "audit"
 AUDIT_KEY: Final = "signer.key"  # under audit/
+REPLAYED: Final = "replayed-bundle.json"
 STORE_LOCK: Final = "store.lock"
 REBUILD_LOCK: Final = "rebuild.lock"
 
@@ -51,6 +53,7 @@ OWN_NAMES: Final = frozenset(
         TMP,
         ARTIFACTS,
         AUDIT,
+        REPLAYED,
         OCI_LAYOUT,
         INDEX,
         INDEX_POSITION,

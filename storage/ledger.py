@@ -420,6 +420,23 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
             return []
         return self.env.write(insert)
 
+    def insert_records(self, records: Sequence[bytes]) -> list[int]:
+        """Append stored records exactly as given (a debug bundle's log, replayed into a new
+        home), in one transaction, with their index entries; the attached projectors are not
+        run (the caller rebuilds the views once, after the last record). Each record must be
+        a stored event in the form this module writes (`_pack` gives back the same bytes),
+        else `LedgerCorruptError` and nothing of the batch is stored."""
+        log_db = self._db("log")
+        index_db = self._db("log.index")
+        rows = []
+        for record in records:
+            stored = StoredEvent(*_unpack(record))
+            if _pack(stored) != record:
+                msg = "a record is not a stored event in this ledger's form"
+                raise LedgerCorruptError(msg)
+            rows.append((_event_key(stored.originator_id, stored.originator_version), record))
+        return self.env.write(lambda txn: self._append(txn, log_db, index_db, rows))
+
     def _prepare_extra(self, **kwargs: Any) -> Any:
         """A function to run in the same transaction as the events (tracking, for a process)."""
         return None

@@ -31,11 +31,15 @@ _USER_INFO: Final = re.compile(r"(?i)\b([a-z][a-z0-9+.-]*://)[^/\s@]*@")
 _QUERY: Final = re.compile(r"\?[^\s'\"]*")
 
 
+def without_credentials(text: str) -> str:
+    """`text` whose URLs have lost their user info and query (where credentials travel)."""
+    return _QUERY.sub("?...", _USER_INFO.sub(r"\1", text))
+
+
 def error_text(error: BaseException) -> str:
     """An exception's text for a message: URLs in it lose their user info and query (httpx
     quotes a bad ``Location``, which may be a signed storage URL), then `clip`."""
-    text = _USER_INFO.sub(r"\1", str(error))
-    return clip(_QUERY.sub("?...", text))
+    return clip(without_credentials(str(error)))
 
 
 def safe_url(url: httpx.URL | str) -> str:
@@ -90,4 +94,5 @@ __all__ = [
     "failed_host",
     "safe_host",
     "safe_url",
+    "without_credentials",
 ]

@@ -314,6 +314,12 @@ class LMDBViews:
 
         return self.env.write(finish)
 
+    def digests(self) -> dict[str, str]:
+        """Each live table's digest (`_digest`), in one snapshot."""
+        with self.env.read() as txn:
+            live = self._dbs[self.active(txn)]
+            return {table: self._digest(txn, live[table]) for table in self.tables}
+
     @staticmethod
     def _digest(txn: lmdb.Transaction, db: Any) -> str:
         """SHA-256 over the table's rows in key order. Rows are hashed in slices, each packed

@@ -851,6 +851,32 @@ def cmd_migrate(cache: ImageCache | None, args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_debug_bundle(cache: ImageCache, args: argparse.Namespace) -> int:
+    manifest = cache.debug_bundle(args.out)
+    if args.json:
+        _print_json(manifest)
+    else:
+        _say(f"wrote {args.out}: {manifest['events']} events, the views' digests, versions")
+    return EXIT_OK
+
+
+def cmd_replay_bundle(cache: ImageCache | None, args: argparse.Namespace) -> int:
+    from imageledger import default_home, replay_bundle
+
+    home = args.home if args.home is not None else default_home()
+    with Progress("replay", unit="events") as progress:
+        manifest = replay_bundle(args.bundle, home, progress.update)
+    if args.json:
+        _print_json({"home": str(home), **manifest})
+    else:
+        made = manifest.get("created_at", "?")
+        _say(f"replayed {manifest['events']} events of a bundle made {made} into {home}")
+        if manifest["views_differ"]:
+            tables = ", ".join(manifest["views_differ"])
+            _say(f"its views differed from a replay of its log: {tables}")
+    return EXIT_OK
+
+
 def cmd_verify(cache: ImageCache, args: argparse.Namespace) -> int:
     with Progress("verify", unit="bytes") as progress:
         check = cache.verify(repair=args.repair, progress=progress.update, ledger=False)
@@ -1023,6 +1049,11 @@ EXAMPLES: Final[dict[str, tuple[str, ...]]] = {
         "imageledger audit prove --from 10 --to 50",
     ),
     "migrate": ("imageledger migrate",),
+    "debug-bundle": ("imageledger debug-bundle bug-1234.tar.gz",),
+    "replay-bundle": (
+        "imageledger --home /tmp/bug-1234 replay-bundle bug-1234.tar.gz",
+        "imageledger --home /tmp/bug-1234 images --at 2026-12-05T03:12Z",
+    ),
     "demo": ("imageledger demo", "imageledger demo --keep"),
     "bench": ("imageledger bench --quick", "imageledger bench cache"),
     "completion": (
@@ -1306,6 +1337,15 @@ def build_parser() -> argparse.ArgumentParser:
         "migrate", cmd_migrate, "rewrite a ledger of an older format into format 2 (FORMAT.md)"
     )
     migrate.set_defaults(needs_cache=False)
+    bundle = add(
+        "debug-bundle", cmd_debug_bundle, "pack the log, versions and configuration for a bug"
+    )
+    bundle.add_argument("out", metavar="OUT.tar.gz")
+    replay = add(
+        "replay-bundle", cmd_replay_bundle, "load a debug bundle into a new, read-only home"
+    )
+    replay.add_argument("bundle", metavar="IN.tar.gz")
+    replay.set_defaults(needs_cache=False)
     demo = add(
         "demo", cmd_demo, "build a small image and walk it through the cache", json_flag=False
     )
