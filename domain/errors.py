@@ -254,6 +254,13 @@ class RegistryConfigError(ImageLedgerError, ValueError):
     command line exits 2); the message names the variable or file, never a secret."""
 
 
+class RegistryBlockedError(RegistryError):
+    """The registries configuration (containers-registries.conf(5)) blocks the registry or
+    namespace a pull names (``blocked = true``): refused before anything is sent, recorded
+    as a failed pull, exit 2 on the command line (the request is not allowed, retrying will
+    not help). The message names the matching prefix and the file that set it."""
+
+
 class RegistryManifestError(RegistryError, ManifestError):
     """The registry served a manifest, index or config that is malformed or unusable."""
 

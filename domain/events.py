@@ -36,6 +36,7 @@ from imageledger.domain.model import (
     Layer,
     Platform,
     PrunePolicy,
+    PullEndpoint,
     RemovedReference,
 )
 
@@ -63,6 +64,10 @@ class ImageLedger(Aggregate):
         source: str
         content: ImageContent
         cached: bool
+        endpoints: tuple[PullEndpoint, ...] = ()
+        """Where a registry pull's manifest and blobs came from (a mirror, a rewritten
+        location, the registry itself); empty for a load, an offline pull by digest, and every
+        pull recorded before imageledger recorded endpoints."""
 
     class ImageTagged(Event):
         """`reference` now names `content`, the image `source_reference` named when it was
@@ -203,13 +208,21 @@ class Batch:
         )
         self.events.append(event_class(**fields))
 
-    def pulled(self, reference: str, source: str, content: ImageContent, cached: bool) -> None:
+    def pulled(
+        self,
+        reference: str,
+        source: str,
+        content: ImageContent,
+        cached: bool,
+        endpoints: tuple[PullEndpoint, ...] = (),
+    ) -> None:
         self._add(
             ImageLedger.ImagePulled,
             reference=reference,
             source=source,
             content=content,
             cached=cached,
+            endpoints=endpoints,
         )
 
     def tagged(self, reference: str, source_reference: str, content: ImageContent) -> None:
@@ -358,6 +371,7 @@ TRANSCODINGS: Final = (
             DeletedBlob,
             RemovedReference,
             ArtifactFile,
+            PullEndpoint,
         )
     ),
     # `only_dangling` was never set (always false) and is gone from the policy.

@@ -54,6 +54,16 @@ def _pruned_detail(event: ImageLedger.ImagesPruned, reference: str) -> str:
     return summary
 
 
+def _via(event: Any) -> str:
+    """Where a pull came from when it was not simply the registry its reference names (a
+    mirror, a rewritten location: the registries configuration), in words; else nothing."""
+    endpoints = getattr(event, "endpoints", ())
+    named = str(event.source).removeprefix("registry:")
+    if all(not e.mirror and e.location == named for e in endpoints):
+        return ""
+    return " via " + "; ".join(e.describe() for e in endpoints)
+
+
 def _removed_detail(event: ImageLedger.ImageRemoved, reference: str) -> str:
     return ("forced, " if event.forced else "") + (
         f"deleted {len(event.deleted)} blobs, {event.bytes_reclaimed} bytes"
@@ -64,7 +74,9 @@ def _removed_detail(event: ImageLedger.ImageRemoved, reference: str) -> str:
 
 # What happened to a reference in an event, in words (history entries).
 _DETAILS: Final[dict[str, Callable[[Any, str], str]]] = {
-    "ImagePulled": lambda e, _: f"from {e.source}" + (" (all cached)" if e.cached else ""),
+    "ImagePulled": lambda e, _: (
+        f"from {e.source}" + _via(e) + (" (all cached)" if e.cached else "")
+    ),
     "ImageTagged": lambda e, reference: (
         f"from {e.source_reference}" if reference == e.reference else f"as {e.reference}"
     ),

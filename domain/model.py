@@ -114,6 +114,48 @@ class ImageContent:
 
 
 @dataclass(frozen=True, slots=True)
+class PullEndpoint:
+    """Where part of a pull came from (the registries configuration may send it to mirrors
+    or a rewritten location): `location` is the repository there (``host[:port]/repo``),
+    `mirror` whether it is a mirror rather than the primary location, `insecure` whether it
+    was spoken to over plain HTTP, `manifest` whether it served the image's manifest(s), and
+    `blobs` the digests of the blobs downloaded from it (blobs already cached came from
+    nowhere). An auditor reads from these that an image came from a mirror."""
+
+    location: str
+    mirror: bool
+    insecure: bool
+    manifest: bool
+    blobs: tuple[str, ...] = ()
+
+    def as_json(self) -> dict[str, Any]:
+        """As FORMAT.md names its fields (`events --json`, `explain`)."""
+        return {
+            "location": self.location,
+            "mirror": self.mirror,
+            "insecure": self.insecure,
+            "manifest": self.manifest,
+            "blobs": list(self.blobs),
+        }
+
+    def describe(self) -> str:
+        """In words, for history: ``mirror HOST/REPO (manifest, 3 blobs)``."""
+        served = (["manifest"] if self.manifest else []) + (
+            [f"{len(self.blobs)} blob{'' if len(self.blobs) == 1 else 's'}"] if self.blobs else []
+        )
+        role = "mirror " if self.mirror else ""
+        return f"{role}{self.location} ({', '.join(served)})"
+
+
+@dataclass(frozen=True, slots=True)
+class PulledImage:
+    """What a registry pull brought: the image, and the endpoints that served it."""
+
+    content: ImageContent
+    endpoints: tuple[PullEndpoint, ...] = ()
+
+
+@dataclass(frozen=True, slots=True)
 class LoadedImage:
     """What a source delivers: the content plus the names the source gave it (raw spellings)."""
 

@@ -24,11 +24,11 @@ from imageledger.domain.model import (
     DeletedBlob,
     DiskUsage,
     H,
-    ImageContent,
     LayerArtifactRecord,
     LoadedImage,
     ManifestRecord,
     Platform,
+    PulledImage,
     RebuildReport,
     ReferenceRecord,
     StitchedRecord,
@@ -311,8 +311,9 @@ class Leases(InFlight, Protocol):
 class Puller(Protocol):
     """A registry, configured for one pull (options, progress)."""
 
-    def pull(self, reference: Reference, store: SourceStore, platform: Platform) -> ImageContent:
-        """Fetch `reference` (an index resolved to `platform`) into `store`."""
+    def pull(self, reference: Reference, store: SourceStore, platform: Platform) -> PulledImage:
+        """Fetch `reference` (an index resolved to `platform`) into `store`; the image and
+        the endpoints (mirrors, the primary location) that served it."""
 
 
 class Archives(Protocol):

@@ -68,6 +68,7 @@ from imageledger.domain.model import (
     MaterializedLayer,
     Platform,
     PrunePolicy,
+    PullEndpoint,
     RebuildReport,
     ReferenceRecord,
     StoreCheck,
@@ -349,10 +350,12 @@ class ImageCacheService:
             )
             # A tag's source is spelled as the others are (`registry:`, `archive:`): `tag:REF`.
             source = getattr(made[1], "source", None) or f"tag:{made[1].source_reference}"
+            endpoints = getattr(made[1], "endpoints", ())
+            served = {"endpoints": [e.as_json() for e in endpoints]} if endpoints else {}
             answer.update(
                 present=True,
                 manifest_digest=record.manifest_digest,
-                made_by=_cited(made[0], made[1], source=source),
+                made_by=_cited(made[0], made[1], source=source, **served),
                 leases=leases,
                 other_references=[r for r in manifest.references if r != ref],
             )
@@ -476,9 +479,15 @@ class ImageCacheService:
             if held is not None:
                 log.info("pull.offline", reference=str(ref))
                 return self.add_all([(ref, held, True)], source)[0]
-            content = puller.pull(ref, store, platform)
+            pulled = puller.pull(ref, store, platform)
+            content = pulled.content
+            # An endpoint that failed midway (a mirror) may have left verified blobs this
+            # image does not use (another manifest's): they leave nothing behind.
+            needed = {d for d, _ in content.blobs}
+            for digest in sorted(set(store.written) - needed):
+                store.delete(digest)
             cached = not any(d in store.written for d, _ in content.blobs)
-            return self.add_all([(ref, content, cached)], source)[0]
+            return self.add_all([(ref, content, cached)], source, endpoints=pulled.endpoints)[0]
 
     def _held_manifest(self, digest: str | None, store: SourceStore) -> ImageContent | None:
         """The content of manifest `digest` if the cache holds it whole; each blob is claimed
@@ -569,12 +578,17 @@ class ImageCacheService:
             log.warning("pull.failure_not_recorded", error=str(error), why=str(unrecorded))
 
     def add_all(
-        self, images: Sequence[tuple[Reference | str, ImageContent, bool]], source: str
+        self,
+        images: Sequence[tuple[Reference | str, ImageContent, bool]],
+        source: str,
+        *,
+        endpoints: tuple[PullEndpoint, ...] = (),
     ) -> builtins.list[ImageHandle]:
         """Commit a pull or load of (reference, content, cached) whose blobs are all in the
         store (the caller's in-flight lease still protects them): one append, so an archive
         of many images or one image under many names is all or nothing, and costs one commit
-        whatever the number of names."""
+        whatever the number of names. `endpoints`: where a registry pull's manifest and blobs
+        came from (mirrors, the primary location), recorded with it."""
         items: builtins.list[tuple[str, ImageContent, bool]] = []
         for reference, content, cached in images:
             parsed = reference if isinstance(reference, Reference) else Reference.parse(reference)
@@ -598,7 +612,7 @@ class ImageCacheService:
 
             def decide(state: Snapshot, batch: Batch, now: datetime) -> None:
                 for ref, content, cached in items:
-                    batch.pulled(ref, source, content, cached)
+                    batch.pulled(ref, source, content, cached, endpoints)
 
             self._commit(decide)
             with self.snapshot() as state:

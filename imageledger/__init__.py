@@ -65,6 +65,7 @@ if TYPE_CHECKING:
         PlatformNotFoundError,
         ProofError,
         RegistryAuthError,
+        RegistryBlockedError,
         RegistryConfigError,
         RegistryError,
         RegistryManifestError,
@@ -91,8 +92,9 @@ if TYPE_CHECKING:
     from imageledger.domain.ports import BuiltArtifact, Materializer
     from imageledger.domain.reference import Reference, canonical
     from imageledger.domain.service import check_holder
+    from imageledger.storage.credentials import logout
     from imageledger.storage.migrate import MigrationReport, migrate
-    from imageledger.storage.registry import PullProgress
+    from imageledger.storage.registry import PullProgress, login
     from imageledger.storage.registryoptions import RegistryOptions, options_from_environment
 
 _LAZY: dict[str, str] = {
@@ -151,6 +153,7 @@ _LAZY: dict[str, str] = {
     "NotInRegistryError": "imageledger.domain.errors",
     "PlatformNotFoundError": "imageledger.domain.errors",
     "RegistryAuthError": "imageledger.domain.errors",
+    "RegistryBlockedError": "imageledger.domain.errors",
     "RegistryConfigError": "imageledger.domain.errors",
     "RegistryError": "imageledger.domain.errors",
     "RegistryManifestError": "imageledger.domain.errors",
@@ -172,6 +175,8 @@ _LAZY: dict[str, str] = {
     "canonical": "imageledger.domain.reference",
     "check_holder": "imageledger.domain.service",
     "PullProgress": "imageledger.storage.registry",
+    "login": "imageledger.storage.registry",
+    "logout": "imageledger.storage.credentials",
     "RegistryOptions": "imageledger.storage.registryoptions",
     "options_from_environment": "imageledger.storage.registryoptions",
 }
@@ -257,6 +262,7 @@ __all__ = [
     "RebuildReport",
     "Reference",
     "RegistryAuthError",
+    "RegistryBlockedError",
     "RegistryConfigError",
     "RegistryError",
     "RegistryManifestError",
@@ -270,6 +276,8 @@ __all__ = [
     "check_holder",
     "check_ledger",
     "default_home",
+    "login",
+    "logout",
     "migrate",
     "options_from_environment",
     "replay_bundle",

@@ -160,6 +160,7 @@ class ImageCache(_Queries):
         create: bool = True,
         audit_key: str | os.PathLike[str] | None = None,
         audit_interval: float | None = None,
+        registries_conf: str | os.PathLike[str] | None = None,
         materializer: Materializer | None = None,
     ) -> None:
         """Open the cache at `home` (default `default_home()`).
@@ -168,6 +169,11 @@ class ImageCache(_Queries):
         with the `domain.ports.Materializer` methods; default imageledger's own EROFS and
         VMDK writers, `storage.materializer.ErofsMaterializer`); the ledger records each by
         its `name`.
+
+        Pulls follow the containers registries configuration (containers-registries.conf(5):
+        mirrors, location rewrites, blocked and insecure registries): `registries_conf` names
+        its main file (its drop-ins are still read), else ``$CONTAINERS_REGISTRIES_CONF``,
+        else the per-user or system file (`storage.registriesconf`).
 
         The ledger is an audit log (`audit`): the checkpoints it signs use the key in the home
         (made on first use), or the key file `audit_key` (else ``$IMAGELEDGER_AUDIT_KEY``);
@@ -199,7 +205,7 @@ class ImageCache(_Queries):
         leases = InFlightLeases(store, lock)
         self._materializer: Materializer = materializer or ErofsMaterializer()
         self._index = OciIndexFile(self._home, self._ledger)
-        self._registries = Registries(self.home)
+        self._registries = Registries(self.home, registries_conf)
         self._audit_key, self._audit_interval = audit_key, audit_interval
         self._service = ImageCacheService(
             ledger=self._ledger,

@@ -1,8 +1,11 @@
 """Registry credentials: the caller's, Docker's ``config.json`` and its credential helpers.
 
-`CredentialChain` answers "which user and password for this registry host?" from, in order:
-the credentials given by the call, those of the environment (only for the registry the
-environment names: see `storage.registryoptions`), the credential helper Docker's config
+`CredentialChain` answers "which user and password for this repository on this registry
+host?" from, in order: the credentials given by the call, those of the environment (only for
+the registry the environment names: see `storage.registryoptions`), the containers auth files
+(containers-auth.json(5): `auth_files`, each file's ``auths`` keyed by ``registry``,
+``registry/namespace`` or ``registry/namespace/repo``, the most specific key matching the
+repository first; the first file holding a match wins), the credential helper Docker's config
 names for the host (``credHelpers``, else ``credsStore``; asked once per host), then the
 config's ``auths``. A host is compared as references spell it, Docker Hub's aliases folded
 into ``docker.io`` (`normalize_host`). Nothing here logs a credential or a helper's output:
@@ -13,11 +16,13 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import json
+import os
 import shutil
 import subprocess
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Final
 
@@ -86,10 +91,17 @@ def docker_config_credentials(path: Path) -> dict[str, tuple[str, str]]:
 
 
 def config_auths(config: Mapping[str, Any], path: Path) -> dict[str, tuple[str, str]]:
-    auths = config.get("auths")
     found: dict[str, tuple[str, str]] = {}
+    for key, credentials in _auth_entries(config, path):
+        found.setdefault(auth_key_host(key), credentials)
+    return found
+
+
+def _auth_entries(config: Mapping[str, Any], path: Path) -> Iterator[tuple[str, tuple[str, str]]]:
+    """(key, (user, password)) of the ``auths`` of a Docker or containers auth file."""
+    auths = config.get("auths")
     if not isinstance(auths, dict):
-        return found
+        return
     for key, entry in sorted(auths.items()):
         if not isinstance(key, str) or not isinstance(entry, dict):
             continue
@@ -106,8 +118,7 @@ def config_auths(config: Mapping[str, Any], path: Path) -> dict[str, tuple[str, 
             if not sep:
                 continue
         if isinstance(user, str) and user and isinstance(password, str):
-            found.setdefault(auth_key_host(key), (user, password))
-    return found
+            yield key, (user, password)
 
 
 def config_helpers(config: Mapping[str, Any]) -> tuple[str | None, dict[str, str]]:
@@ -175,9 +186,74 @@ def _helper_answer(stdout: bytes, helper: str, host: str) -> tuple[str, str] | N
     return user, secret
 
 
+# ---- containers-auth.json(5) ----------------------------------------------------------------
+
+ENV_AUTH_FILE: Final = "REGISTRY_AUTH_FILE"
+
+
+def auth_files(environ: Mapping[str, str]) -> list[Path]:
+    """The containers auth files, in the order they are read (containers-auth.json(5)): the
+    file named by ``$REGISTRY_AUTH_FILE`` or, when unset, ``$XDG_RUNTIME_DIR/containers/
+    auth.json`` (``/run/containers/$UID/auth.json`` without ``XDG_RUNTIME_DIR``), then
+    ``$XDG_CONFIG_HOME/containers/auth.json`` (``~/.config/...``). Docker's ``config.json``
+    comes after them (`docker_config_path`), read as it always was."""
+    files = [default_auth_file(environ)]
+    xdg = environ.get("XDG_CONFIG_HOME")
+    home = environ.get("HOME")
+    if xdg:
+        files.append(Path(xdg) / "containers" / "auth.json")
+    elif home:
+        files.append(Path(home) / ".config" / "containers" / "auth.json")
+    return files
+
+
+def default_auth_file(environ: Mapping[str, str]) -> Path:
+    """Where `login` writes: ``$REGISTRY_AUTH_FILE``, else the containers default,
+    ``$XDG_RUNTIME_DIR/containers/auth.json`` (``/run/containers/$UID/auth.json``)."""
+    named = environ.get(ENV_AUTH_FILE)
+    if named:
+        return Path(named)
+    runtime = environ.get("XDG_RUNTIME_DIR")
+    if runtime:
+        return Path(runtime) / "containers" / "auth.json"
+    return Path("/run/containers") / str(os.getuid()) / "auth.json"
+
+
+def auth_key(key: str) -> str:
+    """An auth file's key as references spell it: ``registry[/namespace.../repo]`` with the
+    host lower-cased and Docker Hub's aliases folded (a legacy URL key names its host)."""
+    text = key.strip()
+    if "://" in text:
+        return auth_key_host(text)
+    host, sep, path = text.partition("/")
+    return normalize_host(host) + (f"/{path.strip('/')}" if sep and path.strip("/") else "")
+
+
+def repository_keys(host: str, repository: str) -> list[str]:
+    """The keys that may hold credentials for `repository` on `host`, most specific first:
+    ``host/a/b/repo``, ``host/a/b``, ``host/a``, ``host``."""
+    host = normalize_host(host)
+    keys = []
+    parts = repository.split("/") if repository else []
+    while parts:
+        keys.append(f"{host}/{'/'.join(parts)}")
+        parts.pop()
+    keys.append(host)
+    return keys
+
+
+def auth_file_entries(config: Mapping[str, Any], path: Path) -> dict[str, tuple[str, str]]:
+    """The ``auths`` of a containers auth file: key (`auth_key`) -> (user, password)."""
+    found: dict[str, tuple[str, str]] = {}
+    for key, credentials in _auth_entries(config, path):
+        found.setdefault(auth_key(key), credentials)
+    return found
+
+
 class CredentialChain:
-    """Credentials from the call, then the environment, then Docker's config.json: its
-    credential helper for the host (asked once per host), then its ``auths``."""
+    """Credentials from the call, then the environment, then the containers auth files
+    (per-repository keys), then Docker's config.json: its credential helper for the host
+    (asked once per host), then its ``auths``."""
 
     def __init__(
         self,
@@ -187,10 +263,12 @@ class CredentialChain:
         docker: Mapping[str, tuple[str, str]],
         helpers: tuple[str | None, Mapping[str, str]] = (None, {}),
         path: str | None = None,
+        containers: Sequence[Mapping[str, tuple[str, str]]] = (),
     ) -> None:
         self._explicit = explicit
         self._env = env_user
         self._env_host = env_host
+        self._containers = [dict(entries) for entries in containers]
         self._docker = dict(docker)
         self._store, self._helpers = helpers[0], dict(helpers[1])
         self._path = path
@@ -198,6 +276,11 @@ class CredentialChain:
         self._lock = threading.Lock()
 
     def __call__(self, host: str) -> tuple[str, str] | None:
+        return self.for_repository(host, "")
+
+    def for_repository(self, host: str, repository: str) -> tuple[str, str] | None:
+        """The credentials for `repository` (``namespace/repo``; empty: the registry as a
+        whole) on registry `host`."""
         host = normalize_host(host)
         if self._explicit is not None:
             found = self._explicit(host)
@@ -205,6 +288,11 @@ class CredentialChain:
                 return found
         if self._env is not None and self._env_host == host:
             return self._env
+        keys = repository_keys(host, repository)
+        for entries in self._containers:
+            for key in keys:
+                if key in entries:
+                    return entries[key]
         helper = self._helpers.get(host, self._store)
         if helper is not None:
             with self._lock:  # concurrent layer downloads: one helper run per host
@@ -219,15 +307,113 @@ class CredentialChain:
         return "<registry credentials>"
 
 
+# ---- writing the auth file (login, logout) --------------------------------------------------
+
+
+def _auth_document(path: Path) -> dict[str, Any]:
+    """The auth file as a dict to update: missing is empty; one that is not a JSON object is
+    refused rather than overwritten (it may hold credentials a person wants to keep)."""
+    from imageledger.domain.errors import RegistryConfigError
+
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return {}
+    except OSError as e:
+        msg = f"cannot read the auth file {path}: {e.strerror}"
+        raise RegistryConfigError(msg) from None
+    try:
+        document = json.loads(raw) if raw.strip() else {}
+    except ValueError:
+        document = None
+    if not isinstance(document, dict) or not isinstance(document.get("auths", {}), dict):
+        msg = f"the auth file {path} is not a containers-auth.json(5) file; it was left alone"
+        raise RegistryConfigError(msg)
+    return document
+
+
+def _write_auth_document(path: Path, document: Mapping[str, Any]) -> None:
+    """Replace the auth file whole (a temporary file in its directory, mode 0600, fsynced,
+    renamed over it): a reader never sees half a file, and nobody else may read it."""
+    import tempfile
+
+    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    data = (json.dumps(document, indent="\t", sort_keys=True) + "\n").encode()
+    fd, temporary = tempfile.mkstemp(prefix=".auth.json.", dir=path.parent)  # mode 0600
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        with contextlib.suppress(OSError):
+            os.unlink(temporary)
+        raise
+    with contextlib.suppress(OSError):
+        directory = os.open(path.parent, os.O_RDONLY | os.O_DIRECTORY)
+        try:
+            os.fsync(directory)
+        finally:
+            os.close(directory)
+
+
+def store_credentials(path: Path, key: str, user: str, password: str) -> None:
+    """Write (user, password) for `key` (``registry[/namespace...]``) into the auth file at
+    `path` as containers tools do (``auths.<key>.auth``: base64 of ``user:password``), every
+    other entry kept. Nothing is logged."""
+    document = _auth_document(path)
+    auths = document.setdefault("auths", {})
+    token = base64.b64encode(f"{user}:{password}".encode()).decode("ascii")
+    auths[key] = {"auth": token}
+    _write_auth_document(path, document)
+
+
+def remove_credentials(path: Path, key: str | None) -> list[str]:
+    """Remove the credentials of `key` from the auth file at `path` (None: every registry's);
+    the keys removed (empty: none were there, and the file is left as it was)."""
+    document = _auth_document(path)
+    auths: dict[str, Any] = document.get("auths", {})
+    removed = sorted(auths) if key is None else [k for k in auths if auth_key(k) == key]
+    if removed:
+        for k in removed:
+            del auths[k]
+        _write_auth_document(path, document)
+    return removed
+
+
+def logout(
+    registry: str | None,
+    *,
+    auth_file: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Path, list[str]]:
+    """Forget the stored credentials of `registry` (``host[:port][/namespace...]``; None:
+    of every registry) in the auth file (`auth_file`, else ``$REGISTRY_AUTH_FILE``, else the
+    containers default). The file and the keys removed."""
+    env = os.environ if environ is None else environ
+    path = Path(auth_file) if auth_file is not None else default_auth_file(env)
+    return path, remove_credentials(path, None if registry is None else auth_key(registry))
+
+
 __all__ = [
+    "ENV_AUTH_FILE",
     "CredentialChain",
     "Credentials",
+    "auth_file_entries",
+    "auth_files",
+    "auth_key",
     "auth_key_host",
     "config_auths",
     "config_helpers",
+    "default_auth_file",
     "docker_config_credentials",
     "docker_config_path",
     "helper_credentials",
+    "logout",
     "normalize_host",
     "read_docker_config",
+    "remove_credentials",
+    "repository_keys",
+    "store_credentials",
 ]

@@ -49,6 +49,7 @@ from imageledger.domain.model import (
     Layer,
     Platform,
     PrunePolicy,
+    PullEndpoint,
     RemovedReference,
     config_from_array,
     config_to_array,
@@ -207,6 +208,10 @@ class LedgerMapper(Mapper[UUID]):
         state = [event.timestamp, _actor(event.actor)]
         for field in FIELDS[name]:
             state.append(self._field(getattr(event, field)))
+        if name == "ImagePulled" and event.endpoints:
+            # A trailing element only for a pull that names its endpoints (FORMAT.md): a
+            # load, and every pull of an older ledger, keep their four fields.
+            state.append(_endpoints(event.endpoints))
         with self._pack_lock:
             data = self._pack(state)
         return StoredEvent(
@@ -259,8 +264,11 @@ class LedgerMapper(Mapper[UUID]):
             raise self._damaged(stored_event, f"unknown event type {name[:100]!r}")
         try:
             state = _unpack(stored_event.state, timestamp=3, strict_map_key=True)
-            if type(state) is not list or len(state) != _LENGTHS[name]:
-                msg = f"its state is not an array of {_LENGTHS[name]} fields"
+            length = _LENGTHS[name]
+            if type(state) is not list or not (
+                length <= len(state) <= length + _OPTIONAL.get(name, 0)
+            ):
+                msg = f"its state is not an array of {length} fields"
                 raise ValueError(msg)
             timestamp = state[0]
             if type(timestamp) is not datetime:
@@ -375,11 +383,35 @@ def _read_started(_mapper: LedgerMapper, _state: list[Any], values: dict[str, An
 
 
 def _read_pulled(mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
-    reference, source, content, cached = state[2:]
+    reference, source, content, cached, *endpoints = state[2:]  # endpoints: 0 or 1 (FORMAT.md)
     values["reference"] = _str(reference, "reference")
     values["source"] = _str(source, "source")
     values["content"] = mapper._content(content)
     values["cached"] = _flag(cached, "cached")
+    values["endpoints"] = _read_endpoints(endpoints[0]) if endpoints else ()
+
+
+def _endpoints(endpoints: tuple[PullEndpoint, ...]) -> list[Any]:
+    return [[e.location, e.mirror, e.insecure, e.manifest, list(e.blobs)] for e in endpoints]
+
+
+def _read_endpoints(plain: Any) -> tuple[PullEndpoint, ...]:
+    if type(plain) is not list or not plain:
+        msg = "endpoints: a non-empty array when present (an empty one is never stored)"
+        raise ValueError(msg)
+    out = []
+    for endpoint in plain:
+        location, mirror, insecure, manifest, blobs = endpoint
+        out.append(
+            PullEndpoint(
+                _str(location, "endpoints"),
+                _flag(mirror, "endpoints"),
+                _flag(insecure, "endpoints"),
+                _flag(manifest, "endpoints"),
+                tuple(_str(blob, "endpoints") for blob in blobs),
+            )
+        )
+    return tuple(out)
 
 
 def _read_tagged(mapper: LedgerMapper, state: list[Any], values: dict[str, Any]) -> None:
@@ -484,6 +516,10 @@ _READERS: Final[dict[str, Reader]] = {
     "ImageStitched": _read_stitched,
 }
 _LENGTHS: Final = {name: len(fields) + 2 for name, fields in FIELDS.items()}
+# Trailing fields a type may add after its `FIELDS`, present only when they hold something
+# (FORMAT.md): a pull's endpoints.
+_OPTIONAL: Final = {"ImagePulled": 1}
+OPTIONAL_FIELDS: Final[dict[str, tuple[str, ...]]] = {"ImagePulled": ("endpoints",)}
 _unpack: Final = msgpack.unpackb
 
 
@@ -536,9 +572,13 @@ def record_fields(record: bytes) -> dict[str, Any]:
         _id, _version, kind, state = msgpack.unpackb(record)
         values = msgpack.unpackb(state, timestamp=3)
         names = FIELDS[kind]
-        if type(values) is not list or len(values) != len(names) + 2:
+        extra = OPTIONAL_FIELDS.get(kind, ())
+        if type(values) is not list or not (
+            len(names) + 2 <= len(values) <= len(names) + 2 + len(extra)
+        ):
             msg = "its state is not an array of the type's fields"
             raise ValueError(msg)
+        names = names + extra[: len(values) - len(names) - 2]
         user, uid, pid, host, version = values[1]
         plain: dict[str, Any] = {
             "type": kind,
@@ -632,6 +672,10 @@ _PLAIN: Final[dict[str, Callable[[Any], Any]]] = {
     ],
     "policy": _plain_policy,
     "now": _iso,
+    "endpoints": lambda v: [
+        {"location": loc, "mirror": mirror, "insecure": insecure, "manifest": manifest, "blobs": b}
+        for loc, mirror, insecure, manifest, b in v
+    ],
     "erofs": _plain_artifact,
     "fsmeta": _plain_artifact,
     "vmdk": _plain_artifact,

@@ -74,9 +74,10 @@ import ssl
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
+from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
 
@@ -106,8 +107,15 @@ from imageledger.domain.model import (
     SCHEMA1_TYPES,
     ImageContent,
     Platform,
+    PulledImage,
+    PullEndpoint,
 )
-from imageledger.domain.reference import DEFAULT_REGISTRY, Reference, validate_digest
+from imageledger.domain.reference import (
+    DEFAULT_REGISTRY,
+    DEFAULT_TAG,
+    Reference,
+    validate_digest,
+)
 from imageledger.storage.credentials import normalize_host
 from imageledger.storage.oci import (
     MAX_MANIFEST_SIZE,
@@ -128,6 +136,7 @@ from imageledger.storage.redact import (
     safe_host,
     safe_url,
 )
+from imageledger.storage.registriesconf import Endpoint
 from imageledger.storage.registryauth import RegistryAuth
 from imageledger.storage.registryhttp import (
     RegistryTarget,
@@ -190,9 +199,37 @@ class PullProgress:
 
 
 class _Emitter:
+    """A pull's progress callback, and what each endpoint served (`served`, `endpoints`)."""
+
     def __init__(self, callback: Callable[[PullProgress], None] | None) -> None:
         self._callback = callback
         self._lock = threading.Lock()
+        self._blobs: dict[str, list[str]] = {}
+
+    def served(self, target: RegistryTarget, digest: str) -> None:
+        """`target`'s endpoint delivered blob `digest` (downloaded and verified)."""
+        with self._lock:
+            self._blobs.setdefault(target.reference.name, []).append(digest)
+
+    def endpoints(
+        self, tried: Sequence[Endpoint], manifest_from: Endpoint | None
+    ) -> tuple[PullEndpoint, ...]:
+        """The endpoints that served anything, in the order tried."""
+        out = []
+        for endpoint in tried:
+            blobs = tuple(self._blobs.get(endpoint.location, ()))
+            gave_manifest = manifest_from is not None and endpoint == manifest_from
+            if blobs or gave_manifest:
+                out.append(
+                    PullEndpoint(
+                        endpoint.location,
+                        endpoint.mirror,
+                        endpoint.insecure,
+                        gave_manifest,
+                        blobs,
+                    )
+                )
+        return tuple(out)
 
     def __call__(
         self,
@@ -286,6 +323,10 @@ class RegistryClient:
             max_redirects=MAX_REDIRECTS,
             headers={"User-Agent": USER_AGENT, "Accept-Encoding": "identity"},
         )
+        registries = self.options.registries
+        self._insecure = self.options.insecure | (
+            registries.insecure_hosts() if registries is not None else frozenset()
+        )
         self._auth = RegistryAuth(
             self.options.credentials,
             send=self._send_token,
@@ -309,14 +350,34 @@ class RegistryClient:
 
     # -- requests ------------------------------------------------------------------------------
 
-    def _target(self, reference: Reference) -> RegistryTarget:
+    def _target(
+        self,
+        reference: Reference,
+        *,
+        insecure: bool | None = None,
+        deadline: float | None = None,
+    ) -> RegistryTarget:
         host = normalize_host(reference.registry)
         api = DOCKER_HUB_API if host == DEFAULT_REGISTRY else host
-        insecure = host in self.options.insecure
-        limit = self.options.deadline
-        deadline = time.monotonic() + limit if limit is not None else float("inf")
+        if insecure is None:
+            insecure = host in self.options.insecure
+        if deadline is None:
+            deadline = self._deadline()
         base = f"{'http' if insecure else 'https'}://{api}"
         return RegistryTarget(reference, host, base, insecure, deadline)
+
+    def _deadline(self) -> float:
+        limit = self.options.deadline
+        return time.monotonic() + limit if limit is not None else float("inf")
+
+    def endpoints(self, reference: Reference) -> tuple[Endpoint, ...]:
+        """Where a pull of `reference` goes, in order (mirrors, then the primary location;
+        `storage.registriesconf`); `RegistryBlockedError` when the configuration blocks it."""
+        registries = self.options.registries
+        if registries is None:
+            host = normalize_host(reference.registry)
+            return (Endpoint(reference, host in self.options.insecure, mirror=False),)
+        return registries.endpoints(reference, self.options.insecure)
 
     def plain_http_allowed(self, url: httpx.URL | str) -> bool:
         """Whether credentials may go to `url` over plain HTTP: only when its own host is
@@ -335,7 +396,7 @@ class RegistryClient:
         names = {f"{host}:{parsed.port or 80}"}
         if parsed.port in (None, 80):
             names.add(host)
-        return any(normalize_host(name) in self.options.insecure for name in names)
+        return any(normalize_host(name) in self._insecure for name in names)
 
     def _delay(self, attempt: int) -> float:
         base = self.options.backoff * (2**attempt)
@@ -465,7 +526,7 @@ class RegistryClient:
             if status == 403 and target is not None:
                 detail = error_detail(response)
                 response.close()
-                msg = f"{target.host} ({target.reference}): access denied for {what}: {detail}"
+                msg = f"{target.where}: access denied for {what}: {detail}"
                 raise RegistryAuthError(msg)
             if status == 429 or status >= 500:
                 if attempt >= self.options.retries:
@@ -522,10 +583,10 @@ class RegistryClient:
         )
 
     def _refusal(self, target: RegistryTarget, sent: str | None, what: str, detail: str) -> str:
-        where = f"{target.host} ({target.reference})"
+        where = target.where
         if sent is not None and sent.startswith("Basic "):
             return f"{where}: the registry rejected the credentials for {what}: {detail}"
-        if self._auth.credentials(target.host) is None:
+        if self._auth.credentials_for(target) is None:
             return (
                 f"{where}: unauthorized for {what} after authenticating anonymously"
                 f" (no credentials for {target.host}): {detail}"
@@ -724,6 +785,7 @@ class RegistryClient:
                 return
             emit("blob-start", digest, 0, size, kind)
             self._download(target, store, descriptor, emit, cancel, kind=kind)
+            emit.served(target, digest)
             emit("blob-done", digest, size, size, kind)
 
     def _download(
@@ -898,6 +960,25 @@ class RegistryClient:
         if errors:
             raise errors[0]
 
+    # -- login ---------------------------------------------------------------------------------
+
+    def check_login(self, registry: str) -> bool:
+        """Ask `registry` (``host[:port]``) for its API root (``GET /v2/``) with the
+        credentials the options hold for it, answering its challenge as a pull does (Basic,
+        or a Bearer token from its realm with the credentials): `RegistryAuthError` when it
+        refuses them. True when the registry challenged us (the credentials were checked);
+        False when it answered without asking for any (nothing could be checked)."""
+        host = normalize_host(registry)
+        target = self._target(Reference(host, "", DEFAULT_TAG))  # the registry as a whole
+        response = self._send(target, "GET", f"{target.base}/v2/", headers={}, what="login")
+        try:
+            if response.status_code != 200:
+                msg = f"login to {host}: {host} answered {error_detail(response)}"
+                raise RegistryError(msg)
+        finally:
+            response.close()
+        return self._auth.challenged(host)
+
     # -- pull ----------------------------------------------------------------------------------
 
     def pull(
@@ -913,24 +994,64 @@ class RegistryClient:
         Every failure of the registry or the connection is a `RegistryError` (its message one
         line, naming the registry or URL, never a credential); the store's own errors
         (`DiskFullError`...) pass through."""
-        try:
-            return self._pull(reference, store, platform=platform, progress=progress)
-        except (httpx.HTTPError, httpx.InvalidURL) as e:
-            # A safety net: each request handles its own errors, and one that slips through
-            # must still be one line, not a traceback (and not an httpx type callers don't know).
-            msg = f"{reference}: {type(e).__name__}: {error_text(e)}"
-            raise RegistryError(msg) from None
+        return self.fetch(reference, store, platform=platform, progress=progress).content
 
-    def _pull(
+    def fetch(
         self,
         reference: Reference,
         store: PullStore,
         *,
         platform: Platform,
         progress: Callable[[PullProgress], None] | None = None,
-    ) -> ImageContent:
-        target = self._target(reference)
+    ) -> PulledImage:
+        """`pull`, saying which endpoints served the image (`PulledImage.endpoints`).
+
+        The endpoints are the registries configuration's mirrors that take the reference, in
+        order, then the primary location (`endpoints`). An endpoint that fails (down, lacks
+        the image, serves content that does not verify: a manifest other than the digest
+        pinned, a blob that does not hash to its digest, refuses us) is logged
+        (``registry.endpoint.fallback``) and the next one tried, the blobs verified from it
+        kept; the last endpoint's failure is the pull's. One deadline bounds them all."""
+        endpoints = self.endpoints(reference)
         emit = _Emitter(progress)
+        deadline = self._deadline()
+        tried: list[Endpoint] = []
+        for number, endpoint in enumerate(endpoints, 1):
+            tried.append(endpoint)
+            target = self._target(endpoint.reference, insecure=endpoint.insecure, deadline=deadline)
+            try:
+                try:
+                    content = self._pull(target, store, platform=platform, emit=emit)
+                except (httpx.HTTPError, httpx.InvalidURL) as e:
+                    # A safety net: each request handles its own errors, and one that slips
+                    # through must still be one line, not a traceback.
+                    msg = f"{endpoint.reference}: {type(e).__name__}: {error_text(e)}"
+                    raise RegistryError(msg) from None
+            except (RegistryError, DigestMismatchError) as e:
+                if number == len(endpoints) or time.monotonic() >= deadline:
+                    raise  # the last endpoint's failure, or no time left for another
+                log.warning(
+                    "registry.endpoint.fallback",
+                    reference=str(reference),
+                    endpoint=endpoint.location,
+                    mirror=endpoint.mirror,
+                    error=str(e),
+                    error_type=type(e).__name__,
+                    next=endpoints[number].location,
+                )
+                continue
+            return PulledImage(content, emit.endpoints(tried, endpoint))
+        raise AssertionError("unreachable: there is always a primary endpoint")  # pragma: no cover
+
+    def _pull(
+        self,
+        target: RegistryTarget,
+        store: PullStore,
+        *,
+        platform: Platform,
+        emit: _Emitter,
+    ) -> ImageContent:
+        reference = target.reference
         started = time.monotonic()
         log.debug(
             "registry.pull.start",
@@ -980,4 +1101,61 @@ class RegistryClient:
         return content
 
 
-__all__ = ["MANIFEST_ACCEPT", "PullProgress", "RegistryClient"]
+def login(
+    registry: str,
+    username: str,
+    password: str,
+    *,
+    auth_file: str | os.PathLike[str] | None = None,
+    insecure: Iterable[str] = (),
+    ca_bundle: Path | None = None,
+    registries_conf: str | os.PathLike[str] | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> tuple[Path, bool]:
+    """Check `username` and `password` against `registry` (``host[:port]``, or
+    ``host[:port]/namespace[/repo]`` for credentials of that namespace only, as
+    containers-auth.json(5) keys them), then store them in the auth file: `auth_file`, else
+    ``$REGISTRY_AUTH_FILE``, else ``$XDG_RUNTIME_DIR/containers/auth.json`` (made 0600,
+    written whole, every other entry kept). Refused credentials (`RegistryAuthError`) are
+    not written. Plain HTTP as for a pull: `insecure`, ``IMAGELEDGER_INSECURE_REGISTRIES`` or
+    an insecure location of the registries configuration. Returns the file and whether the
+    registry challenged the credentials (False: it asked for none, so they were stored
+    unchecked). The password is never logged and never in a message."""
+    from imageledger.storage.credentials import auth_key, default_auth_file, store_credentials
+    from imageledger.storage.registryoptions import options_from_environment
+
+    env = os.environ if environ is None else environ
+    key = auth_key(registry)
+    host = key.split("/", 1)[0]
+    if not host or any(c.isspace() or not c.isprintable() for c in key) or not username:
+        msg = f"login needs a registry host[:port][/namespace] and a user, got {clip(registry)!r}"
+        raise RegistryConfigError(msg)
+    base = options_from_environment(
+        env, insecure=insecure, ca_bundle=ca_bundle, registries_conf=registries_conf
+    )
+    registries = base.registries
+    hosts = base.insecure | (registries.insecure_hosts() if registries else frozenset())
+    given = (username, password)
+
+    def only_these(asked: str) -> tuple[str, str] | None:
+        return given if normalize_host(asked) == host else None
+
+    options = RegistryOptions(
+        insecure=hosts,
+        ca_bundle=base.ca_bundle,
+        credentials=only_these,
+        retries=min(base.retries, 2),
+        timeout=base.timeout,
+        deadline=min(base.deadline or 300.0, 300.0),
+    )
+    with RegistryClient(options) as client:
+        checked = client.check_login(host)
+    if not checked:
+        log.warning("registry.login.unchecked", registry=host)
+    path = Path(auth_file) if auth_file is not None else default_auth_file(env)
+    store_credentials(path, key, username, password)
+    log.info("registry.login", registry=key, auth_file=str(path), checked=checked)
+    return path, checked
+
+
+__all__ = ["MANIFEST_ACCEPT", "PullProgress", "RegistryClient", "login"]

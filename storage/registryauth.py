@@ -27,7 +27,7 @@ import httpx
 
 from imageledger.domain.errors import RegistryAuthError, RegistryError, RegistryTimeoutError
 from imageledger.domain.log import get_logger
-from imageledger.storage.credentials import Credentials
+from imageledger.storage.credentials import CredentialChain, Credentials
 from imageledger.storage.redact import safe_host, safe_url
 from imageledger.storage.registryhttp import RegistryTarget, error_detail, read_bounded
 
@@ -106,9 +106,22 @@ class RegistryAuth:
         self._tokens: dict[tuple[str, str], _Token] = {}
         self._fetching: dict[tuple[str, str], threading.Lock] = {}
 
-    def credentials(self, host: str) -> tuple[str, str] | None:
-        """The credentials we have for registry `host`, or None (anonymous)."""
-        return self._lookup(host) if self._lookup is not None else None
+    def challenged(self, host: str) -> bool:
+        """Whether `host` has asked us to authenticate (Basic or Bearer)."""
+        with self._lock:
+            return host in self._basic or host in self._realms
+
+    def credentials(self, host: str, repository: str = "") -> tuple[str, str] | None:
+        """The credentials we have for `repository` on registry `host` (the most specific
+        of a containers auth file's per-repository keys), or None (anonymous)."""
+        if self._lookup is None:
+            return None
+        if isinstance(self._lookup, CredentialChain):
+            return self._lookup.for_repository(host, repository)
+        return self._lookup(host)
+
+    def credentials_for(self, target: RegistryTarget) -> tuple[str, str] | None:
+        return self.credentials(target.host, target.reference.repository)
 
     @staticmethod
     def _basic_header(credentials: tuple[str, str]) -> str:
@@ -121,7 +134,7 @@ class RegistryAuth:
             basic = target.host in self._basic
             bearer = target.host in self._realms
         if basic:
-            credentials = self.credentials(target.host)
+            credentials = self.credentials_for(target)
             return self._basic_header(credentials) if credentials is not None else None
         if bearer:
             return f"Bearer {self._token(target)}"
@@ -134,7 +147,7 @@ class RegistryAuth:
         what the retry needs, or raise `RegistryAuthError`."""
         challenges = parse_challenges(response.headers.get_list("WWW-Authenticate"))
         schemes = {scheme: params for scheme, params in reversed(challenges)}
-        where = f"{target.host} ({target.reference})"
+        where = target.where
         if "bearer" in schemes and schemes["bearer"].get("realm"):
             with self._lock:
                 self._realms[target.host] = schemes["bearer"]
@@ -142,7 +155,7 @@ class RegistryAuth:
             self._token(target, refused=refused)
             return
         if "basic" in schemes:
-            credentials = self.credentials(target.host)
+            credentials = self.credentials_for(target)
             if credentials is None:
                 msg = f"{where}: the registry requires authentication and we have no credentials"
                 raise RegistryAuthError(msg)
@@ -190,18 +203,18 @@ class RegistryAuth:
             msg = f"{target.host}: the token realm {safe_url(realm)!r} is not an http(s) URL"
             raise RegistryAuthError(msg)
         headers: dict[str, str] = {}
-        credentials = self.credentials(target.host)
+        credentials = self.credentials_for(target)
         if credentials is not None:
             if parts.scheme == "http" and not self._plain_http_allowed(realm):
                 msg = (
-                    f"{target.host} ({target.reference}): refusing to send the credentials for"
+                    f"{target.where}: refusing to send the credentials for"
                     f" {target.host} to the token realm {safe_url(realm)} over plain HTTP:"
                     " its host is not listed as an insecure registry (use HTTPS, or list it"
                     " with --insecure-registry)"
                 )
                 raise RegistryAuthError(msg)
             headers["Authorization"] = self._basic_header(credentials)
-        params = {"scope": target.scope}
+        params = {"scope": target.scope} if target.scope else {}
         if challenge.get("service"):
             params["service"] = challenge["service"]
         url = url.copy_merge_params(params)
@@ -211,10 +224,7 @@ class RegistryAuth:
             if response.status_code in (401, 403):
                 detail = error_detail(response)
                 whose = "the credentials" if credentials else "anonymous access"
-                msg = (
-                    f"{target.host} ({target.reference}): the token server refused {whose}:"
-                    f" {detail}"
-                )
+                msg = f"{target.where}: the token server refused {whose}: {detail}"
                 raise RegistryAuthError(msg)
             if response.status_code != 200:
                 msg = f"{target.host}: the token server answered {error_detail(response)}"

@@ -50,7 +50,18 @@ class RegistryTarget:
 
     @property
     def scope(self) -> str:
+        """The token scope of a pull; empty for the registry as a whole (a login's check)."""
+        if not self.reference.repository:
+            return ""
         return f"repository:{self.reference.repository}:pull"
+
+    @property
+    def where(self) -> str:
+        """What messages name: ``host (reference)``, or the host alone for the registry as a
+        whole (a login's check)."""
+        if not self.reference.repository:
+            return self.host
+        return f"{self.host} ({self.reference})"
 
 
 def retry_after(response: httpx.Response) -> float | None:

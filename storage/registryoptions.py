@@ -22,6 +22,8 @@ from imageledger.domain.errors import RegistryConfigError
 from imageledger.storage.credentials import (
     CredentialChain,
     Credentials,
+    auth_file_entries,
+    auth_files,
     auth_key_host,
     config_auths,
     config_helpers,
@@ -30,6 +32,11 @@ from imageledger.storage.credentials import (
     read_docker_config,
 )
 from imageledger.storage.redact import clip
+from imageledger.storage.registriesconf import (
+    RegistriesConfig,
+    config_fingerprint,
+    load_registries_conf,
+)
 
 MAX_BACKOFF: Final = 10.0
 DEFAULT_TIMEOUT: Final = 30.0
@@ -68,7 +75,10 @@ class RegistryOptions:
     10 s). `timeout`: the read timeout, seconds without a byte from the registry (also the
     connect timeout) before a request is given up; a stall is retried once, the second in a
     row fails the pull (``no data for N s from HOST``). `deadline`: seconds a whole pull may
-    take (None: no limit; see `DEFAULT_DEADLINE` for why one hour).
+    take (None: no limit; see `DEFAULT_DEADLINE` for why one hour). `registries`: the
+    containers registries configuration (`storage.registriesconf`: prefixes, mirrors,
+    location rewrites, blocked and insecure registries); None: none, every reference goes to
+    the registry it names.
     """
 
     insecure: frozenset[str] = frozenset()
@@ -79,6 +89,7 @@ class RegistryOptions:
     timeout: float = DEFAULT_TIMEOUT
     backoff: float = 0.25
     deadline: float | None = DEFAULT_DEADLINE
+    registries: RegistriesConfig | None = None
 
     def __post_init__(self) -> None:
         if isinstance(self.insecure, str):
@@ -167,6 +178,7 @@ def options_from_environment(
     retries: int = 5,
     timeout: float | None = None,
     deadline: float | None = None,
+    registries_conf: str | os.PathLike[str] | None = None,
 ) -> RegistryOptions:
     """`RegistryOptions` from the call's arguments, the environment and Docker's config.
 
@@ -180,7 +192,11 @@ def options_from_environment(
       (``host[:port]``, required with them); then Docker's ``config.json``
       (``$DOCKER_CONFIG/config.json``, else ``~/.docker/config.json``): the credential helper
       for the host (``credHelpers``, else ``credsStore``: ``docker-credential-<name>`` on
-      ``PATH``), and where it has none, ``auths``.
+      ``PATH``), and where it has none, ``auths``; the containers auth files
+      (``$REGISTRY_AUTH_FILE`` or ``$XDG_RUNTIME_DIR/containers/auth.json``, then
+      ``~/.config/containers/auth.json``, per-repository keys) come before Docker's config;
+    - the registries configuration: `registries_conf` (then its drop-ins), else the files
+      containers-registries.conf(5) names (`storage.registriesconf.load_registries_conf`).
 
     Raises `RegistryConfigError` (a `ValueError`) for a malformed duration or credentials
     that do not name their registry.
@@ -200,8 +216,15 @@ def options_from_environment(
     config = read_docker_config(config_path) if config_path is not None else {}
     docker = config_auths(config, config_path) if config_path is not None else {}
     path = env.get("PATH", os.defpath)
+    containers = [auth_file_entries(read_docker_config(f), f) for f in auth_files(env)]
     chain = CredentialChain(
-        credentials, env_credentials, env_host, docker, config_helpers(config), path
+        credentials,
+        env_credentials,
+        env_host,
+        docker,
+        config_helpers(config),
+        path,
+        containers=containers,
     )
     return RegistryOptions(
         insecure=frozenset(hosts),
@@ -211,10 +234,22 @@ def options_from_environment(
         retries=retries,
         timeout=timeout,
         deadline=deadline,
+        registries=load_registries_conf(env, registries_conf),
     )
 
 
-def environment_fingerprint(environ: Mapping[str, str] | None = None) -> tuple[object, ...]:
+def _seen(path: Path | None) -> tuple[int, int, int] | None:
+    try:
+        stat = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return None if stat is None else (stat.st_mtime_ns, stat.st_size, stat.st_ino)
+
+
+def environment_fingerprint(
+    environ: Mapping[str, str] | None = None,
+    registries_conf: str | os.PathLike[str] | None = None,
+) -> tuple[object, ...]:
     """What `options_from_environment` reads, summarised: equal fingerprints give equal
     options (so a client built from them can be reused), except for what credential helpers
     answer, which callers re-ask by rebuilding their options now and then."""
@@ -228,17 +263,19 @@ def environment_fingerprint(environ: Mapping[str, str] | None = None) -> tuple[o
         ENV_TIMEOUT,
         ENV_DEADLINE,
         "DOCKER_CONFIG",
+        "REGISTRY_AUTH_FILE",
+        "XDG_RUNTIME_DIR",
+        "XDG_CONFIG_HOME",
+        "HOME",
     )
     config = docker_config_path(env)
-    try:
-        stat = config.stat() if config is not None else None
-        seen = None if stat is None else (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-    except OSError:
-        seen = None
+    seen = _seen(config)
+    files = tuple((str(f), _seen(f)) for f in auth_files(env))
+    registries = config_fingerprint(env, registries_conf)
     # A digest, not the values: the password must not sit in a long-lived tuple in memory
     # any more than it already does, nor show up in a repr.
     values = hashlib.sha256(repr([env.get(n) for n in names]).encode()).hexdigest()
-    return values, str(config), seen, env.get("PATH", os.defpath)
+    return values, str(config), seen, env.get("PATH", os.defpath), files, registries
 
 
 __all__ = [

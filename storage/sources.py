@@ -10,6 +10,7 @@ methods that use them: the cache wires this module for every command, and a `use
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import errno
 import os
 import threading
@@ -19,7 +20,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Final, Literal
 
 from imageledger.domain.errors import DiskFullError, ImageLedgerError, InvalidDestinationError
-from imageledger.domain.model import ImageContent, LoadedImage, Platform
+from imageledger.domain.model import LoadedImage, Platform, PulledImage
 from imageledger.domain.ports import ArchiveDestination, ArchiveSource, SourceStore
 from imageledger.domain.reference import Reference
 from imageledger.storage.blobs import BlobStore
@@ -71,8 +72,9 @@ class Registries:
     config.json are unchanged, and at most 10 minutes, so credential helpers are asked
     again)."""
 
-    def __init__(self, home: Path) -> None:
+    def __init__(self, home: Path, registries_conf: str | os.PathLike[str] | None = None) -> None:
         self.home = home
+        self.registries_conf = registries_conf
         self._lock = threading.Lock()
         self._client: _SharedClient | None = None
 
@@ -91,13 +93,19 @@ class Registries:
             options_from_environment,
         )
 
-        key = options if options is not None else environment_fingerprint()
+        conf = self.registries_conf
+        if options is not None and options.registries is None and conf is not None:
+            # The cache's registries configuration applies to options that name none.
+            from imageledger.storage.registriesconf import load_registries_conf
+
+            options = dataclasses.replace(options, registries=load_registries_conf(path=conf))
+        key = options if options is not None else environment_fingerprint(registries_conf=conf)
         with self._lock:
             shared = self._client
             if shared is None or shared.key != key or shared.age() > _CLIENT_MAX_AGE:
                 if shared is not None:
                     shared.retire()
-                client = RegistryClient(options or options_from_environment())
+                client = RegistryClient(options or options_from_environment(registries_conf=conf))
                 shared = self._client = _SharedClient(key, client)
             shared.users += 1
         try:
@@ -128,10 +136,10 @@ class RegistryPuller:
         self._options = options
         self._progress = progress
 
-    def pull(self, reference: Reference, store: SourceStore, platform: Platform) -> ImageContent:
+    def pull(self, reference: Reference, store: SourceStore, platform: Platform) -> PulledImage:
         assert isinstance(store, LeasedStore)  # the one SourceStore: InFlightLeases.bringing
         with disk_space(self._registries.home), self._registries.client(self._options) as c:
-            return c.pull(reference, store, platform=platform, progress=self._progress)
+            return c.fetch(reference, store, platform=platform, progress=self._progress)
 
 
 class ArchiveFiles:

@@ -573,6 +573,13 @@ def _event_fields(cls: type) -> frozenset[str] | None:
     return None
 
 
+def _event_defaults(cls: type[Any]) -> dict[str, Any]:
+    """The fields of a dataclass event class that have a default, with it."""
+    return {
+        f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
+    }
+
+
 class StoredEventMapper(Mapper[Any]):
     """eventsourcing's `Mapper`, for a log read from disk: a stored event that cannot become
     a domain event raises `UndecodableDataError` (a `LedgerCorruptError`) naming its topic and
@@ -596,6 +603,14 @@ class StoredEventMapper(Mapper[Any]):
             raise error(msg) from e
         cls = type(event)
         expected = _event_fields(cls)
+        if expected is not None and event.__dict__.keys() < expected:
+            # A field added to the class since (with a default: `ImagePulled.endpoints`)
+            # takes its default, as format 2 reads it for an event stored without it.
+            defaults = _event_defaults(cls)
+            missing = expected - event.__dict__.keys()
+            if missing <= defaults.keys():
+                for name in missing:
+                    event.__dict__[name] = defaults[name]
         if expected is not None and event.__dict__.keys() != expected:
             found = sorted(map(str, event.__dict__))
             msg = (

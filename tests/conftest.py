@@ -15,6 +15,27 @@ PERSISTENCE_MODULE = "imageledger.storage.ledger"
 CHILD_TIMEOUT = 60.0  # for waiting only: nothing asserts how long anything took
 
 
+@pytest.fixture(autouse=True)
+def _containers_config(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> Path:
+    """Every test sees an empty containers configuration, never the host's: the system files
+    (``/etc/containers/registries.conf`` and its drop-ins) under an empty root
+    (``IMAGELEDGER_CONTAINERS_ROOT``), the per-user ones (registries.conf, auth.json) under
+    an empty ``XDG_CONFIG_HOME``, the runtime auth file under an empty ``XDG_RUNTIME_DIR``;
+    ``CONTAINERS_REGISTRIES_CONF`` and ``REGISTRY_AUTH_FILE`` unset. Child processes
+    inherit it. Returns the root (tests write files under it)."""
+    root = tmp_path_factory.mktemp("containers")
+    for name in ("root", "config", "runtime"):
+        (root / name).mkdir()
+    monkeypatch.setenv("IMAGELEDGER_CONTAINERS_ROOT", str(root / "root"))
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(root / "config"))
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(root / "runtime"))
+    monkeypatch.delenv("CONTAINERS_REGISTRIES_CONF", raising=False)
+    monkeypatch.delenv("REGISTRY_AUTH_FILE", raising=False)
+    return root
+
+
 @pytest.fixture
 def ledger_path(tmp_path: Path) -> Path:
     return tmp_path / "ledger"

@@ -32,7 +32,7 @@ EVENT_FIELDS = {
     ],
     "ImageStitched": ["reference", "manifest_digest", "fsmeta", "vmdk", "layers", "materializer"],
 }
-
+OPTIONAL_FIELDS = {"ImagePulled": ["endpoints"]}  # trailing, present only when non-empty
 CONFIG_FIELDS = ["digest", "env", "cmd", "entrypoint", "working_dir", "user", "labels", "stop"]
 
 
@@ -66,7 +66,12 @@ def read_history(ledger: Path) -> list[dict[str, Any]]:
                     },
                 }
                 names = EVENT_FIELDS[kind]
-                assert len(fields) == 2 + len(names), (kind, len(fields))
+                optional = OPTIONAL_FIELDS.get(kind, [])
+                assert 2 + len(names) <= len(fields) <= 2 + len(names) + len(optional), (
+                    kind,
+                    len(fields),
+                )
+                names = names + optional[: len(fields) - 2 - len(names)]
                 event.update(zip(names, fields[2:], strict=True))
                 if kind in ("ImagePulled", "ImageTagged"):
                     event["content"] = _content(event["content"], configs)

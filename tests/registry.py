@@ -796,7 +796,10 @@ class FlakyProxy:
       `times` matching requests are answered `status` (a registry-style JSON error body, and
       ``Retry-After`` when given) without reaching the registry;
     - `count(path_prefix="", method=None)` / `count_blob(digest)`: how many requests were
-      received; `requests` lists them (method, path, headers, status).
+      received; `requests` lists them (method, path, headers, status);
+    - `serve_instead(path, other)`: a request for `path` is forwarded as one for `other` (a
+      registry answering a manifest digest with another manifest: a mirror serving the wrong
+      content), until `reset`.
     """
 
     def __init__(self, upstream: Registry) -> None:
@@ -812,6 +815,7 @@ class FlakyProxy:
         self._cuts: dict[str, _Cut] = {}
         self._stalls: dict[str, list[Stall]] = {}
         self._all_stalls: list[Stall] = []
+        self._instead: dict[str, str] = {}
         proxy = self
 
         class Handler(_QuietHandler):
@@ -891,6 +895,7 @@ class FlakyProxy:
             self._corrupt.clear()
             self._cuts.clear()
             self._stalls.clear()
+            self._instead.clear()
             self._requests.clear()
             stalls = list(self._all_stalls)
         for stall in stalls:
@@ -964,11 +969,18 @@ class FlakyProxy:
                     break
         return corrupt, cut, stall
 
+    def serve_instead(self, path: str, other: str) -> None:
+        """Forward requests for `path` (without query) as requests for `other`."""
+        with self._lock:
+            self._instead[path] = other
+
     def _handle(self, handler: BaseHTTPRequestHandler) -> None:
         method = handler.command
         headers = tuple(handler.headers.items())
         body = _read_request_body(handler)
         path_only = urlsplit(handler.path).path
+        with self._lock:
+            forwarded = self._instead.get(path_only, handler.path)
         failure = self._take_failure(method, path_only)
         status: int | None = None
         try:
@@ -980,7 +992,7 @@ class FlakyProxy:
             try:
                 try:
                     connection.putrequest(
-                        method, handler.path, skip_host=True, skip_accept_encoding=True
+                        method, forwarded, skip_host=True, skip_accept_encoding=True
                     )
                     for name, value in headers:
                         if name.lower() not in _HOP_BY_HOP and name.lower() != "content-length":

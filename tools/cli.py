@@ -370,6 +370,7 @@ def cmd_pull(cache: ImageCache, args: argparse.Namespace) -> int:
         ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
         timeout=args.timeout,
         deadline=args.deadline,
+        registries_conf=args.registries_conf,
     )
     if args.quiet and args.json:
         raise UsageError("pull: --quiet and --json each choose the output: give one")
@@ -685,6 +686,69 @@ def instant(text: str) -> datetime:
         msg = f"invalid time {quoted(text)}: ISO 8601, e.g. 2026-12-05T03:12:00Z"
         raise argparse.ArgumentTypeError(msg) from None
     return at if at.tzinfo is not None else at.replace(tzinfo=UTC)
+
+
+def cmd_login(cache: None, args: argparse.Namespace) -> int:
+    """Check the credentials against the registry, then store them (containers-auth.json):
+    the password from stdin (``--password-stdin``) or a prompt that does not echo it."""
+    import getpass
+
+    from imageledger import login
+
+    user = args.username
+    if not user:
+        if not sys.stdin.isatty():
+            raise UsageError("login: give the user with -u USER (stdin is not a terminal)")
+        user = input("Username: ").strip()
+    if args.password_stdin:
+        password = sys.stdin.read()
+        password = password[:-1] if password.endswith("\n") else password
+        password = password[:-1] if password.endswith("\r") else password
+    elif sys.stdin.isatty():
+        password = getpass.getpass("Password: ")
+    else:
+        raise UsageError("login: stdin is not a terminal: give the password with --password-stdin")
+    if not password:
+        raise UsageError("login: the password is empty")
+    path, checked = login(
+        args.registry,
+        user,
+        password,
+        auth_file=args.authfile,
+        insecure=args.insecure_registry,
+        ca_bundle=Path(args.ca_bundle) if args.ca_bundle else None,
+        registries_conf=args.registries_conf,
+    )
+    del password
+    if not checked:
+        print(
+            f"imageledger: warning: {one_line(args.registry)} asked for no credentials: they"
+            " were stored unchecked",
+            file=sys.stderr,
+        )
+    if args.json:
+        _print_json({"registry": args.registry, "auth_file": str(path), "checked": checked})
+    else:
+        _say(f"Login Succeeded! (credentials stored in {one_line(str(path))})")
+    return EXIT_OK
+
+
+def cmd_logout(cache: None, args: argparse.Namespace) -> int:
+    from imageledger import logout
+
+    if args.all == (args.registry is not None):
+        raise UsageError("logout: give a REGISTRY or --all (not both)")
+    path, removed = logout(args.registry, auth_file=args.authfile)
+    if not removed and not args.all:
+        where = one_line(f"{args.registry} (no credentials for it in {path})")
+        print(f"imageledger: not logged in to {where}", file=sys.stderr)
+        return EXIT_NOT_FOUND
+    if args.json:
+        _print_json({"auth_file": str(path), "removed": removed})
+    else:
+        for key in removed:
+            _say(f"Removed login credentials for {one_line(key)}")
+    return EXIT_OK
 
 
 def cmd_audit_verify_export(cache: None, args: argparse.Namespace) -> int:
@@ -1088,6 +1152,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="cache home (default $IMAGELEDGER_HOME or ~/.local/share/imageledger)",
     )
+    parser.add_argument(
+        "--registries-conf",
+        default=None,
+        metavar="FILE",
+        help="the registries configuration, containers-registries.conf(5) (default "
+        "$CONTAINERS_REGISTRIES_CONF, else ~/.config/containers/registries.conf if it exists, "
+        "else /etc/containers/registries.conf; drop-ins in registries.conf.d are read too)",
+    )
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser)
 
     def add(name: str, run: Callable[..., int], help_: str, *, json_flag: bool = True) -> Any:
@@ -1361,6 +1433,30 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--json", action="store_true", help="with no benchmark named: JSON")
     bench.add_argument("rest", nargs=argparse.REMAINDER)
     bench.set_defaults(needs_cache=False)
+    login = add("login", cmd_login, "check and store credentials for a registry (auth.json)")
+    login.add_argument("registry", help="HOST[:PORT], or HOST[:PORT]/NAMESPACE for that only")
+    login.add_argument("-u", "--username", help="the user (prompted for on a terminal)")
+    login.add_argument("--password-stdin", action="store_true", help="read the password from stdin")
+    login.add_argument(
+        "--authfile",
+        metavar="FILE",
+        help="the auth file to write (default $REGISTRY_AUTH_FILE, else "
+        "$XDG_RUNTIME_DIR/containers/auth.json)",
+    )
+    login.add_argument(
+        "--insecure-registry",
+        action="append",
+        default=[],
+        metavar="HOST[:PORT]",
+        help="speak plain HTTP to this registry (also IMAGELEDGER_INSECURE_REGISTRIES)",
+    )
+    login.add_argument("--ca-bundle", metavar="PEM", help="extra CA certificates to trust")
+    login.set_defaults(needs_cache=False)
+    logout = add("logout", cmd_logout, "remove a registry's stored credentials (auth.json)")
+    logout.add_argument("registry", nargs="?", help="HOST[:PORT][/NAMESPACE]")
+    logout.add_argument("--all", action="store_true", help="remove every registry's credentials")
+    logout.add_argument("--authfile", metavar="FILE", help="the auth file (as for login)")
+    logout.set_defaults(needs_cache=False)
     return parser
 
 
@@ -1476,7 +1572,9 @@ def _run(args: argparse.Namespace) -> int:
             found = check_ledger(home)
             if found is not None:
                 raise found
-        with ImageCache(home, create=args.command in _CREATING) as cache:
+        with ImageCache(
+            home, create=args.command in _CREATING, registries_conf=args.registries_conf
+        ) as cache:
             return _command(cache, args)
     except BrokenPipeError:
         return EXIT_FAILURE
@@ -1506,6 +1604,7 @@ def exit_code(error: BaseException) -> int:
         LayerRejectedError,
         LedgerCorruptError,
         ManifestError,
+        RegistryBlockedError,
     )
 
     if isinstance(error, ImageNotFoundError | HomeNotFoundError):
@@ -1514,7 +1613,7 @@ def exit_code(error: BaseException) -> int:
         return EXIT_IN_USE
     if isinstance(error, LedgerCorruptError | HomeDamagedError | AuditVerificationError):
         return EXIT_DAMAGED
-    if isinstance(error, InvalidReferenceError | ValueError):
+    if isinstance(error, InvalidReferenceError | ValueError | RegistryBlockedError):
         return EXIT_USAGE
     # Bad input (a hostile archive, manifest or layer, a digest that does not match) is exit 2.
     if isinstance(error, DigestMismatchError | ArchiveError | ManifestError | LayerRejectedError):
