@@ -17,8 +17,10 @@ Why it is shaped so:
 - Overlay semantics are resolved in the layer image as the guest's overlayfs reads them: an
   OCI whiteout ``.wh.NAME`` (whatever its tar type: a hard link included) becomes a character
   device 0/0 named NAME, ``.wh..wh..opq`` the ``trusted.overlay.opaque=y`` xattr of its
-  directory; AUFS metadata (``.wh..wh.*``) is skipped. ``trusted.overlay.*`` xattrs a tar
-  carries itself are dropped, so a layer cannot redirect or hide another layer's files.
+  directory (whiteouts inside an opaque directory hide nothing more and are dropped); AUFS
+  metadata (``.wh..wh.*``) is skipped, except that a file in AUFS's link directory
+  (``.wh..wh.plnk/``) is the data of the hard links naming it. ``trusted.overlay.*`` xattrs
+  a tar carries itself are dropped, so a layer cannot redirect or hide another layer's files.
 """
 
 from __future__ import annotations
@@ -54,6 +56,7 @@ MAX_SYMLINK: Final = 4095
 WHITEOUT: Final = b".wh."
 OPAQUE: Final = b".wh..wh..opq"
 AUFS_META: Final = b".wh..wh."
+AUFS_LINKS: Final = b".wh..wh.plnk"
 OPAQUE_XATTR: Final = b"trusted.overlay.opaque"
 OVERLAY_XATTRS: Final = b"trusted.overlay."
 _GZIP_MAGIC: Final = b"\x1f\x8b"
@@ -245,6 +248,7 @@ class _Layer:
         self.out = out
         self.block = 1
         self.inodes = 1
+        self.aufs_links: dict[bytes, Node] = {}
 
     def _new(self, node: Node) -> Node:
         self.inodes += 1
@@ -259,7 +263,7 @@ class _Layer:
         for part in parts[:-1]:
             assert node.children is not None
             child = node.children.get(part)
-            if child is None or (child.kind == stat.S_IFCHR and child.rdev == 0):
+            if child is None or _is_whiteout(child):
                 child = node.children[part] = self._new(fmt.directory(0o755))
             elif child.children is None:
                 raise LayerRejectedError(
@@ -288,6 +292,10 @@ class _Layer:
                 raise LayerRejectedError(f"layer entry {_show(name)}: the root is not a directory")
             _update_dir(self.root, meta)
             return
+        if len(parts) == 2 and parts[0] == AUFS_LINKS and entry.has_data():
+            # An AUFS hard-link target: no name in the tree, data for the links to it.
+            self.aufs_links[parts[1]] = self._file(entry, meta, tar)
+            return
         if self._overlay_marker(parts, name, meta):
             return
         base = parts[-1]
@@ -305,7 +313,10 @@ class _Layer:
             return
         if kind == layertar.HARDLINK:
             target_parts = _parts(entry.linkname, f"hard link {_show(name)} ->")
-            target = self.lookup(target_parts)
+            if len(target_parts) == 2 and target_parts[0] == AUFS_LINKS:
+                target = self.aufs_links.get(target_parts[1])
+            else:
+                target = self.lookup(target_parts)
             if target is None or target is self.root:
                 raise LayerRejectedError(
                     f"layer hard link {_show(name)} -> {_show(entry.linkname)}: "
@@ -315,16 +326,11 @@ class _Layer:
                 raise LayerRejectedError(f"layer hard link {_show(name)}: to a directory")
             parent.children[base] = target
             return
-        node = self._new(meta.node(0))
         if entry.has_data():
-            node.mode = stat.S_IFREG | meta.perm
-            node.size = entry.size
-            if entry.size:
-                node.blkaddr = self.block
-                self.block += self._copy(tar, entry.size)
-                if self.block > fmt.MAX_BLOCKS:
-                    raise LayerRejectedError("layer: its files are over the 16 TiB EROFS holds")
-        elif kind == layertar.SYMLINK:
+            parent.children[base] = self._file(entry, meta, tar)
+            return
+        node = self._new(meta.node(0))
+        if kind == layertar.SYMLINK:
             link = entry.linkname
             if not link or len(link) > MAX_SYMLINK or b"\0" in link:
                 raise LayerRejectedError(
@@ -368,12 +374,21 @@ class _Layer:
         )
         return True
 
-    def _copy(self, tar: TarReader, size: int) -> int:
-        tar.copy_data(self.out)
-        pad = -size % BLOCK
-        if pad:
-            self.out.write(bytes(pad))
-        return (size + pad) // BLOCK
+    def _file(self, entry: TarEntry, meta: _Meta, tar: TarReader) -> Node:
+        """A regular file, its data written now: whole blocks from the next free one, the
+        last zero-padded."""
+        node = self._new(meta.node(stat.S_IFREG))
+        node.size = entry.size
+        if entry.size:
+            node.blkaddr = self.block
+            tar.copy_data(self.out)
+            pad = -entry.size % BLOCK
+            if pad:
+                self.out.write(bytes(pad))
+            self.block += (entry.size + pad) // BLOCK
+            if self.block > fmt.MAX_BLOCKS:
+                raise LayerRejectedError("layer: its files are over the 16 TiB EROFS holds")
+        return node
 
 
 @dataclass(frozen=True, slots=True)

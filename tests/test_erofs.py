@@ -501,6 +501,11 @@ def test_whiteouts_opaque_directories_and_aufs_metadata(tmp_path: Path) -> None:
         E(b"etc/.wh.passwd", data=b""),
         E(b".wh..wh.plnk/", "dir", mode=0o700),
         E(b".wh..wh.plnk/123.456", data=b""),
+        E(b".wh..wh.plnk/777.888", data=b"shared", mode=0o640),
+        # AUFS kept hard-linked files' data in its link directory: both names get it.
+        E(b"var/", "dir", mode=0o755),
+        E(b"var/one", "hardlink", link=b".wh..wh.plnk/777.888"),
+        E(b"var/two", "hardlink", link=b".wh..wh.plnk/777.888"),
         # A whiteout stored as a hard link (to AUFS's link directory, or another whiteout).
         E(b"etc/.wh.group", "hardlink", link=b".wh..wh.plnk/123.456"),
         E(b"etc/.wh.shadow", "hardlink", link=b"etc/.wh.passwd"),
@@ -512,6 +517,7 @@ def test_whiteouts_opaque_directories_and_aufs_metadata(tmp_path: Path) -> None:
     ]
     image = build(tmp_path, entries)
     whiteout = ("c", 0, 0, 0, (0, 0), MTIME)
+    shared = ("f", 0o640, 0, 0, 6, hashlib.sha256(b"shared").hexdigest(), MTIME, ())
     into = tmp_path / "x"
     fsck_extract(image, into)
     tree = snapshot(into, xattrs=False)
@@ -522,6 +528,8 @@ def test_whiteouts_opaque_directories_and_aufs_metadata(tmp_path: Path) -> None:
         b"etc/shadow": (*whiteout, ()),
         b"var": ("d", 0o755, 0, 0, ()),
         b"var/kept": ("f", 0o644, 0, 0, 3, hashlib.sha256(b"new").hexdigest(), MTIME, ()),
+        b"var/one": shared,
+        b"var/two": shared,
         b"opt": ("d", 0o755, 0, 0, ()),
     }
     with mounted(tmp_path, image) as where:
@@ -530,6 +538,7 @@ def test_whiteouts_opaque_directories_and_aufs_metadata(tmp_path: Path) -> None:
         assert tree[b"var"][-1] == opaque and tree[b"opt"][-1] == opaque
         assert tree[b"etc"][-1] == ()
         assert tree[b"etc/group"] == (*whiteout, ())
+        assert inode_groups(where) == [{b"var/one", b"var/two"}]
 
 
 def test_a_later_entry_replaces_an_earlier_one(tmp_path: Path) -> None:
