@@ -89,6 +89,12 @@ def _layout(parser: argparse.ArgumentParser) -> _Layout:
     )
 
 
+def _find_command(layout: _Layout) -> str:
+    return _FIND_COMMAND.replace("GLOBAL_VALUED", " ".join(layout.global_valued)).replace(
+        "NESTED_NAMES", " ".join(sorted(layout.nested))
+    )
+
+
 _SETS: Final = {
     "references": " ".join(sorted(REFERENCE_COMMANDS)),
     "reference_options": " ".join(sorted(REFERENCE_OPTIONS)),
@@ -105,7 +111,8 @@ def bash(parser: argparse.ArgumentParser) -> str:
         global_options=" ".join(layout.global_options),
         global_valued=" ".join(layout.global_valued),
         valued=layout.valued,
-        nested=" ".join(sorted(layout.nested)),
+        nested_names=" ".join(sorted(layout.nested)),
+        find_command=_find_command(layout),
         cases="\n".join(
             f'        "{c.name}") options="{" ".join(c.options)}" ;;' for c in layout.found
         ),
@@ -130,9 +137,29 @@ def zsh(parser: argparse.ArgumentParser) -> str:
         nested="\n".join(
             f'    "{outer}" "{" ".join(inners)}"' for outer, inners in layout.nested.items()
         ),
+        find_command=_find_command(layout),
         **_SETS,
     )
 
+
+# Both scripts find the command (and a subcommand) in the words before the cursor alike:
+# options before the command are skipped (with their values), ``--home``'s is kept.
+_FIND_COMMAND: Final = r"""        word="${words[i]}"
+        if [[ -z "$command" && " GLOBAL_VALUED " == *" $word "* ]]; then
+            [[ "$word" == --home ]] && home="${words[i+1]}"
+            (( i++ )); continue
+        elif [[ "$word" == --home=* ]]; then
+            home="${word#--home=}"; continue
+        elif [[ "$word" == -* ]]; then
+            continue
+        fi
+        if [[ -z "$command" ]]; then
+            command="$word"
+            [[ " NESTED_NAMES " == *" $command "* ]] || break
+        else
+            inner="$word"; break
+        fi
+"""
 
 _BASH: Final = r"""# bash completion for imageledger (made by `imageledger completion bash`).
 # Install: imageledger completion bash > /etc/bash_completion.d/imageledger
@@ -148,7 +175,7 @@ _imageledger_references() {{
 }}
 
 _imageledger() {{
-    local line cur prev command="" nested="" home="" options="" candidates="" i word
+    local line cur prev command="" inner="" home="" options="" candidates="" i word
     local -a words
     # The words are read from the line itself: bash splits references at ':' in COMP_WORDS.
     if [[ -n "${{COMP_LINE+set}}" ]]; then
@@ -165,22 +192,7 @@ _imageledger() {{
     (( ${{#words[@]}} > 1 )) && prev="${{words[${{#words[@]}}-2]}}"
 
     for (( i = 1; i < ${{#words[@]}} - 1; i++ )); do
-        word="${{words[i]}}"
-        if [[ -z "$command" && " {global_valued} " == *" $word "* ]]; then
-            [[ "$word" == --home ]] && home="${{words[i+1]}}"
-            (( i++ )); continue
-        elif [[ "$word" == --home=* ]]; then
-            home="${{word#--home=}}"; continue
-        elif [[ "$word" == -* ]]; then
-            continue
-        fi
-        if [[ -z "$command" ]]; then
-            command="$word"
-            [[ " {nested} " == *" $command "* ]] || break
-        else
-            nested="$word"; break
-        fi
-    done
+{find_command}    done
 
     if [[ -z "$command" ]]; then
         if [[ "$cur" == -* ]]; then
@@ -192,13 +204,13 @@ _imageledger() {{
         else
             candidates="{commands}"
         fi
-    elif [[ " {nested} " == *" $command "* && -z "$nested" ]]; then
+    elif [[ " {nested_names} " == *" $command "* && -z "$inner" ]]; then
         case "$command" in
 {sub_cases}
         esac
     else
         local name="$command"
-        [[ -n "$nested" ]] && name="$command $nested"
+        [[ -n "$inner" ]] && name="$command $inner"
         case "$name" in
 {cases}
         esac
@@ -212,7 +224,7 @@ _imageledger() {{
             candidates="$options"
         elif [[ " {references} " == *" $command "* ]]; then
             candidates="$(_imageledger_references "$home")"
-        elif [[ " {file_commands} " == *" $name "* || " {file_commands} " == *" $nested "* ]]; then
+        elif [[ " {file_commands} " == *" $name "* || " {file_commands} " == *" $inner "* ]]; then
             COMPREPLY=( $(compgen -f -- "$cur") ); return 0
         elif [[ "$command" == completion ]]; then
             candidates="bash zsh"
@@ -248,22 +260,7 @@ _imageledger() {{
     local command="" inner="" home="" word i
     local prev="${{words[CURRENT-1]}}" cur="${{words[CURRENT]}}"
     for (( i = 2; i < CURRENT; i++ )); do
-        word="${{words[i]}}"
-        if [[ -z "$command" && " {global_valued} " == *" $word "* ]]; then
-            [[ "$word" == --home ]] && home="${{words[i+1]}}"
-            (( i++ )); continue
-        elif [[ "$word" == --home=* ]]; then
-            home="${{word#--home=}}"; continue
-        elif [[ "$word" == -* ]]; then
-            continue
-        fi
-        if [[ -z "$command" ]]; then
-            command="$word"
-            (( ${{+nested[$command]}} )) || break
-        else
-            inner="$word"; break
-        fi
-    done
+{find_command}    done
     local -a refs
     if [[ -z "$command" ]]; then
         if [[ "$prev" == --home ]]; then
