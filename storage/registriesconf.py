@@ -40,7 +40,8 @@ Not used, on purpose: ``unqualified-search-registries``, ``short-name-mode`` and
 ``docker.io/library/alpine``) whatever the host's configuration says: the ledger records
 references, and a short name resolving differently per host would make them ambiguous; a
 runtime needs one answer. ``credential-helpers`` is not used either (credentials come from
-`storage.credentials`). Version 1 tables (``[registries.search]``...) are refused.
+`storage.credentials`). A version 1 file (``[registries.insecure]``, ``[registries.block]``:
+lists of hosts) is read as tables of those hosts; its ``[registries.search]`` is not used.
 """
 
 from __future__ import annotations
@@ -412,11 +413,10 @@ def _entry(value: Any, origin: str, index: int) -> RegistryEntry:
 def parse_registries_conf(document: Mapping[str, Any], origin: str) -> list[RegistryEntry]:
     """The ``[[registry]]`` tables of one parsed file (`origin`: its path, for messages)."""
     if "registries" in document:
-        msg = (
-            f"{origin}: version 1 tables ([registries.search], [registries.insecure],"
-            " [registries.block]) are not supported; use version 2 [[registry]] tables"
-        )
-        raise RegistryConfigError(msg)
+        if "registry" in document:
+            msg = f"{origin}: mixes version 1 [registries.*] tables with version 2 [[registry]]"
+            raise RegistryConfigError(msg)
+        return _version_1(document["registries"], origin)
     ignored = sorted(_IGNORED_KEYS & set(document))
     if ignored:
         log.debug("registries_conf.ignored", file=origin, keys=ignored)
@@ -435,6 +435,36 @@ def parse_registries_conf(document: Mapping[str, Any], origin: str) -> list[Regi
             raise RegistryConfigError(msg)
         seen.add(entry.prefix)
     return entries
+
+
+def _version_1(tables: Any, origin: str) -> list[RegistryEntry]:
+    """A version 1 file (still the default on older hosts): ``[registries.insecure]`` and
+    ``[registries.block]`` lists of hosts become tables with that host as prefix and
+    location (insecure, blocked); ``[registries.search]`` is short-name resolution, not used.
+    A host in both lists is both."""
+    if not isinstance(tables, dict):
+        msg = f"{origin}: registries must be a table of [registries.search/insecure/block]"
+        raise RegistryConfigError(msg)
+    flags: dict[str, dict[str, bool]] = {}
+    for kind in ("insecure", "block"):
+        table = tables.get(kind, {})
+        hosts = table.get("registries", []) if isinstance(table, dict) else None
+        if not isinstance(hosts, list) or not all(isinstance(h, str) and h for h in hosts):
+            msg = f"{origin}: [registries.{kind}] registries must be a list of hosts"
+            raise RegistryConfigError(msg)
+        for host in hosts:
+            prefix = _normalize_prefix(_location(host, "registries", origin, required=True))
+            flags.setdefault(prefix, {})[kind] = True
+    return [
+        RegistryEntry(
+            prefix,
+            prefix,
+            insecure=kinds.get("insecure", False),
+            blocked=kinds.get("block", False),
+            origin=origin,
+        )
+        for prefix, kinds in flags.items()
+    ]
 
 
 def merge(layers: Sequence[Sequence[RegistryEntry]]) -> tuple[RegistryEntry, ...]:

@@ -156,7 +156,11 @@ def test_no_files_is_no_configuration_and_a_named_file_that_is_missing_is_an_err
 @pytest.mark.parametrize(
     ("text", "error"),
     [
-        ("[registries.search]\nregistries = ['a.example']\n", "version 1"),
+        (
+            "[registries.search]\nregistries = ['a.example']\n" + _entry("b.example", "c.example"),
+            "mixes version 1",
+        ),
+        ("[registries.block]\nregistries = 'a.example'\n", "list of hosts"),
         ('[[registry]]\nprefix = "*.example.com"\nlocation = "x.example"\n', "wildcard"),
         ('[[registry]]\nprefix = "a.*.example.com"\nlocation = "x.example"\n', "wildcard"),
         ('[[registry]]\nprefix = "*.example.com/ns"\n', "wildcard"),
@@ -184,6 +188,27 @@ def test_a_file_that_cannot_mean_anything_is_refused_naming_it(
     with pytest.raises(RegistryConfigError, match=error) as raised:
         load_registries_conf(_env(root), path)
     assert str(path) in str(raised.value)
+
+
+def test_a_version_1_file_gives_its_insecure_and_blocked_hosts(root: Path) -> None:
+    config = _load(
+        root,
+        "[registries.search]\nregistries = ['docker.io', 'quay.io']\n"
+        "[registries.insecure]\nregistries = ['Plain.Example:5000', 'both.example']\n"
+        "[registries.block]\nregistries = ['evil.example', 'both.example']\n",
+    )
+    by_prefix = {e.prefix: (e.location, e.insecure, e.blocked) for e in config.registries}
+    assert by_prefix == {
+        "plain.example:5000": ("plain.example:5000", True, False),
+        "both.example": ("both.example", True, True),
+        "evil.example": ("evil.example", False, True),
+    }
+    [endpoint] = config.endpoints(Reference.parse("plain.example:5000/app:1"))
+    assert endpoint.insecure
+    with pytest.raises(RegistryBlockedError):
+        config.endpoints(Reference.parse("evil.example/app:1"))
+    # Search registries are short-name resolution: not used.
+    assert str(Reference.parse("app")) == "docker.io/library/app:latest"
 
 
 def test_short_name_settings_are_read_but_not_used(root: Path) -> None:
