@@ -366,7 +366,8 @@ class AuditService:
                 continue
             if holder is not None and holder not in _holders(fields):
                 continue
-            yield {"position": position, **fields}
+            fields["position"] = position  # a fresh dict per record: no copy
+            yield fields
 
     # ------------------------------------------------------------------ proving
 

@@ -21,7 +21,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import asdict
 from datetime import UTC, datetime
 from pathlib import Path
@@ -790,8 +790,12 @@ def cmd_events(cache: ImageCache, args: argparse.Namespace) -> int:
         # The end is read once per pass and the pass lists up to it, so that an event
         # appended while the pass prints is listed by the next one, never skipped.
         end = cache.audit.head() if args.last is None else min(args.last, cache.audit.head())
-        for event in cache.audit.events(first=last + 1, last=end, **filters):
-            sys.stdout.write(_event_line(event, args.json) + "\n")
+        events = cache.audit.events(first=last + 1, last=end, **filters)
+        if args.json:
+            _write_json_lines(events)
+        else:
+            for event in events:
+                sys.stdout.write(_event_line(event) + "\n")
         sys.stdout.flush()
         last = max(last, end)
         if not args.follow or (args.last is not None and last >= args.last):
@@ -804,9 +808,26 @@ FOLLOW_POLL: Final = 0.05
 interval for other processes' commits)."""
 
 
-def _event_line(event: dict[str, Any], as_json: bool) -> str:
-    if as_json:
-        return json.dumps(event, sort_keys=True)
+def _write_json_lines(objects: Iterable[dict[str, Any]]) -> None:
+    """One JSON object a line, keys sorted, written in chunks: msgspec's encoder, because
+    the standard library's took 10 us of an event's 20 (issue 12's goal: 100,000 a second)."""
+    import msgspec
+
+    encode = msgspec.json.Encoder(order="sorted").encode
+    sys.stdout.flush()
+    out = sys.stdout.buffer
+    chunk: list[bytes] = []
+    for obj in objects:
+        chunk.append(encode(obj))
+        if len(chunk) == 512:
+            out.write(b"\n".join(chunk) + b"\n")
+            chunk = []
+    if chunk:
+        out.write(b"\n".join(chunk) + b"\n")
+    out.flush()
+
+
+def _event_line(event: dict[str, Any]) -> str:
     subject = event.get("reference") or event.get("holder") or ""
     detail = event.get("source") or event.get("error") or ""
     actor = event["actor"]
