@@ -76,15 +76,40 @@ class ErofsBuild:
 # ---- the uncompressed stream -------------------------------------------------------------------
 
 
+class _Handover:
+    """A bounded queue between two threads that a stop event abandons (neither side blocks
+    for good once the build has stopped)."""
+
+    def __init__(self, stop: threading.Event) -> None:
+        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(_AHEAD)
+        self._stop = stop
+
+    def put(self, item: bytes | BaseException) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def get(self) -> bytes | BaseException:
+        while not self._stop.is_set():
+            try:
+                return self._queue.get(timeout=0.1)
+            except queue.Empty:
+                continue
+        return b""
+
+
 class _Uncompressed:
     """The layer's tar stream in chunks (`chunk`), uncompressed by its magic bytes and hashed
     (the diff_id is the sha256 of these bytes).
 
-    Uncompressing and hashing run in a thread of their own, at most `_AHEAD` chunks ahead of
-    the tar parsing (zlib, zstd and hashlib release the GIL): on two cores a build takes about
-    the longer of the two instead of their sum, and memory stays bounded. An error there
-    (a corrupt stream, a read error) is raised here, by the `read` that would have returned
-    the bytes after it."""
+    Uncompressing, hashing and the tar parsing each run in a thread of their own, handing
+    chunks over (at most `_AHEAD` ahead, so memory stays bounded): zlib, zstd and hashlib
+    release the GIL, so on two cores a build takes about its slowest stage, not the sum of
+    them. An error in a stage (a corrupt stream, a read error) is raised by `chunk`."""
 
     def __init__(self, blob: BinaryIO) -> None:
         self.hash = hashlib.sha256()
@@ -96,38 +121,38 @@ class _Uncompressed:
             chunks = _unzstd(blob, head)
         else:
             chunks = _plain(blob, head)
-        self._queue: queue.Queue[bytes | BaseException] = queue.Queue(_AHEAD)
         self._stop = threading.Event()
+        self._data = _Handover(self._stop)
+        self._to_hash = _Handover(self._stop)
         self._done = False
-        self._thread = threading.Thread(
-            target=self._produce, args=(chunks,), name="imageledger-uncompress", daemon=True
-        )
-        self._thread.start()
+        self._threads = [
+            threading.Thread(target=self._produce, args=(chunks,), name="imageledger-uncompress"),
+            threading.Thread(target=self._hash, name="imageledger-diff-id"),
+        ]
+        for thread in self._threads:
+            thread.daemon = True
+            thread.start()
 
     def _produce(self, chunks: Iterator[bytes]) -> None:
         try:
             for chunk in chunks:
-                self.hash.update(chunk)
-                if not self._put(chunk):
+                if not (self._to_hash.put(chunk) and self._data.put(chunk)):
                     return
-            self._put(b"")
+            self._to_hash.put(b"")
+            self._data.put(b"")
         except BaseException as e:  # handed to the reader, which raises it
-            self._put(e)
+            self._to_hash.put(b"")
+            self._data.put(e)
 
-    def _put(self, item: bytes | BaseException) -> bool:
-        while not self._stop.is_set():
-            try:
-                self._queue.put(item, timeout=0.1)
-                return True
-            except queue.Full:
-                continue
-        return False
+    def _hash(self) -> None:
+        while (item := self._to_hash.get()) and not isinstance(item, BaseException):
+            self.hash.update(item)
 
     def chunk(self) -> bytes:
         """The next piece of the uncompressed stream; b"" at its end."""
         if self._done:
             return b""
-        item = self._queue.get()
+        item = self._data.get()
         if isinstance(item, BaseException):
             self._done = True
             raise item
@@ -140,12 +165,14 @@ class _Uncompressed:
         the diff_id of everything read."""
         while self.chunk():
             pass
-        self.close()
+        for thread in self._threads:
+            thread.join()
         return f"sha256:{self.hash.hexdigest()}"
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join()
+        for thread in self._threads:
+            thread.join()
 
 
 def _plain(blob: BinaryIO, head: bytes) -> Iterator[bytes]:
