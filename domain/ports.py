@@ -311,6 +311,10 @@ class Leases(InFlight, Protocol):
 class Puller(Protocol):
     """A registry, configured for one pull (options, progress)."""
 
+    def admit(self, reference: Reference) -> None:
+        """Refuse a reference the registries configuration blocks (`RegistryBlockedError`),
+        before anything else: a pull the cache could answer itself is refused too."""
+
     def pull(self, reference: Reference, store: SourceStore, platform: Platform) -> PulledImage:
         """Fetch `reference` (an index resolved to `platform`) into `store`; the image and
         the endpoints (mirrors, the primary location) that served it."""

@@ -475,6 +475,7 @@ class ImageCacheService:
         ref = Reference.parse(reference)
         source = f"registry:{ref.name}"
         with self._bringing(str(ref), source) as store:
+            puller.admit(ref)  # a blocked registry is refused even when the cache holds it
             held = self._held_manifest(ref.digest, store)
             if held is not None:
                 log.info("pull.offline", reference=str(ref))

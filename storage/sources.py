@@ -136,6 +136,21 @@ class RegistryPuller:
         self._options = options
         self._progress = progress
 
+    def admit(self, reference: Reference) -> None:
+        """Refuse `reference` when the registries configuration blocks it. Reads the options
+        (the configuration files) but makes no client: an offline pull stays offline."""
+        from imageledger.storage.registriesconf import load_registries_conf
+        from imageledger.storage.registryoptions import options_from_environment
+
+        options = self._options
+        if options is None:
+            options = options_from_environment(registries_conf=self._registries.registries_conf)
+        registries = options.registries
+        if registries is None and self._registries.registries_conf is not None:
+            registries = load_registries_conf(path=self._registries.registries_conf)
+        if registries is not None:
+            registries.endpoints(reference, options.insecure)  # raises when blocked
+
     def pull(self, reference: Reference, store: SourceStore, platform: Platform) -> PulledImage:
         assert isinstance(store, LeasedStore)  # the one SourceStore: InFlightLeases.bringing
         with disk_space(self._registries.home), self._registries.client(self._options) as c:

@@ -586,6 +586,24 @@ def test_a_blocked_registry_is_refused_recorded_and_exit_2(pair: Pair) -> None:
     assert "blocked by the registries configuration" in done.stderr
 
 
+def test_a_blocked_registry_is_refused_even_for_a_digest_the_cache_holds(pair: Pair) -> None:
+    """A pull by digest of a manifest the cache holds is answered without the registry; a
+    blocked registry still refuses it, so the configuration means the same for every pull."""
+    with pair.cache(pair.conf()) as cache:
+        cache.pull(pair.pinned)
+    conf = _write(
+        pair.tmp_path / "blocked.conf",
+        f'[[registry]]\nprefix = "{pair.primary.registry.host}/team"\n'
+        f'location = "{pair.primary.registry.host}/team"\nblocked = true\n',
+    )
+    pair.primary.proxy.reset()
+    with pair.cache(conf) as cache:
+        with pytest.raises(RegistryBlockedError):
+            cache.pull(pair.pinned)
+        assert [e["type"] for e in cache.audit.events()][-1] == "PullFailed"
+    assert pair.primary.proxy.count() == 0
+
+
 def test_a_location_rewrite_pulls_from_the_location_under_the_name_asked_for(
     pair: Pair,
 ) -> None:
