@@ -10,7 +10,7 @@ import gc
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
-from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Any, Protocol, TypeAlias
 
 from imageledger.domain.errors import LedgerCorruptError
 from imageledger.domain.log import get_logger
@@ -29,7 +29,7 @@ if TYPE_CHECKING:  # a query loads no eventsourcing (see `domain.history`)
 Progress = Callable[[int, int], None]
 Records: TypeAlias = dict[str, dict[bytes, Any]]
 
-CHECKPOINT_EVERY: Final = 10_000
+CHECKPOINT_EVERY = 10_000  # not Final: the tests and the benchmark's peer set it
 """The views are kept as they were after every this-many events (view checkpoints), so that
 the cache as it was at any position (`LedgerStore.at`) is the nearest checkpoint below it plus
 a replay of at most this many events: about 0.2 s of folding on the machines we measure

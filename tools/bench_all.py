@@ -1,5 +1,5 @@
-"""`imageledger bench` with no benchmark named: every benchmark, then one table of issue 10's
-figures: figure, ours, the peer's (measured in the same run), ratio, goal, met or not.
+"""`imageledger bench` with no benchmark named: every benchmark, then one table of issues 10's
+and 12's figures: figure, ours, the peer's (measured in the same run), ratio, goal, met or not.
 
 Each benchmark runs as it does alone (`bench ledger`, `bench cache`, `bench cli`, `bench
 pull`, with ``--json``), so a figure here is the figure there: nothing a user's command does
@@ -18,19 +18,21 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
-from imageledger.tools import bench_cache, bench_cli, bench_ledger, bench_pull
+from imageledger.tools import bench_cache, bench_cli, bench_ledger, bench_pull, bench_timetravel
 
 QUICK: dict[str, list[str]] = {
     "ledger": ["--seconds", "1", "--rounds", "1"],
     "cache": ["--refs", "2000", "--events", "50000", "--rounds", "5000", "--use-rounds", "80"],
     "cli": ["--rounds", "3", "--refs", "2000"],
     "pull": ["--rounds", "1", "--size-mib", "50"],
+    "timetravel": ["--events", "50000", "--refs", "2000", "--rounds", "30", "--cold", "1"],
 }
 MAINS: dict[str, Callable[[list[str] | None], int]] = {
     "ledger": bench_ledger.main,
     "cache": bench_cache.main,
     "cli": bench_cli.main,
     "pull": bench_pull.main,
+    "timetravel": bench_timetravel.main,
 }
 
 
@@ -157,7 +159,40 @@ def figures(reports: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
             pull["goal_met"],
         )
     )
+    if "timetravel" in reports:
+        rows.extend(_time_travel(reports["timetravel"]))
     return rows
+
+
+def _time_travel(report: dict[str, Any]) -> list[dict[str, Any]]:
+    """Issue 12's figures (`bench timetravel`)."""
+    size = f"{report['events']:,} events, {report['refs']:,} refs"
+    return [
+        _row(
+            f"at(p).list() + inspect p99, {size}",
+            f"{report['at_p99_ms']} ms (p50 {report['at_p50_ms']})",
+            f"no checkpoint: p50 {report['cold_at_p50_s'] * 1e3:.0f} ms",
+            report["cold_at_p50_s"] * 1e3 / max(report["at_p99_ms"], 0.001),
+            "p99 < 500 ms",
+            report["goals"]["at_p99_under_500ms"],
+        ),
+        _row(
+            "view checkpoints' disk beside the log's",
+            f"{report['checkpoints_mib']} MiB",
+            f"log {report['log_mib']} MiB",
+            report["checkpoint_share"],
+            "< 50% of the log",
+            report["goals"]["checkpoints_under_half_the_log"],
+        ),
+        _row(
+            "events --json (events/s)",
+            f"{report['events_json_per_s']:,}",
+            f"read + decode only: {report['decode_ceiling_per_s']:,}",
+            report["decode_ceiling_per_s"] / max(report["events_json_per_s"], 1),
+            ">= 100,000/s",
+            report["goals"]["events_json_100k_per_s"],
+        ),
+    ]
 
 
 def _print_table(rows: list[dict[str, Any]], quick: bool) -> None:

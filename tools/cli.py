@@ -1020,6 +1020,7 @@ def cmd_bench(cache: ImageCache | None, args: argparse.Namespace) -> int:
         bench_erofs,
         bench_ledger,
         bench_pull,
+        bench_timetravel,
     )
 
     benches = {
@@ -1029,6 +1030,7 @@ def cmd_bench(cache: ImageCache | None, args: argparse.Namespace) -> int:
         "cache": bench_cache.main,
         "pull": bench_pull.main,
         "cli": bench_cli.main,
+        "timetravel": bench_timetravel.main,
     }
     if not args.rest:
         # No benchmark named: all of them, and one table of the figures and their goals.
