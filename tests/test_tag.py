@@ -259,5 +259,13 @@ def test_the_command_line_tags(tmp_path: Path, archives: dict[str, Path]) -> Non
     assert explained.startswith(f"{STABLE} is cached (as of position 4): tagged at position 3")
     assert explained.endswith(f"from tag:{APP}")
     assert ok(home, "rebuild", "--verify").code == 0
+    assert ok(home, "verify").code == 0  # the ledger check in a child decodes the tags too
+    [listed] = [
+        json.loads(line)
+        for line in ok(home, "events", "--type", "ImageTagged", "--ref", STABLE, "--json")
+        .stdout.decode()
+        .splitlines()
+    ]
+    assert (listed["reference"], listed["source_reference"]) == (STABLE, APP)
     # Only a writable home can be tagged in, like every command that records.
     assert ok(home, "audit", "verify").code == 0  # the tag was signed into a checkpoint
