@@ -16,6 +16,7 @@ import gzip
 import hashlib
 import io
 import os
+import shutil
 import stat
 import subprocess
 import sys
@@ -120,11 +121,17 @@ def build(tmp: Path, entries: Sequence[E], name: str = "layer", compression: str
     return image
 
 
-def check_build(image: Path, result: ErofsBuild) -> None:
+def check_build(image: Path, result: ErofsBuild, devices: Sequence[Path] = ()) -> None:
+    """`result` tells the truth about `image`, and fsck.erofs extracts it (every image a test
+    writes goes through here or through `check_with_fsck`)."""
     data = image.read_bytes()
     assert result.size == len(data)
     assert result.blocks * 4096 == len(data)
     assert result.digest == f"sha256:{hashlib.sha256(data).hexdigest()}"
+    del data
+    into = image.parent / f"{image.name}.fsck"
+    fsck_extract(image, into, devices)
+    shutil.rmtree(into)
 
 
 # ---- what a tree should hold ---------------------------------------------------------------
@@ -391,7 +398,8 @@ def test_the_image_does_not_depend_on_the_compression_and_is_deterministic(
     for i, compression in enumerate(["gzip", "zstd", "none", "gzip"]):
         out = tmp_path / f"{i}.erofs"
         with out.open("w+b") as f:
-            build_layer(io.BytesIO(compress(raw, compression)), f, diff_id=diff_id(raw))
+            result = build_layer(io.BytesIO(compress(raw, compression)), f, diff_id=diff_id(raw))
+        check_build(out, result)
         images.append(out.read_bytes())
     assert len(set(images)) == 1
 
@@ -442,6 +450,8 @@ def test_memory_stays_flat_with_a_big_file(tmp_path: Path) -> None:
     grown_kib = int(run.stdout)
     assert grown_kib < 48 * 1024, f"peak RSS grew by {grown_kib} KiB for a 256 MiB file"
     assert out.stat().st_size > 256 << 20
+    fsck_extract(out, tmp_path / "x")
+    assert (tmp_path / "x/big").stat().st_size == 256 << 20
 
 
 def test_many_small_files_in_big_directories(tmp_path: Path) -> None:
@@ -592,7 +602,9 @@ def test_gnu_ustar_and_pax_tars_of_one_tree_give_one_image(tmp_path: Path) -> No
     for tar_format in (tarfile.GNU_FORMAT, tarfile.PAX_FORMAT):
         raw = make_tar(entries, tar_format)
         with (tmp_path / "o").open("w+b") as f:
-            images.add(build_layer(io.BytesIO(raw), f, diff_id=diff_id(raw)).digest)
+            result = build_layer(io.BytesIO(raw), f, diff_id=diff_id(raw))
+        check_build(tmp_path / "o", result)
+        images.add(result.digest)
     ustar = [  # names over 100 bytes go in the prefix field
         E(b"p" * 120 + b"/", "dir", mode=0o755),
         E(b"p" * 120 + b"/" + b"n" * 90, data=b"prefixed", uid=7),
@@ -617,7 +629,8 @@ def test_gnu_ustar_and_pax_tars_of_one_tree_give_one_image(tmp_path: Path) -> No
     raw = buffer.getvalue()
     out = tmp_path / "global.erofs"
     with out.open("w+b") as f:
-        build_layer(io.BytesIO(raw), f, diff_id=diff_id(raw))
+        result = build_layer(io.BytesIO(raw), f, diff_id=diff_id(raw))
+    check_build(out, result)
     with mounted(tmp_path, out, "global-mnt") as where:
         assert os.stat(where / "b").st_mtime_ns == 1234567890_500000000
 

@@ -107,7 +107,8 @@ def stitch(tmp: Path, layers: Sequence[Sequence[E]]) -> tuple[Path, list[Path]]:
     images = [build(tmp, entries, name=f"layer{i}") for i, entries in enumerate(layers)]
     fsmeta = tmp / "fsmeta.erofs"
     with fsmeta.open("w+b") as out:
-        check_build(fsmeta, build_fsmeta(images, out))
+        result = build_fsmeta(images, out)
+    check_build(fsmeta, result, devices=images)
     return fsmeta, images
 
 
@@ -302,7 +303,8 @@ def test_an_empty_stack_and_a_single_layer(tmp_path: Path) -> None:
         assert (where / "a").read_bytes() == b"a"
     empty = tmp_path / "empty.erofs"
     with empty.open("w+b") as out:
-        build_fsmeta([], out)
+        result = build_fsmeta([], out)
+    check_build(empty, result)
     with mounted(tmp_path, empty, "empty-mnt") as where:
         assert os.listdir(where) == []
 
