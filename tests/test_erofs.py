@@ -285,6 +285,15 @@ def check_with_fsck(tmp: Path, image: Path, entries: Sequence[E]) -> None:
 _MOUNTABLE: list[str] = []
 
 
+def _mount_erofs(image: Path, where: Path) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["mount", "-t", "erofs", "-o", "loop,ro", str(image), str(where)],
+        capture_output=True,
+        check=False,
+        text=True,
+    )
+
+
 def mount_refusal(tmp: Path) -> str | None:
     """Why this machine cannot loop-mount EROFS (probed once with an image from Debian's
     mkfs.erofs, so a failure of ours is never mistaken for a missing permission)."""
@@ -303,12 +312,7 @@ def mount_refusal(tmp: Path) -> str | None:
     else:
         where = tmp / "probe-mnt"
         where.mkdir()
-        run = subprocess.run(
-            ["mount", "-t", "erofs", "-o", "loop,ro", str(image), str(where)],
-            capture_output=True,
-            check=False,
-            text=True,
-        )
+        run = _mount_erofs(image, where)
         if run.returncode:
             reason = f"loop-mounting EROFS is not permitted here: {run.stderr.strip()}"
         else:
@@ -326,12 +330,7 @@ def mounted(tmp: Path, image: Path, name: str = "mnt") -> Iterator[Path]:
         pytest.skip(reason)
     where = tmp / name
     where.mkdir()
-    run = subprocess.run(
-        ["mount", "-t", "erofs", "-o", "loop,ro", str(image), str(where)],
-        capture_output=True,
-        check=False,
-        text=True,
-    )
+    run = _mount_erofs(image, where)
     assert run.returncode == 0, f"the kernel refused the image: {run.stderr}"
     try:
         yield where

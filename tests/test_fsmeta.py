@@ -21,34 +21,25 @@ from imageledger.storage.erofs import build_fsmeta
 from imageledger.storage.vmdk import vmdk_descriptor
 
 if TYPE_CHECKING:
-    from tests.test_erofs import (
-        MTIME,
-        Attrs,
-        E,
-        build,
-        check_build,
-        expected,
-        fsck_extract,
-        inode_groups,
-        mounted,
-        snapshot,
-        without_setid,
-    )
-    from tests.test_vmdk import extents
+    import tests.test_erofs as layer_tests
+    import tests.test_vmdk as vmdk_tests
 else:
-    from test_erofs import (
-        MTIME,
-        E,
-        build,
-        check_build,
-        expected,
-        fsck_extract,
-        inode_groups,
-        mounted,
-        snapshot,
-        without_setid,
-    )
-    from test_vmdk import extents
+    import test_erofs as layer_tests
+    import test_vmdk as vmdk_tests
+
+# The layer tests' tar builder, expected trees, snapshots and real readers.
+Attrs = layer_tests.Attrs
+E = layer_tests.E
+MTIME = layer_tests.MTIME
+build = layer_tests.build
+check_build = layer_tests.check_build
+expected = layer_tests.expected
+fsck_extract = layer_tests.fsck_extract
+inode_groups = layer_tests.inode_groups
+mounted = layer_tests.mounted
+snapshot = layer_tests.snapshot
+without_setid = layer_tests.without_setid
+extents = vmdk_tests.extents
 
 WH = b".wh."
 OPQ = b".wh..wh..opq"
