@@ -480,11 +480,13 @@ def load_registries_conf(
     environ: Mapping[str, str] | None = None, path: str | os.PathLike[str] | None = None
 ) -> RegistriesConfig:
     """The registries configuration of this host (or of `path`, then the drop-ins): see the
-    module docstring. `RegistryConfigError` for a file that cannot be read or used (a file
-    given by name that does not exist among them)."""
+    module docstring. `RegistryConfigError` for a file that cannot be read or used, and for
+    a main file named (`path`, ``$CONTAINERS_REGISTRIES_CONF``) that does not exist."""
     env = os.environ if environ is None else environ
     main, dirs = config_files(env, path)
-    named = path is not None
+    # A file named by the caller or $CONTAINERS_REGISTRIES_CONF must exist (as containers/image
+    # has it): a typo must not silently mean "no mirrors, nothing blocked".
+    named = path is not None or bool(env.get(ENV_REGISTRIES_CONF))
     files: list[str] = []
     layers: list[list[RegistryEntry]] = []
     document = _read_toml(main, missing_ok=not named)

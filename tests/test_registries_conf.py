@@ -151,6 +151,9 @@ def test_no_files_is_no_configuration_and_a_named_file_that_is_missing_is_an_err
     assert load_registries_conf(_env(root)).registries == ()
     with pytest.raises(RegistryConfigError, match="does not exist"):
         load_registries_conf(_env(root), root / "missing.conf")
+    missing = _env(root, CONTAINERS_REGISTRIES_CONF=str(root / "missing.conf"))
+    with pytest.raises(RegistryConfigError, match="does not exist"):
+        load_registries_conf(missing)
 
 
 @pytest.mark.parametrize(
