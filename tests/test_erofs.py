@@ -15,6 +15,7 @@ import contextlib
 import gzip
 import hashlib
 import io
+import json
 import os
 import shutil
 import stat
@@ -639,6 +640,23 @@ def test_the_superblock_crc32c_is_castagnoli_as_the_kernel_computes_it() -> None
     ``crc32c(~0, ...)`` leaves out the final inversion."""
     assert erofsformat.crc32c_raw(b"123456789") ^ 0xFFFFFFFF == 0xE3069283
     assert erofsformat.crc32c_raw(bytes(32)) ^ 0xFFFFFFFF == 0x8A9136AA  # RFC 3720 B.4
+
+
+def test_bench_erofs_runs_from_the_command_line() -> None:
+    """`imageledger bench erofs` (tiny sizes): both builders ran on the same tree and the
+    report has its figures (no time is judged here)."""
+    bench = ("bench", "erofs", "--size-mib", "2", "--rounds", "1", "--json")
+    run = subprocess.run(
+        [sys.executable, "-m", "imageledger.tools.cli", *bench],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    report = json.loads(run.stdout)
+    assert report["files"] > 10 and report["tree_mib"] == 2.0
+    assert report["ours_image_mib"] >= report["tar_mib"] - 0.1 and report["mkfs_image_mib"] > 1
+    assert report["ours_peak_rss_mib"] >= report["ours_rss_before_build_mib"] > 0
+    assert isinstance(report["goal_met"], bool)
 
 
 # ---- hostile layers ------------------------------------------------------------------------
