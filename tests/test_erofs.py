@@ -482,6 +482,33 @@ def test_directories_that_fill_their_blocks_exactly(tmp_path: Path, blocks: int)
         assert sorted(os.listdir(os.fsencode(where / "d"))) == sorted(names)
 
 
+REAL_TREES = ("/usr/share/zoneinfo", "/usr/lib/x86_64-linux-gnu/perl-base", "/usr/share/perl")
+
+
+@pytest.mark.parametrize("source", REAL_TREES)
+def test_a_real_directory_of_this_machine(tmp_path: Path, source: str) -> None:
+    """A real tree (zoneinfo: many small files and symlinks; Perl's: deep packages), packed
+    by tarfile as a layer builder would, reads back from the image as the directory is."""
+    if not Path(source).is_dir():
+        pytest.skip(f"{source} is not on this machine")
+    buffer = io.BytesIO()
+    with tarfile.open(fileobj=buffer, mode="w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(source, arcname=".")
+    raw = buffer.getvalue()
+    image = tmp_path / "real.erofs"
+    with image.open("w+b") as out:
+        result = build_layer(io.BytesIO(gzip.compress(raw, 1)), out, diff_id=diff_id(raw))
+    check_build(image, result)
+    original = snapshot(Path(source), xattrs=True)
+    into = tmp_path / "x"
+    fsck_extract(image, into)
+    assert without_setid(snapshot(into, xattrs=False)) == without_setid(
+        snapshot(Path(source), xattrs=False)
+    )
+    with mounted(tmp_path, image) as where:
+        assert snapshot(where, xattrs=True) == original
+
+
 def test_a_deep_tree(tmp_path: Path) -> None:
     entries = []
     path = b""
