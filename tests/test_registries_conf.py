@@ -16,9 +16,11 @@ import json
 import os
 import subprocess
 import sys
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+import msgpack
 import pytest
 from hypothesis import given
 from hypothesis import strategies as st
@@ -28,10 +30,21 @@ from imageledger import (
     DigestMismatchError,
     ImageCache,
     ImageNotFoundError,
+    LedgerCorruptError,
     Reference,
     RegistryBlockedError,
     RegistryConfigError,
 )
+from imageledger.domain.events import Batch
+from imageledger.domain.model import (
+    Actor,
+    ImageConfig,
+    ImageContent,
+    Layer,
+    Platform,
+    PullEndpoint,
+)
+from imageledger.storage.ledgerformat import LedgerMapper, record_fields
 from imageledger.storage.registriesconf import (
     Endpoint,
     Mirror,
@@ -370,6 +383,72 @@ def test_docker_hub_prefixes_are_normalized_as_references_are(root: Path) -> Non
     )
     [endpoint] = config.endpoints(Reference.parse("alpine:3.19"))
     assert str(endpoint.reference) == "mirror.local/hub/alpine:3.19"
+
+
+# ---- the stored event ---------------------------------------------------------------------------
+
+
+def _pull_events(endpoints: tuple[PullEndpoint, ...]) -> tuple[Any, Any]:
+    """An ImagePulled with `endpoints`, and its stored record (format 2)."""
+    actor = Actor(user="u", uid=0, pid=1, host="h", version="0")
+    content = ImageContent(
+        "sha256:" + "a" * 64,
+        "application/vnd.oci.image.manifest.v1+json",
+        10,
+        ImageConfig("sha256:" + "b" * 64),
+        5,
+        Platform("linux", "amd64"),
+        (Layer("sha256:" + "c" * 64, "application/vnd.oci.image.layer.v1.tar+gzip", 7, None, 0),),
+    )
+    batch = Batch(1, actor, datetime(2026, 12, 5, tzinfo=UTC))
+    batch.pulled("example.com/foo/app:1", "registry:example.com/foo/app", content, False, endpoints)
+    [event] = batch.events
+    mapper = LedgerMapper()
+    with mapper.batch():
+        return event, mapper.to_stored_event(event)
+
+
+def test_a_pull_with_endpoints_stores_a_seventh_element_and_reads_back() -> None:
+    served = (
+        PullEndpoint("mirror.local/foo/app", True, True, False, ("sha256:" + "c" * 64,)),
+        PullEndpoint("example.com/foo/app", False, False, True, ()),
+    )
+    event, record = _pull_events(served)
+    state = msgpack.unpackb(record.state, timestamp=3)
+    assert len(state) == 7
+    assert state[6] == [
+        ["mirror.local/foo/app", True, True, False, ["sha256:" + "c" * 64]],
+        ["example.com/foo/app", False, False, True, []],
+    ]
+    decoded = LedgerMapper().to_domain_event(record)
+    assert decoded.__dict__ == event.__dict__
+    plain = record_fields(msgpack.packb([b"\0" * 16, 2, "ImagePulled", record.state]))
+    assert plain["endpoints"][0] == {
+        "location": "mirror.local/foo/app",
+        "mirror": True,
+        "insecure": True,
+        "manifest": False,
+        "blobs": ["sha256:" + "c" * 64],
+    }
+
+
+def test_a_pull_without_endpoints_is_stored_as_before_and_old_records_read() -> None:
+    """No endpoints (a load, an offline pull, every pull before endpoints existed): the state
+    keeps its six elements, as every pull was stored before, and reads back with none;
+    an empty seventh element is never written, so it is damage."""
+    _event, record = _pull_events(())
+    state = msgpack.unpackb(record.state, timestamp=3)
+    assert len(state) == 6
+    decoded: Any = LedgerMapper().to_domain_event(record)
+    assert decoded.endpoints == ()
+    empty = msgpack.packb([*state, []], datetime=True)
+    damaged = type(record)(record.originator_id, record.originator_version, record.topic, empty)
+    with pytest.raises(LedgerCorruptError, match="endpoints"):
+        LedgerMapper().to_domain_event(damaged)
+    eight = msgpack.packb([*state, [], []], datetime=True)
+    longer = type(record)(record.originator_id, record.originator_version, record.topic, eight)
+    with pytest.raises(LedgerCorruptError, match="array of 6 fields"):
+        LedgerMapper().to_domain_event(longer)
 
 
 # ---- pulls through real registries -----------------------------------------------------------
