@@ -1,11 +1,13 @@
-"""Registry credentials: the caller's, Docker's ``config.json`` and its credential helpers.
+"""Registry credentials: the caller's, the containers auth files', Docker's ``config.json``
+and credential helpers; and writing the auth file for `login` and `logout`.
 
 `CredentialChain` answers "which user and password for this repository on this registry
 host?" from, in order: the credentials given by the call, those of the environment (only for
 the registry the environment names: see `storage.registryoptions`), the containers auth files
-(containers-auth.json(5): `auth_files`, each file's ``auths`` keyed by ``registry``,
-``registry/namespace`` or ``registry/namespace/repo``, the most specific key matching the
-repository first; the first file holding a match wins), the credential helper Docker's config
+(containers-auth.json(5): `auth_files`, each in turn: its ``credHelpers`` helper for the
+registry, then its ``auths`` keyed by ``registry``, ``registry/namespace`` or
+``registry/namespace/repo``, the most specific key matching the repository first; the first
+file holding a match wins), the credential helper Docker's config
 names for the host (``credHelpers``, else ``credsStore``; asked once per host), then the
 config's ``auths``. A host is compared as references spell it, Docker Hub's aliases folded
 into ``docker.io`` (`normalize_host`). Nothing here logs a credential or a helper's output:
@@ -263,16 +265,17 @@ class CredentialChain:
         docker: Mapping[str, tuple[str, str]],
         helpers: tuple[str | None, Mapping[str, str]] = (None, {}),
         path: str | None = None,
-        containers: Sequence[Mapping[str, tuple[str, str]]] = (),
+        containers: Sequence[tuple[Mapping[str, tuple[str, str]], Mapping[str, str]]] = (),
     ) -> None:
         self._explicit = explicit
         self._env = env_user
         self._env_host = env_host
-        self._containers = [dict(entries) for entries in containers]
+        # Each containers auth file: its auths (per-repository keys) and its credHelpers.
+        self._containers = [(dict(entries), dict(helpers)) for entries, helpers in containers]
         self._docker = dict(docker)
         self._store, self._helpers = helpers[0], dict(helpers[1])
         self._path = path
-        self._asked: dict[str, tuple[str, str] | None] = {}
+        self._asked: dict[tuple[str, str], tuple[str, str] | None] = {}
         self._lock = threading.Lock()
 
     def __call__(self, host: str) -> tuple[str, str] | None:
@@ -289,19 +292,29 @@ class CredentialChain:
         if self._env is not None and self._env_host == host:
             return self._env
         keys = repository_keys(host, repository)
-        for entries in self._containers:
+        for entries, file_helpers in self._containers:
+            # A file's credential helper for the registry first, then its keys (as
+            # containers/image reads each file in turn).
+            named = file_helpers.get(host)
+            found = self._ask(named, host) if named is not None else None
+            if found is not None:
+                return found
             for key in keys:
                 if key in entries:
                     return entries[key]
         helper = self._helpers.get(host, self._store)
-        if helper is not None:
-            with self._lock:  # concurrent layer downloads: one helper run per host
-                if host not in self._asked:
-                    self._asked[host] = helper_credentials(helper, host, self._path)
-                found = self._asked[host]
-            if found is not None:
-                return found
+        found = self._ask(helper, host) if helper is not None else None
+        if found is not None:
+            return found
         return self._docker.get(host)
+
+    def _ask(self, helper: str, host: str) -> tuple[str, str] | None:
+        """What credential helper `helper` answers for `host`, asked once (concurrent layer
+        downloads wait for the one run)."""
+        with self._lock:
+            if (helper, host) not in self._asked:
+                self._asked[helper, host] = helper_credentials(helper, host, self._path)
+            return self._asked[helper, host]
 
     def __repr__(self) -> str:
         return "<registry credentials>"

@@ -216,7 +216,10 @@ def options_from_environment(
     config = read_docker_config(config_path) if config_path is not None else {}
     docker = config_auths(config, config_path) if config_path is not None else {}
     path = env.get("PATH", os.defpath)
-    containers = [auth_file_entries(read_docker_config(f), f) for f in auth_files(env)]
+    containers = []
+    for auth_file in auth_files(env):
+        document = read_docker_config(auth_file)
+        containers.append((auth_file_entries(document, auth_file), config_helpers(document)[1]))
     chain = CredentialChain(
         credentials,
         env_credentials,

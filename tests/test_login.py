@@ -140,6 +140,48 @@ def test_the_first_file_with_a_match_wins_then_dockers_config(tmp_path: Path) ->
     assert chain.for_repository("d.example", "x") is None
 
 
+def _helper(bin_dir: Path, name: str, answers: dict[str, tuple[str, str]]) -> None:
+    """A real ``docker-credential-<name>`` program answering `answers[server]`."""
+    bin_dir.mkdir(exist_ok=True)
+    program = bin_dir / f"docker-credential-{name}"
+    program.write_text(
+        f"#!{sys.executable}\n"
+        "import json, sys\n"
+        "server = sys.stdin.read().strip()\n"
+        f"answers = {json.dumps({k: list(v) for k, v in answers.items()})}\n"
+        "if server not in answers:\n"
+        "    print('credentials not found in native keychain')\n"
+        "    sys.exit(1)\n"
+        "print(json.dumps({'Username': answers[server][0], 'Secret': answers[server][1]}))\n"
+    )
+    program.chmod(0o755)
+
+
+def test_a_containers_auth_files_credential_helper_comes_before_its_keys(
+    tmp_path: Path,
+) -> None:
+    _helper(tmp_path / "bin", "vault", {"a.example": ("from-helper", "h")})
+    runtime = tmp_path / "run/containers/auth.json"
+    runtime.parent.mkdir(parents=True)
+    runtime.write_text(
+        json.dumps(
+            {
+                "credHelpers": {"a.example": "vault", "b.example": "vault"},
+                "auths": {"a.example": _auth("from-key", "k"), "b.example": _auth("b", "k")},
+            }
+        )
+    )
+    env = {
+        "XDG_RUNTIME_DIR": str(tmp_path / "run"),
+        "HOME": str(tmp_path / "home"),
+        "PATH": str(tmp_path / "bin"),
+    }
+    chain = _chain(tmp_path, env)
+    assert chain.for_repository("a.example", "team/app") == ("from-helper", "h")
+    # The helper has nothing for b.example: the file's own key answers.
+    assert chain.for_repository("b.example", "x") == ("b", "k")
+
+
 def test_an_unreadable_auth_file_is_skipped_not_fatal(tmp_path: Path) -> None:
     broken = tmp_path / "broken.json"
     broken.write_text("{not json")
