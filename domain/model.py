@@ -299,6 +299,9 @@ class ImageDetail(Generic[H_co]):
     handle: H_co
     config: ImageConfig
     layers: tuple[ImageLayer, ...]
+    endpoints: tuple[PullEndpoint, ...] = ()
+    """Where the registry pull that last named the image came from (mirrors, a rewritten
+    location, the registry itself); empty for a loaded or tagged name."""
 
 
 @dataclass(frozen=True, slots=True)

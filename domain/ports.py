@@ -29,6 +29,7 @@ from imageledger.domain.model import (
     ManifestRecord,
     Platform,
     PulledImage,
+    PullEndpoint,
     RebuildReport,
     ReferenceRecord,
     StitchedRecord,
@@ -112,6 +113,10 @@ class CacheState(Protocol):
 
     def holder(self, holder: str) -> tuple[tuple[str, str], ...]:
         """The (reference, manifest digest) leases `holder` holds."""
+
+    def endpoints(self, reference: str) -> tuple[PullEndpoint, ...]:
+        """Where the registry pull that last named `reference` came from (empty: a load, a
+        tag, a pull the cache answered itself, or a pull recorded before endpoints were)."""
 
     def layer_artifact(self, blob_digest: str) -> LayerArtifactRecord | None:
         """The EROFS image of layer blob `blob_digest`, if the ledger records one."""

@@ -224,6 +224,7 @@ class ImageCacheService:
                 layer.blob_digest: state.layer_artifact(layer.blob_digest)
                 for layer in content.layers
             }
+            endpoints = state.endpoints(ref)
         return ImageDetail(
             handle=record.handle(),
             config=content.config,
@@ -238,6 +239,7 @@ class ImageCacheService:
                 )
                 for layer in content.layers
             ),
+            endpoints=endpoints,
         )
 
     def history(self, reference: str | None = None) -> builtins.list[HistoryEntry]:

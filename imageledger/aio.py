@@ -59,7 +59,7 @@ class _AsyncOwner:
 
     async def inspect(self, reference: str) -> ImageDetail[AsyncImageHandle]:
         detail = await asyncio.to_thread(self.cache.inspect, reference)
-        return ImageDetail(self.bind(detail.handle), detail.config, detail.layers)
+        return ImageDetail(self.bind(detail.handle), detail.config, detail.layers, detail.endpoints)
 
     async def remove(self, reference: str, force: bool = False) -> None:
         await asyncio.to_thread(self.cache.remove, reference, force)

@@ -57,6 +57,7 @@ from imageledger.domain.model import (
     LayerArtifactRecord,
     ManifestRecord,
     Platform,
+    PullEndpoint,
     ReferenceRecord,
     StitchedRecord,
     config_from_array,
@@ -79,6 +80,7 @@ TABLES: Final = (
     "configs",
     "erofs",
     "stitched",
+    "endpoints",
     "meta",
 )
 APPEND_ONLY: Final = ("history",)
@@ -89,7 +91,8 @@ now). The folds never read them, so a replay without them folds the other tables
 HANDLE_FIELDS: Final = tuple(f.name for f in fields(CachedImage))
 # 3: meta "shown", the position of the last event that changed what index.json shows.
 # 7: ``erofs`` and ``stitched``, the materialized artifacts (issue 13).
-FORMAT: Final = 7
+# 8: ``endpoints``, where the registry pull that last named a reference came from (issue 14).
+FORMAT: Final = 8
 _U64: Final = struct.Struct(">Q")
 _EPOCH: Final = datetime(1970, 1, 1, tzinfo=UTC)
 
@@ -227,6 +230,15 @@ def _pulled(
         view.put("index", reference.encode(), index_entry(reference, content))
     ref["u"] = at
     _put_ref(view, reference, ref, event.timestamp)
+    # Where the name's latest pull came from (`inspect`), in a table of its own so that the
+    # reference's row (read by every get and use) stays small; a load, a tag or a pull the
+    # cache answered itself came from no registry.
+    served = getattr(event, "endpoints", ())
+    if served:
+        plain = [[e.location, e.mirror, e.insecure, e.manifest, list(e.blobs)] for e in served]
+        view.put("endpoints", reference.encode(), plain)
+    elif view.get("endpoints", reference.encode()) is not None:
+        view.delete("endpoints", reference.encode())
 
 
 def _tagged(view: ViewRecords, event: ImageLedger.ImageTagged, position: int, at: int) -> None:
@@ -266,6 +278,8 @@ def _drop_reference(view: ViewRecords, reference: str) -> None:
     if ref is None:
         return
     view.delete("refs", reference.encode())
+    if view.get("endpoints", reference.encode()) is not None:
+        view.delete("endpoints", reference.encode())
     view.delete("refs.order", _U64.pack(ref["c"]) + _U64.pack(ref["p"]))
     view.delete("index", reference.encode())
     _untag(view, reference, ref["m"])
@@ -458,6 +472,17 @@ def _checked_ref(ref: Any) -> bool:
     )
 
 
+def _endpoints(plain: Any, key: bytes) -> tuple[PullEndpoint, ...]:
+    """An ``endpoints`` row: where the pull that last named a reference came from."""
+    try:
+        return tuple(
+            PullEndpoint(location, mirror, insecure, manifest, tuple(blobs))
+            for location, mirror, insecure, manifest, blobs in plain
+        )
+    except (TypeError, ValueError):
+        raise _bad_row("endpoints", key) from None
+
+
 def _checked_blob(key: bytes, record: Any) -> str:
     """The digest of a blobs row, once the row is known to be one."""
     try:
@@ -604,6 +629,13 @@ class ViewState:
     def holder(self, holder: str) -> tuple[tuple[str, str], ...]:
         key = holder.encode()
         return _checked_leases(key, self.view.get("holders", key) or [])
+
+    def endpoints(self, reference: str) -> tuple[PullEndpoint, ...]:
+        """Where the registry pull that last named `reference` came from (none for a name a
+        load or a tag gave, or a pull the cache answered itself)."""
+        key = reference.encode()
+        row = self.view.get("endpoints", key)
+        return () if row is None else _endpoints(row, key)
 
     def layer_artifact(self, blob_digest: str) -> LayerArtifactRecord | None:
         """The EROFS image of layer blob `blob_digest`, if it was materialized."""

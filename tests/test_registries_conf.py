@@ -549,6 +549,17 @@ def test_a_mirror_that_has_the_image_serves_it_and_the_event_says_so(pair: Pair)
         assert f"via mirror {pair.mirror.registry.host}/team/app (manifest, " in entry.detail
         made_by = cache.explain(pair.reference)["made_by"]
         assert made_by["endpoints"] == event["endpoints"]
+        detail = cache.inspect(pair.reference)
+        assert [e.as_json() for e in detail.endpoints] == event["endpoints"]
+        # A second name given by a tag came from no registry.
+        tagged = cache.tag(pair.reference, "example.com/local/app:1")
+        assert cache.inspect(tagged.reference).endpoints == ()
+        # The views hold it as the log says (a rebuild gives the same answer).
+        assert cache.rebuild(verify=True).identical
+        cache.remove(pair.reference)
+        with pytest.raises(ImageNotFoundError):
+            cache.inspect(pair.reference)
+        assert cache.at(event["position"]).inspect(pair.reference).endpoints == detail.endpoints
 
 
 def test_a_mirror_that_is_down_falls_back_to_the_primary_and_logs_it(pair: Pair) -> None:
@@ -731,6 +742,14 @@ def test_the_command_line_reads_the_environments_file_and_events_show_the_mirror
     [endpoint] = json.loads(line)["endpoints"]
     assert endpoint["mirror"] is True
     assert endpoint["location"] == f"{pair.mirror.registry.host}/team/app"
+    inspected = subprocess.run(
+        [*CLI, "--home", home, "inspect", pair.reference, "--json"],
+        capture_output=True,
+        text=True,
+        check=True,
+        env=env,
+    )
+    assert json.loads(inspected.stdout)["endpoints"] == [endpoint]
 
 
 def test_a_pull_without_any_configuration_records_the_registry_itself(

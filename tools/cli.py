@@ -182,6 +182,8 @@ def detail_json(detail: ImageDetail[ImageHandle]) -> dict[str, Any]:
             "stop_signal": config.stop_signal,
         },
         "layers": [asdict(layer) for layer in detail.layers],
+        # Where a registry pull of it came from; absent for a loaded or tagged name.
+        **({"endpoints": [e.as_json() for e in detail.endpoints]} if detail.endpoints else {}),
     }
 
 
