@@ -64,6 +64,11 @@ else:
 
 CLI = (sys.executable, "-m", "imageledger.tools.cli")
 
+
+def _cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*CLI, *args], capture_output=True, text=True, check=False, env=env)
+
+
 # ---- which files ------------------------------------------------------------------------------
 
 
@@ -669,12 +674,7 @@ def test_a_blocked_registry_is_refused_recorded_and_exit_2(pair: Pair) -> None:
         assert "blocked" in failed["error"]
     assert pair.primary.proxy.count() == 0  # nothing was sent
     home = str(pair.tmp_path / "home")
-    done = subprocess.run(
-        [*CLI, "--home", home, "--registries-conf", str(conf), "pull", pair.reference],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
+    done = _cli("--home", home, "--registries-conf", str(conf), "pull", pair.reference)
     assert done.returncode == 2, done.stderr
     assert "blocked by the registries configuration" in done.stderr
 
@@ -723,32 +723,14 @@ def test_the_command_line_reads_the_environments_file_and_events_show_the_mirror
     conf = pair.conf()
     env = {**os.environ, "CONTAINERS_REGISTRIES_CONF": str(conf)}
     home = str(pair.tmp_path / "cli-home")
-    pulled = subprocess.run(
-        [*CLI, "--home", home, "pull", pair.reference, "--json"],
-        capture_output=True,
-        text=True,
-        check=False,
-        env=env,
-    )
+    pulled = _cli("--home", home, "pull", pair.reference, "--json", env=env)
     assert pulled.returncode == 0, pulled.stderr
-    events = subprocess.run(
-        [*CLI, "--home", home, "events", "--type", "ImagePulled", "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
+    events = _cli("--home", home, "events", "--type", "ImagePulled", "--json", env=env)
     [line] = events.stdout.splitlines()
     [endpoint] = json.loads(line)["endpoints"]
     assert endpoint["mirror"] is True
     assert endpoint["location"] == f"{pair.mirror.registry.host}/team/app"
-    inspected = subprocess.run(
-        [*CLI, "--home", home, "inspect", pair.reference, "--json"],
-        capture_output=True,
-        text=True,
-        check=True,
-        env=env,
-    )
+    inspected = _cli("--home", home, "inspect", pair.reference, "--json", env=env)
     assert json.loads(inspected.stdout)["endpoints"] == [endpoint]
 
 
