@@ -49,8 +49,10 @@ REFERENCE = "docker.io/acme/img1:1"
 COMMANDS: tuple[tuple[str, ...], ...] = (
     ("images", "--json"),
     ("inspect", REFERENCE),
-    ("history",),
-    ("history", REFERENCE),
+    # Exact times: the table's ages ("3 minutes ago") change between the undamaged run and
+    # the damaged ones.
+    ("history", "--no-trunc"),
+    ("history", REFERENCE, "--no-trunc"),
     ("df",),
     ("prune", "--dry-run"),
     ("verify",),
