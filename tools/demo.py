@@ -1,6 +1,7 @@
 """The README's main job: build a small image, then walk it through the cache with the real
-command line: load, images, inspect, verify, use, a refused remove, release, prune, history,
-rebuild --verify.
+command line: load, images, inspect, verify, use, a refused remove, tag, materialize (the layer
+EROFS images, fsmeta and VMDK a microVM boots), release, prune, the cache as it was
+(`images --at`), explain, events, history, the audit log's verify, rebuild --verify.
 
 It runs against a fresh temporary home (or `--home`) and exits non-zero if any step does not
 do what the contract says, so it doubles as an end-to-end smoke test.
@@ -56,11 +57,17 @@ def run_demo(home: str | None, *, keep: bool = False) -> int:
         _run(cache_home, "use", "demo/hello:1.0", "--holder", "sandbox-1")
         _run(cache_home, "rm", "demo/hello:latest")  # an alias: only untags
         _run(cache_home, "rm", "demo/hello:1.0", expect=4)  # the last name of a leased image
+        _run(cache_home, "tag", "demo/hello:1.0", "demo/hello:stable")
+        _run(cache_home, "materialize", "demo/hello:stable")  # EROFS layers, fsmeta, VMDK
         _run(cache_home, "prune", "--dry-run")
         _run(cache_home, "release", "sandbox-1")
         _run(cache_home, "prune")
         _run(cache_home, "images")
+        _run(cache_home, "images", "--at", "4")  # as it was after event 4: both names
+        _run(cache_home, "explain", "demo/hello:1.0")  # why it is gone, citing positions
+        _run(cache_home, "events", "--type", "ImagesPruned")
         _run(cache_home, "history", "demo/hello:1.0")
+        _run(cache_home, "audit", "verify")  # every leaf, the tree, the signed checkpoints
         _run(cache_home, "rebuild", "--verify")
         print("\ndemo complete: every step did what the contract says")
         return 0
