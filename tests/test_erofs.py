@@ -22,8 +22,10 @@ import stat
 import subprocess
 import sys
 import tarfile
+import zlib
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -736,6 +738,71 @@ def test_damaged_streams_are_refused(tmp_path: Path, damage: str) -> None:
     }[damage]
     with (tmp_path / "o").open("w+b") as f, pytest.raises(LayerRejectedError):
         build_layer(io.BytesIO(blob), f, diff_id=diff_id(raw))
+
+
+def _gzip_damage(raw: bytes, damage: str) -> bytes:
+    """A gzip blob of `raw` whose deflate data is intact (so the tar, and its diff_id, would
+    come out right): only the inflater's own checks can refuse it."""
+    good = gzip.compress(raw, mtime=0)
+    flipped = {"member CRC32": -8, "member length": -4}
+    if damage in flipped:
+        at = len(good) + flipped[damage]
+        return good[:at] + bytes([good[at] ^ 1]) + good[at + 1 :]
+    if damage == "header CRC16":  # FHCRC set, its check value wrong
+        deflate = good[10:]
+        header = b"\x1f\x8b\x08\x02" + bytes(6)
+        crc16 = (zlib.crc32(header) + 1) & 0xFFFF
+        return header + crc16.to_bytes(2, "little") + deflate
+    if damage == "truncated second member":
+        cut = len(raw) // 2
+        second = gzip.compress(raw[cut:], mtime=0)
+        return gzip.compress(raw[:cut], mtime=0) + second[: len(second) // 2]
+    if damage == "junk after the last member":
+        return good + b"not gzip at all, and longer than a header"
+    assert damage == "a lone trailer byte after the last member"
+    return good + b"\x1f"
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        "member CRC32",
+        "member length",
+        "header CRC16",
+        "truncated second member",
+        "junk after the last member",
+        "a lone trailer byte after the last member",
+    ],
+)
+def test_the_inflater_refuses_damage_the_diff_id_would_miss(tmp_path: Path, damage: str) -> None:
+    """ISA-L inflates gzip layers (not zlib): it must refuse all that zlib refuses, here
+    where the inflated bytes are the right tar, so the diff_id check would not catch it."""
+    raw = make_tar([E(b"f", data=os.urandom(50_000)), E(b"g", data=b"text " * 20_000)])
+    blob = _gzip_damage(raw, damage)
+    with (tmp_path / "o").open("w+b") as f, pytest.raises(LayerRejectedError) as caught:
+        build_layer(io.BytesIO(blob), f, diff_id=diff_id(raw))
+    assert str(caught.value).startswith(
+        ("layer blob: corrupt gzip stream", "layer blob: truncated gzip stream")
+    )
+
+
+def test_many_gzip_members_across_read_chunks(tmp_path: Path) -> None:
+    """pigz-like blobs: many members (an empty one among them) whose boundaries fall
+    anywhere in the inflater's reads, then zero padding; the image equals the one-member
+    blob's."""
+    entries = [*mixed_entries(), E(b"big", data=os.urandom(3 * erofs.READ_CHUNK))]
+    raw = make_tar(entries)
+    cuts = sorted({0, len(raw), *(len(raw) * k // 37 for k in range(37))})
+    members = [gzip.compress(raw[a:b], compresslevel=1, mtime=0) for a, b in pairwise(cuts)]
+    members.insert(5, gzip.compress(b"", mtime=0))
+    images = []
+    for i, blob in enumerate([b"".join(members) + bytes(3000), gzip.compress(raw, mtime=0)]):
+        image = tmp_path / f"layer{i}.erofs"
+        with image.open("w+b") as out:
+            check_build(image, build_layer(io.BytesIO(blob), out, diff_id=diff_id(raw)))
+        images.append(image.read_bytes())
+    assert images[0] == images[1]
+    check_with_fsck(tmp_path, tmp_path / "layer0.erofs", entries)
 
 
 def raw_header(name: bytes, kind: bytes, size: int) -> bytes:
