@@ -8,16 +8,18 @@ writes to the streams it is given; an embedder may plug its own.
 `ArtifactFiles` is the `ArtifactStore` port: the files themselves. A materialize holds an
 in-flight lease (`storage.leases`) that claims the image's blobs, so a prune or remove in any
 process spares them while they are read; every artifact is written in that lease's work
-directory (``tmp/<lease>/``), fsynced, hashed again here (the ledger never records a digest on a
-writer's word) and only then renamed into ``artifacts/`` (`storage.layout`: layer images under
-``artifacts/layers/`` by their blob's digest, fsmeta and VMDK under ``artifacts/images/`` by
-their manifest's), the directory fsynced. The service renames and records under the store lock,
-so a prune never sees an artifact in place and unrecorded. A crash leaves at worst a dead
-lease's work directory, or a renamed file the ledger does not account for: both are strays the
-next prune reclaims. Everything goes through `storage.home.Dir` (relative to directory
-descriptors, never through a link): a link planted at ``artifacts/`` or below is refused as
-damage, never followed. The fsmeta writer reads the layer images by ``/proc/self/fd`` paths of
-descriptors opened that way, so it, too, reads exactly the files checked.
+directory (``tmp/<lease>/``), fsynced, hashed again here when an embedder's materializer wrote
+it (the ledger never records a digest on a writer's word; see `LeaseWork._build` for why the
+default's digest is not a word) and only then renamed into ``artifacts/`` (`storage.layout`:
+layer images under ``artifacts/layers/`` by their blob's digest, fsmeta and VMDK under
+``artifacts/images/`` by their manifest's), the directory fsynced. The service renames and
+records under the store lock, so a prune never sees an artifact in place and unrecorded. A crash
+leaves at worst a dead lease's work directory, or a renamed file the ledger does not account
+for: both are strays the next prune reclaims. Everything goes through `storage.home.Dir`
+(relative to directory descriptors, never through a link): a link planted at ``artifacts/`` or
+below is refused as damage, never followed. The fsmeta writer reads the layer images by
+``/proc/self/fd`` paths of descriptors opened that way, so it, too, reads exactly the files
+checked.
 
 Two materializations of the same layer (threads or processes) write it once: each layer and each
 image is made under its own lock (``tmp/locks/<kind>-<hex>.lock``, `pullstore.blob_lock`), and the
@@ -138,6 +140,7 @@ class LeaseWork:
             return self._build(
                 layout.layer_artifact(blob_digest),
                 lambda out: materializer.build_layer(blob, out, diff_id=diff_id),
+                rehash=not _ours(materializer),
             )
 
     def fsmeta(
@@ -154,6 +157,7 @@ class LeaseWork:
             return self._build(
                 layout.image_artifact(manifest_digest, layout.FSMETA_SUFFIX),
                 lambda out: materializer.build_fsmeta(paths, out),
+                rehash=not _ours(materializer),
             )
         raise AssertionError  # pragma: no cover - the with block returns
 
@@ -162,11 +166,27 @@ class LeaseWork:
             out.write(descriptor)
             return _Written(len(descriptor), f"sha256:{hashlib.sha256(descriptor).hexdigest()}")
 
-        return self._build(layout.image_artifact(manifest_digest, layout.VMDK_SUFFIX), write)
+        # The digest is of the very bytes written here, by this module: nothing to re-read.
+        path = layout.image_artifact(manifest_digest, layout.VMDK_SUFFIX)
+        return self._build(path, write, rehash=False)
 
-    def _build(self, path: str, write: Callable[[BinaryIO], BuiltArtifact]) -> StagedFile:
-        """`write` a new file in the work directory, fsync it, hash it again; the staged
-        file (`MaterializeError` when it is not what the writer said it wrote)."""
+    def _build(
+        self, path: str, write: Callable[[BinaryIO], BuiltArtifact], *, rehash: bool
+    ) -> StagedFile:
+        """`write` a new file in the work directory, fsync it, and (`rehash`) hash it again;
+        the staged file (`MaterializeError` when it is not what the writer said it wrote).
+
+        Why the re-read is only for an embedder's materializer: the check exists because a
+        `Materializer` is a port and the ledger never records a digest on a writer's word,
+        so a plugged-in writer that reports a wrong digest (or writes after reporting) is
+        caught here. The default writer's digest is no such word: `storage.erofs` computes
+        it by reading the finished file back through `out` after flushing it, after its
+        last write, which is exactly the read this re-hash would make (the fsync between
+        them changes no byte). Re-reading would check that code against itself, for ~0.2 s
+        per 200 MiB image (issue 13's benchmark). Nor can the one digest be taken while
+        writing: an EROFS image's superblock (block 0) is known, and written, last. So the
+        default (`ErofsMaterializer` exactly: a subclass may override a writer, as an
+        embedder's wrapper may lie) is taken at its digest, and every other is re-read."""
         work = self._work
         name = f"{secrets.token_hex(4)}-{posixpath.basename(path)}"
         flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
@@ -175,8 +195,11 @@ class LeaseWork:
                 built = write(out)
                 out.flush()
                 os.fsync(out.fileno())
-                out.seek(0)
-                size, digest = _hash(out)
+                if rehash:
+                    out.seek(0)
+                    size, digest = _hash(out)
+                else:  # the size is still checked: a stat costs nothing
+                    size, digest = os.fstat(out.fileno()).st_size, built.digest
             if (built.size, built.digest) != (size, digest):
                 msg = (
                     f"{path}: the materializer said it wrote {built.size} bytes hashing to "
@@ -207,6 +230,12 @@ class StagedFile:
     def discard(self) -> None:
         if self._work.fd >= 0:
             self._work.delete(self._name)
+
+
+def _ours(materializer: Materializer) -> bool:
+    """The default materializer itself (not a subclass), whose digests are its own read-back
+    of the file (`LeaseWork._build`)."""
+    return type(materializer) is ErofsMaterializer
 
 
 def _split(path: str) -> tuple[str, str]:

@@ -10,6 +10,7 @@ reclaimable by a SIGKILL mid-way. Every EROFS image written here passes Debian's
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import random
@@ -431,6 +432,36 @@ def test_an_embedders_materializer_is_recorded_and_checked(home: Path, tmp_path:
     with ImageCache(home) as cache:
         history = cache.history(APP)
         assert any("acme-erofs/2" in e.detail for e in history if e.event == "ImageStitched")
+
+
+class LyingSubclass(ErofsMaterializer):
+    """The default writers, subclassed: a subclass may override what it writes, so it is
+    not the default the cache takes at its word."""
+
+    def build_layer(self, blob: BinaryIO, out: BinaryIO, *, diff_id: str) -> BuiltArtifact:
+        built = super().build_layer(blob, out, diff_id=diff_id)
+        out.seek(4096)
+        out.write(b"changed after its digest was taken")  # same size, other bytes
+        return built
+
+
+def test_only_the_default_materializer_itself_is_taken_at_its_digest(home: Path) -> None:
+    """The default's digest is its own read-back of the finished file, so the cache does
+    not read the file again; a subclass's is re-read and its lie refused."""
+    with (
+        ImageCache(home, materializer=LyingSubclass()) as cache,
+        pytest.raises(MaterializeError, match="the file holds"),
+    ):
+        cache.materialize(APP)
+    assert events_of(home, "LayerMaterialized") == []
+    with ImageCache(home) as cache:
+        done = cache.materialize(APP)
+        # What was recorded unread is what is on disk: verify hashes every artifact.
+        report = cache.verify()
+    assert report.ok and report.artifacts_checked == len(done.layers) + 2  # fsmeta, VMDK
+    for layer in done.layers:
+        data = Path(layer.path).read_bytes()
+        assert f"sha256:{hashlib.sha256(data).hexdigest()}" == layer.erofs_digest
 
 
 # ------------------------------------------------------------------------- the CLI
