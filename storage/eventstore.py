@@ -349,7 +349,7 @@ class LedgerStore:
                 view.take()  # no past query reads them (`views.PRESENT_ONLY`)
                 after = batch[-1].id
                 if keep and after % runner.CHECKPOINT_EVERY == 0:
-                    self.views.checkpoints.keep(after, view.records())
+                    self.views.checkpoints.keep(after, view)
         return PastLedger(self, position, view.records())
 
     def check(self) -> LedgerError | None:

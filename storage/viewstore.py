@@ -29,6 +29,7 @@ from imageledger.storage.lmdbenv import LedgerEnv, as_damage
 if TYPE_CHECKING:  # a query loads no eventsourcing (see `domain.history`)
     from eventsourcing.persistence import Notification
 
+    from imageledger.projections.runner import MemoryView
     from imageledger.storage.ledger import LMDBApplicationRecorder
 
 log = get_logger(__name__)
@@ -331,10 +332,8 @@ class LMDBViews:
             hasher.update(msgpack.packb(chunk, use_bin_type=True))
         return hasher.hexdigest()
 
-    def checkpoint(
-        self, position: int, records: dict[str, dict[bytes, Any]], *, keep: bool
-    ) -> tuple[str, str]:
-        return self.checkpoints.compare(position, records, keep=keep)
+    def checkpoint(self, position: int, view: MemoryView, *, keep: bool) -> tuple[str, str]:
+        return self.checkpoints.compare(position, view, keep=keep)
 
     def attach(self, fold: Callable[[LMDBViewTxn, list[Notification]], None]) -> None:
         """Fold every append to the log into the live views in the append's transaction."""
@@ -406,12 +405,28 @@ class ViewCheckpoints:
             raise LedgerCorruptError(msg)
         return hashlib.sha256(record).digest()
 
-    def encode(self, position: int, records: dict[str, dict[bytes, Any]]) -> bytes:
-        """The packed (uncompressed) bytes of a checkpoint of `records` at `position`."""
+    def encode(self, position: int, view: MemoryView) -> bytes:
+        """The packed (uncompressed) bytes of a checkpoint of `view` at `position`: the
+        MessagePack array ``[format, position, anchor, {table: {key: value}}]`` with tables
+        and rows in key order, framed here around each table's rows as the view packed them
+        (`MemoryView.packed`, which repacks only the rows changed since its last checkpoint).
+        The bytes are those of packing the whole document at once (the test checks it)."""
         with self.env.read() as txn:
             anchor = self._anchor(txn, position)
-        tables = {table: dict(sorted(rows.items())) for table, rows in sorted(records.items())}
-        return packer()([self.format, position, anchor, tables])
+        framer = msgpack.Packer(use_bin_type=True, datetime=True)
+        pack = framer.pack
+        tables = view.checkpointed()
+        parts = [
+            framer.pack_array_header(4),
+            pack(self.format),
+            pack(position),
+            pack(anchor),
+            framer.pack_map_header(len(tables)),
+        ]
+        for table in tables:
+            count, rows = view.packed(table, pack)
+            parts += [pack(table), framer.pack_map_header(count), rows]
+        return b"".join(parts)
 
     def _decode(
         self, txn: lmdb.Transaction, position: int, stored: bytes
@@ -463,38 +478,57 @@ class ViewCheckpoints:
                     return at, decoded[1]
         return None
 
-    def compare(
-        self, position: int, records: dict[str, dict[bytes, Any]], *, keep: bool
-    ) -> tuple[str, str]:
-        """The digests (stored, replayed) of the checkpoint at `position` and of `records`,
-        both empty when none is stored (in this views format); with `keep`, `records` are
-        stored there (a rebuild remakes every checkpoint)."""
+    def compare(self, position: int, view: MemoryView, *, keep: bool) -> tuple[str, str]:
+        """The digests (stored, replayed) of the checkpoint at `position` and of `view`,
+        both empty when none is stored (in this views format); with `keep`, `view` is
+        stored there (a rebuild remakes every checkpoint).
+
+        A stored checkpoint whose bytes are the replayed ones is the same checkpoint (they
+        hold this format, this position and this log record's digest): it is not decoded
+        (unpacking one cost more than packing it). Any other is decoded, to tell one of
+        another views format (not compared) from damage."""
         db = self._handle(create=keep)
-        stored = ""
+        found = None
         if db is not None:
             with self.env.read() as txn:
-                found = txn.get(_POSITION.pack(position), db=db)
-                try:
-                    decoded = None if found is None else self._decode(txn, position, bytes(found))
-                except LedgerCorruptError:
-                    stored = "damaged"
-                else:
-                    stored = "" if decoded is None else hashlib.sha256(decoded[0]).hexdigest()
-        if not stored and not keep:
+                value = txn.get(_POSITION.pack(position), db=db)
+                found = None if value is None else bytes(value)
+        if found is None and not keep:
             return "", ""  # nothing to compare: spare the encoding
-        packed = self.encode(position, records)
+        packed = self.encode(position, view)
         replayed = hashlib.sha256(packed).hexdigest()
+        stored = ""
+        if found is not None:
+            stored = self._stored_digest(position, found, packed, replayed)
         if keep and stored != replayed:
             self._put(position, packed, overwrite=True)
         return (stored, replayed if stored else "")
 
-    def keep(self, position: int, records: dict[str, dict[bytes, Any]]) -> None:
+    def _stored_digest(self, position: int, found: bytes, packed: bytes, replayed: str) -> str:
+        """The digest of the checkpoint `found` stored at `position` ("" for another views
+        format, "damaged" when it does not decode or belongs elsewhere); `packed` is the
+        replay's, whose digest is `replayed`."""
+        import zstandard
+
+        try:
+            if zstandard.ZstdDecompressor().decompress(found) == packed:
+                return replayed
+        except zstandard.ZstdError:
+            return "damaged"
+        with self.env.read() as txn:
+            try:
+                decoded = self._decode(txn, position, found)
+            except LedgerCorruptError:
+                return "damaged"
+        return "" if decoded is None else hashlib.sha256(decoded[0]).hexdigest()
+
+    def keep(self, position: int, view: MemoryView) -> None:
         """Store a checkpoint at `position` unless one is there (`at` leaving one behind)."""
         db = self._handle(create=True)
         with self.env.read() as txn:
             if txn.get(_POSITION.pack(position), db=db) is not None:
                 return
-        self._put(position, self.encode(position, records), overwrite=False)
+        self._put(position, self.encode(position, view), overwrite=False)
 
     def _put(self, position: int, packed: bytes, *, overwrite: bool) -> None:
         import zstandard

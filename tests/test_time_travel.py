@@ -9,6 +9,7 @@ each recorded point, by position and by time, must give exactly those answers.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import random
 import signal
@@ -21,6 +22,7 @@ from typing import Any
 
 import lmdb
 import pytest
+import zstandard
 
 from imageledger import (
     ImageCache,
@@ -30,7 +32,11 @@ from imageledger import (
 )
 from imageledger.cache import internals
 from imageledger.projections import runner
-from imageledger.storage.viewstore import MAX_SHARE
+from imageledger.projections.views import FORMAT as VIEWS_FORMAT
+from imageledger.projections.views import PRESENT_ONLY, TABLES
+from imageledger.storage.ledgerformat import LedgerMapper
+from imageledger.storage.viewstore import MAX_SHARE, packer
+from imageledger.tools.bench_cache import append_mixed_events
 from imageledger.tools.imagebuild import ImageSpec, build_docker_archive
 
 NAMES = ("app", "db", "web")
@@ -433,3 +439,38 @@ def test_df_reports_the_ledger_and_its_checkpoints_beside_it(
     assert ledger["log_bytes"] > 0
     assert 0 < ledger["checkpoint_bytes"] <= MAX_SHARE * ledger["log_bytes"]
     assert ledger["checkpoint_share"] == round(ledger["checkpoint_bytes"] / ledger["log_bytes"], 3)
+
+
+def test_checkpoints_are_the_bytes_of_the_whole_views_packed_at_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A rebuild packs each checkpoint from rows its replay packed earlier where they did not
+    change since (`MemoryView.packed`): every stored checkpoint must still be the bytes of
+    the whole document packed in one call, as an independent replay of the log (a fresh
+    mapper and fold, no checkpoint read) has the views there. The mixed events add, change
+    and delete rows between checkpoints."""
+    monkeypatch.setattr(runner, "CHECKPOINT_EVERY", 250)
+    with ImageCache(tmp_path / "home", durability="nosync") as cache:
+        append_mixed_events(cache, 2000, 40, batch=100)
+        assert cache.rebuild().identical
+        ledger = internals(cache).ledger
+        env = ledger.views.env
+        view = runner.MemoryView(TABLES, PRESENT_ONLY)
+        fold = runner.folder(LedgerMapper().to_domain_event)
+        checked, after = 0, 0
+        while batch := ledger.views.read_log(after, 250):
+            fold(view, list(batch))
+            view.take()
+            after = batch[-1].id
+            if after % 250:
+                continue
+            with env.read() as txn:
+                stored = txn.get(after.to_bytes(8, "big"), db=env.db("views.checkpoints"))
+                record = next(iter(ledger.records()(txn, after - 1)))[1]
+            assert stored is not None, after
+            rows = {t: dict(sorted(r.items())) for t, r in sorted(view.records().items())}
+            whole = packer()([VIEWS_FORMAT, after, hashlib.sha256(record).digest(), rows])
+            assert zstandard.ZstdDecompressor().decompress(bytes(stored)) == whole, after
+            checked += 1
+        assert checked == 8
+        assert cache.rebuild(verify=True).identical
