@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import importlib
 import subprocess
 from collections.abc import Callable, Iterator
@@ -82,13 +83,13 @@ def cache_spawn(tmp_path: Path) -> Iterator[Callable[..., Any]]:
         child.close()
 
 
-@pytest.fixture
-def small_disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 4 MiB file system (tmpfs; the tests run as root, as the README says)."""
-    mount = tmp_path / "small"
+@contextlib.contextmanager
+def tmpfs(mount: Path, size: str) -> Iterator[Path]:
+    """A real file system of `size` (tmpfs) at `mount`, made here and unmounted whatever
+    happens (the tests run as root, as the README says); skips where mounting is refused."""
     mount.mkdir()
     done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=4m", "tmpfs", str(mount)],
+        ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(mount)],
         capture_output=True,
         check=False,
     )
@@ -98,6 +99,13 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield mount
     finally:
         subprocess.run(["umount", "-l", str(mount)], check=False)
+
+
+@pytest.fixture
+def small_disk(tmp_path: Path) -> Iterator[Path]:
+    """A real 4 MiB file system."""
+    with tmpfs(tmp_path / "small", "4m") as mount:
+        yield mount
 
 
 pytest_plugins = ["registry"]

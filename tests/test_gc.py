@@ -18,7 +18,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import msgpack
 import pytest
@@ -44,6 +44,11 @@ from imageledger.projections.views import TABLES, ViewState, apply
 from imageledger.storage.ledgerformat import LedgerMapper
 from imageledger.storage.viewstore import MemoryViewTxn
 from imageledger.tools.imagebuild import ImageSpec, build_oci_layout
+
+if TYPE_CHECKING:
+    from tests.conftest import tmpfs
+else:
+    from conftest import tmpfs
 
 CLI = (sys.executable, "-m", "imageledger.tools.cli")
 TIMEOUT = 120.0
@@ -321,20 +326,9 @@ def test_a_gc_policy_is_stored_as_a_fifth_element_and_read_back(
 
 @pytest.fixture
 def disk(tmp_path: Path) -> Iterator[Path]:
-    """A real 64 MiB file system (tmpfs), unmounted whatever happens."""
-    mount = tmp_path / "disk"
-    mount.mkdir()
-    done = subprocess.run(
-        ["mount", "-t", "tmpfs", "-o", "size=64m", "tmpfs", str(mount)],
-        capture_output=True,
-        check=False,
-    )
-    if done.returncode != 0:
-        pytest.skip(f"cannot mount a tmpfs here: {done.stderr.decode().strip()}")
-    try:
+    """A real 64 MiB file system."""
+    with tmpfs(tmp_path / "disk", "64m") as mount:
         yield mount
-    finally:
-        subprocess.run(["umount", "-l", str(mount)], check=False)
 
 
 class Clock:
