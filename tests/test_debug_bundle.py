@@ -12,13 +12,10 @@ from __future__ import annotations
 import gzip
 import io
 import json
-import os
-import subprocess
-import sys
 import tarfile
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import pytest
 
@@ -26,24 +23,16 @@ from imageledger import ImageCache
 from imageledger.cache import internals
 from imageledger.tools.imagebuild import ImageSpec, build_docker_archive
 
+if TYPE_CHECKING:
+    from tests.test_audit import cli
+else:
+    from test_audit import cli
+
 SECRETS = {
     "IMAGELEDGER_REGISTRY_PASSWORD": "hunter2-registry-secret",
     "IMAGELEDGER_REGISTRY_USER": "alice-the-user",
     "HTTPS_PROXY": "http://proxyuser:proxy-pass-secret@proxy.example:3128/?token=query-secret",
 }
-
-
-def cli(
-    home: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "imageledger.tools.cli", "--home", str(home), *args],
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-        env={**os.environ, **(env or {})},
-    )
 
 
 class Clock:
