@@ -388,6 +388,12 @@ class LMDBApplicationRecorder(LMDBRecorder, ApplicationRecorder):
         for key, value in cursor:
             yield _position(key), bytes(value)
 
+    @staticmethod
+    def notifications(records: Iterable[tuple[int, bytes]]) -> list[Notification]:
+        """The log entries of `records` ((position, stored record), as `records_after` reads
+        them): a rebuild reads the log once, for the audit tree's leaves and the views."""
+        return [_notification(record, position) for position, record in records]
+
     def create_table(self) -> None:
         self._db("log")
         self._db("log.index")

@@ -22,6 +22,7 @@ checkpoints are not: they are what was published, and nothing here rewrites them
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import secrets
 import struct
@@ -285,97 +286,29 @@ class TreeStore:
         at_sizes: Iterable[int] = (),
         repair: bool = False,
         progress: Callable[[int], None] | None = None,
+        replayer: TreeReplayer | None = None,
     ) -> TreeReplay:
         """The tree recomputed from every record of the log and compared with the stored
         tiles (the first position that differs is named), in memory that does not grow with
         the log: a full tile is compared and dropped once complete, only the rightmost tile of
         each level is kept. The roots at `at_sizes` are recorded on the way (checkpoints are
-        checked against them). With `repair`, stored tiles that differ are replaced by the
-        log's (a `rebuild`), in one write transaction that replays the log again.
+        checked against them). With `replayer`, the records it was given already (a rebuild
+        feeds it the records it reads for the views: `TreeReplayer.add`) are not read again:
+        the replay goes on after them. With `repair`, stored tiles that differ are replaced
+        by the log's (a `rebuild`), in one write transaction that replays the log again.
         """
-        wanted = set(at_sizes)
-        result = TreeReplay()
-        mine: dict[tuple[int, int], bytes] = {}
-        differ: list[int] = []  # first differing positions
-        replayed = _Digest()
-        full = merkle.TILE_WIDTH * merkle.HASH_SIZE
-
-        def read(level: int, index: int) -> bytes:
-            return mine.get((level, index), b"")
-
-        def compare(level: int, index: int, data: bytes) -> None:
-            """Record the first position `data` (tile level/index, replayed) disagrees with
-            the stored tile at: the exact leaf at level 0, the tile's first leaf above."""
-            found = stored_read(level, index)
-            if found == data:
-                return
-            span = 1 << (merkle.TILE_HEIGHT * level)
-            for i in range(0, len(data), merkle.HASH_SIZE):
-                if found[i : i + merkle.HASH_SIZE] != data[i : i + merkle.HASH_SIZE]:
-                    differ.append((index * merkle.TILE_WIDTH + i // merkle.HASH_SIZE) * span + 1)
-                    return
-            differ.append((index * merkle.TILE_WIDTH + len(data) // merkle.HASH_SIZE) * span + 1)
-
+        if replayer is None:
+            replayer = TreeReplayer(self, at_sizes, progress)
         with self.env.read() as txn:
-            stored_read = self._reader(txn)
-            stored_size = self.size(txn)
-            stored = _Digest()
-            for level, index, data in self.stored_tiles(txn):
-                stored.add(level, index, data)
-            result.stored_digest = stored.hexdigest()
-            batch: list[bytes] = []
-
-            def flush() -> None:
-                if not batch:
-                    return
-                writes = merkle.append(result.size, batch, read)
-                mine.update(writes)
-                result.size += len(batch)
-                batch.clear()
-                for (level, index), data in sorted(writes.items()):
-                    if len(data) == full:  # complete: compare, digest, forget
-                        compare(level, index, data)
-                        replayed.add(level, index, data)
-                        del mine[(level, index)]
-                if result.size in wanted:
-                    result.roots[result.size] = merkle.Tiles(read).root(result.size)
-
-            expected = 1
-            for position, record in records(txn, 0):
-                if position != expected:
-                    result.first_bad = expected
-                    result.problem = (
-                        f"the log has no entry {expected} (the next one is {position}): "
-                        "an event was deleted"
-                    )
-                    break
-                batch.append(merkle.leaf_hash(record))
-                expected += 1
-                if len(batch) == 4096 or result.size + len(batch) in wanted:
-                    flush()
-                    if progress is not None:
-                        progress(result.size)
-            flush()
-            if 0 in wanted:
-                result.roots[0] = merkle.EMPTY_ROOT
-            for (level, index), data in sorted(mine.items()):  # the partial tiles
-                compare(level, index, data)
-                replayed.add(level, index, data)
-            result.digest = replayed.hexdigest()
-            if differ and result.first_bad is None:
-                result.first_bad = min(differ)
-                result.problem = (
-                    f"the stored event at position {result.first_bad} is not the one the "
-                    "audit tree recorded when it was appended"
-                )
-            if stored_size != result.size and result.first_bad is None:
-                result.first_bad = min(stored_size, result.size) + 1
-                result.problem = (
-                    f"the audit tree holds {stored_size} leaves, the log {result.size} events"
-                )
+            result = replayer.finish(txn, records)
         if repair and result.digest != result.stored_digest:
             self._rewrite(records)
         return result
+
+    def replayer(self) -> TreeReplayer:
+        """A replay to feed the log's records as they are read (`TreeReplayer.add`), then
+        finish with `replay`."""
+        return TreeReplayer(self)
 
     def _rewrite(self, records: Records) -> None:
         """Replace the stored tiles with the log's, in one write transaction (appends wait)."""
@@ -401,6 +334,121 @@ class TreeStore:
                 _put_tile(txn, self._tiles, level, index, data, 0)
 
         self.env.write(rewrite)
+
+
+class TreeReplayer:
+    """The audit tree recomputed from the log's records as they are fed to it, in position
+    order, in one read transaction or several (`TreeStore.replay`). A tile is compared with
+    the stored one in the transaction that completes it (a complete tile never changes: the
+    log only grows, and one rebuild at a time rewrites tiles); the stored tree's size and
+    digest are read in the transaction that finishes the replay, which reads the rest of the
+    log in the same snapshot."""
+
+    def __init__(
+        self,
+        tree: TreeStore,
+        at_sizes: Iterable[int] = (),
+        progress: Callable[[int], None] | None = None,
+    ) -> None:
+        self._tree = tree
+        self._wanted = set(at_sizes)
+        self._progress = progress
+        self.result = TreeReplay()
+        self._mine: dict[tuple[int, int], bytes] = {}
+        self._differ: list[int] = []  # first differing positions
+        self._replayed = _Digest()
+        self._expected = 1  # the next position
+        self._stopped = False  # at a gap in the log: nothing after it is a leaf
+
+    def _read(self, level: int, index: int) -> bytes:
+        return self._mine.get((level, index), b"")
+
+    def add(self, txn: lmdb.Transaction, records: Iterable[tuple[int, bytes]]) -> None:
+        """Fold `records` ((position, stored record), the next ones of the log, read in
+        `txn`) into the tree."""
+        if self._stopped:
+            return
+        stored = functools.partial(self._tree.tile, txn)
+        result, wanted, batch = self.result, self._wanted, []
+        leaf = merkle.leaf_hash
+        for position, record in records:
+            if position != self._expected:
+                result.first_bad = self._expected
+                result.problem = (
+                    f"the log has no entry {self._expected} (the next one is {position}): "
+                    "an event was deleted"
+                )
+                self._stopped = True
+                break
+            batch.append(leaf(record))
+            self._expected += 1
+            if len(batch) == 4096 or result.size + len(batch) in wanted:
+                self._flush(batch, stored)
+                batch = []
+                if self._progress is not None:
+                    self._progress(result.size)
+        self._flush(batch, stored)
+
+    def _flush(self, batch: list[bytes], stored: merkle.TileRead) -> None:
+        if not batch:
+            return
+        result = self.result
+        writes = merkle.append(result.size, batch, self._read)
+        self._mine.update(writes)
+        result.size += len(batch)
+        full = merkle.TILE_WIDTH * merkle.HASH_SIZE
+        for (level, index), data in sorted(writes.items()):
+            if len(data) == full:  # complete: compare, digest, forget
+                self._compare(stored, level, index, data)
+                self._replayed.add(level, index, data)
+                del self._mine[(level, index)]
+        if result.size in self._wanted:
+            result.roots[result.size] = merkle.Tiles(self._read).root(result.size)
+
+    def _compare(self, stored: merkle.TileRead, level: int, index: int, data: bytes) -> None:
+        """Record the first position `data` (tile level/index, replayed) disagrees with the
+        stored tile at: the exact leaf at level 0, the tile's first leaf above."""
+        found = stored(level, index)
+        if found == data:
+            return
+        span = 1 << (merkle.TILE_HEIGHT * level)
+        size = merkle.HASH_SIZE
+        for i in range(0, len(data), size):
+            if found[i : i + size] != data[i : i + size]:
+                self._differ.append((index * merkle.TILE_WIDTH + i // size) * span + 1)
+                return
+        self._differ.append((index * merkle.TILE_WIDTH + len(data) // size) * span + 1)
+
+    def finish(self, txn: lmdb.Transaction, records: Records) -> TreeReplay:
+        """Fold the rest of the log (after the records added so far), read in `txn`, and
+        compare the whole tree with the one stored as `txn` sees it."""
+        self.add(txn, records(txn, self._expected - 1))
+        result = self.result
+        tree = self._tree
+        stored_size = tree.size(txn)
+        stored = _Digest()
+        for level, index, data in tree.stored_tiles(txn):
+            stored.add(level, index, data)
+        result.stored_digest = stored.hexdigest()
+        if 0 in self._wanted:
+            result.roots[0] = merkle.EMPTY_ROOT
+        reader = functools.partial(tree.tile, txn)
+        for (level, index), data in sorted(self._mine.items()):  # the partial tiles
+            self._compare(reader, level, index, data)
+            self._replayed.add(level, index, data)
+        result.digest = self._replayed.hexdigest()
+        if self._differ and result.first_bad is None:
+            result.first_bad = min(self._differ)
+            result.problem = (
+                f"the stored event at position {result.first_bad} is not the one the "
+                "audit tree recorded when it was appended"
+            )
+        if stored_size != result.size and result.first_bad is None:
+            result.first_bad = min(stored_size, result.size) + 1
+            result.problem = (
+                f"the audit tree holds {stored_size} leaves, the log {result.size} events"
+            )
+        return result
 
 
 class _AuditState:
