@@ -9,6 +9,7 @@ from __future__ import annotations
 import gc
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
@@ -72,11 +73,15 @@ class ViewHost(Protocol):
         """`error`, damage found in what the host stores, as the host reports it (naming
         where it is and what to do)."""
 
-    def checkpoint(self, position: int, view: MemoryView, *, keep: bool) -> tuple[str, str]:
+    def checkpoint(
+        self, position: int, view: MemoryView, *, keep: bool
+    ) -> Callable[[], tuple[str, str]]:
         """Compare the view checkpoint stored at `position` with `view` (the views replayed
-        to it) and, if `keep`, store them there. Returns the digests (stored, replayed); both
-        empty when none is stored (checkpoints are made lazily: a missing one is not
-        damage)."""
+        to it) and, if `keep`, store them there. What it reads of `view` is read before it
+        returns (the replay goes on changing it); the rest is done by the function it
+        returns, which the runner calls in a thread of its own while it replays on, and
+        which returns the digests (stored, replayed): both empty when none is stored
+        (checkpoints are made lazily: a missing one is not damage)."""
 
 
 def folder(decode: Decode) -> Fold:
@@ -239,23 +244,30 @@ def _rebuild(
     after = 0
     memory = MemoryView(TABLES, APPEND_ONLY)
     stored, replayed = hashlib.sha256(), hashlib.sha256()
-    while True:
-        notifications = host.read_log(after, min(batch, next_checkpoint(after) - after))
-        if not notifications:
-            break
-        fold(memory, notifications)
-        if memory.streaming() >= STREAMED_ROWS:
-            host.load(namespace, memory.take())
-        after = notifications[-1].id
-        done += len(notifications)
-        if after % CHECKPOINT_EVERY == 0:
-            found, made = host.checkpoint(after, memory, keep=not verify_only)
+    # Each checkpoint is packed here, then compared and stored by one worker while the replay
+    # goes on (`ViewHost.checkpoint`), in position order.
+    settled: list[Future[tuple[str, str]]] = []
+    with ThreadPoolExecutor(1, thread_name_prefix="imageledger-checkpoints") as settling:
+        while True:
+            notifications = host.read_log(after, min(batch, next_checkpoint(after) - after))
+            if not notifications:
+                break
+            fold(memory, notifications)
+            if memory.streaming() >= STREAMED_ROWS:
+                host.load(namespace, memory.take())
+            after = notifications[-1].id
+            done += len(notifications)
+            if after % CHECKPOINT_EVERY == 0:
+                settle = host.checkpoint(after, memory, keep=not verify_only)
+                settled.append(settling.submit(settle))
+            if progress is not None:
+                progress(done, max(total, done))
+        host.load(namespace, {**memory.take(), **memory.records()})
+        del memory
+        for future in settled:
+            found, made = future.result()
             stored.update(found.encode())
             replayed.update((found and made).encode())
-        if progress is not None:
-            progress(done, max(total, done))
-    host.load(namespace, {**memory.take(), **memory.records()})
-    del memory
     tables = host.finish(namespace, after, fold, activate=not verify_only)
     # The checkpoints that were stored, each compared with the replay at its position.
     tables["views.checkpoints"] = (stored.hexdigest(), replayed.hexdigest())

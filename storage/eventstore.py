@@ -434,7 +434,9 @@ class _ReadOnce:
     def damage(self, error: LedgerCorruptError) -> BaseException:
         return self._views.damage(error)
 
-    def checkpoint(self, position: int, view: MemoryView, *, keep: bool) -> tuple[str, str]:
+    def checkpoint(
+        self, position: int, view: MemoryView, *, keep: bool
+    ) -> Callable[[], tuple[str, str]]:
         return self._views.checkpoint(position, view, keep=keep)
 
 

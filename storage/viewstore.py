@@ -332,7 +332,9 @@ class LMDBViews:
             hasher.update(msgpack.packb(chunk, use_bin_type=True))
         return hasher.hexdigest()
 
-    def checkpoint(self, position: int, view: MemoryView, *, keep: bool) -> tuple[str, str]:
+    def checkpoint(
+        self, position: int, view: MemoryView, *, keep: bool
+    ) -> Callable[[], tuple[str, str]]:
         return self.checkpoints.compare(position, view, keep=keep)
 
     def attach(self, fold: Callable[[LMDBViewTxn, list[Notification]], None]) -> None:
@@ -478,10 +480,18 @@ class ViewCheckpoints:
                     return at, decoded[1]
         return None
 
-    def compare(self, position: int, view: MemoryView, *, keep: bool) -> tuple[str, str]:
+    def compare(
+        self, position: int, view: MemoryView, *, keep: bool
+    ) -> Callable[[], tuple[str, str]]:
         """The digests (stored, replayed) of the checkpoint at `position` and of `view`,
         both empty when none is stored (in this views format); with `keep`, `view` is
         stored there (a rebuild remakes every checkpoint).
+
+        `view` is packed now; the rest (decompressing the stored checkpoint, the digests,
+        compressing and storing the replayed one: ~15 ms of the ~50 a checkpoint of the
+        benchmark's 1,000,000-event ledger costs, mostly in zstd and SHA-256, which release
+        the GIL) is the function returned, which may run in another thread (a rebuild's
+        runner overlaps it with the replay) and returns the digests.
 
         A stored checkpoint whose bytes are the replayed ones is the same checkpoint (they
         hold this format, this position and this log record's digest): it is not decoded
@@ -494,15 +504,19 @@ class ViewCheckpoints:
                 value = txn.get(_POSITION.pack(position), db=db)
                 found = None if value is None else bytes(value)
         if found is None and not keep:
-            return "", ""  # nothing to compare: spare the encoding
+            return lambda: ("", "")  # nothing to compare: spare the encoding
         packed = self.encode(position, view)
-        replayed = hashlib.sha256(packed).hexdigest()
-        stored = ""
-        if found is not None:
-            stored = self._stored_digest(position, found, packed, replayed)
-        if keep and stored != replayed:
-            self._put(position, packed, overwrite=True)
-        return (stored, replayed if stored else "")
+
+        def settle() -> tuple[str, str]:
+            replayed = hashlib.sha256(packed).hexdigest()
+            stored = ""
+            if found is not None:
+                stored = self._stored_digest(position, found, packed, replayed)
+            if keep and stored != replayed:
+                self._put(position, packed, overwrite=True)
+            return (stored, replayed if stored else "")
+
+        return settle
 
     def _stored_digest(self, position: int, found: bytes, packed: bytes, replayed: str) -> str:
         """The digest of the checkpoint `found` stored at `position` ("" for another views
