@@ -24,6 +24,7 @@ import json
 import os
 import platform
 import re
+import secrets
 import struct
 import tarfile
 import tempfile
@@ -109,12 +110,20 @@ def write_bundle(
             "log_sha256": digest.hexdigest(),
         }
         header = json.dumps(manifest, indent=2, sort_keys=True).encode() + b"\n"
-        partial = out.with_name(f".{out.name}.partial")
+        # A fresh name, created exclusively: a link or file planted at a predictable name is
+        # never written through (as `save -o` does: storage.archivesave).
+        partial = out.with_name(f".{out.name}.{secrets.token_hex(4)}.partial")
         try:
-            with partial.open("wb") as raw, tarfile.open(fileobj=raw, mode="w:gz") as tar:
-                tar.addfile(_member(MANIFEST, len(header)), io.BytesIO(header))
-                tar.addfile(_member(LOG, size), spool)
-                raw.flush()
+            raw_file = partial.open("xb")
+        except OSError as e:
+            msg = f"cannot write the bundle {out}: {e.strerror or e}"
+            raise BundleError(msg) from None
+        try:
+            with raw_file as raw:
+                with tarfile.open(fileobj=raw, mode="w:gz") as tar:
+                    tar.addfile(_member(MANIFEST, len(header)), io.BytesIO(header))
+                    tar.addfile(_member(LOG, size), spool)
+                raw.flush()  # the tar's end and gzip's trailer are written when it closes
                 os.fsync(raw.fileno())
             partial.replace(out)
         except BaseException:

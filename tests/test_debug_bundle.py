@@ -189,6 +189,9 @@ def test_bad_bundles_and_used_homes_are_refused_leaving_nothing(
     assert [p.name for p in used.iterdir()] == ["keep.txt"]
     again = cli(original, "replay-bundle", str(bundle))
     assert again.returncode == 2  # a home with a ledger is not new either
+    nowhere = cli(original, "debug-bundle", str(tmp_path / "missing" / "bug.tar.gz"))
+    assert nowhere.returncode == 2
+    assert nowhere.stderr.count("\n") == 1 and "cannot write the bundle" in nowhere.stderr
 
 
 def _tar(files: dict[str, bytes]) -> bytes:
