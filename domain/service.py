@@ -43,7 +43,6 @@ from imageledger.domain.errors import (
     MaterializeError,
     PlatformNotFoundError,
 )
-from imageledger.domain.filters import ImageFilter
 from imageledger.domain.history import ledger_entry, reference_entries
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
@@ -108,6 +107,7 @@ from imageledger.domain.reference import Reference, canonical
 
 if TYPE_CHECKING:
     from imageledger.domain.events import Batch
+    from imageledger.domain.filters import ImageFilter  # a query without filters loads none
 
 log = get_logger(__name__)
 

@@ -15,7 +15,6 @@ import getpass
 import json
 import os
 import shutil
-import socket
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -30,7 +29,6 @@ from imageledger.domain.errors import (
     LedgerError,
     LedgerReadOnlyError,
 )
-from imageledger.domain.filters import ListFilters, image_filter
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import (
     Actor,
@@ -63,6 +61,7 @@ if TYPE_CHECKING:
         AuditService,
         ExportCheck,
     )
+    from imageledger.domain.filters import ImageFilter, ListFilters
     from imageledger.storage.registry import PullProgress
     from imageledger.storage.registryoptions import RegistryOptions
 
@@ -112,7 +111,7 @@ def current_actor() -> Actor:
     except (KeyError, OSError):
         user = ""
     return Actor(
-        user=user, uid=os.getuid(), pid=os.getpid(), host=socket.gethostname(), version=__version__
+        user=user, uid=os.getuid(), pid=os.getpid(), host=os.uname().nodename, version=__version__
     )
 
 
@@ -287,8 +286,8 @@ class ImageCache(_Queries):
         """list() as handles of class `cls` whose `inspect()`/`remove()` call `owner` (this
         cache, or the asyncio facade's owner: `imageledger.aio`). Each owner keeps its own
         memos, so its handles stay its own (and the same objects while unchanged)."""
-        select = image_filter(**filters)
-        if not select.empty:
+        select = _filter(filters)
+        if select is not None:
             chosen = self._service.select(select, self._handle_memos.setdefault(owner, {}), cls)
             for handle in chosen:
                 object.__setattr__(handle, "_owner", owner)
@@ -560,8 +559,8 @@ class PastImageCache(_Queries):
 
     def list(self, **filters: Unpack[ListFilters]) -> builtins.list[ImageHandle]:
         """As `ImageCache.list`, filters included, as the cache was then."""
-        select = image_filter(**filters)
-        if not select.empty:
+        select = _filter(filters)
+        if select is not None:
             return [self._bind(h) for h in self._service.select(select, {}, ImageHandle)]
         _position, handles = self._service.list(None, {}, ImageHandle)
         assert handles is not None
@@ -616,6 +615,17 @@ def check_ledger(home: str | os.PathLike[str]) -> LedgerError | None:
     if not ledger.is_dir() or ledger.is_symlink():
         return None
     return check_ledger_dir(ledger).error()
+
+
+def _filter(filters: ListFilters) -> ImageFilter | None:
+    """`list()`'s filters checked (`domain.filters`), None when there are none: the module
+    loads only for a filtered list (a runtime's unfiltered list, a query, pay nothing)."""
+    if not filters:
+        return None
+    from imageledger.domain.filters import image_filter
+
+    select = image_filter(**filters)
+    return None if select.empty else select
 
 
 def _writable(home: Path) -> bool:

@@ -9,7 +9,6 @@ from __future__ import annotations
 import gc
 import hashlib
 from collections.abc import Callable, Iterator, Sequence
-from concurrent.futures import Future, ThreadPoolExecutor
 from contextlib import contextmanager
 from typing import TYPE_CHECKING, Any, Final, Protocol, TypeAlias
 
@@ -22,6 +21,8 @@ from imageledger.projections.views import APPEND_ONLY, PRESENT_ONLY, TABLES, app
 log = get_logger(__name__)
 
 if TYPE_CHECKING:  # a query loads no eventsourcing (see `domain.history`)
+    from concurrent.futures import Future
+
     from eventsourcing.domain import DomainEventProtocol
     from eventsourcing.persistence import Notification
 
@@ -246,6 +247,8 @@ def _rebuild(
     stored, replayed = hashlib.sha256(), hashlib.sha256()
     # Each checkpoint is packed here, then compared and stored by one worker while the replay
     # goes on (`ViewHost.checkpoint`), in position order.
+    from concurrent.futures import ThreadPoolExecutor  # a query never rebuilds: loaded here
+
     settled: list[Future[tuple[str, str]]] = []
     with ThreadPoolExecutor(1, thread_name_prefix="imageledger-checkpoints") as settling:
         while True:

@@ -28,7 +28,6 @@ import json
 import os
 import shutil
 import signal
-import subprocess
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -70,6 +69,8 @@ def check_ledger(ledger_dir: Path, *, timeout: float | None = None) -> LedgerChe
     """Read and replay the whole ledger at `ledger_dir` (a home's ``ledger/``) in a child
     process and say whether it is sound. Never raises for damage, whatever the child met:
     an exception, a crash (a signal), no answer within `timeout` seconds."""
+    import subprocess  # only a check starts a child: a query does not load it
+
     ledger_dir = Path(ledger_dir).absolute()
     try:
         done = subprocess.run(

@@ -19,7 +19,6 @@ media types, which nothing above storage looks at, are defined here.
 from __future__ import annotations
 
 import json
-import platform as _host
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
@@ -575,7 +574,9 @@ _MACHINES = {
 
 def host_platform() -> Platform:
     """This host's platform as OCI spells it, for linux images (the default a runtime wants)."""
-    machine = _host.machine().lower()
+    import platform  # only the default platform needs it: a query does not load it
+
+    machine = platform.machine().lower()
     architecture, variant = _MACHINES.get(machine, (machine, None))
     return Platform("linux", architecture, variant)
 

@@ -29,7 +29,6 @@ from typing import TYPE_CHECKING, Any, Final, NoReturn
 
 from imageledger.tools import human
 from imageledger.tools.logs import configure_logging_on_first_line, printable
-from imageledger.tools.progress import Progress, PullDisplay
 
 if TYPE_CHECKING:
     # Imported where they are used instead: loading the package's modules is most of what a
@@ -381,6 +380,8 @@ def cmd_pull(cache: ImageCache, args: argparse.Namespace) -> int:
     if draw:
         # The reference is not parsed yet: escaped and cut before it reaches the terminal.
         _say(f"Pulling {one_line(args.reference, 200)}")
+    from imageledger.tools.progress import PullDisplay  # not for a query
+
     with PullDisplay(sys.stdout, draw=draw) as display:
         handle = cache.pull(
             args.reference, platform=args.platform, options=options, progress=display
@@ -562,6 +563,8 @@ def cmd_history(cache: ImageCache, args: argparse.Namespace) -> int:
 
 
 def cmd_rebuild(cache: ImageCache, args: argparse.Namespace) -> int:
+    from imageledger.tools.progress import Progress  # not for a query
+
     with Progress("rebuild", unit="events") as progress:
         report = cache.rebuild(verify=args.verify, progress=progress.update)
     result = {
@@ -608,6 +611,8 @@ def cmd_audit_checkpoint(cache: ImageCache, args: argparse.Namespace) -> int:
 
 
 def cmd_audit_verify(cache: ImageCache, args: argparse.Namespace) -> int:
+    from imageledger.tools.progress import Progress  # not for a query
+
     with Progress("audit verify", unit="events"):
         report = cache.audit.verify(args.key)
     if args.json:
@@ -920,6 +925,8 @@ def cmd_migrate(cache: ImageCache | None, args: argparse.Namespace) -> int:
     from imageledger import default_home, migrate
 
     home = args.home if args.home is not None else default_home()
+    from imageledger.tools.progress import Progress  # not for a query
+
     with Progress("migrate", unit="events") as progress:
         report = migrate(home, progress=progress.update)
     if args.json:
@@ -951,6 +958,8 @@ def cmd_replay_bundle(cache: ImageCache | None, args: argparse.Namespace) -> int
     from imageledger import default_home, replay_bundle
 
     home = args.home if args.home is not None else default_home()
+    from imageledger.tools.progress import Progress  # not for a query
+
     with Progress("replay", unit="events") as progress:
         manifest = replay_bundle(args.bundle, home, progress.update)
     if args.json:
@@ -965,6 +974,8 @@ def cmd_replay_bundle(cache: ImageCache | None, args: argparse.Namespace) -> int
 
 
 def cmd_verify(cache: ImageCache, args: argparse.Namespace) -> int:
+    from imageledger.tools.progress import Progress  # not for a query
+
     with Progress("verify", unit="bytes") as progress:
         check = cache.verify(repair=args.repair, progress=progress.update, ledger=False)
     if args.json:
