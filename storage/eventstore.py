@@ -77,10 +77,8 @@ def stored_format(env: LedgerEnv, has_events: Callable[[], bool]) -> int | str |
     holds events (format 1 stored none), else None (an empty ledger: no format yet). A
     stored value that is not a number comes back as its text. `has_events` is asked only
     when no format is stored (it reads the log, which a query need not load)."""
-    with env.read() as txn:
-        exists = txn.get(_FORMAT_DB) is not None  # named databases are keys of the main one
     found = None
-    if exists:
+    if env.exists(_FORMAT_DB.decode()):
         db = env.db(_FORMAT_DB.decode(), create=False)
         with env.read() as txn:
             value = txn.get(b"version", db=db)

@@ -438,6 +438,13 @@ class LedgerEnv:
             msg = f"{self.path}: ledger format {found!r} is not {FORMAT!r}"
             raise LedgerCorruptError(msg)
 
+    def exists(self, *names: str) -> bool:
+        """Whether every named database `names` exists (named databases are keys of LMDB's
+        main one): what a reader that must not create them (a query, a read-only home) asks
+        before it opens one with `db(create=False)`."""
+        with self.read() as txn:
+            return all(txn.get(name.encode()) is not None for name in names)
+
     def db(self, name: str, *, create: bool = True) -> Any:
         """The handle of named database `name` (created when missing and `create`).
 

@@ -119,10 +119,8 @@ class TreeStore:
         before the audit log existed, and not written since) reads as an empty tree."""
         self.env = env
         names = [TILES_DB, AUDIT_DB, CHECKPOINTS_DB]
-        if env.config.readonly:
-            with env.read() as txn:  # named databases are keys of the main one
-                if any(txn.get(name.encode()) is None for name in names):
-                    names = []
+        if env.config.readonly and not env.exists(*names):
+            names = []
         handles = env.dbs(names)
         self.present = bool(handles)
         found: list[Any] = handles if handles else [None, None, None]

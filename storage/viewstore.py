@@ -394,9 +394,8 @@ class ViewCheckpoints:
         query must not create databases, and a read-only home cannot)."""
         if self._db is None:
             if not create or self.env.config.readonly:
-                with self.env.read() as txn:
-                    if txn.get(_CHECKPOINTS.encode()) is None:
-                        return None
+                if not self.env.exists(_CHECKPOINTS):
+                    return None
                 self._db = self.env.db(_CHECKPOINTS, create=False)
             else:
                 self._db = self.env.db(_CHECKPOINTS)
@@ -565,9 +564,8 @@ class ViewCheckpoints:
     def disk(self) -> tuple[int, int]:
         """The bytes of the ledger's pages the checkpoints take, and the log's."""
         db = self._handle(create=False)
-        with self.env.read() as txn:
-            logged = txn.get(self.log_db.encode()) is not None  # none before the first event
-        log_db = self.env.db(self.log_db, create=False) if logged else None
+        # No log database before the first event.
+        log_db = self.env.db(self.log_db, create=False) if self.env.exists(self.log_db) else None
         with self.env.read() as txn:
             mine = 0 if db is None else _bytes(txn.stat(db))
             return mine, 0 if log_db is None else _bytes(txn.stat(log_db))
