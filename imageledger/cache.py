@@ -9,12 +9,12 @@ home is in `storage.layout`.
 from __future__ import annotations
 
 import builtins
+import contextlib
 import dataclasses
 import functools
 import getpass
 import json
 import os
-import shutil
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +47,7 @@ from imageledger.projections.views import FORMAT as VIEWS_FORMAT
 from imageledger.storage import layout
 from imageledger.storage.blobs import BlobStore
 from imageledger.storage.eventstore import FORMAT_VERSION, LedgerStore
-from imageledger.storage.home import mark_home, open_home
+from imageledger.storage.home import Dir, mark_home, open_home
 from imageledger.storage.indexfile import OciIndexFile
 from imageledger.storage.leases import InFlightLeases, StoreLock
 from imageledger.storage.ledgercheck import check_ledger as check_ledger_dir
@@ -673,16 +673,20 @@ def replay_bundle(
                 text = json.dumps(manifest, indent=2, sort_keys=True) + "\n"
                 replayed.write_atomic(layout.REPLAYED, text.encode())
         except BaseException:
-            if made:
-                shutil.rmtree(target, ignore_errors=True)
-            else:
-                for child in target.iterdir():
-                    if child.is_dir() and not child.is_symlink():
-                        shutil.rmtree(child, ignore_errors=True)
-                    else:
-                        child.unlink(missing_ok=True)
+            _undo_replay(target, made=made)
             raise
     return manifest
+
+
+def _undo_replay(target: Path, *, made: bool) -> None:
+    """Empty the home a failed replay was making, through the home's one way of deleting
+    (`Dir.delete`: links are removed, never followed), and remove it if the replay made it."""
+    with contextlib.suppress(OSError), Dir.at(target) as home:
+        for name, _found in home.entries():
+            home.delete(name)
+    if made:
+        with contextlib.suppress(OSError):
+            target.rmdir()
 
 
 __all__ = [
