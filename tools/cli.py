@@ -248,10 +248,6 @@ def _table(rows: Sequence[Sequence[object]], header: Sequence[str]) -> None:
         print("  ".join(v.ljust(w) for v, w in zip(row, widths, strict=True)).rstrip())
 
 
-def _short(digest: str) -> str:
-    return digest.split(":", 1)[-1][:12]
-
-
 # ----------------------------------------------------------------------- commands
 
 
@@ -328,7 +324,7 @@ def cmd_load(cache: ImageCache, args: argparse.Namespace) -> int:
         _print_json([handle_json(h) for h in handles])
     else:
         for h in handles:
-            _say(f"Loaded {h.reference} ({_short(h.manifest_digest)})")
+            _say(f"Loaded {h.reference} ({human.short_digest(h.manifest_digest)})")
             if args.materialize:
                 _say(f"Materialized {h.reference}")
     return EXIT_OK
@@ -397,7 +393,7 @@ def cmd_pull(cache: ImageCache, args: argparse.Namespace) -> int:
         _print_json(shown)
     else:
         _say(
-            f"Pulled {handle.reference} ({_short(handle.manifest_digest)}, "
+            f"Pulled {handle.reference} ({human.short_digest(handle.manifest_digest)}, "
             f"{handle.os}/{handle.architecture}, {handle.size_bytes} bytes)"
         )
         if image is not None:
