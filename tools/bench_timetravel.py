@@ -39,6 +39,7 @@ from typing import Any
 from imageledger.cache import ImageCache, internals
 from imageledger.projections import runner
 from imageledger.tools.bench_cache import _percentile, append_mixed_events
+from imageledger.tools.bench_cli import run_timed
 from imageledger.tools.bench_pull import imageledger_command
 
 GOAL_AT_P99_S = 0.5
@@ -55,19 +56,9 @@ def _at(cache: ImageCache, position: int) -> float:
     return time.perf_counter() - t0
 
 
-def _run(home: Path, *args: str) -> tuple[float, str]:
-    t0 = time.perf_counter()
-    done = subprocess.run(
-        [*imageledger_command(), "--home", str(home), *args],
-        capture_output=True,
-        text=True,
-        check=False,
-    )
-    seconds = time.perf_counter() - t0
-    if done.returncode != 0:
-        msg = f"imageledger {' '.join(args)} failed ({done.returncode}): {done.stderr[-500:]}"
-        raise RuntimeError(msg)
-    return seconds, done.stdout
+def _run(home: Path, *args: str) -> tuple[float, bytes]:
+    """`imageledger --home HOME ARGS` as a user runs it: its wall seconds and its output."""
+    return run_timed([*imageledger_command(), "--home", str(home), *args], dict(os.environ))
 
 
 def _events_per_s(home: Path, events: int) -> float:
