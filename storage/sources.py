@@ -27,6 +27,7 @@ from imageledger.storage.blobs import BlobStore
 from imageledger.storage.leases import LeasedStore
 
 if TYPE_CHECKING:
+    from imageledger.storage.registriesconf import RegistriesConfig
     from imageledger.storage.registry import PullProgress, RegistryClient
     from imageledger.storage.registryoptions import RegistryOptions
 
@@ -95,10 +96,7 @@ class Registries:
 
         conf = self.registries_conf
         if options is not None and options.registries is None and conf is not None:
-            # The cache's registries configuration applies to options that name none.
-            from imageledger.storage.registriesconf import load_registries_conf
-
-            options = dataclasses.replace(options, registries=load_registries_conf(path=conf))
+            options = dataclasses.replace(options, registries=self.configuration(options))
         key = options if options is not None else environment_fingerprint(registries_conf=conf)
         with self._lock:
             shared = self._client
@@ -115,6 +113,16 @@ class Registries:
                 shared.users -= 1
                 if shared.retired and not shared.users:
                     shared.client.close()
+
+    def configuration(self, options: RegistryOptions | None) -> RegistriesConfig | None:
+        """The registries configuration a pull with `options` goes by: the options' own, else
+        the cache's (`registries_conf`) for options that name none, else, without options,
+        the environment's (as `options_from_environment` reads it). Reads the files only."""
+        if options is not None and (options.registries is not None or self.registries_conf is None):
+            return options.registries
+        from imageledger.storage.registriesconf import load_registries_conf
+
+        return load_registries_conf(path=self.registries_conf)
 
     def close(self) -> None:
         with self._lock:
@@ -137,19 +145,12 @@ class RegistryPuller:
         self._progress = progress
 
     def admit(self, reference: Reference) -> None:
-        """Refuse `reference` when the registries configuration blocks it. Reads the options
-        (the configuration files) but makes no client: an offline pull stays offline."""
-        from imageledger.storage.registriesconf import load_registries_conf
-        from imageledger.storage.registryoptions import options_from_environment
-
-        options = self._options
-        if options is None:
-            options = options_from_environment(registries_conf=self._registries.registries_conf)
-        registries = options.registries
-        if registries is None and self._registries.registries_conf is not None:
-            registries = load_registries_conf(path=self._registries.registries_conf)
+        """Refuse `reference` when the registries configuration blocks it. Reads the
+        registries configuration (not the credentials) and makes no client: an offline pull
+        stays offline."""
+        registries = self._registries.configuration(self._options)
         if registries is not None:
-            registries.endpoints(reference, options.insecure)  # raises when blocked
+            registries.endpoints(reference)  # raises when blocked (insecure hosts do not count)
 
     def pull(self, reference: Reference, store: SourceStore, platform: Platform) -> PulledImage:
         assert isinstance(store, LeasedStore)  # the one SourceStore: InFlightLeases.bringing
