@@ -30,13 +30,14 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import io
 import os
 import posixpath
 import secrets
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, Final
+from typing import BinaryIO, Final, cast
 
 from imageledger.domain.errors import MaterializeError
 from imageledger.domain.model import ArtifactFile
@@ -46,8 +47,6 @@ from imageledger.storage.blobs import BlobStore
 from imageledger.storage.home import Dir
 from imageledger.storage.leases import InFlightLease, InFlightLeases
 from imageledger.storage.pullstore import blob_lock
-
-_CHUNK: Final = 1 << 20
 
 
 class ErofsMaterializer:
@@ -248,12 +247,11 @@ def _split(path: str) -> tuple[str, str]:
 
 
 def _hash(f: BinaryIO) -> tuple[int, str]:
-    hasher = hashlib.sha256()
-    size = 0
-    while chunk := f.read(_CHUNK):
-        hasher.update(chunk)
-        size += len(chunk)
-    return size, f"sha256:{hasher.hexdigest()}"
+    """(size, ``sha256:<hex>``) of the open file `f`, read from where it stands to its end."""
+    start = f.tell()
+    # Every file here is a buffered one (`Dir.open_read`, the writer's "w+b"): it has readinto.
+    digest = hashlib.file_digest(cast("io.BufferedIOBase", f), "sha256").hexdigest()
+    return f.tell() - start, f"sha256:{digest}"
 
 
 __all__ = ["ArtifactFiles", "ErofsMaterializer", "LeaseWork", "StagedFile"]
