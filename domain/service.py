@@ -671,10 +671,7 @@ class ImageCacheService:
         dst = str(parsed)
 
         def decide(state: Snapshot, batch: Batch, now: datetime) -> None:
-            record = state.reference(src)
-            manifest = None if record is None else state.manifest(record.manifest_digest)
-            if manifest is None:
-                raise ImageNotFoundError(src)
+            _record, manifest = _cached(state, src)
             if dst != src:
                 batch.tagged(dst, src, manifest.content)
 
