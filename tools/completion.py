@@ -80,12 +80,13 @@ def _layout(parser: argparse.ArgumentParser) -> _Layout:
         if " " in c.name:
             outer, inner = c.name.split(" ", 1)
             nested.setdefault(outer, []).append(inner)
+    before = _command("", parser)  # the options before any command
     return _Layout(
         found=found,
         top=[c.name for c in found if " " not in c.name],
         nested=nested,
-        global_options=[o for a in parser._actions for o in a.option_strings if o.startswith("--")],
-        global_valued=[o for a in parser._actions if a.nargs != 0 for o in a.option_strings],
+        global_options=list(before.options),
+        global_valued=list(before.valued),
     )
 
 
