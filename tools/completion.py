@@ -104,16 +104,24 @@ _SETS: Final = {
 }
 
 
+def _shared(layout: _Layout) -> dict[str, str]:
+    """What both scripts are filled with alike."""
+    return {
+        "commands": " ".join(layout.top),
+        "global_options": " ".join(layout.global_options),
+        "global_valued": " ".join(layout.global_valued),
+        "valued": layout.valued,
+        "find_command": _find_command(layout),
+        **_SETS,
+    }
+
+
 def bash(parser: argparse.ArgumentParser) -> str:
     """The bash script: ``source <(imageledger completion bash)``."""
     layout = _layout(parser)
     return _BASH.format(
-        commands=" ".join(layout.top),
-        global_options=" ".join(layout.global_options),
-        global_valued=" ".join(layout.global_valued),
-        valued=layout.valued,
+        **_shared(layout),
         nested_names=" ".join(sorted(layout.nested)),
-        find_command=_find_command(layout),
         cases="\n".join(
             f'        "{c.name}") options="{" ".join(c.options)}" ;;' for c in layout.found
         ),
@@ -121,7 +129,6 @@ def bash(parser: argparse.ArgumentParser) -> str:
             f'        "{outer}") candidates="{" ".join(inners)}" ;;'
             for outer, inners in layout.nested.items()
         ),
-        **_SETS,
     )
 
 
@@ -130,16 +137,11 @@ def zsh(parser: argparse.ArgumentParser) -> str:
     ``source <(imageledger completion zsh)`` after ``compinit``."""
     layout = _layout(parser)
     return _ZSH.format(
-        commands=" ".join(layout.top),
-        global_options=" ".join(layout.global_options),
-        global_valued=" ".join(layout.global_valued),
-        valued=layout.valued,
+        **_shared(layout),
         options="\n".join(f'    "{c.name}" "{" ".join(c.options)}"' for c in layout.found),
         nested="\n".join(
             f'    "{outer}" "{" ".join(inners)}"' for outer, inners in layout.nested.items()
         ),
-        find_command=_find_command(layout),
-        **_SETS,
     )
 
 
