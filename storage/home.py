@@ -156,11 +156,12 @@ class Dir:
         os.set_blocking(fd, True)
         return os.fdopen(fd, "rb")
 
-    def create(self, name: str, mode: int = 0o644) -> BinaryIO:
-        """A new file at `name` for writing; `FileExistsError` when anything (a link too) is
-        there already."""
-        flags = os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
-        return os.fdopen(os.open(name, flags, mode, dir_fd=self.fd), "wb")
+    def create(self, name: str, mode: int = 0o644, *, readable: bool = False) -> BinaryIO:
+        """A new file at `name` for writing (and reading back, "w+b", when `readable`);
+        `FileExistsError` when anything (a link too) is there already."""
+        access = os.O_RDWR if readable else os.O_WRONLY
+        flags = access | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
+        return os.fdopen(os.open(name, flags, mode, dir_fd=self.fd), "w+b" if readable else "wb")
 
     def open_lock(self, name: str) -> int:
         """A lock file's descriptor (created when missing): never through a link, never a

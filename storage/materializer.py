@@ -188,9 +188,8 @@ class LeaseWork:
         embedder's wrapper may lie) is taken at its digest, and every other is re-read."""
         work = self._work
         name = f"{secrets.token_hex(4)}-{posixpath.basename(path)}"
-        flags = os.O_RDWR | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC
         try:
-            with os.fdopen(os.open(name, flags, 0o644, dir_fd=work.fd), "w+b") as out:
+            with work.create(name, readable=True) as out:
                 built = write(out)
                 out.flush()
                 os.fsync(out.fileno())
