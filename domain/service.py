@@ -1232,22 +1232,34 @@ def _policy(
     and the ledger can represent mean "everything is recent" and "everything fits", so they
     are clamped rather than overflowing mid-prune."""
     patterns = tuple(p.text for p in keep_patterns(keep))
-    try:
-        seconds = None if unused_for is None else int(unused_for)
-    except (OverflowError, TypeError, ValueError):
-        msg = f"prune: unused_for must be a finite number of seconds, got {unused_for!r}"
-        raise ValueError(msg) from None
+    seconds = _seconds("prune", "unused_for", unused_for, stored="unused_for_seconds")
     budget = None if max_bytes is None else operator.index(max_bytes)
-    for name, value in (("unused_for_seconds", seconds), ("max_bytes", budget)):
-        if value is not None and value < 0:
-            msg = f"prune: {name} must not be negative, got {value}"
-            raise ValueError(msg)
+    if budget is not None and budget < 0:
+        msg = f"prune: max_bytes must not be negative, got {budget}"
+        raise ValueError(msg)
     return PrunePolicy(
         dry_run=dry_run,
-        unused_for_seconds=None if seconds is None else min(seconds, MAX_SECONDS),
+        unused_for_seconds=seconds,
         keep=patterns,
         max_bytes=None if budget is None else min(budget, MAX_BYTES),
     )
+
+
+def _seconds(command: str, name: str, value: float | None, *, stored: str = "") -> int | None:
+    """A prune's or a gc's duration argument in whole seconds (None stays None): a finite
+    number, not negative (`stored`: the name the policy keeps it by, for that message), and
+    past what the clock can represent clamped to `MAX_SECONDS` ("everything is recent")."""
+    try:
+        seconds = None if value is None else int(value)
+    except (OverflowError, TypeError, ValueError):
+        msg = f"{command}: {name} must be a finite number of seconds, got {value!r}"
+        raise ValueError(msg) from None
+    if seconds is None:
+        return None
+    if seconds < 0:
+        msg = f"{command}: {stored or name} must not be negative, got {seconds}"
+        raise ValueError(msg)
+    return min(seconds, MAX_SECONDS)
 
 
 def _gc_thresholds(
@@ -1266,18 +1278,8 @@ def _gc_thresholds(
     if low > high:
         msg = f"gc: low_threshold ({low}%) must not be above high_threshold ({high}%)"
         raise ValueError(msg)
-    ages: builtins.list[int | None] = []
-    for name, age in (("min_age", min_age), ("max_age", max_age)):
-        try:
-            seconds = None if age is None else int(age)
-        except (OverflowError, TypeError, ValueError):
-            msg = f"gc: {name} must be a finite number of seconds, got {age!r}"
-            raise ValueError(msg) from None
-        if seconds is not None and seconds < 0:
-            msg = f"gc: {name} must not be negative, got {seconds}"
-            raise ValueError(msg)
-        ages.append(None if seconds is None else min(seconds, MAX_SECONDS))
-    youngest, oldest = ages
+    youngest = _seconds("gc", "min_age", min_age)
+    oldest = _seconds("gc", "max_age", max_age)
     assert youngest is not None
     if oldest is not None and oldest <= youngest:
         msg = f"gc: max_age ({oldest} s) must be more than min_age ({youngest} s)"
