@@ -13,14 +13,10 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Final
 
 from imageledger.domain.errors import ArchiveError, ManifestError
 from imageledger.domain.model import (
     OCI_CONFIG,
-    OCI_LAYER,
-    OCI_LAYER_GZIP,
-    OCI_LAYER_ZSTD,
     OCI_MANIFEST,
     ImageContent,
     LoadedImage,
@@ -32,11 +28,9 @@ from imageledger.storage.oci import (
     BlobAccess,
     canonical_json,
     describe_image,
+    layer_media_type,
     parse_json,
 )
-
-_GZIP_MAGIC: Final = b"\x1f\x8b"
-_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,14 +72,6 @@ def parse_docker_manifest(data: bytes) -> list[DockerItem]:
     return items
 
 
-def _layer_media_type(head: bytes) -> str:
-    if head.startswith(_GZIP_MAGIC):
-        return OCI_LAYER_GZIP
-    if head.startswith(_ZSTD_MAGIC):
-        return OCI_LAYER_ZSTD
-    return OCI_LAYER
-
-
 def load_docker(source: TarSource, store: BlobAccess, items: list[DockerItem]) -> list[LoadedImage]:
     """The images `items` (``manifest.json``'s) describe, each with its RepoTags, in order."""
     found: list[LoadedImage] = []
@@ -101,7 +87,7 @@ def load_docker(source: TarSource, store: BlobAccess, items: list[DockerItem]) -
             source.materialize(layer, what)
             layers.append(
                 {
-                    "mediaType": _layer_media_type(layer.head(store, 4)),
+                    "mediaType": layer_media_type(layer.head(store, 4)),
                     "digest": layer.digest,
                     "size": layer.size,
                 }

@@ -38,10 +38,12 @@ from typing import IO, BinaryIO, Final, cast
 from isal import isal_zlib
 
 from imageledger.domain.errors import LayerRejectedError, MaterializeError
+from imageledger.domain.model import OCI_LAYER_GZIP, OCI_LAYER_ZSTD
 from imageledger.storage import erofsformat as fmt
 from imageledger.storage import layertar
 from imageledger.storage.erofsformat import BLOCK, FormatError, Node
 from imageledger.storage.layertar import TarEntry, TarError, TarReader
+from imageledger.storage.oci import layer_media_type
 
 CHUNK: Final = 1 << 20
 """Bytes a read of the finished image takes (to hash it)."""
@@ -67,10 +69,8 @@ AUFS_LINKS: Final = b".wh..wh.plnk"
 OPAQUE_XATTR: Final = b"trusted.overlay.opaque"
 OVERLAY_XATTRS: Final = b"trusted.overlay."
 _ZEROS: Final = memoryview(bytes(BLOCK))
-_GZIP_MAGIC: Final = b"\x1f\x8b"
 _INFLATE_ERROR: Final = cast("type[Exception]", isal_zlib.error)
 """isal's error class (its type stub declares it as an instance of Exception)."""
-_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
 
 
 @dataclass(frozen=True)
@@ -125,9 +125,10 @@ class _Uncompressed:
         self.hash = hashlib.sha256()
         head = blob.read(4)
         chunks: Iterator[bytes]
-        if head[:2] == _GZIP_MAGIC:
+        media_type = layer_media_type(head)
+        if media_type == OCI_LAYER_GZIP:
             chunks = _gunzip(blob, head)
-        elif head == _ZSTD_MAGIC:
+        elif media_type == OCI_LAYER_ZSTD:
             chunks = _unzstd(blob, head)
         else:
             chunks = _plain(blob, head)

@@ -34,6 +34,9 @@ from imageledger.domain.model import (
     CONFIG_TYPES,
     INDEX_TYPES,
     MANIFEST_TYPES,
+    OCI_LAYER,
+    OCI_LAYER_GZIP,
+    OCI_LAYER_ZSTD,
     UNCOMPRESSED_LAYER_TYPES,
     ImageConfig,
     ImageContent,
@@ -53,6 +56,21 @@ MAX_INDEX_DEPTH: Final = 4
 it lists at depth 2, and so on; a layout's ``index.json`` (an archive's table of contents, as
 a registry's tags are) is depth 0. Indexes nested more than this deep are refused: real
 images nest one level at most, and a chain of indexes must end."""
+
+
+_GZIP_MAGIC: Final = b"\x1f\x8b"
+_ZSTD_MAGIC: Final = b"\x28\xb5\x2f\xfd"
+
+
+def layer_media_type(head: bytes) -> str:
+    """A layer blob's media type told from its first bytes (4 are enough): gzip, zstd, or
+    else a plain tar. The one sniffing of a layer's compression (a docker-archive's layers
+    are typed by it; a materialization uncompresses by it)."""
+    if head.startswith(_GZIP_MAGIC):
+        return OCI_LAYER_GZIP
+    if head.startswith(_ZSTD_MAGIC):
+        return OCI_LAYER_ZSTD
+    return OCI_LAYER
 
 
 ANNOTATION_REF_NAME: Final = "org.opencontainers.image.ref.name"
@@ -548,6 +566,7 @@ __all__ = [
     "describe_image",
     "host_platform",
     "index_manifests",
+    "layer_media_type",
     "parse_config",
     "parse_index",
     "parse_json",
