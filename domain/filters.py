@@ -35,9 +35,6 @@ from imageledger.domain.reference import DEFAULT_REGISTRY, canonical
 
 C = TypeVar("C", bound=CachedImage)
 
-FILTER_NAMES: Final = ("reference", "dangling", "before", "since", "label")
-"""Docker's filter names that `images --filter` accepts."""
-
 _LIBRARY: Final = "library/"
 
 

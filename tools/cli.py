@@ -307,6 +307,7 @@ def image_filters(given: Sequence[str]) -> dict[str, Any]:
     return keywords
 
 
+# `ListFilters`' keys (imageledger.domain.filters: the command line does not import the domain).
 _FILTER_NAMES: Final = ("reference", "dangling", "before", "since", "label")
 
 
