@@ -151,11 +151,7 @@ def is_dangling(reference: str) -> bool:
 def familiar(reference: str) -> tuple[str, str]:
     """A canonical reference as Docker shows it (``docker.io/library/alpine:3`` ->
     ``alpine:3``) and its familiar name without tag or digest (``alpine``)."""
-    name, separator, rest = reference.partition("@")
-    if not separator:
-        colon = reference.rfind(":")
-        if colon > reference.rfind("/"):
-            name, separator, rest = reference[:colon], ":", reference[colon + 1 :]
+    name, separator, rest = _split(reference)
     short = name
     if short.startswith(DEFAULT_REGISTRY + "/"):
         short = short[len(DEFAULT_REGISTRY) + 1 :]
@@ -164,14 +160,21 @@ def familiar(reference: str) -> tuple[str, str]:
     return short + separator + rest, short
 
 
+def _split(reference: str) -> tuple[str, str, str]:
+    """A canonical reference as its name, ``@`` or ``:``, and its digest or tag."""
+    name, separator, rest = reference.partition("@")
+    if not separator:
+        colon = reference.rfind(":")
+        if colon > reference.rfind("/"):
+            name, separator, rest = reference[:colon], ":", reference[colon + 1 :]
+    return name, separator, rest
+
+
 def reference_matches(pattern: re.Pattern[str], reference: str) -> bool:
     """Docker's FamiliarMatch (familiar string, then familiar name), then the canonical
     spelling with and without its tag or digest."""
     shown, short = familiar(reference)
-    name = reference.partition("@")[0]
-    colon = name.rfind(":")
-    if colon > name.rfind("/"):
-        name = name[:colon]
+    name = _split(reference)[0]
     return any(pattern.fullmatch(text) is not None for text in (shown, short, reference, name))
 
 
