@@ -94,6 +94,16 @@ _UP: Final = "\x1b[{}A"  # cursor up N lines
 _CLEAR: Final = "\r\x1b[2K"  # to the start of the line, erase it
 
 
+# A blob's progress event -> the state its layer's line shows.
+_STATES: Final = {
+    "blob-cached": CACHED,
+    "blob-start": DOWNLOADING,
+    "blob-bytes": DOWNLOADING,
+    "blob-verifying": VERIFYING,
+    "blob-done": COMPLETE,
+}
+
+
 @dataclass
 class _Layer:
     size: int
@@ -160,13 +170,7 @@ class PullDisplay(_Closing):
         layer = self.layers.get(event.digest or "")
         if layer is None:
             return  # the config (and the manifest's own blob): not a line of their own
-        state = {
-            "blob-cached": CACHED,
-            "blob-start": DOWNLOADING,
-            "blob-bytes": DOWNLOADING,
-            "blob-verifying": VERIFYING,
-            "blob-done": COMPLETE,
-        }.get(event.event)
+        state = _STATES.get(event.event)
         if state is None:
             return
         if state == DOWNLOADING and self._started is None:
