@@ -133,9 +133,6 @@ class Node:
     def kind(self) -> int:
         return stat.S_IFMT(self.mode)
 
-    def is_dir(self) -> bool:
-        return self.children is not None
-
 
 def directory(mode: int = 0o755) -> Node:
     """A new, empty directory (root-owned, mtime 0 until the tar says otherwise)."""
@@ -220,9 +217,11 @@ class _Placed:
     layout: int = FLAT_PLAIN
     xattrs: bytes = b""
     tail: bytes = b""
+    """What follows the inode inline (a symlink's target, a directory's last block)."""
+    inline: int = 0
+    """Its length, known before `tail` is (a directory's needs every nid)."""
     data_blocks: int = 0
     blkaddr: int = 0
-    dir_names: list[bytes] | None = None
     blocks_of_dir: list[list[bytes]] | None = None
     chunks: int = 0
 
@@ -270,21 +269,17 @@ def write_metadata(out: BinaryIO, root: Node, *, start_block: int, chunked: bool
     if len(order) > 0xFFFFFFFF:
         raise FormatError(f"{len(order)} inodes: more than EROFS addresses")
     placed = {id(node): _Placed(node) for node in order}
+    counted: dict[int, int] = {}
     for node in order:  # link counts: names for files, 2 + subdirectories for directories
-        if node.children is not None:
-            placed[id(node)].nlink = 2
-    for node in order:
         if node.children is None:
             continue
+        p = placed[id(node)]
+        p.nlink = 2
         for child in node.children.values():
             if child.children is not None:
-                placed[id(node)].nlink += 1
-    counted: dict[int, int] = {}
-    for node in order:
-        if node.children is not None:
-            for child in node.children.values():
-                if child.children is None:
-                    counted[id(child)] = counted.get(id(child), 0) + 1
+                p.nlink += 1
+            else:
+                counted[id(child)] = counted.get(id(child), 0) + 1
     for key, count in counted.items():
         placed[key].nlink = count
 
@@ -294,14 +289,13 @@ def write_metadata(out: BinaryIO, root: Node, *, start_block: int, chunked: bool
         p.xattrs = xattr_body(node.xattrs)
         kind = node.kind
         if node.children is not None:
-            names = sorted([b".", b"..", *node.children])
-            p.dir_names = names
-            p.blocks_of_dir = _dir_blocks(names)
+            p.blocks_of_dir = _dir_blocks(sorted([b".", b"..", *node.children]))
             last = p.blocks_of_dir[-1]
             tail_len = sum(_DIRENT.size + len(n) for n in last)
             node.size = BLOCK * (len(p.blocks_of_dir) - 1) + tail_len
             if INODE_SIZE + len(p.xattrs) + tail_len <= BLOCK and tail_len < BLOCK:
                 p.layout = FLAT_INLINE
+                p.inline = tail_len
                 p.data_blocks = len(p.blocks_of_dir) - 1
             else:
                 p.data_blocks = len(p.blocks_of_dir)
@@ -312,6 +306,7 @@ def write_metadata(out: BinaryIO, root: Node, *, start_block: int, chunked: bool
             if INODE_SIZE + len(p.xattrs) + node.size <= BLOCK:
                 p.layout = FLAT_INLINE
                 p.tail = node.target
+                p.inline = node.size
             else:
                 p.data_blocks = 1  # a target is at most 4095 bytes
                 p.blkaddr = block
@@ -330,12 +325,7 @@ def write_metadata(out: BinaryIO, root: Node, *, start_block: int, chunked: bool
     pos = SLOT  # slot 0 stays empty: no inode gets nid 0 (readers take 0 for "no inode")
     for node in order:  # nids: each inode with what follows it stays in one block if it can
         p = placed[id(node)]
-        if p.layout == FLAT_INLINE and p.dir_names is not None:
-            assert p.blocks_of_dir is not None
-            tail = sum(_DIRENT.size + len(n) for n in p.blocks_of_dir[-1])
-        else:
-            tail = len(p.tail)
-        extra = tail
+        extra = p.inline
         head = INODE_SIZE + len(p.xattrs)
         if p.layout == CHUNK_BASED:
             extra = (-(pos + head) % 8) + 8 * p.chunks
