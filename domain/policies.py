@@ -9,14 +9,16 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 from typing import Final
 
 from imageledger.domain.errors import InvalidReferenceError
 from imageledger.domain.model import (
+    ArtifactFile,
     DeletedBlob,
+    DeletedKind,
     GcPolicy,
     ManifestRecord,
     PrunePolicy,
@@ -382,20 +384,26 @@ def plan_gc(
     return PrunePlan(references=removed, deleted=(*deleted, *stray_list))
 
 
+def artifact_files(state: CacheState) -> Iterator[tuple[ArtifactFile, DeletedKind, str]]:
+    """Every materialized artifact the ledger records: (file, kind, what it was made of: the
+    layer blob's digest for a layer's EROFS image, the manifest's for its fsmeta and VMDK)."""
+    for layer in state.layer_artifacts():
+        yield layer.file, "artifact", layer.blob_digest
+    for image in state.stitched_all():
+        yield image.fsmeta, "fsmeta", image.manifest_digest
+        yield image.vmdk, "vmdk", image.manifest_digest
+
+
 def artifact_bytes(state: CacheState) -> int:
     """What the materialized artifacts the ledger records occupy (a budget counts them: they
     are on the same disk, and a prune frees them with their images)."""
-    layers = sum(a.file.size for a in state.layer_artifacts())
-    return layers + sum(s.fsmeta.size + s.vmdk.size for s in state.stitched_all())
+    return sum(file.size for file, _kind, _of in artifact_files(state))
 
 
 def accounted_artifacts(state: CacheState) -> frozenset[str]:
     """The paths (in the home) of every artifact the ledger records: under ``artifacts/``,
     anything else is a stray for prune to reclaim."""
-    paths = {a.file.path for a in state.layer_artifacts()}
-    for stitched in state.stitched_all():
-        paths.update((stitched.fsmeta.path, stitched.vmdk.path))
-    return frozenset(paths)
+    return frozenset(file.path for file, _kind, _of in artifact_files(state))
 
 
 def _cutoff(now: datetime, unused_for_seconds: int | None) -> datetime | None:

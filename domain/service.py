@@ -78,6 +78,7 @@ from imageledger.domain.policies import (
     MAX_SECONDS,
     PrunePlan,
     accounted_artifacts,
+    artifact_files,
     content_freed,
     keep_patterns,
     plan_gc,
@@ -408,7 +409,7 @@ class ImageCacheService:
                 by_kind[blob.kind] = by_kind.get(blob.kind, 0) + blob.size
             # Materialized artifacts the ledger records, by kind (a layer's EROFS image is an
             # `artifact`), on the same disk as the blobs.
-            for file, kind, _manifests in _recorded_artifacts(state):
+            for file, kind, _of in artifact_files(state):
                 by_kind[kind] = by_kind.get(kind, 0) + file.size
             references = sum(1 for _ in state.references())
         dry = self.prune(dry_run=True)
@@ -1344,12 +1345,12 @@ def _recorded_artifacts(
 ) -> builtins.list[tuple[ArtifactFile, DeletedKind, tuple[str, ...]]]:
     """Every artifact the ledger records: (file, kind, the manifests that need it)."""
     found: builtins.list[tuple[ArtifactFile, DeletedKind, tuple[str, ...]]] = []
-    for layer in state.layer_artifacts():
-        blob = state.blob(layer.blob_digest)
-        found.append((layer.file, "artifact", () if blob is None else blob.users))
-    for image in state.stitched_all():
-        digest = (image.manifest_digest,)
-        found.extend(((image.fsmeta, "fsmeta", digest), (image.vmdk, "vmdk", digest)))
+    for file, kind, of in artifact_files(state):
+        if kind == "artifact":  # a layer's image: needed by the manifests using its blob
+            blob = state.blob(of)
+            found.append((file, kind, () if blob is None else blob.users))
+        else:
+            found.append((file, kind, (of,)))
     return found
 
 
