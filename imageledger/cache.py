@@ -287,22 +287,15 @@ class ImageCache(_Queries):
         cache, or the asyncio facade's owner: `imageledger.aio`). Each owner keeps its own
         memos, so its handles stay its own (and the same objects while unchanged)."""
         select = _filter(filters)
+        rows = self._handle_memos.setdefault(owner, {})
         if select is not None:
-            chosen = self._service.select(select, self._handle_memos.setdefault(owner, {}), cls)
-            for handle in chosen:
-                object.__setattr__(handle, "_owner", owner)
-            return chosen
+            return _owned(self._service.select(select, rows, cls), owner)
         memo = self._list_memos.get(owner)
-        position, handles = self._service.list(
-            memo[0] if memo is not None else None, self._handle_memos.setdefault(owner, {}), cls
-        )
+        position, handles = self._service.list(memo[0] if memo is not None else None, rows, cls)
         if handles is None:
             assert memo is not None
             return builtins.list(memo[1])
-        bind = object.__setattr__  # as in _bind, without a call per handle
-        for handle in handles:
-            bind(handle, "_owner", owner)
-        self._list_memos[owner] = (position, handles)
+        self._list_memos[owner] = (position, _owned(handles, owner))
         return builtins.list(handles)
 
     # -- commands -------------------------------------------------------------------------
@@ -615,6 +608,15 @@ def check_ledger(home: str | os.PathLike[str]) -> LedgerError | None:
     if not ledger.is_dir() or ledger.is_symlink():
         return None
     return check_ledger_dir(ledger).error()
+
+
+def _owned(handles: builtins.list[H], owner: object) -> builtins.list[H]:
+    """`handles`, made for this call and not shared yet, bound to `owner` in place (as
+    `_bind` binds one, without a call per handle)."""
+    bind = object.__setattr__
+    for handle in handles:
+        bind(handle, "_owner", owner)
+    return handles
 
 
 def _filter(filters: ListFilters) -> ImageFilter | None:
