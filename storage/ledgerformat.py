@@ -518,8 +518,8 @@ _READERS: Final[dict[str, Reader]] = {
 _LENGTHS: Final = {name: len(fields) + 2 for name, fields in FIELDS.items()}
 # Trailing fields a type may add after its `FIELDS`, present only when they hold something
 # (FORMAT.md): a pull's endpoints.
-_OPTIONAL: Final = {"ImagePulled": 1}
 OPTIONAL_FIELDS: Final[dict[str, tuple[str, ...]]] = {"ImagePulled": ("endpoints",)}
+_OPTIONAL: Final = {name: len(fields) for name, fields in OPTIONAL_FIELDS.items()}
 _unpack: Final = msgpack.unpackb
 
 
