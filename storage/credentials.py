@@ -221,6 +221,15 @@ def default_auth_file(environ: Mapping[str, str]) -> Path:
     return Path("/run/containers") / str(os.getuid()) / "auth.json"
 
 
+def chosen_auth_file(
+    auth_file: str | os.PathLike[str] | None, environ: Mapping[str, str] | None = None
+) -> Path:
+    """The auth file `login` and `logout` write: `auth_file`, else `default_auth_file`."""
+    if auth_file is not None:
+        return Path(auth_file)
+    return default_auth_file(os.environ if environ is None else environ)
+
+
 def auth_key(key: str) -> str:
     """An auth file's key as references spell it: ``registry[/namespace.../repo]`` with the
     host lower-cased and Docker Hub's aliases folded (a legacy URL key names its host)."""
@@ -404,8 +413,7 @@ def logout(
     """Forget the stored credentials of `registry` (``host[:port][/namespace...]``; None:
     of every registry) in the auth file (`auth_file`, else ``$REGISTRY_AUTH_FILE``, else the
     containers default). The file and the keys removed."""
-    env = os.environ if environ is None else environ
-    path = Path(auth_file) if auth_file is not None else default_auth_file(env)
+    path = chosen_auth_file(auth_file, environ)
     return path, remove_credentials(path, None if registry is None else auth_key(registry))
 
 
@@ -417,6 +425,7 @@ __all__ = [
     "auth_files",
     "auth_key",
     "auth_key_host",
+    "chosen_auth_file",
     "config_auths",
     "config_helpers",
     "default_auth_file",

@@ -1121,7 +1121,7 @@ def login(
     an insecure location of the registries configuration. Returns the file and whether the
     registry challenged the credentials (False: it asked for none, so they were stored
     unchecked). The password is never logged and never in a message."""
-    from imageledger.storage.credentials import auth_key, default_auth_file, store_credentials
+    from imageledger.storage.credentials import auth_key, chosen_auth_file, store_credentials
     from imageledger.storage.registryoptions import options_from_environment
 
     env = os.environ if environ is None else environ
@@ -1152,7 +1152,7 @@ def login(
         checked = client.check_login(host)
     if not checked:
         log.warning("registry.login.unchecked", registry=host)
-    path = Path(auth_file) if auth_file is not None else default_auth_file(env)
+    path = chosen_auth_file(auth_file, env)
     store_credentials(path, key, username, password)
     log.info("registry.login", registry=key, auth_file=str(path), checked=checked)
     return path, checked
