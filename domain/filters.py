@@ -31,11 +31,9 @@ from typing import Final, TypedDict, TypeVar
 
 from imageledger.domain.errors import InvalidFilterError
 from imageledger.domain.model import CachedImage
-from imageledger.domain.reference import DEFAULT_REGISTRY, canonical
+from imageledger.domain.reference import canonical, familiar_name
 
 C = TypeVar("C", bound=CachedImage)
-
-_LIBRARY: Final = "library/"
 
 
 class ListFilters(TypedDict, total=False):
@@ -152,11 +150,7 @@ def familiar(reference: str) -> tuple[str, str]:
     """A canonical reference as Docker shows it (``docker.io/library/alpine:3`` ->
     ``alpine:3``) and its familiar name without tag or digest (``alpine``)."""
     name, separator, rest = _split(reference)
-    short = name
-    if short.startswith(DEFAULT_REGISTRY + "/"):
-        short = short[len(DEFAULT_REGISTRY) + 1 :]
-        if short.startswith(_LIBRARY) and "/" not in short[len(_LIBRARY) :]:
-            short = short[len(_LIBRARY) :]
+    short = familiar_name(name)
     return short + separator + rest, short
 
 

@@ -33,6 +33,7 @@ from imageledger.domain.errors import InvalidReferenceError
 
 DEFAULT_REGISTRY: Final = "docker.io"
 DEFAULT_TAG: Final = "latest"
+_LIBRARY: Final = "library/"  # Docker Hub's namespace of official images
 _LEGACY_REGISTRIES: Final = frozenset({"index.docker.io"})
 _MAX_NAME: Final = 255
 # The longest text that can be valid: a name of _MAX_NAME characters spelled with
@@ -178,3 +179,14 @@ def parse_reference(text: str) -> Reference:
 def canonical(text: str) -> str:
     """The canonical spelling of reference `text`."""
     return str(parse_reference(text))
+
+
+def familiar_name(name: str) -> str:
+    """A canonical repository name as Docker shows it: ``docker.io/library/alpine`` ->
+    ``alpine``, ``docker.io/acme/app`` -> ``acme/app``; other registries' names as they are
+    (`docker images`, `docker save`'s repositories and filters all spell names so)."""
+    if name.startswith(DEFAULT_REGISTRY + "/"):
+        name = name[len(DEFAULT_REGISTRY) + 1 :]
+        if name.startswith(_LIBRARY) and "/" not in name[len(_LIBRARY) :]:
+            name = name[len(_LIBRARY) :]
+    return name

@@ -23,7 +23,7 @@ from typing import IO, BinaryIO, Final, Literal
 from imageledger.domain.errors import ArchiveError, ContentCorruptError, ManifestError
 from imageledger.domain.log import get_logger
 from imageledger.domain.model import OCI_INDEX, ImageContent, Platform
-from imageledger.domain.reference import parse_reference, validate_digest
+from imageledger.domain.reference import familiar_name, parse_reference, validate_digest
 from imageledger.storage.oci import (
     ANNOTATION_CONTAINERD_NAME,
     ANNOTATION_REF_NAME,
@@ -42,14 +42,7 @@ _NO_PLATFORM: Final = Platform("unknown", "unknown")
 def _familiar(reference: str) -> str:
     """Docker's short spelling of a canonical tagged reference (``alpine:3.19``)."""
     ref = parse_reference(reference)
-    repository = ref.repository
-    if ref.registry == "docker.io":
-        if repository.startswith("library/") and repository.count("/") == 1:
-            repository = repository.removeprefix("library/")
-        name = repository
-    else:
-        name = f"{ref.registry}/{repository}"
-    return f"{name}:{ref.tag}"
+    return f"{familiar_name(f'{ref.registry}/{ref.repository}')}:{ref.tag}"
 
 
 def _blob_name(digest: str) -> str:
