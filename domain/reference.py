@@ -162,7 +162,7 @@ def parse_reference(text: str) -> Reference:
         if _IMAGE_ID.fullmatch(repository):
             msg = f"invalid reference {text!r}: a 64-hex name reads as an image id"
             raise InvalidReferenceError(msg)
-        repository = f"library/{repository}"
+        repository = f"{_LIBRARY}{repository}"
     for component in repository.split("/"):
         if not _PATH_COMPONENT.fullmatch(component):
             why = "must be lower case" if component.lower() != component else "is not valid"
