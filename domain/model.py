@@ -128,6 +128,11 @@ class PullEndpoint:
     manifest: bool
     blobs: tuple[str, ...] = ()
 
+    def as_array(self) -> list[Any]:
+        """As the ledger (FORMAT.md) and the ``endpoints`` view store it: one array, the
+        fields in order."""
+        return [self.location, self.mirror, self.insecure, self.manifest, list(self.blobs)]
+
     def as_json(self) -> dict[str, Any]:
         """As FORMAT.md names its fields (`events --json`, `explain`)."""
         return {

@@ -235,8 +235,7 @@ def _pulled(
     # cache answered itself came from no registry.
     served = getattr(event, "endpoints", ())
     if served:
-        plain = [[e.location, e.mirror, e.insecure, e.manifest, list(e.blobs)] for e in served]
-        view.put("endpoints", reference.encode(), plain)
+        view.put("endpoints", reference.encode(), [e.as_array() for e in served])
     elif view.get("endpoints", reference.encode()) is not None:
         view.delete("endpoints", reference.encode())
 

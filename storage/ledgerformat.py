@@ -211,7 +211,7 @@ class LedgerMapper(Mapper[UUID]):
         if name == "ImagePulled" and event.endpoints:
             # A trailing element only for a pull that names its endpoints (FORMAT.md): a
             # load, and every pull of an older ledger, keep their four fields.
-            state.append(_endpoints(event.endpoints))
+            state.append([e.as_array() for e in event.endpoints])
         with self._pack_lock:
             data = self._pack(state)
         return StoredEvent(
@@ -389,10 +389,6 @@ def _read_pulled(mapper: LedgerMapper, state: list[Any], values: dict[str, Any])
     values["content"] = mapper._content(content)
     values["cached"] = _flag(cached, "cached")
     values["endpoints"] = _read_endpoints(endpoints[0]) if endpoints else ()
-
-
-def _endpoints(endpoints: tuple[PullEndpoint, ...]) -> list[Any]:
-    return [[e.location, e.mirror, e.insecure, e.manifest, list(e.blobs)] for e in endpoints]
 
 
 def _read_endpoints(plain: Any) -> tuple[PullEndpoint, ...]:
