@@ -76,7 +76,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from concurrent.futures import FIRST_EXCEPTION, Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, Final, Self
@@ -360,7 +360,7 @@ class RegistryClient:
         host = normalize_host(reference.registry)
         api = DOCKER_HUB_API if host == DEFAULT_REGISTRY else host
         if insecure is None:
-            insecure = host in self.options.insecure
+            insecure = host in self._insecure  # --insecure-registry, or registries.conf's
         if deadline is None:
             deadline = self._deadline()
         base = f"{'http' if insecure else 'https'}://{api}"
@@ -1133,19 +1133,15 @@ def login(
     base = options_from_environment(
         env, insecure=insecure, ca_bundle=ca_bundle, registries_conf=registries_conf
     )
-    registries = base.registries
-    hosts = base.insecure | (registries.insecure_hosts() if registries else frozenset())
     given = (username, password)
 
     def only_these(asked: str) -> tuple[str, str] | None:
         return given if normalize_host(asked) == host else None
 
-    options = RegistryOptions(
-        insecure=hosts,
-        ca_bundle=base.ca_bundle,
+    options = replace(
+        base,
         credentials=only_these,
         retries=min(base.retries, 2),
-        timeout=base.timeout,
         deadline=min(base.deadline or 300.0, 300.0),
     )
     with RegistryClient(options) as client:
