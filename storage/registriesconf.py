@@ -515,14 +515,17 @@ def config_fingerprint(
             candidates.extend(_drop_ins(directory))
         except RegistryConfigError:
             candidates.append(directory)
-    seen: list[object] = []
-    for candidate in candidates:
-        try:
-            st = candidate.stat()
-            seen.append((str(candidate), st.st_mtime_ns, st.st_size, st.st_ino))
-        except OSError:
-            seen.append((str(candidate), None))
-    return tuple(seen)
+    return tuple((str(candidate), file_seen(candidate)) for candidate in candidates)
+
+
+def file_seen(path: Path | None) -> tuple[int, int, int] | None:
+    """A file's modification time, size and inode (None: no file there, or none named): what
+    a configuration fingerprint compares."""
+    try:
+        st = path.stat() if path is not None else None
+    except OSError:
+        return None
+    return None if st is None else (st.st_mtime_ns, st.st_size, st.st_ino)
 
 
 __all__ = [
@@ -534,6 +537,7 @@ __all__ = [
     "RegistryEntry",
     "config_files",
     "config_fingerprint",
+    "file_seen",
     "load_registries_conf",
     "merge",
     "parse_registries_conf",

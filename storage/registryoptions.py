@@ -35,6 +35,7 @@ from imageledger.storage.redact import clip
 from imageledger.storage.registriesconf import (
     RegistriesConfig,
     config_fingerprint,
+    file_seen,
     load_registries_conf,
 )
 
@@ -241,14 +242,6 @@ def options_from_environment(
     )
 
 
-def _seen(path: Path | None) -> tuple[int, int, int] | None:
-    try:
-        stat = path.stat() if path is not None else None
-    except OSError:
-        return None
-    return None if stat is None else (stat.st_mtime_ns, stat.st_size, stat.st_ino)
-
-
 def environment_fingerprint(
     environ: Mapping[str, str] | None = None,
     registries_conf: str | os.PathLike[str] | None = None,
@@ -272,8 +265,8 @@ def environment_fingerprint(
         "HOME",
     )
     config = docker_config_path(env)
-    seen = _seen(config)
-    files = tuple((str(f), _seen(f)) for f in auth_files(env))
+    seen = file_seen(config)
+    files = tuple((str(f), file_seen(f)) for f in auth_files(env))
     registries = config_fingerprint(env, registries_conf)
     # A digest, not the values: the password must not sit in a long-lived tuple in memory
     # any more than it already does, nor show up in a repr.
