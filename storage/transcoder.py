@@ -573,8 +573,10 @@ def _event_fields(cls: type) -> frozenset[str] | None:
     return None
 
 
+@functools.cache
 def _event_defaults(cls: type[Any]) -> dict[str, Any]:
-    """The fields of a dataclass event class that have a default, with it."""
+    """The fields of a dataclass event class that have a default, with it (read only: one
+    dict per class, as `_event_fields`, not one per event decoded)."""
     return {
         f.name: f.default for f in dataclasses.fields(cls) if f.default is not dataclasses.MISSING
     }
