@@ -147,10 +147,14 @@ class RegistryPuller:
     def admit(self, reference: Reference) -> None:
         """Refuse `reference` when the registries configuration blocks it. Reads the
         registries configuration (not the credentials) and makes no client: an offline pull
-        stays offline."""
+        stays offline. Options that name no configuration take the one read here, so that
+        the pull's client does not read it again."""
         registries = self._registries.configuration(self._options)
-        if registries is not None:
-            registries.endpoints(reference)  # raises when blocked (insecure hosts do not count)
+        if registries is None:
+            return
+        registries.endpoints(reference)  # raises when blocked (insecure hosts do not count)
+        if self._options is not None and self._options.registries is None:
+            self._options = dataclasses.replace(self._options, registries=registries)
 
     def pull(self, reference: Reference, store: SourceStore, platform: Platform) -> PulledImage:
         assert isinstance(store, LeasedStore)  # the one SourceStore: InFlightLeases.bringing
