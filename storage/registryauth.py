@@ -111,17 +111,14 @@ class RegistryAuth:
         with self._lock:
             return host in self._basic or host in self._realms
 
-    def credentials(self, host: str, repository: str = "") -> tuple[str, str] | None:
-        """The credentials we have for `repository` on registry `host` (the most specific
-        of a containers auth file's per-repository keys), or None (anonymous)."""
+    def credentials_for(self, target: RegistryTarget) -> tuple[str, str] | None:
+        """The credentials we have for `target`'s repository on its registry (the most
+        specific of a containers auth file's per-repository keys), or None (anonymous)."""
         if self._lookup is None:
             return None
         if isinstance(self._lookup, CredentialChain):
-            return self._lookup.for_repository(host, repository)
-        return self._lookup(host)
-
-    def credentials_for(self, target: RegistryTarget) -> tuple[str, str] | None:
-        return self.credentials(target.host, target.reference.repository)
+            return self._lookup.for_repository(target.host, target.reference.repository)
+        return self._lookup(target.host)
 
     @staticmethod
     def _basic_header(credentials: tuple[str, str]) -> str:
