@@ -200,13 +200,20 @@ def auth_files(environ: Mapping[str, str]) -> list[Path]:
     ``$XDG_CONFIG_HOME/containers/auth.json`` (``~/.config/...``). Docker's ``config.json``
     comes after them (`docker_config_path`), read as it always was."""
     files = [default_auth_file(environ)]
-    xdg = environ.get("XDG_CONFIG_HOME")
-    home = environ.get("HOME")
-    if xdg:
-        files.append(Path(xdg) / "containers" / "auth.json")
-    elif home:
-        files.append(Path(home) / ".config" / "containers" / "auth.json")
+    user = containers_user_dir(environ)
+    if user is not None:
+        files.append(user / "auth.json")
     return files
+
+
+def containers_user_dir(environ: Mapping[str, str]) -> Path | None:
+    """The per-user directory of the containers configuration (its auth file, its
+    registries.conf): ``$XDG_CONFIG_HOME/containers``, else ``~/.config/containers``."""
+    xdg = environ.get("XDG_CONFIG_HOME")
+    if xdg:
+        return Path(xdg) / "containers"
+    home = environ.get("HOME")
+    return Path(home) / ".config" / "containers" if home else None
 
 
 def default_auth_file(environ: Mapping[str, str]) -> Path:
@@ -428,6 +435,7 @@ __all__ = [
     "chosen_auth_file",
     "config_auths",
     "config_helpers",
+    "containers_user_dir",
     "default_auth_file",
     "docker_config_credentials",
     "docker_config_path",

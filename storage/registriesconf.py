@@ -61,6 +61,7 @@ from imageledger.domain.errors import (
 )
 from imageledger.domain.log import get_logger
 from imageledger.domain.reference import Reference
+from imageledger.storage.credentials import containers_user_dir
 from imageledger.storage.redact import clip
 
 log = get_logger(__name__)
@@ -237,14 +238,6 @@ def _rewrite(location: str, rest: str, entry: RegistryEntry) -> Reference:
 # ---- reading ------------------------------------------------------------------------------
 
 
-def _user_dir(environ: Mapping[str, str]) -> Path | None:
-    xdg = environ.get("XDG_CONFIG_HOME")
-    if xdg:
-        return Path(xdg) / "containers"
-    home = environ.get("HOME")
-    return Path(home) / ".config" / "containers" if home else None
-
-
 def config_files(
     environ: Mapping[str, str] | None = None, path: str | os.PathLike[str] | None = None
 ) -> tuple[Path, tuple[Path, ...]]:
@@ -252,7 +245,7 @@ def config_files(
     read (see the module docstring)."""
     env = os.environ if environ is None else environ
     root = Path(env.get(ENV_ROOT) or "/")
-    user = _user_dir(env)
+    user = containers_user_dir(env)
     user_file = user / "registries.conf" if user is not None else None
     user_dir = user / "registries.conf.d" if user is not None else None
     explicit = path if path is not None else (env.get(ENV_REGISTRIES_CONF) or None)
