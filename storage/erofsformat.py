@@ -507,13 +507,33 @@ def read_super(fd: int) -> Super:
 
 def read_tree(fd: int, *, device: int = 0) -> tuple[Node, Super]:
     """The tree of an image written by this module (a layer image), regular files pointing at
-    their blocks (`device` recorded on each). Hard links come back as one `Node`."""
+    their blocks (`device` recorded on each). Hard links come back as one `Node`.
+
+    An image that is not what this module wrote (damaged on disk, or replaced by one of the
+    same size) is a `FormatError`: no read goes past the file's end, so a size field gone
+    wrong cannot make one huge buffer."""
+    try:
+        return _read_tree(fd, device)
+    except FormatError:
+        raise
+    except (KeyError, IndexError, ValueError, OverflowError, struct.error) as e:
+        raise FormatError(f"damaged EROFS metadata ({type(e).__name__}: {e})") from None
+
+
+def _read_tree(fd: int, device: int) -> tuple[Node, Super]:
     sb = read_super(fd)
     base = sb.meta_blkaddr * BLOCK
+    end = os.fstat(fd).st_size
+
+    def pread(size: int, offset: int) -> bytes:
+        if offset + size > end:
+            raise FormatError(f"{size} bytes at {offset}: past the image's end ({end} bytes)")
+        return os.pread(fd, size, offset)
+
     nodes: dict[int, Node] = {}
 
     def inode(nid: int) -> tuple[Node, int, int, int]:
-        raw = os.pread(fd, INODE_SIZE, base + nid * SLOT)
+        raw = pread(INODE_SIZE, base + nid * SLOT)
         if len(raw) < INODE_SIZE:
             raise FormatError(f"inode {nid} past the end of the image")
         fmt, icount, mode, _nb, size, i_u, _ino, uid, gid, mtime, nsec, _nlink = _INODE.unpack(raw)
@@ -521,22 +541,26 @@ def read_tree(fd: int, *, device: int = 0) -> tuple[Node, Super]:
             raise FormatError(f"inode {nid}: compact inodes are not written by imageledger")
         layout = (fmt >> 1) & 7
         xsize = XATTR_HEADER + 4 * (icount - 1) if icount else 0
-        xattrs = parse_xattrs(os.pread(fd, xsize, base + nid * SLOT + INODE_SIZE)) if xsize else {}
+        xattrs = parse_xattrs(pread(xsize, base + nid * SLOT + INODE_SIZE)) if xsize else {}
         node = Node(mode=mode, uid=uid, gid=gid, mtime=mtime, mtime_nsec=nsec, size=size)
         node.xattrs = xattrs
         kind = stat.S_IFMT(mode)
+        if kind not in _FILE_TYPES:
+            raise FormatError(f"inode {nid}: mode {mode:o} is no kind of file")
         if kind in (stat.S_IFCHR, stat.S_IFBLK):
             node.rdev = i_u
         elif kind == stat.S_IFREG:
+            if i_u * BLOCK + size > end:  # an fsmeta points at these blocks: they must exist
+                raise FormatError(f"inode {nid}: a file's data past the image's end")
             node.blkaddr = i_u
             node.device = device
         return node, layout, xsize, i_u
 
     def data(nid: int, size: int, layout: int, xsize: int, blkaddr: int) -> bytes:
         full = size // BLOCK if layout == FLAT_INLINE else -(-size // BLOCK)
-        body = os.pread(fd, full * BLOCK, blkaddr * BLOCK) if full else b""
+        body = pread(full * BLOCK, blkaddr * BLOCK) if full else b""
         if layout == FLAT_INLINE:
-            body += os.pread(fd, size - full * BLOCK, base + nid * SLOT + INODE_SIZE + xsize)
+            body += pread(size - full * BLOCK, base + nid * SLOT + INODE_SIZE + xsize)
         return body[:size]
 
     root, layout, xsize, i_u = inode(sb.root_nid)
@@ -559,6 +583,8 @@ def read_tree(fd: int, *, device: int = 0) -> tuple[Node, Super]:
                 if child.kind == stat.S_IFDIR:
                     queue.append((child, child_nid, c_layout, c_xsize, c_iu))
                 elif child.kind == stat.S_IFLNK:
+                    if not 0 < child.size < BLOCK:
+                        raise FormatError(f"inode {child_nid}: a symlink of {child.size} bytes")
                     child.target = data(child_nid, child.size, c_layout, c_xsize, c_iu)
             node.children[name] = child
     return root, sb
